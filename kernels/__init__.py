@@ -1,0 +1,1 @@
+"""CUDA C++ kernels (csrc/), their JIT-built bindings, and a PyTorch reference for every kernel."""

@@ -1,0 +1,196 @@
+"""The one interface: a Method is a validated parameter object that makes one LayerCache per attention layer.
+
+    Method.make_layer(spec) -> LayerCache
+    LayerCache.prefill(q, k, v) -> out     # first chunk: causal attention output, stores the compressed state
+    LayerCache.extend(q, k, v) -> out      # later tokens (1 = a decode step, > 1 = a question chunk)
+    LayerCache.nbytes() -> int             # device bytes the cache really holds, metadata included
+    LayerCache.seq_len() -> int            # logical tokens seen (positions continue after eviction)
+
+q is [B, Hq, T, D], k and v are [B, Hkv, T, D], all after RoPE; outputs are [B, Hq, T, D].
+The cache owns the attention over what it stores, so a packed cache can attend over its own bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+class KVBenchError(Exception):
+    """An error a user can fix: the CLI prints its message, without a traceback, and exits non-zero."""
+
+
+class ParamError(KVBenchError, ValueError):
+    def __init__(self, method: str, name: str, value: Any, valid: str):
+        self.method, self.name, self.value, self.valid = method, name, value, valid
+        super().__init__(f"method '{method}': parameter '{name}' = {value!r} is invalid; valid: {valid}")
+
+
+class UnknownMethodError(KVBenchError, KeyError):
+    def __init__(self, name: str, known: list[str]):
+        self.name, self.known = name, known
+        super().__init__(name)
+
+    def __str__(self) -> str:
+        return f"unknown method '{self.name}'; valid names: {', '.join(self.known)}"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a method needs to know to build one layer's cache."""
+
+    layer_idx: int
+    n_layers: int
+    n_heads: int  # query heads, Hq
+    n_kv_heads: int  # key/value heads, Hkv
+    head_dim: int  # D
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (the GQA ratio)."""
+        return self.n_heads // self.n_kv_heads
+
+
+class LayerCache(ABC):
+    """One attention layer's cache. It stores what its method keeps and computes attention over it."""
+
+    @abstractmethod
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """First chunk. q [B, Hq, T, D], k/v [B, Hkv, T, D] -> causal attention output [B, Hq, T, D]."""
+
+    @abstractmethod
+    def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Later tokens, appended after everything seen so far; output [B, Hq, T, D]."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of device memory this cache holds now, every buffer and all metadata included."""
+
+    @abstractmethod
+    def seq_len(self) -> int:
+        """Logical tokens seen so far (evicted ones included), so RoPE positions stay right."""
+
+    def attended(self) -> torch.Tensor | None:
+        """Logical positions the last extend() attended, [B, Hkv, N] int64; None when it attends every token."""
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """Facts worth recording about the last call, e.g. which attention backend ran."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters: declared with param(), checked on construction against the metadata, listed by `kvbench methods`.
+
+
+def param(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, valid: str | None = None):
+    """A method parameter: its default, a one-line help text and its valid range."""
+    meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, choices=tuple(choices) if choices else None, valid=valid)
+    return field(default=default, metadata=meta)
+
+
+def _valid_text(meta: dict) -> str:
+    if meta.get("valid"):
+        return meta["valid"]
+    if meta.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in meta["choices"])
+    parts = []
+    for key, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if meta.get(key) is not None:
+            parts.append(f"{sym} {meta[key]}")
+    return " and ".join(parts) if parts else "any"
+
+
+def is_fraction(budget: float) -> bool:
+    """Budgets below 1 are fractions of the context; 1 and above are token counts."""
+    return 0 < budget < 1
+
+
+def budget_tokens(budget: float, context: int) -> int:
+    """Resolve a budget (fraction of the context, or a token count) to a token count for this context."""
+    if is_fraction(budget):
+        return max(1, int(math.ceil(budget * context)))
+    return int(budget)
+
+
+BUDGET_VALID = "a fraction of the context in (0, 1), or a whole number of tokens >= 1"
+
+
+def check_budget(method: str, name: str, value: float) -> None:
+    if not (value > 0 and (value < 1 or float(value).is_integer())):
+        raise ParamError(method, name, value, BUDGET_VALID)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    type: str
+    default: Any
+    valid: str
+    help: str
+
+
+@dataclass(frozen=True)
+class Method:
+    """Base of every method: a frozen dataclass of parameters, validated on construction."""
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            expected = hints.get(f.name)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+                value = float(value)
+            elif expected in (int, float, str, bool) and not isinstance(value, expected):
+                raise ParamError(self.name, f.name, value, f"a {expected.__name__}; {_valid_text(meta)}")
+            if isinstance(value, bool) and expected is not bool:
+                raise ParamError(self.name, f.name, value, _valid_text(meta))
+            ok = True
+            if meta.get("choices") and value not in meta["choices"]:
+                ok = False
+            for key, test in (("ge", lambda a, b: a >= b), ("gt", lambda a, b: a > b),
+                              ("le", lambda a, b: a <= b), ("lt", lambda a, b: a < b)):
+                if meta.get(key) is not None and not test(value, meta[key]):
+                    ok = False
+            if not ok:
+                raise ParamError(self.name, f.name, value, _valid_text(meta))
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that span several parameters; raise ParamError."""
+
+    def make_layer(self, spec: LayerSpec) -> LayerCache:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> list[ParamInfo]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            t = hints.get(f.name)
+            out.append(ParamInfo(f.name, getattr(t, "__name__", str(t)), f.default, _valid_text(f.metadata),
+                                 f.metadata.get("help", "")))
+        return out
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def label(self) -> str:
+        """'name' or 'name:key=value,...' with the parameters that differ from their defaults."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != f.default]
+        return self.name + (":" + ",".join(changed) if changed else "")
+
+    def __str__(self) -> str:
+        return self.label()

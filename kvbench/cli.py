@@ -1,0 +1,165 @@
+"""kvbench's command line. Every command's --help says what it does; errors a user can fix print one line, no
+traceback, and exit with code 2."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvbench.api import KVBenchError
+
+app = typer.Typer(help="Measure what KV-cache compression methods cost and save: accuracy, memory, kernel time and "
+                       "decode throughput, into HTML reports.", no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+run_app = typer.Typer(help="Run one suite over methods x parameters x cells, appending JSONL records.",
+                      no_args_is_help=True)
+app.add_typer(run_app, name="run")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn):
+    """Turn user-fixable errors into one clear line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KVBenchError as e:
+            err_console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command("methods")
+@friendly
+def methods_cmd():
+    """List every registered method with its parameters, defaults and valid ranges."""
+    from kvbench.registry import methods, plugin_errors
+
+    for name, cls in methods().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        title = doc[0] if doc else ""
+        table = Table(title=f"[bold]{name}[/] - {title}", title_justify="left", show_lines=False)
+        for col in ("parameter", "type", "default", "valid", "meaning"):
+            table.add_column(col)
+        for p in cls.describe():
+            table.add_row(p.name, p.type, repr(p.default), p.valid, p.help)
+        if not cls.describe():
+            table.add_row("-", "-", "-", "-", "no parameters")
+        console.print(table)
+    for name, err in plugin_errors.items():
+        err_console.print(f"[yellow]plugin '{name}' failed to load:[/] {err}")
+
+
+@app.command("env")
+@friendly
+def env_cmd():
+    """Show Python, torch, CUDA, GPU, driver, NVML, flash-attn and the attention backend `full` will use."""
+    import torch
+
+    from kvbench.attention import planned_backend
+    from kvbench.models import default_device
+    from kvbench.records import environment
+
+    env = environment()
+    device = default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = Table(show_header=False)
+    rows = [("python", env["python"]), ("platform", env["platform"]), ("torch", env["torch"]),
+            ("transformers", env["transformers"]), ("CUDA (torch build)", env["cuda"] or "none (CPU build)"),
+            ("GPU", env["gpu"] or "none"), ("driver", env["driver"] or "n/a"), ("NVML", _nvml_status()),
+            ("flash-attn", env["flash_attn"] or "not installed (PyTorch SDPA is used)"),
+            ("full's attention backend", f"{planned_backend(device, dtype)} on {device.type} ({dtype})"),
+            ("kvbench commit", env["commit"] or "unknown (not a git checkout)")]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+def _nvml_status() -> str:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return f"available, {pynvml.nvmlDeviceGetCount()} device(s)"
+    except Exception as e:  # noqa: BLE001 - any NVML failure just means no telemetry
+        return f"unavailable ({type(e).__name__}: {str(e) or 'no driver'})"
+
+
+@app.command("generate")
+@friendly
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="The user message (wrapped in the chat template unless --raw)."),
+    method: str = typer.Option("full", "--method", "-m", help="Method spec: name or name:key=value,key=value."),
+    model: str = typer.Option("embedded", "--model", help="'embedded', a Hugging Face id, a local path, or "
+                                                           "synthetic:<arch>."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1, help="Tokens to generate."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
+    raw: bool = typer.Option(False, help="Feed the prompt as is, without the chat template."),
+):
+    """Generate text greedily with one method's cache, then print the text, speed and cache size."""
+    from kvbench.registry import parse_method
+
+    m = parse_method(method)  # validates before any model loads
+    import torch
+
+    from kvbench.bridge import attach
+    from kvbench.models import load_model
+
+    with err_console.status(f"loading {model} ..."):
+        mdl, tok = load_model(model, device=device, dtype=dtype)
+    if tok is None:
+        raise KVBenchError(f"{model} has random weights and no tokenizer; generate needs a real model")
+    if raw or not getattr(tok, "chat_template", None):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    else:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    ids = ids.to(mdl.device)
+    cache = attach(mdl, m)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = mdl.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                           max_new_tokens=max_new_tokens, do_sample=False)
+    dt = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:]
+    console.print(tok.decode(new, skip_special_tokens=True))
+    info = cache.layer_caches()[0].info() if cache.layer_caches() else {}
+    err_console.print(f"[dim]{m.label()} on {mdl.device} | {ids.shape[1]} prompt + {len(new)} new tokens in "
+                      f"{dt:.2f} s | cache {cache.nbytes() / 2**20:.2f} MiB for {cache.get_seq_length()} tokens"
+                      + (f" | {', '.join(f'{k}={v}' for k, v in info.items())}" if info else "") + "[/]")
+
+
+def _register_optional(target: typer.Typer, module: str, name: str) -> None:
+    """Add `module.command` as `name` if that module exists (suites and reports live in their own files)."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return
+        raise
+    target.command(name)(friendly(mod.command))
+
+
+for _suite in ("accuracy", "memory", "kernels", "throughput"):
+    _register_optional(run_app, f"kvbench.suites.{_suite}", _suite)
+_register_optional(app, "kvbench.reports.cli", "report")
+_register_optional(app, "kvbench.suites.compare", "compare")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

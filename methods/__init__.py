@@ -1,0 +1,3 @@
+"""Built-in methods, one file each. Importing this package registers them."""
+
+from kvbench.methods import full  # noqa: F401

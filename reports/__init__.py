@@ -1,0 +1,1 @@
+"""The HTML report builder and its plots; committed GPU results live under data/."""

@@ -1,0 +1,1 @@
+"""The suites: accuracy, memory, kernels and throughput, and the task generators they use."""

@@ -1,0 +1,47 @@
+"""A method in a separate installed package appears through the `kvbench.methods` entry point."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+
+def test_entry_point_method_is_discovered(tmp_path):
+    pkg = tmp_path / "src"
+    (pkg / "kvbench_toy").mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "kvbench-toy"
+        version = "0.0.1"
+        [project.entry-points."kvbench.methods"]
+        toyplugin = "kvbench_toy:ToyPlugin"
+    """))
+    (pkg / "kvbench_toy" / "__init__.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from kvbench import Method, param, register
+        from kvbench.methods.full import FullLayer
+
+        @register
+        @dataclass(frozen=True)
+        class ToyPlugin(Method):
+            """toyplugin: the full cache under another name, from another package."""
+            name = "toyplugin"
+            knob: int = param(3, "a knob", ge=1, le=9)
+
+            def make_layer(self, spec):
+                return FullLayer(spec, 256)
+    '''))
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "kvbench.cli", "methods"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "toyplugin" in r.stdout and "knob" in r.stdout and "<= 9" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "import kvbench; print(kvbench.parse_method('toyplugin:knob=4'))"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.strip() == "toyplugin:knob=4", r.stderr
