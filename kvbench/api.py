@@ -17,7 +17,7 @@ import math
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -85,6 +85,19 @@ class LayerCache(ABC):
     def info(self) -> dict[str, Any]:
         """Facts worth recording about the last call, e.g. which attention backend ran."""
         return {}
+
+    # --- for the kernel suite: time one decode step's attention, and its stages, on the current state ---
+
+    def decode_fns(self, q: torch.Tensor) -> dict[str, Callable[[], Any]]:
+        """Closures over the current state for query q [B, Hq, 1, D]. 'attention' runs one decode step's attention
+        without appending anything; any other key runs one stage of it (e.g. 'score_select', 'attend') so the suite
+        can time stages one by one. Default: none, and the suite times extend() instead."""
+        return {}
+
+    def decode_bytes(self) -> int | None:
+        """The fewest device bytes one decode step's attention must read or write (its bandwidth floor); None: use
+        nbytes()."""
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
