@@ -10,11 +10,11 @@ from kvbench.api import (
     budget_tokens,
     param,
 )
-from kvbench.registry import get_method, methods, parse_method, register
+from kvbench.registry import available_methods, get_method, parse_method, register
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KVBenchError", "LayerCache", "LayerSpec", "Method", "ParamError", "UnknownMethodError", "budget_tokens",
-    "param", "get_method", "methods", "parse_method", "register", "__version__",
+    "param", "available_methods", "get_method", "parse_method", "register", "__version__",
 ]

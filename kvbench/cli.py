@@ -43,9 +43,9 @@ def friendly(fn):
 @friendly
 def methods_cmd():
     """List every registered method with its parameters, defaults and valid ranges."""
-    from kvbench.registry import methods, plugin_errors
+    from kvbench.registry import available_methods, plugin_errors
 
-    for name, cls in methods().items():
+    for name, cls in available_methods().items():
         doc = (cls.__doc__ or "").strip().splitlines()
         title = doc[0] if doc else ""
         table = Table(title=f"[bold]{name}[/] - {title}", title_justify="left", show_lines=False)

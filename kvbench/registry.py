@@ -46,14 +46,14 @@ def _load() -> None:
             register(obj)
 
 
-def methods() -> dict[str, type[Method]]:
+def available_methods() -> dict[str, type[Method]]:
     """Every registered method class by name, built-ins and plugins."""
     _load()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get_method(name: str) -> type[Method]:
-    all_methods = methods()
+    all_methods = available_methods()
     if name not in all_methods:
         raise UnknownMethodError(name, list(all_methods))
     return all_methods[name]
