@@ -6,7 +6,8 @@
     LayerCache.nbytes() -> int             # device bytes the cache really holds, metadata included
     LayerCache.seq_len() -> int            # logical tokens seen (positions continue after eviction)
 
-q is [B, Hq, T, D], k and v are [B, Hkv, T, D], all after RoPE; outputs are [B, Hq, T, D].
+q is [B, Hq, T, D], k and v are [B, Hkv, T, D], all after RoPE; outputs are [B, Hq, T, D] (prefill also accepts
+the queries of only the last Tq < T positions).
 The cache owns the attention over what it stores, so a packed cache can attend over its own bits.
 """
 
@@ -64,7 +65,11 @@ class LayerCache(ABC):
 
     @abstractmethod
     def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """First chunk. q [B, Hq, T, D], k/v [B, Hkv, T, D] -> causal attention output [B, Hq, T, D]."""
+        """First chunk: k/v [B, Hkv, T, D] -> causal attention output [B, Hq, Tq, D] for q [B, Hq, Tq, D].
+
+        q holds the queries of the last Tq <= T positions: Tq == T inside a model; the kernel and memory suites pass a
+        short tail to build long contexts cheaply. Methods that look at prefill queries (e.g. an observation window)
+        use the ones they are given."""
 
     @abstractmethod
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -34,3 +34,13 @@ def test_full_prefill_allocates_exactly_the_prompt():
     x = torch.randn(1, 4, 100, 64, dtype=torch.float16)
     layer.prefill(x, x[:, :2], x[:, :2])
     assert layer.nbytes() == 2 * 100 * 2 * 64 * 2
+
+
+def test_prefill_with_a_query_tail():
+    torch.manual_seed(1)
+    layer = make("full", 8, 2, 64)
+    k, v = torch.randn(2, 2, 50, 64), torch.randn(2, 2, 50, 64)
+    q = torch.randn(2, 8, 3, 64)  # queries of positions 47, 48, 49
+    out = layer.prefill(q, k, v)
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    assert layer.seq_len() == 50
