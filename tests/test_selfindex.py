@@ -1,0 +1,220 @@
+"""The self-indexing cache's PyTorch reference: exactness where the budget covers everything, storage layout,
+selection quality on the embedded model's real keys, and the reference code's faults that ours must not have."""
+
+import pytest
+import torch
+
+from kvbench import LayerSpec, ParamError, parse_method
+from kvbench.kernels import selfindex as ops
+from oracles import naive_attention
+
+
+def make(spec, hq=8, hkv=2, d=64, dtype=torch.float32):
+    return parse_method(spec).make_layer(LayerSpec(0, 1, hq, hkv, d, dtype, torch.device("cpu")))
+
+
+def rand_kv(B, H, T, D, dtype=torch.float32):
+    # a per-channel offset like real keys have, so centring matters
+    k = torch.randn(B, H, T, D) + torch.linspace(-2, 2, D)
+    return k.to(dtype), torch.randn(B, H, T, D).to(dtype)
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("fixed", ["sinks", "scored"])
+def test_full_budget_16_1_matches_dense_attention_exactly(hq, hkv, d, fixed):
+    torch.manual_seed(0)
+    B, T = 2, 77
+    layer = make(f"selfindex:setting=16+1,budget=100000,fixed={fixed}", hq, hkv, d)
+    k, v = rand_kv(B, hkv, T, d)
+    q = torch.randn(B, hq, T, d)
+    ks, vs = [k], [v]
+    torch.testing.assert_close(layer.prefill(q, k, v).double(), naive_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    for t in [1, 1, 3, 1] + [1] * 40:  # decode steps and a question chunk, past the window
+        q1 = torch.randn(B, hq, t, d)
+        k1, v1 = rand_kv(B, hkv, t, d)
+        ks.append(k1), vs.append(v1)
+        out = layer.extend(q1, k1, v1)
+        ref = naive_attention(q1, torch.cat(ks, 2), torch.cat(vs, 2))
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    n = sum(x.shape[2] for x in ks)
+    assert layer.seq_len() == n
+    att = layer.attended()
+    assert att.shape == (B, hkv, n) and sorted(att[0, 0].tolist()) == list(range(n))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    torch.manual_seed(1)
+    layer = make("selfindex:setting=16+1,budget=100000", 8, 2, 64, dtype)
+    k, v = rand_kv(1, 2, 50, 64, dtype)
+    q = torch.randn(1, 8, 50, 64, dtype=dtype)
+    layer.prefill(q, k, v)
+    q1, (k1, v1) = torch.randn(1, 8, 1, 64, dtype=dtype), rand_kv(1, 2, 1, 64, dtype)
+    out = layer.extend(q1, k1, v1)
+    assert out.dtype == dtype
+    ref = naive_attention(q1, torch.cat([k, k1], 2), torch.cat([v, v1], 2))
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_full_budget_2_1_equals_attention_over_the_dequantized_tokens():
+    """With every token attended, 2+1 must be exact attention over fp tokens and the dequantized ones."""
+    torch.manual_seed(2)
+    B, H, Hq, T, D = 2, 2, 8, 90, 64
+    m = "selfindex:setting=2+1,budget=100000,sinks=8,window=16"
+    layer = make(m, Hq, H, D)
+    k, v = rand_kv(B, H, T, D)
+    layer.prefill(torch.randn(B, Hq, T, D), k, v)
+    q1, (k1, v1) = torch.randn(B, Hq, 1, D), rand_kv(B, H, 1, D)
+    out = layer.extend(q1, k1, v1)
+    kk, vv = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
+    mu = ops.centre_stats(k, "median")
+    chmax = (k - mu[:, :, None]).abs().amax(2).clamp(min=1e-6)
+    kc = kk - mu[:, :, None]
+    kmag, ksz = ops.quant2(kc.abs() / chmax[:, :, None])
+    vq, vsz = ops.quant2(vv)
+    k_hat = torch.sign(kc) * ops.dequant2(kmag, ksz) * chmax[:, :, None] + mu[:, :, None]
+    v_hat = ops.dequant2(vq, vsz)
+    fp = torch.zeros(T + 1, dtype=torch.bool)
+    fp[:8] = True
+    fp[T + 1 - 16:] = True  # sinks and the window stay exact
+    k_ref = torch.where(fp[:, None], kk, k_hat)
+    v_ref = torch.where(fp[:, None], vv, v_hat)
+    torch.testing.assert_close(out.double(), naive_attention(q1, k_ref, v_ref), atol=1e-4, rtol=1e-4)
+
+
+def test_quantize_round_trip_within_half_a_step():
+    torch.manual_seed(3)
+    x = torch.randn(5, 7, 128) * 3
+    packed, sz = ops.quant2(x)
+    err = (ops.dequant2(packed, sz) - x).abs().reshape(5, 7, 4, 32)
+    step = sz[..., 0].float()
+    assert bool((err <= step[..., None] / 2 + 1e-2 * step[..., None] + 1e-3).all())
+
+
+def test_pack_layouts_are_the_documented_bits():
+    bits = torch.zeros(1, 16, dtype=torch.bool)
+    bits[0, [0, 5, 9, 15]] = True
+    packed = ops.pack_bits(bits)
+    assert packed.tolist() == [[1 + 32, 2 + 128]]
+    assert torch.equal(ops.unpack_bits(packed), bits)
+    assert ops.sign_codes(packed).tolist() == [[1, 2, 2, 8]]  # nibbles: channels 0-3, 4-7, 8-11, 12-15
+
+
+@pytest.mark.parametrize("setting, per_token", [("2+1", 112), ("16+1", 512 + 16)])
+def test_nbytes_is_the_layout_arithmetic(setting, per_token):
+    """At head_dim 128 and bf16: 2+1 holds 112 bytes a token (16 signs + 32 magnitudes + 16 scales + 32 values +
+    16 scales), 16+1 holds 512 + 16; plus the fixed metadata, counted exactly."""
+    B, H, Hq, T, D = 2, 2, 4, 300, 128
+    layer = make(f"selfindex:setting={setting},budget=0.1", Hq, H, D, torch.bfloat16)
+    k, v = rand_kv(B, H, T, D, torch.bfloat16)
+    layer.prefill(torch.randn(B, Hq, 4, D, dtype=torch.bfloat16), k, v)
+    G, F = D // 4, 32 + 32
+    fixed = B * H * (D * 4 + G * 16 * 4 * 4 + 2 * F * D * 2 + F * 8)  # mu, codebook, fp set K/V, fp positions
+    if setting == "2+1":
+        fixed += B * H * D * 4  # per-channel max |k|
+    assert layer.nbytes() == B * H * T * per_token + fixed
+    full_bytes = 2 * B * H * T * D * 2
+    if setting == "2+1":
+        assert layer.nbytes() < full_bytes / 4.5 + fixed
+
+
+def test_empty_codebook_codes_are_guarded():
+    k = torch.ones(1, 1, 10, 8)  # every group has one sign pattern: 15 of 16 codes are unused
+    k[0, 0, ::2] = -1
+    mu = torch.zeros(1, 1, 8)
+    signs, _ = ops.pack_ref(k, k, mu, None)
+    cb = ops.codebook_ref(k, mu, signs)
+    assert torch.isfinite(cb).all()
+    assert torch.equal(cb[0, 0, 0, 15], torch.ones(4)) and torch.equal(cb[0, 0, 0, 0], -torch.ones(4))
+
+
+def test_prompt_still_searched_after_hundreds_of_generated_tokens():
+    """The reference code's budget fills with generated tokens after ~100 steps; ours keeps the window apart."""
+    torch.manual_seed(4)
+    B, H, Hq, T, D = 1, 1, 1, 200, 64
+    layer = make("selfindex:setting=2+1,budget=72,sinks=4,window=4", Hq, H, D)
+    k, v = rand_kv(B, H, T, D)
+    needle = torch.randn(D)
+    k[0, 0, 120] = needle * 6  # a prompt token any query along `needle` must pick
+    layer.prefill(torch.randn(B, Hq, 1, D), k, v)
+    for _ in range(600):
+        layer.extend(torch.randn(B, Hq, 1, D), *rand_kv(B, H, 1, D))
+    layer.extend(needle.reshape(1, 1, 1, D), *rand_kv(B, H, 1, D))
+    assert 120 in layer.attended()[0, 0].tolist()
+    assert layer.seq_len() == T + 601
+
+
+def test_bad_parameters_fail_on_construction():
+    with pytest.raises(ParamError, match="budget"):
+        parse_method("selfindex:budget=40")  # fewer tokens than sinks + window
+    with pytest.raises(ParamError, match="setting"):
+        parse_method("selfindex:setting=4+4")
+    with pytest.raises(ParamError, match="budget"):
+        parse_method("selfindex:budget=1.5")
+
+
+def test_int8_lut_selects_like_the_float_lut():
+    """The 8-bit LUT that makes one-pass top-k possible must cost (almost) nothing in recall."""
+    torch.manual_seed(5)
+    B, H, T, D = 2, 4, 2000, 128
+    k = torch.randn(B, H, T, D) + torch.randn(D) * 2
+    qm = torch.randn(B, H, D)
+    mu = ops.centre_stats(k, "median")
+    signs, _ = ops.pack_ref(k, k, mu, None)
+    cb = ops.codebook_ref(k, mu, signs)
+    K = 200
+    sel8 = ops.select_ref(ops.score_bins_ref(ops.lut8_ref(qm, cb), signs), K)
+    codes = ops.sign_codes(signs)
+    lutf = (cb * qm.reshape(B, H, D // 4, 1, 4)).sum(-1)
+    sf = torch.gather(lutf[:, :, None].expand(-1, -1, T, -1, -1), 4, codes[..., None]).squeeze(-1).sum(-1)
+    self_ = sf.topk(K, -1).indices
+    overlap = sum(len(set(sel8[b, h].tolist()) & set(self_[b, h].tolist())) for b in range(B) for h in range(H))
+    assert overlap / (B * H * K) > 0.95
+
+
+@pytest.mark.slow
+def test_selection_recall_on_the_embedded_models_keys(embedded, record_property):
+    """Recall of the exact top-10% of q.k (GQA-mean query of the last prompt token) on SmolLM2's real keys."""
+    from recording import capture_qkv
+
+    model, tok = embedded
+    text = ("The grass is green. The sky is blue. The sun is yellow. Here we go. " * 40 + "The pass key is 71432. "
+            + "There and back again. " * 40 + "What is the pass key? The pass key is")
+    caps = capture_qkv(model, tok(text, return_tensors="pt")["input_ids"])
+    recalls, sign_recalls = [], []
+    for q, k, _ in caps:
+        B, Hq, T, D = q.shape
+        H = k.shape[1]
+        qm = q[:, :, -1].reshape(B, H, Hq // H, D).mean(2)
+        kp = k[:, :, :-1]
+        mu = ops.centre_stats(kp, "median")
+        signs, _ = ops.pack_ref(kp, kp, mu, None)
+        K = (T - 1) // 10
+        exact = torch.einsum("bhd,bhtd->bht", qm, kp.float()).topk(K, -1).indices
+        sel = ops.select_ref(ops.score_bins_ref(ops.lut8_ref(qm, ops.codebook_ref(kp, mu, signs)), signs), K)
+        sgn = torch.einsum("bhd,bhtd->bht", qm, ops.unpack_bits(signs).float() * 2 - 1).topk(K, -1).indices
+        for h in range(H):
+            recalls.append(len(set(sel[0, h].tolist()) & set(exact[0, h].tolist())) / K)
+            sign_recalls.append(len(set(sgn[0, h].tolist()) & set(exact[0, h].tolist())) / K)
+    mean = sum(recalls) / len(recalls)
+    sign_mean = sum(sign_recalls) / len(sign_recalls)
+    record_property("selfindex_recall_top10", mean)
+    record_property("sign_only_recall_top10", sign_mean)
+    print(f"\nselfindex top-10% recall on SmolLM2 keys: {mean:.3f} (q.sign(k) alone: {sign_mean:.3f}), "
+          f"{len(recalls)} layer-heads")
+    assert mean > 0.5  # measured 0.65 on this prompt (2026-11-22); random choice would give 0.10
+    assert mean > sign_mean  # the codebook must beat plain signs
+
+
+@pytest.mark.slow
+def test_generates_sensible_text_on_the_embedded_model(embedded):
+    from kvbench.bridge import attach
+
+    model, tok = embedded
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    for setting in ("2+1", "16+1"):
+        cache = attach(model, parse_method(f"selfindex:setting={setting},budget=0.5"))
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        assert "Paris" in tok.decode(out[0, ids.shape[1]:])
