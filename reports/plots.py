@@ -1,0 +1,510 @@
+"""Plotly figures for the report, one function per chart, each built from plain records (kvbench.records).
+
+Every function takes the records of its suite and a colour per method label, and returns a Figure, or None when
+the records hold nothing it can draw (the page then says "no records for this section"). Failed and out-of-memory
+cells are drawn as red crosses with their error in the hover text, never dropped. Every hover text names the machine
+and commit the number came from (`origin`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from kvbench.records import machine_label
+
+FAIL_COLOR = "#d62728"
+TEMPLATE = "plotly_white"
+FIDELITY_METRICS = ("topk_recall", "attn_mass", "out_rel_err")
+BUDGET_PARAMS = ("budget", "capacity")  # the parameters that set a method's token budget (selfindex, snapkv)
+
+
+# --- reading records --------------------------------------------------------------------------------------------
+
+
+def cell(r: dict, key: str, default: Any = None) -> Any:
+    c = r.get("cell")
+    return c.get(key, default) if isinstance(c, dict) else default
+
+
+def metric(r: dict, key: str) -> float | None:
+    """A numeric metric, or None when it is missing, null or not a number (a bool is not a number here)."""
+    m = r.get("metrics")
+    v = m.get(key) if isinstance(m, dict) else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def short_commit(env: dict | None) -> str:
+    c = (env or {}).get("commit") or "unknown commit"
+    sha, _, dirty = str(c).partition("-")
+    return sha[:10] + ("-" + dirty if dirty else "")
+
+
+def origin(r: dict) -> str:
+    """Where a number came from: machine and commit."""
+    env = r.get("env") if isinstance(r.get("env"), dict) else {}
+    return f"{machine_label(env)} @ {short_commit(env)}"
+
+
+def model_of(r: dict) -> str:
+    return str(cell(r, "model") or cell(r, "shape") or "?")
+
+
+def ok(records: Iterable[dict]) -> list[dict]:
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def bad(records: Iterable[dict]) -> list[dict]:
+    """Cells that did not produce numbers and must still be shown: failed and out of memory."""
+    return [r for r in records if r.get("status") in ("failed", "oom")]
+
+
+def first_line(text: Any, limit: int = 160) -> str:
+    s = str(text or "").strip().splitlines()
+    s = s[0] if s else ""
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def median(xs: Iterable[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def mean(xs: Iterable[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def origins(recs: Iterable[dict]) -> str:
+    return ", ".join(sorted({origin(r) for r in recs}))
+
+
+def method_name(label: str) -> str:
+    return label.partition(":")[0]
+
+
+def budget_fraction(r: dict) -> float:
+    """The token budget as a fraction of the context: a budget/capacity parameter (fraction or tokens), the sinks +
+    window of a sliding window, else 1 (the method attends every token, e.g. full or a quantizer)."""
+    p = r.get("params") if isinstance(r.get("params"), dict) else {}
+    ctx = cell(r, "context")
+    for key in BUDGET_PARAMS:
+        b = p.get(key)
+        if isinstance(b, (int, float)) and b > 0:
+            if b < 1:
+                return float(b)
+            return min(1.0, b / ctx) if isinstance(ctx, (int, float)) and ctx > 0 else 1.0
+    if "window" in p and isinstance(ctx, (int, float)) and ctx > 0:
+        kept = (p.get("sinks") or 0) + (p.get("window") or 0)
+        if isinstance(kept, (int, float)):
+            return min(1.0, kept / ctx)
+    return 1.0
+
+
+def _has_budget(r: dict) -> bool:
+    p = r.get("params") if isinstance(r.get("params"), dict) else {}
+    return any(k in p for k in BUDGET_PARAMS) or "window" in p
+
+
+def family(label: str, params: dict | None) -> str:
+    """The method label without its budget parameter, so one line of the budget chart is one family."""
+    name, _, rest = label.partition(":")
+    keep = [kv for kv in rest.split(",") if kv and kv.partition("=")[0] not in BUDGET_PARAMS]
+    return name + (":" + ",".join(keep) if keep else "")
+
+
+def palette(labels: Iterable[str]) -> dict[str, str]:
+    """A stable colour per method label (and per family), `full` always the first colour."""
+    colors = qualitative.Plotly + qualitative.D3
+    ordered = sorted(set(labels), key=lambda s: (s != "full", s))
+    return {label: colors[i % len(colors)] for i, label in enumerate(ordered)}
+
+
+def _by(records: Iterable[dict], key: Callable[[dict], Any]) -> dict[Any, list[dict]]:
+    out: dict[Any, list[dict]] = defaultdict(list)
+    for r in records:
+        out[key(r)].append(r)
+    return dict(out)
+
+
+def _sortkey(v: Any) -> tuple:
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
+def _several_machines(records: list[dict]) -> bool:
+    return len({machine_label(r.get("env")) for r in records}) > 1
+
+
+def _line_label(r: dict, with_machine: bool) -> str:
+    return r["method"] + (f" · {machine_label(r.get('env'))}" if with_machine else "")
+
+
+def _fail_hover(r: dict) -> str:
+    return (f"<b>{r['status'].upper()}</b> {r['method']}<br>{_cell_text(r)}<br>{first_line(r.get('error'), 120)}"
+            f"<br>{origin(r)}")
+
+
+def _cell_text(r: dict) -> str:
+    c = r.get("cell") if isinstance(r.get("cell"), dict) else {}
+    return " ".join(f"{k}={v}" for k, v in c.items() if v is not None and k != "model")
+
+
+def _layout(fig: go.Figure, title: str, height: int = 420, **kw) -> go.Figure:
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0, xanchor="left"), height=height,
+                      margin=dict(l=60, r=20, t=70, b=50), legend=dict(font=dict(size=11)),
+                      hoverlabel=dict(align="left"), **kw)
+    return fig
+
+
+def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
+    cols = min(max_cols, max(1, n))
+    return (n + cols - 1) // cols, cols
+
+
+def short_num(v: float) -> str:
+    """4096 -> 4K, 131072 -> 128K (token counts are powers of two), 20000 -> 20k, 0.05 -> 0.05."""
+    if v >= 1024 and float(v).is_integer() and int(v) % 1024 == 0:
+        return f"{int(v) // 1024}K"
+    if v >= 1000:
+        return f"{v / 1000:g}k"
+    return f"{v:g}"
+
+
+def log_ticks(values: Iterable[Any], at_data: bool = True) -> dict:
+    """Tick values and labels for a log axis: the data values themselves when there are few (contexts, batches,
+    budgets), else 1-2-5 steps; plotly's default labels every minor digit, which is hard to read."""
+    vals = sorted({float(v) for v in values if isinstance(v, (int, float)) and v > 0})
+    if not vals:
+        return {}
+    if not (at_data and len(vals) <= 10):
+        lo, hi = math.floor(math.log10(vals[0])), math.ceil(math.log10(vals[-1]))
+        vals = [m * 10 ** e for e in range(lo, hi + 1) for m in (1, 2, 5) if vals[0] / 2 <= m * 10 ** e <= vals[-1] * 2]
+    return dict(tickmode="array", tickvals=vals, ticktext=[short_num(v) for v in vals])
+
+
+def _fail_trace(recs: list[dict], x: Callable[[dict], Any], y: Callable[[dict], Any], show: bool) -> go.Scatter:
+    return go.Scatter(x=[x(r) for r in recs], y=[y(r) for r in recs], mode="markers", name="failed / out of memory",
+                      legendgroup="failed", showlegend=show,
+                      marker=dict(symbol="x", size=11, color=FAIL_COLOR, line=dict(width=1)),
+                      hovertext=[_fail_hover(r) for r in recs], hoverinfo="text")
+
+
+# --- accuracy -----------------------------------------------------------------------------------------------------
+
+
+def bytes_per_token_for(model: str, accuracy: list[dict], memory: list[dict]) -> tuple[dict[str, float], str]:
+    """Median KV bytes per token per method label for one model: from the accuracy records themselves when they
+    carry it, else from memory records of the same model. Returns ({label: bytes}, where the numbers come from)."""
+    for recs, what in ((accuracy, "accuracy"), (memory, "memory")):
+        vals: dict[str, list[float]] = defaultdict(list)
+        for r in ok(recs):
+            if model_of(r) == model and metric(r, "bytes_per_token") is not None:
+                vals[r["method"]].append(metric(r, "bytes_per_token"))
+        if vals:
+            return {k: median(v) for k, v in vals.items()}, f"{what} records of {model}"
+    return {}, ""
+
+
+def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
+    """Mean task score against KV bytes per token, one point per method and protocol; the Pareto front dashed."""
+    scored = [r for r in ok(accuracy) if metric(r, "score") is not None]
+    if not scored:
+        return None
+    fig = go.Figure()
+    front_pts = []
+    sources = []
+    for model, recs in sorted(_by(scored, model_of).items()):
+        bpt, source = bytes_per_token_for(model, accuracy, memory)
+        if not bpt:
+            continue
+        sources.append(source)
+        for (label, protocol), group in sorted(_by(recs, lambda r: (r["method"], str(cell(r, "protocol") or "-")))
+                                               .items()):
+            if label not in bpt:
+                continue
+            score = mean(metric(r, "score") for r in group)
+            front_pts.append((bpt[label], score))
+            fig.add_trace(go.Scatter(
+                x=[bpt[label]], y=[score], mode="markers",
+                name=f"{label} ({protocol})", legendgroup=label,
+                marker=dict(size=13, color=colors.get(label), symbol="diamond" if protocol == "query-agnostic"
+                            else "circle", line=dict(width=1, color="#333")),
+                hovertext=[f"<b>{label}</b> ({protocol}, {model})<br>mean score {score:.3f} over {len(group)} "
+                           f"cells<br>{bpt[label]:,.0f} bytes/token<br>{origins(group)}"], hoverinfo="text"))
+    if not front_pts:
+        return None
+    front, best = [], float("-inf")
+    for x, y in sorted(front_pts, key=lambda p: (p[0], -p[1])):
+        if y > best:  # fewer bytes and a higher score than everything cheaper: on the front
+            front.append((x, y))
+            best = y
+    fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", name="Pareto front",
+                             line=dict(dash="dash", color="#888", shape="hv"), hoverinfo="skip"))
+    fig.update_xaxes(title="KV bytes per token (log)", type="log", **log_ticks((p[0] for p in front_pts), False))
+    fig.update_yaxes(title="mean score", range=[-0.05, 1.08])
+    return _layout(fig, f"Accuracy against KV bytes per token <sup>(bytes from {'; '.join(sources)}; "
+                        f"circle: query-aware, diamond: query-agnostic)</sup>", 480)
+
+
+def accuracy_vs_budget(accuracy: list[dict], colors: dict[str, str]) -> go.Figure | None:
+    """Mean score against the token budget (fraction of the context), one panel per task and protocol."""
+    recs = [r for r in accuracy if r.get("status") in ("ok", "failed", "oom")]
+    recs = [r for r in recs if r.get("status") != "ok" or metric(r, "score") is not None]
+    if not ok(recs):
+        return None
+    panels = sorted(_by(recs, lambda r: (str(cell(r, "task") or "?"), str(cell(r, "protocol") or "-"))))
+    rows, cols = _grid(len(panels))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{t} · {p}" for t, p in panels],
+                        vertical_spacing=0.5 / max(rows, 1) if rows > 1 else 0.1, horizontal_spacing=0.06)
+    fams = palette(family(r["method"], r.get("params")) for r in recs)
+    budgets = [budget_fraction(r) for r in recs]
+    lo = min(budgets) / 1.5
+    shown: set[str] = set()
+    by_panel = _by(recs, lambda r: (str(cell(r, "task") or "?"), str(cell(r, "protocol") or "-")))
+    for i, key in enumerate(panels):
+        row, col = i // cols + 1, i % cols + 1
+        group = by_panel[key]
+        for fam, frecs in sorted(_by(ok(group), lambda r: family(r["method"], r.get("params"))).items()):
+            pts = sorted(_by(frecs, budget_fraction).items())
+            ys = [mean(metric(r, "score") for r in g) for _, g in pts]
+            hover = [f"<b>{fam}</b> budget {b:.3g}<br>mean score {y:.3f} over {len(g)} cells<br>{origins(g)}"
+                     for (b, g), y in zip(pts, ys)]
+            color = colors.get(fam) or fams[fam]
+            if len(pts) == 1 and pts[0][0] == 1.0 and not _has_budget(frecs[0]):
+                # attends every token (full, a quantizer): a reference level across the panel, not a point at 1
+                trace = go.Scatter(x=[lo, 1.0], y=ys * 2, mode="lines", line=dict(color=color, dash="dash"),
+                                   hovertext=hover * 2, hoverinfo="text")
+            else:
+                trace = go.Scatter(x=[b for b, _ in pts], y=ys, mode="lines+markers", line=dict(color=color),
+                                   marker=dict(size=8), hovertext=hover, hoverinfo="text")
+            trace.update(name=fam, legendgroup=fam, showlegend=fam not in shown)
+            fig.add_trace(trace, row=row, col=col)
+            shown.add(fam)
+        fails = bad(group)
+        if fails:
+            fig.add_trace(_fail_trace(fails, budget_fraction, lambda r: 0.0, "failed" not in shown), row=row, col=col)
+            shown.add("failed")
+    fig.update_xaxes(type="log", title_text="token budget (fraction of context, log)", title_font_size=11,
+                     range=[math.log10(lo), math.log10(1.15)], **log_ticks(b for b in budgets if b < 1 or b == 1))
+    fig.update_yaxes(range=[-0.05, 1.08], title_text="score", title_font_size=11)
+    return _layout(fig, "Accuracy against budget, per task and protocol", 320 * rows + 60)
+
+
+def needle_heatmap(accuracy: list[dict]) -> go.Figure | None:
+    """Needle retrieval score by depth (rows) and context length (columns), one panel per method and protocol."""
+    recs = [r for r in accuracy if cell(r, "depth") is not None and cell(r, "context") is not None
+            and r.get("status") in ("ok", "failed", "oom")]
+    recs = [r for r in recs if r.get("status") != "ok" or metric(r, "score") is not None]
+    if not ok(recs):
+        return None
+    panels = sorted(_by(recs, lambda r: (r["method"], str(cell(r, "protocol") or "-"))))
+    rows, cols = _grid(len(panels))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{m} · {p}" for m, p in panels],
+                        vertical_spacing=0.35 / max(rows, 1) if rows > 1 else 0.1, horizontal_spacing=0.08)
+    groups = _by(recs, lambda r: (r["method"], str(cell(r, "protocol") or "-")))
+    for i, key in enumerate(panels):
+        g = groups[key]
+        depths = sorted({cell(r, "depth") for r in g}, key=_sortkey)
+        ctxs = sorted({cell(r, "context") for r in g}, key=_sortkey)
+        z, text, hover = [], [], []
+        for d in depths:
+            zr, tr, hr = [], [], []
+            for c in ctxs:
+                here = [r for r in g if cell(r, "depth") == d and cell(r, "context") == c]
+                good = [metric(r, "score") for r in ok(here)]
+                fails = bad(here)
+                val = mean(good)
+                zr.append(val)
+                label = "" if val is None else f"{val:.2f}"
+                if fails:
+                    label += (" " if label else "") + "/".join(sorted({r["status"] for r in fails}))
+                tr.append(label)
+                hr.append(f"depth {d}, context {c}<br>score {label or '-'} ({len(good)} ok, {len(fails)} failed)"
+                          + "".join(f"<br>{r['status']}: {first_line(r.get('error'), 100)}" for r in fails[:2])
+                          + f"<br>tasks: {', '.join(sorted({str(cell(r, 'task')) for r in here}))}"
+                          + f"<br>{origins(here)}")
+            z.append(zr)
+            text.append(tr)
+            hover.append(hr)
+        fig.add_trace(go.Heatmap(z=z, x=[str(c) for c in ctxs], y=[str(d) for d in depths], text=text,
+                                 texttemplate="%{text}", hovertext=hover, hoverinfo="text", zmin=0, zmax=1,
+                                 colorscale="RdYlGn", showscale=i == 0, colorbar=dict(title="score", len=0.6)),
+                      row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(type="category", title_text="context (tokens)", title_font_size=11)
+    fig.update_yaxes(type="category", title_text="depth", title_font_size=11)
+    return _layout(fig, "Needle retrieval: score by depth and context length", 300 * rows + 80)
+
+
+def fidelity(accuracy: list[dict], colors: dict[str, str]) -> go.Figure | None:
+    """Per-layer attention fidelity (top-k recall, attention mass, output relative error), mean over cells."""
+    per: dict[str, dict[str, list[list[float]]]] = {m: defaultdict(list) for m in FIDELITY_METRICS}
+    srcs: dict[str, list[dict]] = defaultdict(list)
+    for r in ok(accuracy):
+        for m in FIDELITY_METRICS:
+            arr = layer_array(r, m)
+            if arr:
+                per[m][r["method"]].append(arr)
+                srcs[r["method"]].append(r)
+    if not any(per[m] for m in FIDELITY_METRICS):
+        return None
+    titles = {"topk_recall": "top-k recall", "attn_mass": "attention mass kept", "out_rel_err": "output rel. error"}
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[titles[m] for m in FIDELITY_METRICS],
+                        horizontal_spacing=0.07)
+    shown = set()
+    for j, m in enumerate(FIDELITY_METRICS):
+        for label, arrays in sorted(per[m].items()):
+            n = max(len(a) for a in arrays)
+            ys = [mean(a[i] for a in arrays if i < len(a)) for i in range(n)]
+            fig.add_trace(go.Scatter(x=list(range(n)), y=ys, mode="lines+markers", name=label, legendgroup=label,
+                                     showlegend=label not in shown, line=dict(color=colors.get(label)),
+                                     marker=dict(size=4),
+                                     hovertemplate=f"<b>{label}</b> layer %{{x}}: %{{y:.4f}}<br>mean of "
+                                                   f"{len(arrays)} cells<br>{origins(srcs[label])}<extra></extra>"),
+                          row=1, col=j + 1)
+            shown.add(label)
+    fig.update_xaxes(title_text="layer", title_font_size=11)
+    fig.update_yaxes(range=[-0.02, 1.05], row=1, col=1)
+    fig.update_yaxes(range=[-0.02, 1.05], row=1, col=2)
+    fig.update_yaxes(type="log", row=1, col=3, **log_ticks(
+        (v for arrays in per["out_rel_err"].values() for a in arrays for v in a), False))
+    return _layout(fig, "Attention fidelity per layer (decode steps vs the full cache)", 420)
+
+
+def layer_array(r: dict, name: str) -> list[float] | None:
+    """A per-layer array of a fidelity metric, under any of the spellings a suite may use:
+    `<name>_per_layer`, `<name>_layers`, `per_layer: {name: [...]}`, `layers: {name: [...]}`, or `<name>: [...]`."""
+    m = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
+    candidates = [m.get(f"{name}_per_layer"), m.get(f"{name}_layers"), m.get(name)]
+    for nest in ("per_layer", "layers"):
+        if isinstance(m.get(nest), dict):
+            candidates.append(m[nest].get(name))
+    for c in candidates:
+        if isinstance(c, list) and c and all(isinstance(v, (int, float)) or v is None for v in c):
+            return [float(v) if v is not None else None for v in c]
+    return None
+
+
+# --- performance --------------------------------------------------------------------------------------------------
+
+
+def _perf_lines(fig: go.Figure, recs: list[dict], x_key: Callable[[dict], Any], y_name: str, colors: dict[str, str],
+                row: int, col: int, shown: set, with_machine: bool, floor: str | None = None,
+                extra: Callable[[list[dict]], str] = lambda g: "") -> None:
+    for line, g in sorted(_by(ok(recs), lambda r: _line_label(r, with_machine)).items()):
+        pts = sorted(((x, grp) for x, grp in _by([r for r in g if metric(r, y_name) is not None], x_key).items()
+                      if x is not None), key=lambda p: _sortkey(p[0]))
+        if not pts:
+            continue
+        color = colors.get(g[0]["method"])
+        ys = [median(metric(r, y_name) for r in grp) for _, grp in pts]
+        fig.add_trace(go.Scatter(
+            x=[x for x, _ in pts], y=ys, mode="lines+markers", name=line, legendgroup=line,
+            showlegend=line not in shown, line=dict(color=color), marker=dict(size=7),
+            hovertext=[f"<b>{line}</b><br>{_cell_text(grp[0])}<br>{y_name} {y:,.4g}{extra(grp)}<br>{origins(grp)}"
+                       for (x, grp), y in zip(pts, ys)], hoverinfo="text"), row=row, col=col)
+        if floor:
+            fl = [median(metric(r, floor) for r in grp) for _, grp in pts]
+            if any(v is not None for v in fl):
+                fig.add_trace(go.Scatter(
+                    x=[x for x, _ in pts], y=fl, mode="lines", name=f"{line} floor", legendgroup=line,
+                    showlegend=False, line=dict(color=color, dash="dot", width=1.5),
+                    hovertemplate=f"{line} bandwidth floor %{{y:,.4g}} {floor}<extra></extra>"), row=row, col=col)
+        shown.add(line)
+
+
+def kernel_time(kernels: list[dict], colors: dict[str, str], mode: str = "decode") -> go.Figure | None:
+    """Decode-attention time against context per batch size, each method's bandwidth floor dotted beside it."""
+    recs = [r for r in kernels if str(cell(r, "mode") or "decode") == mode and r.get("status") in ("ok", "failed", "oom")]
+    if not any(metric(r, "time_us") is not None for r in ok(recs)):
+        return None
+    batches = sorted({cell(r, "batch") for r in recs}, key=_sortkey)
+    rows, cols = _grid(len(batches), 2)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"batch {b}" for b in batches],
+                        vertical_spacing=0.4 / max(rows, 1) if rows > 1 else 0.1)
+    shown: set = set()
+    many = _several_machines(recs)
+    for i, b in enumerate(batches):
+        here = [r for r in recs if cell(r, "batch") == b]
+        row, col = i // cols + 1, i % cols + 1
+        _perf_lines(fig, here, lambda r: cell(r, "context"), "time_us", colors, row, col, shown, many,
+                    floor="floor_us" if mode == "decode" else None,
+                    extra=lambda g: "".join(f"<br>{k} {median(metric(r, k) for r in g):,.3g}"
+                                            for k in ("floor_us", "bandwidth_gbs", "speedup_vs_full")
+                                            if median(metric(r, k) for r in g) is not None))
+        ys = [metric(r, "time_us") for r in ok(here) if metric(r, "time_us")]
+        fails = bad(here)
+        if fails:
+            fig.add_trace(_fail_trace(fails, lambda r: cell(r, "context"), lambda r: min(ys) if ys else 1.0,
+                                      "failed" not in shown), row=row, col=col)
+            shown.add("failed")
+    fig.update_xaxes(type="log", title_text="context (tokens, log)", title_font_size=11,
+                     **log_ticks(cell(r, "context") for r in recs))
+    fig.update_yaxes(type="log", title_text="time (µs, log)", title_font_size=11,
+                     **log_ticks((metric(r, k) for r in ok(recs) for k in ("time_us", "floor_us")), False))
+    title = ("Decode attention time against context (dotted: bandwidth floor = bytes it must move / copy bandwidth)"
+             if mode == "decode" else f"{mode.capitalize()} time against context")
+    return _layout(fig, title, 330 * rows + 90)
+
+
+def throughput(records: list[dict], colors: dict[str, str]) -> go.Figure | None:
+    """End-to-end decode tokens/s against batch size, one panel per context length."""
+    recs = [r for r in records if r.get("status") in ("ok", "failed", "oom")]
+    if not any(metric(r, "decode_tok_s") is not None for r in ok(recs)):
+        return None
+    ctxs = sorted({cell(r, "context") for r in recs}, key=_sortkey)
+    rows, cols = _grid(len(ctxs), 2)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"context {c}" for c in ctxs],
+                        vertical_spacing=0.4 / max(rows, 1) if rows > 1 else 0.1)
+    shown: set = set()
+    many = _several_machines(recs)
+
+    def batch(r):
+        return cell(r, "batch") if cell(r, "batch") is not None else metric(r, "batch")
+
+    for i, c in enumerate(ctxs):
+        here = [r for r in recs if cell(r, "context") == c]
+        row, col = i // cols + 1, i % cols + 1
+        _perf_lines(fig, here, batch, "decode_tok_s", colors, row, col, shown, many,
+                    extra=lambda g: "".join(f"<br>{k} {median(metric(r, k) for r in g):,.4g}"
+                                            for k in ("ttft_s", "latency_ms")
+                                            if median(metric(r, k) for r in g) is not None)
+                    + ("<br>cache filled with synthetic k/v" if any(cell(r, "fill") == "synthetic" for r in g)
+                       else ""))
+        fails = bad(here)
+        if fails:
+            fig.add_trace(_fail_trace(fails, batch, lambda r: 0.0, "failed" not in shown), row=row, col=col)
+            shown.add("failed")
+    fig.update_xaxes(type="log", title_text="batch (log)", title_font_size=11, **log_ticks(batch(r) for r in recs))
+    fig.update_yaxes(title_text="decode tokens/s", title_font_size=11, rangemode="tozero")
+    return _layout(fig, "End-to-end decode throughput against batch", 330 * rows + 90)
+
+
+def memory_fit(memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
+    """The largest context and the largest batch each method fits in the memory budget, and its bytes per token."""
+    panels = (("max_context", "largest context that fits (tokens)"), ("max_batch", "largest batch that fits"),
+              ("bytes_per_token", "KV bytes per token (median)"))
+    if not any(metric(r, k) is not None for r in ok(memory) for k, _ in panels):
+        return None
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.12)
+    many = _several_machines(memory)
+    for j, (key, _) in enumerate(panels):
+        groups = _by([r for r in ok(memory) if metric(r, key) is not None],
+                     lambda r: (_line_label(r, many), model_of(r)))
+        items = sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0]))
+        vals = [max(metric(r, key) for r in g) if key != "bytes_per_token" else median(metric(r, key) for r in g)
+                for _, g in items]
+        fig.add_trace(go.Bar(
+            y=[f"{line} ({model})" if len({m for (_, m) in groups}) > 1 else line for (line, model), _ in items],
+            x=vals, orientation="h", marker_color=[colors.get(g[0]["method"]) for _, g in items],
+            text=[f"{v:,.0f}" for v in vals], textposition="auto", showlegend=False,
+            hovertext=[f"<b>{line}</b> on {model}<br>{key} {v:,.0f}<br>{len(g)} cells<br>{origins(g)}"
+                       for ((line, model), g), v in zip(items, vals)], hoverinfo="text"), row=1, col=j + 1)
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    n = len({r["method"] for r in memory})
+    return _layout(fig, "Memory: what fits, per method", max(320, 60 + 32 * n))
