@@ -129,14 +129,18 @@ def codebook_ref(k: torch.Tensor, mu: torch.Tensor, signs: torch.Tensor) -> torc
     B, H, T, D = k.shape
     G = D // 4
     kc = (k.float() - mu[:, :, None]).reshape(B, H, T, G, 4)
-    codes = sign_codes(signs)  # [B, H, T, G]
-    onehot = torch.nn.functional.one_hot(codes, 16).float()  # [B, H, T, G, 16]
-    sums = torch.einsum("bhtgc,bhtgj->bhgcj", onehot, kc)
-    counts = onehot.sum(2)  # [B, H, G, 16]
-    mean_abs = kc.abs().mean(dim=(2, 4))  # [B, H, G]
-    bits = ((torch.arange(16, device=k.device)[:, None] >> torch.arange(4, device=k.device)) & 1).float()
-    pattern = (2 * bits - 1)  # [16, 4]: the sign pattern a code stands for
-    fallback = mean_abs[..., None, None] * pattern
+    onehot = torch.nn.functional.one_hot(sign_codes(signs), 16).float()  # [B, H, T, G, 16]
+    sums = torch.einsum("bhtgc,bhtgj->bhgcj", onehot, kc)  # [B, H, G, 16, 4]
+    return finish_codebook(sums, onehot.sum(2), kc.abs().sum(dim=(2, 4)), T)
+
+
+def finish_codebook(sums: torch.Tensor, counts: torch.Tensor, abs_sum: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Centroids from per-code sums [B, H, G, 16, 4], counts [B, H, G, 16] and per-group sums of |k| [B, H, G]."""
+    dev = sums.device
+    bits = ((torch.arange(16, device=dev)[:, None] >> torch.arange(4, device=dev)) & 1).float()
+    pattern = 2 * bits - 1  # [16, 4]: the sign pattern a code stands for
+    fallback = (abs_sum / (4 * n_tokens))[..., None, None] * pattern
+    counts = counts.float()
     return torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], fallback)
 
 
@@ -201,3 +205,56 @@ def cuda_ops():
     from kvbench.kernels import jit
 
     return jit.load("kvbench_selfindex", "selfindex.cu", "selfindex_binding.cpp")
+
+
+N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
+
+
+class Workspace:
+    """Scratch shared by every layer on one device (layers run one after another on one stream): the histogram and
+    counters are zero between calls (the kernels reset them), the rest is overwritten every step. It is not part of
+    any cache's nbytes(); the allocator's view in the memory suite sees it."""
+
+    _per_device: dict = {}
+
+    def __init__(self, device):
+        self.device = device
+        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = None
+        self.bh = 0
+
+    @classmethod
+    def get(cls, device) -> "Workspace":
+        if device not in cls._per_device:
+            cls._per_device[device] = cls(device)
+        return cls._per_device[device]
+
+    def select_buffers(self, bh: int, cap: int):
+        if bh > self.bh:
+            self.hist = torch.zeros(bh * NBINS, dtype=torch.int32, device=self.device)
+            self.ctr = torch.zeros(bh * N_COUNTERS, dtype=torch.int32, device=self.device)
+            self.bh = bh
+        if self.bins is None or self.bins.numel() < bh * cap:
+            self.bins = torch.empty(bh * cap, dtype=torch.int16, device=self.device)
+        return self.bins, self.hist, self.ctr
+
+    def partials(self, rows: int, head_dim: int):
+        if self.part_o is None or self.part_o.numel() < rows * head_dim:
+            self.part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=self.device)
+            self.part_ml = torch.empty(rows * 2, dtype=torch.float32, device=self.device)
+        return self.part_o, self.part_ml
+
+
+@functools.cache
+def sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def score_blocks(n: int, bh: int, device) -> int:
+    """Blocks per (b, h) for the score pass: >= 1024 tokens each, about four blocks per SM in all."""
+    return max(1, min(-(-n // 1024), -(-4 * sm_count(device) // bh)))
+
+
+def attend_split(n: int, bh: int, device) -> int:
+    """Tokens per attention block (a multiple of the 32-token tile): about two blocks per SM in all."""
+    per_bh = max(1, min(-(-n // 32), -(-2 * sm_count(device) // bh)))
+    return 32 * -(-(-(-n // per_bh)) // 32)

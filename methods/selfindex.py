@@ -86,19 +86,24 @@ class SelfIndex(Method):
 
 
 class SelfIndexLayer(LayerCache):
+    PER_TOKEN = ("signs", "kmag", "kscale", "vq", "vscale", "kfull", "vfull")  # buffers indexed by position
+
     def __init__(self, spec: LayerSpec, m: SelfIndex):
         self.spec, self.m = spec, m
         self.quantized = m.setting == "2+1"
-        self.base = m.sinks if m.fixed == "sinks" else 0  # first position the ring or the packed store can hold
-        self.n = 0
-        self.cap = 0
-        self.last_positions: torch.Tensor | None = None  # [B, Hkv, N] attended by the last step
+        self.base = m.sinks if m.fixed == "sinks" else 0  # first position that goes through the window ring
+        self.n = 0  # logical length
+        self.cap = 0  # positions the per-token buffers can hold
+        self.n_fixed = 0  # fixed full-precision slots in use
+        self.kmag = self.kscale = self.vq = self.vscale = self.kfull = self.vfull = None
+        self.chmax = self.inv_chmax = self.excl = None
+        self.last_idx: torch.Tensor | None = None  # [B, Hkv, K] positions selected by the last step
 
     # ---------------------------------------------------------------------------------------------------------
     # storage
 
-    def _alloc(self, B: int, cap: int, device, old: dict | None = None) -> None:
-        """(Re)allocate every per-token buffer for `cap` positions, keeping the first self.n."""
+    def _alloc(self, B: int, cap: int, device) -> None:
+        """(Re)allocate the per-token buffers for `cap` positions, keeping what the first self.n hold."""
         H, D, dt = self.spec.n_kv_heads, self.spec.head_dim, self.spec.dtype
         shapes = {"signs": ((D // 8,), torch.uint8)}
         if self.quantized:
@@ -108,32 +113,24 @@ class SelfIndexLayer(LayerCache):
             shapes |= {"kfull": ((D,), dt), "vfull": ((D,), dt)}
         for name, (tail, dtype) in shapes.items():
             buf = torch.zeros(B, H, cap, *tail, dtype=dtype, device=device)
-            if old is not None:
-                buf[:, :, : self.n] = old[name][:, :, : self.n]
+            old = getattr(self, name, None)
+            if old is not None and self.n:
+                buf[:, :, : self.n] = old[:, :, : self.n]
             setattr(self, name, buf)
         if self.m.fixed == "scored":
             excl = torch.zeros(B, H, (cap + 7) // 8, dtype=torch.uint8, device=device)
-            if old is not None:
-                excl[:, :, : old["excl"].shape[2]] = old["excl"]
+            if self.excl is not None:
+                excl[:, :, : self.excl.shape[2]] = self.excl
             self.excl = excl
         self.cap = cap
 
     def _grow(self, need: int) -> None:
-        if need <= self.cap:
-            return
-        names = ["signs", "kmag", "kscale", "vq", "vscale"] if self.quantized else ["signs", "kfull", "vfull"]
-        if self.m.fixed == "scored":
-            names.append("excl")
-        old = {n: getattr(self, n) for n in names}
-        cap = max(need, self.cap + max(256, self.cap // 8))
-        self._alloc(self.signs.shape[0], cap, self.signs.device, old)
+        if need > self.cap:
+            self._alloc(self.signs.shape[0], max(need, self.cap + max(256, self.cap // 8)), self.signs.device)
 
     def _buffers(self) -> list[torch.Tensor]:
-        names = ["signs", "mu", "cb", "fk", "fv", "fpos"]
-        names += ["kmag", "kscale", "vq", "vscale", "chmax"] if self.quantized else ["kfull", "vfull"]
-        if self.m.fixed == "scored":
-            names.append("excl")
-        return [getattr(self, n) for n in names if getattr(self, n, None) is not None]
+        names = self.PER_TOKEN + ("mu", "chmax", "inv_chmax", "cb", "fk", "fv", "fpos", "excl")
+        return [t for t in (getattr(self, n, None) for n in names) if t is not None]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers()) if self.n else 0
@@ -142,7 +139,10 @@ class SelfIndexLayer(LayerCache):
         return self.n
 
     def attended(self) -> torch.Tensor | None:
-        return self.last_positions
+        if self.last_idx is None:
+            return None
+        fixed = self.fpos[:, :, self.fpos[0, 0] >= 0]  # every (b, h) fills the same slots
+        return torch.cat([fixed, self.last_idx.long()], -1)
 
     def _use_cuda(self, x: torch.Tensor) -> bool:
         return x.is_cuda and self.m.impl == "auto"
@@ -151,92 +151,72 @@ class SelfIndexLayer(LayerCache):
     # prefill: dense FlashAttention for the output, then the index
 
     def prefill(self, q, k, v):
-        # q [B, Hq, Tq, D], k/v [B, Hkv, T, D]
+        # q [B, Hq, Tq, D] (queries of the last Tq positions), k/v [B, Hkv, T, D]
         out = attention.dense_attention(q, k, v, causal=True)
         B, H, T, D = k.shape
         m = self.m
         self.mu = ops.centre_stats(k, m.centre)  # [B, H, D] float32
-        self.chmax = None
         if self.quantized:
             self.chmax = (k.float() - self.mu[:, :, None]).abs().amax(2).clamp_(min=1e-6)  # [B, H, D]
+            self.inv_chmax = 1.0 / self.chmax
         self._alloc(B, T, k.device)
         NF = m.sinks + m.window
         self.fk = k.new_zeros(B, H, NF, D)
         self.fv = v.new_zeros(B, H, NF, D)
         self.fpos = torch.full((B, H, NF), -1, dtype=torch.int64, device=k.device)
 
-        # which prompt positions stay full precision: fixed ones, and the window ring
-        ring_lo = max(self.base, T - m.window)
-        if m.fixed == "sinks":
-            fixed_pos = torch.arange(min(m.sinks, T), device=k.device).expand(B, H, -1)
-        else:
-            fixed_pos = self._scored_fixed(q, k, ring_lo)
-        quant_lo, quant_hi = self.base, ring_lo  # positions quantized now (2+1); empty when T is small
-
-        inv_chmax = 1.0 / self.chmax if self.quantized else None
+        ring_lo = max(self.base, T - m.window)  # the prompt's last tokens start in the window ring
+        quant_lo, quant_hi = self.base, ring_lo  # the rest (past the fixed ones) is stored in 2 bits now
         if self._use_cuda(k):
-            raise NotImplementedError  # CUDA pack lands with the kernels
-        signs, q2 = ops.pack_ref(k, v, self.mu, inv_chmax)
-        self.signs[:, :, :T] = signs
-        if self.quantized:
-            if quant_hi > quant_lo:
+            G = D // 4
+            sums = torch.zeros(B, H, G, 16, 4, device=k.device)
+            counts = torch.zeros(B, H, G, 16, dtype=torch.int32, device=k.device)
+            abs_sum = torch.zeros(B, H, G, device=k.device)
+            ops.cuda_ops().pack(k, v, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq,
+                                self.vscale, sums, counts, abs_sum, 0, quant_lo, quant_hi)
+            self.cb = ops.finish_codebook(sums, counts, abs_sum, T)
+        else:
+            signs, q2 = ops.pack_ref(k, v, self.mu, self.inv_chmax)
+            self.signs[:, :, :T] = signs
+            if q2 is not None and quant_hi > quant_lo:
                 for name, t in zip(("kmag", "kscale", "vq", "vscale"), q2):
                     getattr(self, name)[:, :, quant_lo:quant_hi] = t[:, :, quant_lo:quant_hi]
-        else:
+            self.cb = ops.codebook_ref(k, self.mu, signs)
+        if not self.quantized:
             self.kfull[:, :, :T] = k
             self.vfull[:, :, :T] = v
-        self.cb = ops.codebook_ref(k, self.mu, signs)
 
-        nfix = fixed_pos.shape[2]
-        if nfix:
+        fixed_pos = torch.arange(min(m.sinks, T), device=k.device).expand(B, H, -1) if m.fixed == "sinks" \
+            else self._scored_fixed(q, k, ring_lo)
+        self.n_fixed = fixed_pos.shape[2]
+        if self.n_fixed:
             idx = fixed_pos[..., None].expand(-1, -1, -1, D)
-            self.fk[:, :, :nfix] = torch.gather(k, 2, idx)
-            self.fv[:, :, :nfix] = torch.gather(v, 2, idx)
-            self.fpos[:, :, :nfix] = fixed_pos
-        for p in range(ring_lo, T):  # tokens below ring_lo are already quantized: nothing to evict
-            self._put_ring(p, k[:, :, p], v[:, :, p], evict=False)
+            self.fk[:, :, : self.n_fixed] = torch.gather(k, 2, idx)
+            self.fv[:, :, : self.n_fixed] = torch.gather(v, 2, idx)
+            self.fpos[:, :, : self.n_fixed] = fixed_pos
+        if ring_lo < T:  # the window ring: tokens below ring_lo are already quantized, nothing to evict
+            pos = torch.arange(ring_lo, T, device=k.device)
+            slots = m.sinks + (pos - self.base) % m.window
+            self.fk[:, :, slots] = k[:, :, ring_lo:]
+            self.fv[:, :, slots] = v[:, :, ring_lo:]
+            self.fpos[:, :, slots] = pos
         self.n = T
-        self.last_positions = None
+        self.last_idx = None
         return out
 
     def _scored_fixed(self, q, k, ring_lo: int) -> torch.Tensor:
         """The `sinks` positions below the window that the last prompt query attends most (GQA mean of softmax
-        probabilities), excluded from selection from then on: [B, H, n] int64."""
+        probabilities); they are excluded from selection from then on: [B, H, n] int64."""
         B, H, T, D = k.shape
         n = min(self.m.sinks, ring_lo)
-        self.n_scored = 0
         if n == 0:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=k.device)
-        g = q.shape[1] // H
-        ql = q[:, :, -1].float().reshape(B, H, g, D)
+        ql = q[:, :, -1].float().reshape(B, H, -1, D)
         p = torch.softmax(torch.einsum("bhgd,bhtd->bhgt", ql, k.float()) * D**-0.5, -1).mean(2)[..., :ring_lo]
         pos = p.topk(n, dim=-1).indices
-        self.n_scored = n
         bits = torch.zeros(B, H, self.excl.shape[2] * 8, dtype=torch.bool, device=k.device)
         self.excl = ops.pack_bits(bits.scatter_(2, pos, True))
         return pos
-
-    def _ring_slot(self, p: int) -> int:
-        return self.m.sinks + (p - self.base) % self.m.window
-
-    def _put_ring(self, p: int, k1: torch.Tensor, v1: torch.Tensor, evict: bool = True) -> None:
-        """Write position p (k1/v1 [B, H, D]) into the full-precision set, quantizing the token it pushes out."""
-        if p < self.base:  # a prompt shorter than the sinks: position p is a fixed slot
-            slot = p
-        else:
-            slot = self._ring_slot(p)
-            old = p - self.m.window
-            if evict and self.quantized and old >= self.base:
-                self._quantize_token(old, self.fk[:, :, slot], self.fv[:, :, slot])
-        self.fk[:, :, slot] = k1
-        self.fv[:, :, slot] = v1
-        self.fpos[:, :, slot] = p
-
-    def _quantize_token(self, p: int, k1: torch.Tensor, v1: torch.Tensor) -> None:
-        """2+1 storage of one token leaving the window: k1/v1 [B, H, D]."""
-        _, q2 = ops.pack_ref(k1[:, :, None], v1[:, :, None], self.mu, 1.0 / self.chmax)
-        for name, t in zip(("kmag", "kscale", "vq", "vscale"), q2):
-            getattr(self, name)[:, :, p] = t[:, :, 0]
 
     # ---------------------------------------------------------------------------------------------------------
     # decode
@@ -246,74 +226,132 @@ class SelfIndexLayer(LayerCache):
         outs = [self._step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1]) for i in range(q.shape[2])]
         return torch.cat(outs, dim=2)
 
-    def _append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
-        """Append one token: k1/v1 [B, H, D]."""
-        p = self.n
-        self._grow(p + 1)
-        signs, _ = ops.pack_ref(k1[:, :, None], v1[:, :, None], self.mu, None)
-        self.signs[:, :, p] = signs[:, :, 0]
-        if not self.quantized:
-            self.kfull[:, :, p] = k1
-            self.vfull[:, :, p] = v1
-        self._put_ring(p, k1, v1)
-        self.n = p + 1
-
-    def selectable(self) -> tuple[int, int]:
-        """Positions [lo, hi) that decode steps choose from (quantized in 2+1, outside the full-precision set)."""
-        lo = self.base
-        hi = max(lo, self.n - self.m.window)
-        return lo, hi
-
-    def n_select(self) -> int:
-        """Tokens each decode step selects: the budget minus the full-precision set, at most what is selectable."""
-        lo, hi = self.selectable()
-        n_fp = int((self.fpos[0, 0] >= 0).sum())
-        # scored fixed tokens lie inside [lo, hi) but are excluded from selection
-        n_excluded = self.n_scored if self.m.fixed == "scored" else 0
-        return max(0, min(budget_tokens(self.m.budget, self.n) - n_fp, hi - lo - n_excluded))
-
     def _step(self, q, k, v):
         # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]
         self._append(k[:, :, 0], v[:, :, 0])
-        out = self._attend(q[:, :, 0])
-        return out[:, :, None].to(q.dtype)
+        return self._attention(q[:, :, 0])[:, :, None]
 
-    def _select(self, qm: torch.Tensor) -> torch.Tensor:
-        """Selected positions [B, H, K] int64 for the GQA-mean query qm [B, H, D]."""
+    def _slot(self, p: int) -> tuple[int, int]:
+        """Full-precision slot of position p, and the position it pushes out of the window (-1: none)."""
+        if p < self.base:  # a prompt shorter than the sinks: p is itself a fixed token
+            return p, -1
+        old = p - self.m.window
+        return self.m.sinks + (p - self.base) % self.m.window, (old if old >= self.base else -1)
+
+    def _append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
+        """Append one token, k1/v1 [B, H, D]; the token leaving the window is stored in 2 bits (2+1)."""
+        p = self.n
+        self._grow(p + 1)
+        slot, old = self._slot(p)
+        if p < self.base:
+            self.n_fixed += 1
+        if self._use_cuda(k1):
+            ops.cuda_ops().append(k1, v1, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq,
+                                  self.vscale, self.kfull, self.vfull, self.fk, self.fv, self.fpos, p, slot,
+                                  old if self.quantized else -1)
+        else:
+            signs, _ = ops.pack_ref(k1[:, :, None], v1[:, :, None], self.mu, None)
+            self.signs[:, :, p] = signs[:, :, 0]
+            if not self.quantized:
+                self.kfull[:, :, p] = k1
+                self.vfull[:, :, p] = v1
+            elif old >= 0:
+                _, q2 = ops.pack_ref(self.fk[:, :, slot, None], self.fv[:, :, slot, None], self.mu, self.inv_chmax)
+                for name, t in zip(("kmag", "kscale", "vq", "vscale"), q2):
+                    getattr(self, name)[:, :, old] = t[:, :, 0]
+            self.fk[:, :, slot] = k1
+            self.fv[:, :, slot] = v1
+            self.fpos[:, :, slot] = p
+        self.n = p + 1
+
+    def selectable(self) -> tuple[int, int]:
+        """Positions [lo, hi) that decode steps choose from (quantized in 2+1, outside the window)."""
+        return self.base, max(self.base, self.n - self.m.window)
+
+    def n_fp(self) -> int:
+        """Tokens in the full-precision set (known on the host: no device sync)."""
+        return self.n_fixed + min(self.m.window, max(0, self.n - self.base))
+
+    def n_select(self) -> int:
+        """Tokens a decode step selects: the budget minus the full-precision set, at most what is selectable."""
+        lo, hi = self.selectable()
+        excluded = self.n_fixed if self.m.fixed == "scored" else 0  # scored fixed tokens sit inside [lo, hi)
+        return max(0, min(budget_tokens(self.m.budget, self.n) - self.n_fp(), hi - lo - excluded))
+
+    def _attention(self, q: torch.Tensor) -> torch.Tensor:
+        """Select, then attend: q [B, Hq, D] -> [B, Hq, D] in q's dtype, over the current state."""
+        idx = self._select(q)
+        self.last_idx = idx
+        return self._attend(q, idx)
+
+    def _select(self, q: torch.Tensor) -> torch.Tensor:
+        """Positions [B, H, K] the GQA-mean query picks (int32 on CUDA, int64 on the reference path)."""
+        B, Hq, D = q.shape
+        H = self.spec.n_kv_heads
         lo, hi = self.selectable()
         K = self.n_select()
+        if self._use_cuda(q):
+            idx = torch.empty(B, H, K, dtype=torch.int32, device=q.device)
+            if K:
+                bins, hist, ctr = ops.Workspace.get(q.device).select_buffers(B * H, self.cap)
+                ops.cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
+                                            ops.score_blocks(hi - lo, B * H, q.device))
+            return idx
         if K == 0:
-            return torch.zeros(*qm.shape[:2], 0, dtype=torch.int64, device=qm.device)
-        excluded = None
-        if self.m.fixed == "scored":
-            excluded = ops.unpack_bits(self.excl)[:, :, lo:hi]
+            return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
+        qm = q.float().reshape(B, H, Hq // H, D).mean(2)
+        excluded = ops.unpack_bits(self.excl)[:, :, lo:hi] if self.excl is not None else None
         bins = ops.score_bins_ref(ops.lut8_ref(qm, self.cb), self.signs[:, :, lo:hi], excluded)
         return ops.select_ref(bins, K) + lo
 
-    def _attend(self, q: torch.Tensor) -> torch.Tensor:
-        """Attention of one query per head q [B, Hq, D] over the full-precision set and the selected tokens."""
+    def _attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Exact attention of q [B, Hq, D] over the full-precision set and the positions idx [B, H, K]."""
         B, Hq, D = q.shape
         H = self.spec.n_kv_heads
-        qm = q.float().reshape(B, H, Hq // H, D).mean(2)
-        pos = self._select(qm)
-        idx = pos[..., None]
-        valid = self.fpos >= 0  # [B, H, F]: fixed-set slots that hold a token
+        if self._use_cuda(q):
+            out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+            n = self.fk.shape[2] + idx.shape[2]
+            split = ops.attend_split(n, B * H, q.device)
+            ws = ops.Workspace.get(q.device)
+            _, _, ctr = ws.select_buffers(B * H, self.cap)
+            part_o, part_ml = ws.partials(B * Hq * -(-n // split), D)
+            ops.cuda_ops().attend(q, self.fk, self.fv, self.fpos, idx, idx.shape[2], self.signs, self.kmag,
+                                  self.kscale, self.vq, self.vscale, self.chmax, self.mu, self.kfull, self.vfull,
+                                  part_o, part_ml, ctr, out, split)
+            return out
+        i = idx.long()[..., None]
         if self.quantized:
-            sgn = ops.unpack_bits(torch.gather(self.signs, 2, idx.expand(-1, -1, -1, D // 8))).float() * 2 - 1
-            mag = ops.dequant2(torch.gather(self.kmag, 2, idx.expand(-1, -1, -1, D // 4)),
-                               torch.gather(self.kscale, 2, idx[..., None].expand(-1, -1, -1, D // 32, 2)))
-            keys = sgn * mag * self.chmax[:, :, None]  # centred keys
-            values = ops.dequant2(torch.gather(self.vq, 2, idx.expand(-1, -1, -1, D // 4)),
-                                  torch.gather(self.vscale, 2, idx[..., None].expand(-1, -1, -1, D // 32, 2)))
+            sgn = ops.unpack_bits(torch.gather(self.signs, 2, i.expand(-1, -1, -1, D // 8))).float() * 2 - 1
+            mag = ops.dequant2(torch.gather(self.kmag, 2, i.expand(-1, -1, -1, D // 4)),
+                               torch.gather(self.kscale, 2, i[..., None].expand(-1, -1, -1, D // 32, 2)))
+            keys = sgn * mag * self.chmax[:, :, None]  # centred keys: their scores lack q . mu
+            values = ops.dequant2(torch.gather(self.vq, 2, i.expand(-1, -1, -1, D // 4)),
+                                  torch.gather(self.vscale, 2, i[..., None].expand(-1, -1, -1, D // 32, 2)))
             bias = torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, H, Hq // H, D), self.mu).reshape(B, Hq)
         else:
-            keys = torch.gather(self.kfull, 2, idx.expand(-1, -1, -1, D))
-            values = torch.gather(self.vfull, 2, idx.expand(-1, -1, -1, D))
+            keys = torch.gather(self.kfull, 2, i.expand(-1, -1, -1, D))
+            values = torch.gather(self.vfull, 2, i.expand(-1, -1, -1, D))
             bias = None
-        out = ops.attend_ref(q, self.fk, self.fv, valid, keys, values, bias)
-        self.last_positions = torch.cat([torch.where(valid, self.fpos, torch.full_like(self.fpos, -1)), pos], -1)
-        return out
+        return ops.attend_ref(q, self.fk, self.fv, self.fpos >= 0, keys, values, bias).to(q.dtype)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # for the kernel suite
+
+    def decode_fns(self, q):
+        q1 = q[:, :, 0]
+        idx = self._select(q1)
+        return {"attention": lambda: self._attention(q1), "score_select": lambda: self._select(q1),
+                "attend": lambda: self._attend(q1, idx)}
+
+    def decode_bytes(self) -> int:
+        """Sign bits of every selectable token, the selected tokens' storage, the full-precision set, the codebook."""
+        B, H, D = self.signs.shape[0], self.spec.n_kv_heads, self.spec.head_dim
+        lo, hi = self.selectable()
+        es = self.fk.element_size()
+        per_selected = D // 8 + (D // 4 * 2 + D // 32 * 8 if self.quantized else 2 * D * es)
+        return B * H * ((hi - lo) * (D // 8) + self.n_select() * per_selected + self.n_fp() * 2 * D * es
+                        + self.cb[0, 0].numel() * 4)
 
     def info(self):
-        return {"selected": int(self.last_positions.shape[-1]) if self.last_positions is not None else 0}
-
+        return {"selected": self.n_select(), "full_precision": self.n_fp(), "impl": "cuda" if self.signs.is_cuda
+                and self.m.impl == "auto" else "torch"}

@@ -112,7 +112,7 @@ def test_nbytes_is_the_layout_arithmetic(setting, per_token):
     G, F = D // 4, 32 + 32
     fixed = B * H * (D * 4 + G * 16 * 4 * 4 + 2 * F * D * 2 + F * 8)  # mu, codebook, fp set K/V, fp positions
     if setting == "2+1":
-        fixed += B * H * D * 4  # per-channel max |k|
+        fixed += 2 * B * H * D * 4  # per-channel max |k| and its inverse
     assert layer.nbytes() == B * H * T * per_token + fixed
     full_bytes = 2 * B * H * T * D * 2
     if setting == "2+1":

@@ -1,0 +1,79 @@
+// Self-indexing 1-bit VQ cache: launch parameters and launchers shared by selfindex.cu (the kernels, no torch
+// headers) and selfindex_binding.cpp (shape checks and dispatch). Layouts are documented in kernels/selfindex.py.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+namespace si {
+
+constexpr int kNBins = 2048;          // histogram bins of the integer LUT score
+constexpr int kExcluded = 0xFFFF;     // bin value of a token excluded from selection
+constexpr int kCounters = 8;          // int32 counters per (batch, KV head) in the workspace, see SelectParams
+
+enum class DType : int { F16 = 0, BF16 = 1 };
+
+// Centre + sign bits (+ 2-bit magnitudes and values for positions in [qlo, qhi)) of n_tok tokens written at
+// positions pos0.., and codebook accumulation when cb_sum is set (prefill).
+struct PackParams {
+  const void* k; const void* v;                 // [B, H, n_tok, D] with element strides below, last dim contiguous
+  int64_t k_sb, k_sh, k_st, v_sb, v_sh, v_st;
+  const float* mu;                              // [B, H, D]
+  const float* inv_chmax;                       // [B, H, D]; null: 16+1, no quantization
+  uint8_t* signs;                               // [B, H, cap, D/8]
+  uint8_t* kmag; void* kscale;                  // [B, H, cap, D/4], [B, H, cap, D/32] half2 (scale, zero)
+  uint8_t* vq; void* vscale;
+  float* cb_sum; int* cb_cnt; float* cb_abs;    // [B, H, G, 16, 4], [B, H, G, 16], [B, H, G]; null: no codebook
+  int B, H, n_tok, cap, pos0, qlo, qhi;
+};
+
+// One decode step's append: signs (and fp16 K/V for 16+1) of the new token at `pos`, the token leaving the window
+// (at `old_pos`, read from full-precision slot `slot`) quantized, then the new token written into that slot.
+struct AppendParams {
+  const void* k1; const void* v1;               // [B, H, D] with element strides below
+  int64_t k_sb, k_sh, v_sb, v_sh;
+  const float* mu; const float* inv_chmax;      // inv_chmax null: 16+1
+  uint8_t* signs; uint8_t* kmag; void* kscale; uint8_t* vq; void* vscale;
+  void* kfull; void* vfull;                     // [B, H, cap, D] (16+1) or null
+  void* fk; void* fv; int64_t* fpos;            // [B, H, F, D], [B, H, F]
+  int B, H, F, cap, pos, slot, old_pos;         // old_pos < 0: nothing leaves the window
+};
+
+// Score every selectable token of [lo, hi) with the int8 LUT of the GQA-mean query, histogram the bins, and (last
+// block per (b, h)) find the threshold bin; then write the indices of the top k tokens.
+// Counters per (b, h): 0 blocks done, 1 threshold bin, 2 tokens strictly above it, 3 taken from the threshold bin,
+// 4 and 5 select cursors, 6 attention blocks done. All are zero between calls.
+struct SelectParams {
+  const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
+  const float* cb;                              // [B, H, G, 16, 4]
+  const uint8_t* signs;                         // [B, H, cap, D/8]
+  const uint8_t* excl; int excl_stride;         // [B, H, excl_stride] bitmap of excluded positions, or null
+  int B, H, group, cap, lo, hi, k, chunk;       // chunk: tokens per block
+  uint16_t* bins;                               // workspace [B, H, cap]
+  int* hist;                                    // workspace [B, H, kNBins], zero between calls
+  int* ctr;                                     // workspace [B, H, kCounters], zero between calls
+  int* idx; int kmax;                           // out [B, H, kmax]: positions of the selected tokens
+};
+
+// Split-KV decode attention of all query heads of a KV head over the full-precision set (slots with fpos >= 0) and
+// the k selected tokens, dequantized in shared memory (2+1) or read from fp16 K/V (16+1); log-sum-exp combine by
+// the last block of each (b, h).
+struct AttendParams {
+  const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
+  const void* fk; const void* fv; const int64_t* fpos; int F;
+  const int* idx; int kmax, k;
+  const uint8_t* signs; const uint8_t* kmag; const void* kscale; const uint8_t* vq; const void* vscale;
+  const float* chmax; const float* mu;          // 2+1
+  const void* kfull; const void* vfull;         // 16+1
+  int B, H, group, cap, split, nsplit;
+  float* part_o; float* part_ml;                // workspace [B, Hq, nsplit, D], [B, Hq, nsplit, 2]
+  int* ctr;                                     // the SelectParams counters (index 6 used)
+  void* out;                                    // [B, Hq, D] contiguous
+  float scale;
+};
+
+cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);
+cudaError_t append(const AppendParams& p, DType dt, int head_dim, cudaStream_t stream);
+cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblocks, cudaStream_t stream);
+cudaError_t attend(const AttendParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream);
+
+}  // namespace si

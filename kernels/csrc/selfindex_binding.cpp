@@ -1,0 +1,177 @@
+// Torch binding of the self-indexing kernels: checks shapes, devices, dtypes and alignment, then calls the launchers
+// of selfindex.cu on the current stream. Outputs are written in place into the caller's buffers.
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "selfindex.h"
+
+namespace {
+
+using at::Tensor;
+using Opt = std::optional<Tensor>;
+
+si::DType dtype_of(const Tensor& t) {
+  if (t.scalar_type() == at::kHalf) return si::DType::F16;
+  if (t.scalar_type() == at::kBFloat16) return si::DType::BF16;
+  TORCH_CHECK(false, "selfindex kernels take fp16 or bf16 keys/values, got ", t.scalar_type(),
+              "; use selfindex:impl=torch for other dtypes");
+}
+
+void check(const Tensor& t, const char* name, at::ScalarType st, int64_t dim) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == st, name, " must be ", st, ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got ", t.dim());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_rows(const Tensor& t, const char* name, int64_t dim) {  // strided activations: last dim contiguous
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got ", t.dim());
+  TORCH_CHECK(t.stride(-1) == 1, name, " must have a contiguous last dimension");
+  for (int64_t i = 0; i < dim - 1; ++i) TORCH_CHECK(t.size(i) == 1 || t.stride(i) % 4 == 0, name, ": strides must be multiples of 4");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0, name, " must be 8-byte aligned");
+}
+
+template <typename P>
+P* ptr(const Opt& t) {
+  return t.has_value() ? static_cast<P*>(t->data_ptr()) : nullptr;
+}
+
+void ok(cudaError_t e, const char* what) { TORCH_CHECK(e == cudaSuccess, "selfindex ", what, ": ", cudaGetErrorString(e)); }
+
+}  // namespace
+
+// k, v [B, H, T, D] -> signs (all tokens), 2-bit storage for positions [qlo, qhi), codebook sums when cb_sum is set
+void pack(Tensor k, Tensor v, Tensor mu, Opt inv_chmax, Tensor signs, Opt kmag, Opt kscale, Opt vq, Opt vscale,
+          Opt cb_sum, Opt cb_cnt, Opt cb_abs, int64_t pos0, int64_t qlo, int64_t qhi) {
+  check_rows(k, "k", 4);
+  check_rows(v, "v", 4);
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
+  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(), "v must match k");
+  check(mu, "mu", at::kFloat, 3);
+  check(signs, "signs", at::kByte, 4);
+  const int64_t cap = signs.size(2);
+  TORCH_CHECK(signs.size(0) == B && signs.size(1) == H && signs.size(3) == D / 8, "signs must be [B, H, cap, D/8]");
+  TORCH_CHECK(pos0 >= 0 && pos0 + T <= cap, "positions out of the buffer");
+  if (inv_chmax) {
+    check(*inv_chmax, "inv_chmax", at::kFloat, 3);
+    TORCH_CHECK(kmag && kscale && vq && vscale, "2+1 packing needs kmag, kscale, vq and vscale");
+    check(*kmag, "kmag", at::kByte, 4);
+    check(*vq, "vq", at::kByte, 4);
+    check(*kscale, "kscale", at::kHalf, 5);
+    check(*vscale, "vscale", at::kHalf, 5);
+    TORCH_CHECK(kmag->size(2) == cap && kscale->size(2) == cap, "2-bit buffers must have the signs' capacity");
+  }
+  if (cb_sum) {
+    check(*cb_sum, "cb_sum", at::kFloat, 5);
+    TORCH_CHECK(cb_cnt && cb_abs, "codebook accumulation needs cb_cnt and cb_abs");
+    check(*cb_cnt, "cb_cnt", at::kInt, 4);
+    check(*cb_abs, "cb_abs", at::kFloat, 3);
+  }
+  si::PackParams p{};
+  p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_st = k.stride(2);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_st = v.stride(2);
+  p.mu = mu.data_ptr<float>(); p.inv_chmax = ptr<const float>(inv_chmax);
+  p.signs = signs.data_ptr<uint8_t>(); p.kmag = ptr<uint8_t>(kmag); p.kscale = ptr<void>(kscale);
+  p.vq = ptr<uint8_t>(vq); p.vscale = ptr<void>(vscale);
+  p.cb_sum = ptr<float>(cb_sum); p.cb_cnt = ptr<int>(cb_cnt); p.cb_abs = ptr<float>(cb_abs);
+  p.B = B; p.H = H; p.n_tok = T; p.cap = cap; p.pos0 = pos0; p.qlo = qlo; p.qhi = qhi;
+  ok(si::pack(p, dtype_of(k), D, at::cuda::getCurrentCUDAStream()), "pack");
+}
+
+// one decode step: k1, v1 [B, H, D] at position pos; the token at old_pos leaves full-precision slot `slot`
+void append(Tensor k1, Tensor v1, Tensor mu, Opt inv_chmax, Tensor signs, Opt kmag, Opt kscale, Opt vq, Opt vscale,
+            Opt kfull, Opt vfull, Tensor fk, Tensor fv, Tensor fpos, int64_t pos, int64_t slot, int64_t old_pos) {
+  check_rows(k1, "k1", 3);
+  check_rows(v1, "v1", 3);
+  const int64_t B = k1.size(0), H = k1.size(1), D = k1.size(2);
+  check(signs, "signs", at::kByte, 4);
+  check(fk, "fk", k1.scalar_type(), 4);
+  check(fv, "fv", k1.scalar_type(), 4);
+  check(fpos, "fpos", at::kLong, 3);
+  const int64_t cap = signs.size(2), F = fk.size(2);
+  TORCH_CHECK(pos >= 0 && pos < cap && slot >= 0 && slot < F && old_pos < cap, "append: position out of range");
+  if (kfull) {
+    check(*kfull, "kfull", k1.scalar_type(), 4);
+    check(*vfull, "vfull", k1.scalar_type(), 4);
+  }
+  if (inv_chmax) TORCH_CHECK(kmag && kscale && vq && vscale, "2+1 append needs the 2-bit buffers");
+  si::AppendParams p{};
+  p.k1 = k1.data_ptr(); p.v1 = v1.data_ptr();
+  p.k_sb = k1.stride(0); p.k_sh = k1.stride(1); p.v_sb = v1.stride(0); p.v_sh = v1.stride(1);
+  p.mu = mu.data_ptr<float>(); p.inv_chmax = ptr<const float>(inv_chmax);
+  p.signs = signs.data_ptr<uint8_t>(); p.kmag = ptr<uint8_t>(kmag); p.kscale = ptr<void>(kscale);
+  p.vq = ptr<uint8_t>(vq); p.vscale = ptr<void>(vscale);
+  p.kfull = ptr<void>(kfull); p.vfull = ptr<void>(vfull);
+  p.fk = fk.data_ptr(); p.fv = fv.data_ptr(); p.fpos = fpos.data_ptr<int64_t>();
+  p.B = B; p.H = H; p.F = F; p.cap = cap; p.pos = pos; p.slot = slot; p.old_pos = old_pos;
+  ok(si::append(p, dtype_of(k1), D, at::cuda::getCurrentCUDAStream()), "append");
+}
+
+// q [B, Hq, D]: scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
+void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor bins,
+                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks) {
+  check_rows(q, "q", 3);
+  check(cb, "cb", at::kFloat, 5);
+  check(signs, "signs", at::kByte, 4);
+  const int64_t B = signs.size(0), H = signs.size(1), cap = signs.size(2), D = q.size(2);
+  TORCH_CHECK(q.size(0) == B && q.size(1) % H == 0, "q must be [B, Hq, D] with Hq a multiple of the KV heads");
+  TORCH_CHECK(bins.scalar_type() == at::kShort && bins.numel() >= B * H * cap, "bins workspace too small");
+  TORCH_CHECK(hist.scalar_type() == at::kInt && hist.numel() >= B * H * si::kNBins, "hist workspace too small");
+  TORCH_CHECK(ctr.scalar_type() == at::kInt && ctr.numel() >= B * H * si::kCounters, "counter workspace too small");
+  check(idx, "idx", at::kInt, 3);
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= cap && k <= idx.size(2) && k <= hi - lo, "score_select: bad range");
+  si::SelectParams p{};
+  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
+  p.cb = cb.data_ptr<float>(); p.signs = signs.data_ptr<uint8_t>();
+  p.excl = excl ? excl->data_ptr<uint8_t>() : nullptr; p.excl_stride = excl ? excl->size(2) : 0;
+  p.B = B; p.H = H; p.group = q.size(1) / H; p.cap = cap; p.lo = lo; p.hi = hi; p.k = k;
+  p.chunk = static_cast<int>((hi - lo + nblocks - 1) / nblocks);
+  p.bins = reinterpret_cast<uint16_t*>(bins.data_ptr()); p.hist = hist.data_ptr<int>(); p.ctr = ctr.data_ptr<int>();
+  p.idx = idx.data_ptr<int>(); p.kmax = idx.size(2);
+  ok(si::score_select(p, dtype_of(q), D, static_cast<int>(nblocks), at::cuda::getCurrentCUDAStream()), "score_select");
+}
+
+// out [B, Hq, D] = attention of q over the valid full-precision slots and the k positions in idx
+void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, int64_t k, Opt signs, Opt kmag, Opt kscale,
+            Opt vq, Opt vscale, Opt chmax, Opt mu, Opt kfull, Opt vfull, Tensor part_o, Tensor part_ml, Tensor ctr,
+            Tensor out, int64_t split) {
+  check_rows(q, "q", 3);
+  check(fk, "fk", q.scalar_type(), 4);
+  check(fv, "fv", q.scalar_type(), 4);
+  check(fpos, "fpos", at::kLong, 3);
+  check(idx, "idx", at::kInt, 3);
+  check(out, "out", q.scalar_type(), 3);
+  const int64_t B = fk.size(0), H = fk.size(1), F = fk.size(2), D = fk.size(3);
+  const bool quantized = kmag.has_value();
+  TORCH_CHECK(quantized ? (signs && kscale && vq && vscale && chmax && mu) : (kfull && vfull),
+              "attend needs the 2-bit buffers (2+1) or kfull/vfull (16+1)");
+  const int64_t cap = quantized ? kmag->size(2) : kfull->size(2);
+  TORCH_CHECK(split > 0 && split % 32 == 0, "split must be a positive multiple of 32");
+  const int64_t nsplit = (F + k + split - 1) / split;
+  const int64_t Hq = q.size(1);
+  TORCH_CHECK(Hq % H == 0 && Hq / H <= 16, "GQA groups of up to 16 query heads per KV head are supported");
+  TORCH_CHECK(part_o.numel() >= B * Hq * nsplit * D && part_ml.numel() >= B * Hq * nsplit * 2, "partials too small");
+  si::AttendParams p{};
+  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
+  p.fk = fk.data_ptr(); p.fv = fv.data_ptr(); p.fpos = fpos.data_ptr<int64_t>(); p.F = F;
+  p.idx = idx.data_ptr<int>(); p.kmax = idx.size(2); p.k = k;
+  p.signs = ptr<const uint8_t>(signs); p.kmag = ptr<const uint8_t>(kmag); p.kscale = ptr<const void>(kscale);
+  p.vq = ptr<const uint8_t>(vq); p.vscale = ptr<const void>(vscale);
+  p.chmax = ptr<const float>(chmax); p.mu = ptr<const float>(mu);
+  p.kfull = ptr<const void>(kfull); p.vfull = ptr<const void>(vfull);
+  p.B = B; p.H = H; p.group = Hq / H; p.cap = cap; p.split = split; p.nsplit = nsplit;
+  p.part_o = part_o.data_ptr<float>(); p.part_ml = part_ml.data_ptr<float>(); p.ctr = ctr.data_ptr<int>();
+  p.out = out.data_ptr(); p.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  ok(si::attend(p, dtype_of(q), D, quantized, at::cuda::getCurrentCUDAStream()), "attend");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "centre, signs, 2-bit storage and codebook sums of a chunk");
+  m.def("append", &append, "one decode step's append and window slide");
+  m.def("score_select", &score_select, "LUT scoring and histogram top-k");
+  m.def("attend", &attend, "split-KV sparse decode attention");
+}

@@ -1,0 +1,145 @@
+"""The self-indexing CUDA kernels against their PyTorch references (kernels/selfindex.py), on random shapes: odd
+lengths, batch > 1, GQA 1/4/8, head_dim 64/128, bf16 and fp16, both storage settings. GPU only."""
+
+import pytest
+import torch
+
+from kvbench import LayerSpec, parse_method
+from kvbench.kernels import selfindex as ops
+from oracles import naive_attention
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [  # B, Hq, Hkv, D, T
+    (1, 8, 8, 64, 333),
+    (3, 8, 2, 64, 1000),
+    (2, 32, 8, 128, 4097),
+    (1, 16, 2, 128, 2049),
+    (4, 4, 1, 128, 777),
+]
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def rand_kv(B, H, T, D, dtype, device="cuda"):
+    k = torch.randn(B, H, T, D, device=device) + torch.linspace(-2, 2, D, device=device)
+    return k.to(dtype), torch.randn(B, H, T, D, device=device).to(dtype)
+
+
+def layer(spec, B, Hq, Hkv, D, dtype, impl):
+    return parse_method(f"{spec},impl={impl}").make_layer(LayerSpec(0, 1, Hq, Hkv, D, dtype, torch.device("cuda")))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_matches_reference(shape, dtype):
+    torch.manual_seed(0)
+    B, Hq, H, D, T = shape
+    k, v = rand_kv(B, H, T, D, dtype)
+    mu = ops.centre_stats(k, "median")
+    chmax = (k.float() - mu[:, :, None]).abs().amax(2).clamp(min=1e-6)
+    inv = 1.0 / chmax
+    G = D // 4
+    signs = torch.zeros(B, H, T, D // 8, dtype=torch.uint8, device="cuda")
+    kmag, vq = (torch.zeros(B, H, T, D // 4, dtype=torch.uint8, device="cuda") for _ in range(2))
+    kscale, vscale = (torch.zeros(B, H, T, D // 32, 2, dtype=torch.float16, device="cuda") for _ in range(2))
+    sums = torch.zeros(B, H, G, 16, 4, device="cuda")
+    counts = torch.zeros(B, H, G, 16, dtype=torch.int32, device="cuda")
+    abs_sum = torch.zeros(B, H, G, device="cuda")
+    lo, hi = 5, T - 7  # a quantized range that is not the whole chunk
+    ops.cuda_ops().pack(k, v, mu, inv, signs, kmag, kscale, vq, vscale, sums, counts, abs_sum, 0, lo, hi)
+    ref_signs, (rk, rks, rv, rvs) = ops.pack_ref(k, v, mu, inv)
+    assert torch.equal(signs, ref_signs)
+    for got, want in ((kmag, rk), (vq, rv)):
+        mismatch = (ops.unpack2(got[:, :, lo:hi]) != ops.unpack2(want[:, :, lo:hi])).float().mean().item()
+        assert mismatch < 1e-4, mismatch  # rounding ties at .5 may fall either way, nothing more
+    torch.testing.assert_close(kscale[:, :, lo:hi], rks[:, :, lo:hi], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(vscale[:, :, lo:hi], rvs[:, :, lo:hi], rtol=1e-3, atol=1e-3)
+    cb = ops.finish_codebook(sums, counts, abs_sum, T)
+    torch.testing.assert_close(cb, ops.codebook_ref(k, mu, ref_signs), rtol=1e-4, atol=1e-4)
+
+
+def valid_topk(selected, bins_ref, K, slack=1):
+    """selected [K] positions are a top-K of bins_ref up to `slack` bins (LUT rounding ties may flip one bin)."""
+    sel = selected.tolist()
+    assert len(sel) == K and len(set(sel)) == K
+    kth = bins_ref.float().topk(K).values[-1].item()
+    got = bins_ref[selected.long()]
+    assert got.min().item() >= kth - slack
+    must = (bins_ref > kth + slack).nonzero().flatten().tolist()
+    assert set(must) <= set(sel)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("setting", ["2+1", "16+1"])
+@pytest.mark.parametrize("fixed", ["sinks", "scored"])
+def test_decode_steps_match_reference(shape, dtype, setting, fixed):
+    torch.manual_seed(1)
+    B, Hq, H, D, T = shape
+    spec = f"selfindex:setting={setting},budget=0.1,fixed={fixed},sinks=16,window=16"
+    fast, ref = (layer(spec, B, Hq, H, D, dtype, impl) for impl in ("auto", "torch"))
+    k, v = rand_kv(B, H, T, D, dtype)
+    q = torch.randn(B, Hq, 3, D, device="cuda", dtype=dtype)
+    torch.testing.assert_close(fast.prefill(q, k, v), ref.prefill(q, k, v))
+    assert torch.equal(fast.signs, ref.signs) and torch.equal(fast.fpos, ref.fpos)
+    for step in range(40):  # past the window, so tokens leave it and get quantized by the append kernel
+        q1 = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+        k1, v1 = rand_kv(B, H, 1, D, dtype)
+        fast._append(k1[:, :, 0], v1[:, :, 0])
+        ref._append(k1[:, :, 0], v1[:, :, 0])
+        assert torch.equal(fast.signs[:, :, : fast.n], ref.signs[:, :, : ref.n])
+        assert torch.equal(fast.fk, ref.fk) and torch.equal(fast.fpos, ref.fpos)
+        if setting == "2+1":
+            lo, hi = fast.selectable()
+            assert (fast.kmag[:, :, lo:hi] != ref.kmag[:, :, lo:hi]).float().mean().item() < 1e-3
+        # selection: a valid top-K of the reference's bins (ties and 1-bin LUT rounding flips aside)
+        idx = fast._select(q1[:, :, 0])
+        lo, hi = ref.selectable()
+        K = ref.n_select()
+        qm = q1[:, :, 0].float().reshape(B, H, Hq // H, D).mean(2)
+        excluded = ops.unpack_bits(ref.excl)[:, :, lo:hi] if ref.excl is not None else None
+        bins = ops.score_bins_ref(ops.lut8_ref(qm, ref.cb), ref.signs[:, :, lo:hi], excluded)
+        for b in range(B):
+            for h in range(H):
+                valid_topk(idx[b, h] - lo, bins[b, h], K)
+        # attention over the same selection: the kernel against the reference
+        out_fast = fast._attend(q1[:, :, 0], idx)
+        out_ref = ref._attend(q1[:, :, 0], idx.long())
+        torch.testing.assert_close(out_fast.float(), out_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_full_budget_16_1_on_cuda_matches_dense_attention(shape, dtype):
+    torch.manual_seed(2)
+    B, Hq, H, D, T = shape
+    lay = layer("selfindex:setting=16+1,budget=1000000", B, Hq, H, D, dtype, "auto")
+    k, v = rand_kv(B, H, T, D, dtype)
+    lay.prefill(torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype), k, v)
+    ks, vs = [k], [v]
+    for _ in range(5):
+        q1 = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+        k1, v1 = rand_kv(B, H, 1, D, dtype)
+        ks.append(k1), vs.append(v1)
+        out = lay.extend(q1, k1, v1)
+        ref = naive_attention(q1.cpu(), torch.cat(ks, 2).cpu(), torch.cat(vs, 2).cpu())
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_long_context_many_splits_and_large_budget():
+    """128 K-scale selection (thousands of picks, hundreds of attention splits) stays right."""
+    torch.manual_seed(3)
+    B, Hq, H, D, T = 2, 32, 8, 128, 40000
+    fast, ref = (layer("selfindex:budget=0.075", B, Hq, H, D, torch.bfloat16, impl) for impl in ("auto", "torch"))
+    k, v = rand_kv(B, H, T, D, torch.bfloat16)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    fast.prefill(q, k, v)
+    ref.prefill(q, k, v)
+    q1 = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    k1, v1 = rand_kv(B, H, 1, D, torch.bfloat16)
+    fast._append(k1[:, :, 0], v1[:, :, 0])
+    ref._append(k1[:, :, 0], v1[:, :, 0])
+    idx = fast._select(q1[:, :, 0])
+    assert idx.shape[-1] == ref.n_select() > 2000
+    torch.testing.assert_close(fast._attend(q1[:, :, 0], idx).float(), ref._attend(q1[:, :, 0], idx.long()).float(),
+                               rtol=2e-2, atol=2e-2)
