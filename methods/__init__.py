@@ -1,4 +1,5 @@
 """Built-in methods, one file each. Importing this package registers them."""
 
 from kvbench.methods import full  # noqa: F401
+from kvbench.methods import kivi  # noqa: F401
 from kvbench.methods import selfindex  # noqa: F401

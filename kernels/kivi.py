@@ -1,0 +1,281 @@
+"""KIVI decode attention on the packed cache: a Triton split-KV (flash-decoding) kernel and its combine.
+
+Why Triton and not CUDA C++ here: Triton's interpreter (TRITON_INTERPRET=1) runs this very kernel on the CPU, so the
+CPU-only CI checks it against the PyTorch reference (kivi_ref.attention_ref) on every commit, not just that it
+compiles; the GPU tests then check the same code at real shapes. The kernel needs nothing Triton cannot express: 16-byte
+loads of packed words, shifts and masks in registers, tensor-core dots and an online softmax.
+
+One decode step reads about 96 bytes per token per KV head at 2 bits and head dim 128 (32 B key codes, 16 B of key
+scale/min amortized over 32 tokens, 32 B value codes, 16 B value scale/min) against 512 B for bf16 K+V, so the kernel
+is built to stay at the memory floor:
+- grid (B * H, splits + 1): the packed tokens [0, Nv) are cut into `splits` ranges so that even batch 1 puts a few
+  programs on every SM; the last program of each head attends the full-precision ring (and the new token, if any);
+- each program handles all query heads of one KV head (the GQA group, padded to 16 rows for the tensor-core dot), so
+  packed keys and values are read once per KV head;
+- codes are unpacked in registers: words are loaded as whole rows (16-byte vectors), spread with tl.interleave,
+  shifted and masked; int -> float goes through the exponent bits (2^23 + code) since I2F is a slow instruction;
+- scores and P.V accumulate in fp32 with the softmax in base 2; each split writes (o, lse) and a second small kernel
+  combines them with a log-sum-exp, as in flash-decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html).
+
+Run `python -m kvbench.kernels.kivi` on a GPU for a parity check and a timing of kivi against full.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kvbench.kernels.kivi_ref import PackedKV
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
+    """[N, W] int32 words -> [N, D] codes as DOT (fp16 or fp32); channel c is bits [(c % E) * BITS, ...) of word
+    c // E."""
+    x = words
+    for _ in tl.static_range(SPREAD):  # log2(E) times: every word repeated E times along the row
+        x = tl.interleave(x, x)
+    shift = (tl.arange(0, D) % (32 // BITS)) * BITS
+    codes = (x >> shift[None, :]) & ((1 << BITS) - 1)
+    # int -> float through the exponent bits, since I2F is a slow instruction: 0x6400 is 1024 as fp16 and
+    # 0x4B000000 is 2^23 as fp32; OR-ing a code into the mantissa gives exactly 1024 + code (2^23 + code)
+    if DOT == tl.float16:
+        return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _packed_keys(KQ, KS, KM, start, rows, ok, BITS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr,
+                 G: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """Keys of tokens `rows` = start + [0, BLOCK_N) (start a multiple of G) where `ok`, dequantized: [BLOCK_N, D]."""
+    W: tl.constexpr = D * BITS // 32
+    words = tl.load(KQ + rows[:, None] * W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
+    NG: tl.constexpr = BLOCK_N // G
+    grp = start // G + tl.arange(0, NG)
+    gok = tl.max(tl.reshape(ok.to(tl.int32), (NG, G)), 1) > 0
+    offs = grp[:, None] * D + tl.arange(0, D)[None, :]
+    s = tl.load(KS + offs, mask=gok[:, None], other=0.0).to(DOT)
+    m = tl.load(KM + offs, mask=gok[:, None], other=0.0).to(DOT)
+    # one (scale, min) row per group of G tokens, broadcast over its tokens
+    codes = tl.reshape(_unpack(words, BITS, SPREAD, D, DOT), (NG, G, D))
+    return tl.reshape(codes * s[:, None, :] + m[:, None, :], (BLOCK_N, D))
+
+
+@triton.jit
+def _packed_values(VQ, VS, VM, rows, ok, BITS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr,
+                   G: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """Values of tokens `rows` where `ok`, dequantized: [BLOCK_N, D]."""
+    W: tl.constexpr = D * BITS // 32
+    words = tl.load(VQ + rows[:, None] * W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
+    DG: tl.constexpr = D // G
+    offs = rows[:, None] * DG + tl.arange(0, DG)[None, :]
+    s = tl.load(VS + offs, mask=ok[:, None], other=0.0).to(DOT)
+    m = tl.load(VM + offs, mask=ok[:, None], other=0.0).to(DOT)
+    # one (scale, min) per group of G channels, broadcast over its channels
+    codes = tl.reshape(_unpack(words, BITS, SPREAD, D, DOT), (BLOCK_N, DG, G))
+    return tl.reshape(codes * s[:, :, None] + m[:, :, None], (BLOCK_N, D))
+
+
+@triton.jit
+def _ring(RING, rows, ok, R: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
+    """Full-precision tokens `rows` (slot t % R) where `ok`: [BLOCK_N, D]."""
+    offs = (rows % R)[:, None] * D + tl.arange(0, D)[None, :]
+    return tl.load(RING + offs, mask=ok[:, None], other=0.0).to(DOT)
+
+
+@triton.jit
+def _online_softmax(q, k, v, valid, m_i, l_i, acc, qk_scale):
+    """One tile of the online softmax (base 2): q [M, D], k and v [BLOCK_N, D] (all DOT), valid [BLOCK_N]."""
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _kivi_split_kernel(
+    Q, KQ, KS, KM, VQ, VS, VM, RK, RV, KN, VN, OP, LSE,
+    stride_qb, stride_qh, stride_nb, stride_nh,  # q [B, Hq, D] and the new token [B, H, D]
+    s_kq, s_ks, s_vq, s_vs, s_r,  # per-(batch, KV head) strides of the packed and ring buffers
+    n_k, n_v, n_tok, split_tokens, n_parts, qk_scale,
+    H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    SPREAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    part = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    offs_m = tl.arange(0, M)
+    offs_d = tl.arange(0, D)
+    head_ok = offs_m < GROUP
+    heads = h * GROUP + offs_m
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=head_ok[:, None], other=0.0)
+    q = q.to(DOT)
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    if part < n_parts - 1:
+        # a range of the packed tokens [0, Nv): keys and values both packed
+        lo = part * split_tokens
+        hi = tl.minimum(lo + split_tokens, n_v)
+        for start in range(lo, hi, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            ok = rows < hi
+            k = _packed_keys(KQ + bh64 * s_kq, KS + bh64 * s_ks, KM + bh64 * s_ks, start, rows, ok, BITS, SPREAD, D,
+                             G, BLOCK_N, DOT)
+            v = _packed_values(VQ + bh64 * s_vq, VS + bh64 * s_vs, VM + bh64 * s_vs, rows, ok, BITS, SPREAD, D, G,
+                               BLOCK_N, DOT)
+            m_i, l_i, acc = _online_softmax(q, k, v, ok, m_i, l_i, acc, qk_scale)
+    else:
+        # the last min(T, R) tokens: values from the ring, keys packed below Nk and from the ring above
+        for start in range(n_v // BLOCK_N * BLOCK_N, n_tok, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            ok = (rows >= n_v) & (rows < n_tok)
+            packed = rows < n_k
+            k = _packed_keys(KQ + bh64 * s_kq, KS + bh64 * s_ks, KM + bh64 * s_ks, start, rows, ok & packed, BITS,
+                             SPREAD, D, G, BLOCK_N, DOT)
+            k = tl.where(packed[:, None], k, _ring(RK + bh64 * s_r, rows, ok & (rows >= n_k), R, D, DOT))
+            v = _ring(RV + bh64 * s_r, rows, ok, R, D, DOT)
+            m_i, l_i, acc = _online_softmax(q, k, v, ok, m_i, l_i, acc, qk_scale)
+        if HAS_NEW:
+            kn = tl.load(KN + b * stride_nb + h * stride_nh + offs_d).to(tl.float32)
+            vn = tl.load(VN + b * stride_nb + h * stride_nh + offs_d).to(tl.float32)
+            s = tl.sum(q.to(tl.float32) * kn[None, :], 1) * qk_scale
+            m_new = tl.maximum(m_i, s)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * vn[None, :]
+            m_i = m_new
+
+    # this part's normalized output and log2-sum-exp2; a part without tokens has lse -inf and weighs nothing
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    rows_out = (b * H * GROUP + heads).to(tl.int64) * n_parts + part
+    tl.store(OP + rows_out[:, None] * D + offs_d[None, :], o, mask=head_ok[:, None])
+    tl.store(LSE + rows_out, lse, mask=head_ok)
+
+
+@triton.jit
+def _kivi_combine_kernel(OP, LSE, OUT, n_parts, stride_ob, stride_oh, HQ: tl.constexpr, D: tl.constexpr,
+                         P: tl.constexpr):
+    row = tl.program_id(0)  # b * Hq + query head
+    b = row // HQ
+    hq = row % HQ
+    offs_p = tl.arange(0, P)
+    offs_d = tl.arange(0, D)
+    ok = offs_p < n_parts
+    base = row.to(tl.int64) * n_parts
+    lse = tl.load(LSE + base + offs_p, mask=ok, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    o = tl.load(OP + (base + offs_p)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(OUT + b * stride_ob + hq * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter on the CPU: a few parts are enough to exercise the combine
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def supported(D: int, bits: int, group: int, residual: int) -> bool:
+    """Shapes the kernel handles: power-of-two head dim >= 16 and groups (tl.arange needs powers of two)."""
+    pow2 = lambda x: x >= 1 and x & (x - 1) == 0  # noqa: E731
+    return pow2(D) and D >= 16 and pow2(group) and pow2(D // group) and group <= 128 and residual % group == 0 \
+        and bits in (2, 4)
+
+
+def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = None) -> tuple[int, int, int]:
+    """(block_n, split_tokens, n_parts): tiles of block_n tokens; the packed tokens [0, Nv) cut into ranges of
+    split_tokens, +1 part per head for the ring. By default about 8 programs per SM (so the last wave is a small
+    fraction of the work even at batch 1) and at least 256 tokens per range (so the combine stays small)."""
+    H = kv.rk.shape[1]
+    block_n = block_n or max(64, kv.group)
+    if kv.nv == 0:
+        return block_n, block_n, 1
+    if splits is None:
+        split_tokens = max(256, triton.cdiv(kv.nv * B * H, 8 * _sm_count(kv.rk.device)))
+    else:
+        split_tokens = triton.cdiv(kv.nv, max(1, splits))
+    split_tokens = triton.cdiv(split_tokens, block_n) * block_n
+    return block_n, split_tokens, triton.cdiv(kv.nv, split_tokens) + 1
+
+
+class Decoder:
+    """KIVI decode attention for query q [B, Hq, 1, D] over the current cache (plus an optional new token), with its
+    scratch buffers allocated once: `__call__` runs both kernels, `split()` and `combine()` one each (the kernel
+    suite times them as stages). Build a new Decoder after the cache changes."""
+
+    def __init__(self, q: torch.Tensor, kv: PackedKV, *, block_n: int | None = None, splits: int | None = None,
+                 num_warps: int = 4, num_stages: int = 2):
+        B, Hq, Tq, D = q.shape
+        H = kv.rk.shape[1]
+        if Tq != 1:
+            raise ValueError(f"KIVI's decode kernel takes one query per sequence, got {Tq}")
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        for t in kv.tensors():
+            assert t.is_contiguous(), "the packed cache must be contiguous"
+        self.q, self.kv, self.group = q, kv, Hq // H
+        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits)
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
+        self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)
+        self.out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
+        # zero-size buffers (nothing packed yet) still need a valid pointer
+        dummy = lambda t: t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)  # noqa: E731
+        self.buffers = [dummy(t) for t in kv.tensors()]
+        self.strides = [kv.kq.stride(1), kv.ks.stride(1), kv.vq.stride(1), kv.vs.stride(1), kv.rk.stride(1)]
+
+    def split(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+        q, kv = self.q, self.kv
+        B, Hq, _, D = q.shape
+        H = kv.rk.shape[1]
+        has_new = k_new is not None
+        kn = k_new if has_new else q  # any pointer: not read without HAS_NEW
+        vn = v_new if has_new else q
+        if has_new and (kn.stride(-1) != 1 or vn.stride(-1) != 1 or kn.stride() != vn.stride()):
+            kn, vn = kn.contiguous(), vn.contiguous()
+        _kivi_split_kernel[(B * H, self.n_parts)](
+            q, *self.buffers, kn, vn, self.op, self.lse,
+            q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
+            *self.strides,
+            kv.nk, kv.nv, kv.n, self.split_tokens, self.n_parts, D**-0.5 * math.log2(math.e),
+            H=H, GROUP=self.group, M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
+            SPREAD=int(math.log2(32 // kv.bits)), G=kv.group, R=kv.residual, BLOCK_N=self.block_n, HAS_NEW=has_new,
+            DOT=tl.float32 if q.dtype == torch.float32 else tl.float16, num_warps=self.num_warps, num_stages=self.num_stages,
+        )
+
+    def combine(self) -> torch.Tensor:
+        B, Hq, _, D = self.q.shape
+        _kivi_combine_kernel[(B * Hq,)](
+            self.op, self.lse, self.out, self.n_parts, self.out.stride(0), self.out.stride(1),
+            HQ=Hq, D=D, P=triton.next_power_of_2(self.n_parts), num_warps=4,
+        )
+        return self.out
+
+    def __call__(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
+        self.split(k_new, v_new)
+        return self.combine()
+
+
+def decode_attention(q: torch.Tensor, kv: PackedKV, k_new: torch.Tensor | None = None,
+                     v_new: torch.Tensor | None = None, **config) -> torch.Tensor:
+    """q [B, Hq, 1, D] attends over the packed cache and then the new token k_new/v_new [B, H, 1, D] (not stored):
+    the output [B, Hq, 1, D] of kivi_ref.attention_ref, computed on the packed words."""
+    return Decoder(q, kv, **config)(k_new, v_new)
