@@ -212,7 +212,6 @@ def copy_bandwidth(nbytes: int | None = None, device: torch.device | str | None 
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = bench(lambda: dst.copy_(src), flush=False, device=device, **bench_kw)
-    del src, dst
     moved = 2 * nbytes
     return {"copy_gbs": moved / (t.median_us * 1e-6) / 1e9, "copy_bytes": nbytes, "copy_us": t.median_us,
             "copy_timing": t.as_dict()}

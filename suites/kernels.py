@@ -30,9 +30,9 @@ from kvbench.api import KVBenchError, LayerCache, LayerSpec, Method
 from kvbench.models import Shape, resolve_dtype
 from kvbench.records import RecordWriter
 from kvbench.registry import parse_method
-from kvbench.sweep import Cell, SweepResult, console, free_memory, run_sweep
-from kvbench.suites.memory import (Q_TAIL, parse_size, parse_sizes, resolve_device, resolve_methods, resolve_shape,
-                                   synthetic_kv, write_run_provenance)
+from kvbench.sweep import Cell, SweepResult, console, run_sweep
+from kvbench.suites.memory import (Q_TAIL, parse_size, parse_sizes, release, resolve_device, resolve_methods,
+                                   resolve_shape, synthetic_kv, write_run_provenance)
 from kvbench.telemetry import with_telemetry
 from kvbench.timing import Timing, bench, copy_bandwidth, floor_us, l2_bytes, spread_pct
 
@@ -205,15 +205,15 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
                 reference[key] = measure(full, md, c, b)["time_us"]
             except torch.OutOfMemoryError:
                 reference[key] = None
-            free_memory()
-        free_memory()
+            release(dev)
+        release(dev)
         try:
             m = measure(method, md, c, b)
         except torch.OutOfMemoryError:
             if is_ref:
                 reference[key] = None  # the others' cells need not try full again
             raise
-        free_memory()
+        release(dev)
         if is_ref:
             reference[key] = m["time_us"]
         ref = reference.get(key)

@@ -33,9 +33,9 @@ from kvbench.api import KVBenchError, Method
 from kvbench.bridge import KVBenchCache, attach
 from kvbench.models import load_model, model_shape
 from kvbench.records import RecordWriter
-from kvbench.sweep import Cell, SweepResult, console, free_memory, run_sweep
-from kvbench.suites.memory import (Q_TAIL, fill_synthetic, layer_specs, parse_size, parse_sizes, resolve_device,
-                                   resolve_methods, search_max, write_run_provenance)
+from kvbench.sweep import Cell, SweepResult, console, run_sweep
+from kvbench.suites.memory import (Q_TAIL, fill_synthetic, layer_specs, parse_size, parse_sizes, release,
+                                   resolve_device, resolve_methods, search_max, write_run_provenance)
 from kvbench.telemetry import with_telemetry
 from kvbench.timing import sync
 
@@ -123,7 +123,7 @@ class Runner:
         cache, nxt, _ = real_prefill(self.model, method, random_ids(self.model, 1, WARMUP_PROMPT, self.gen))
         decode(self.model, cache, nxt, 0, 2)
         del cache, nxt
-        free_memory()
+        release(self.device)
         self.warm.add(method.label())
 
     def measure_ttft(self, method: Method, batch: int, context: int) -> tuple[dict, KVBenchCache, torch.Tensor]:
@@ -131,7 +131,7 @@ class Runner:
         runs, cache, nxt = [], None, None
         while len(runs) < 3 and (not runs or sum(runs) + runs[-1] < TTFT_BUDGET_S):
             cache = nxt = None
-            free_memory()
+            release(self.device)
             ids = random_ids(self.model, batch, context, self.gen)
             cache, nxt, dt = real_prefill(self.model, method, ids)
             runs.append(dt)
@@ -142,7 +142,7 @@ class Runner:
         if c["task"] == "max_batch":
             return self.search(method, c["context"])
         batch, context = c["batch"], c["context"]
-        free_memory()
+        release(self.device)
         self.warm_up(method)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -166,7 +166,7 @@ class Runner:
             m["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
         m["weights_bytes"] = sum(p.numel() * p.element_size() for p in self.model.parameters())
         del cache, nxt
-        free_memory()
+        release(self.device)
         return m
 
     def ttft_at_batch_1(self, method: Method, context: int) -> dict[str, Any]:
@@ -177,7 +177,7 @@ class Runner:
                 del cache, nxt
             except torch.OutOfMemoryError as e:
                 facts = {"ttft_s": None, "ttft_batch": 1, "ttft_error": f"out of memory: {str(e).splitlines()[0]}"}
-            free_memory()
+            release(self.device)
             self.ttft[key] = facts
         return dict(self.ttft[key])
 
@@ -186,7 +186,7 @@ class Runner:
         steps = max(2, self.steps // 4)
 
         def fits(batch: int) -> tuple[bool, dict]:
-            free_memory()
+            release(self.device)
             facts: dict[str, Any] = {}
             try:
                 cache = synthetic_cache(self.model, method, batch, context, q_tail=self.q_tail, seed=self.seed)
@@ -197,7 +197,7 @@ class Runner:
                 ok = True
             except torch.OutOfMemoryError as e:
                 ok, facts = False, {"why": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
-            free_memory()  # outside the except: its traceback would keep the half-built cache alive
+            release(self.device)  # outside the except: its traceback would keep the half-built cache alive
             return ok, facts
 
         best_n, trail = search_max(fits, 1, self.search_limit)
