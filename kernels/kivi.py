@@ -205,7 +205,7 @@ def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = 
     split_tokens, +1 part per head for the ring. By default about 8 programs per SM (so the last wave is a small
     fraction of the work even at batch 1) and at least 256 tokens per range (so the combine stays small)."""
     H = kv.rk.shape[1]
-    block_n = block_n or max(64, kv.group)
+    block_n = max(block_n or 64, kv.group)  # whole key groups per tile
     if kv.nv == 0:
         return block_n, block_n, 1
     if splits is None:

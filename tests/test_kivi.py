@@ -1,0 +1,364 @@
+"""kivi: quantization bounds, the packed layout's bits and bytes, KIVI's residual rules, decode attention against a
+float64 reference, the Triton kernel against the PyTorch reference (in Triton's interpreter on the CPU, and on the
+GPU), and the method inside a transformers model."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvbench import KVBenchError, LayerSpec, ParamError, parse_method
+from kvbench.kernels import kivi_ref as ref
+from oracles import naive_attention
+
+CPU = torch.device("cpu")
+
+
+def make(spec="kivi", hq=8, hkv=2, d=64, dtype=torch.float32, device=CPU):
+    return parse_method(spec).make_layer(LayerSpec(0, 1, hq, hkv, d, dtype, torch.device(device)))
+
+
+def rand_kv(B, H, T, D, dtype=torch.float32, device="cpu"):
+    # channels with different offsets and spreads, as real keys have (outlier channels)
+    k = torch.randn(B, H, T, D, device=device) * torch.linspace(0.5, 3, D, device=device) + \
+        torch.linspace(-4, 4, D, device=device)
+    return k.to(dtype), torch.randn(B, H, T, D, device=device).to(dtype)
+
+
+# --- quantization and packing ---
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_round_trip_within_half_a_step(bits):
+    torch.manual_seed(0)
+    k, v = rand_kv(2, 3, 96, 64)
+    words, ks, km = ref.quantize_keys(k, bits, 32)
+    kd = ref.dequantize_keys(words, ks, km, 96, bits, 32)
+    bound = ks.float().repeat_interleave(32, 2) / 2
+    assert ((k - kd).abs() <= bound * (1 + 1e-6) + 1e-6).all()
+    words, vs, vm = ref.quantize_values(v, bits, 32)
+    vd = ref.dequantize_values(words, vs, vm, 96, bits, 32)
+    bound = vs.float().repeat_interleave(32, 3) / 2
+    assert ((v - vd).abs() <= bound * (1 + 1e-6) + 1e-6).all()
+    # zero point = min and scale = (max - min) / (2^b - 1), both rounded outwards to fp16 so the grid covers the group
+    x = k.unflatten(2, (3, 32))
+    lo, hi, levels = x.amin(3), x.amax(3), 2**bits - 1
+    assert (km.float() <= lo).all() and (km.float() >= lo - lo.abs() * 2**-10).all()
+    assert (ks.float() * levels + km.float() >= hi).all()
+    torch.testing.assert_close(ks.float(), (hi - lo) / levels, rtol=1e-3, atol=lo.abs().max().item() * 2**-10)
+
+
+def test_constant_group_is_exact():
+    x = torch.full((1, 1, 32, 32), 1.5)
+    words, s, m = ref.quantize_keys(x, 2, 32)
+    assert (s == 0).all()
+    assert torch.equal(ref.dequantize_keys(words, s, m, 32, 2, 32), x)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_pack_layout_is_the_documented_bits(bits):
+    torch.manual_seed(1)
+    codes = torch.randint(0, 2**bits, (5, 64), dtype=torch.uint8)
+    words = ref.pack(codes, bits)
+    per_word = 32 // bits
+    assert words.dtype == torch.int32 and words.shape == (5, 64 // per_word)
+    for t in range(5):
+        for c in range(64):  # channel c: word c // E, bits [(c % E) * b, (c % E + 1) * b)
+            word = int(words[t, c // per_word]) & 0xFFFFFFFF
+            assert (word >> ((c % per_word) * bits)) & (2**bits - 1) == codes[t, c]
+    assert torch.equal(ref.unpack(words, bits), codes.int())
+
+
+# --- the cache: KIVI's residual rules, bytes, chunking ---
+
+def kivi_bytes(B, H, D, T, bits, G, R, es):
+    """The layout's arithmetic for a cache that has just been prefilled with T tokens (exact allocation)."""
+    nk, nv = T // R * R, max(0, T - R)
+    code_row = D * bits // 8
+    return B * H * (nk * code_row + nk // G * D * 2 * 2 + nv * code_row + nv * (D // G) * 2 * 2 + 2 * R * D * es)
+
+
+@pytest.mark.parametrize("T", [1, 100, 128, 129, 300, 1024])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_nbytes_is_the_layout_arithmetic(T, bits):
+    layer = make(f"kivi:bits={bits}", 8, 2, 128, torch.float16)
+    q, k, v = torch.randn(1, 8, T, 128).half(), *rand_kv(1, 2, T, 128, torch.float16)
+    layer.prefill(q, k, v)
+    assert layer.nbytes() == kivi_bytes(1, 2, 128, T, bits, 32, 128, 2)
+    assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.kv.tensors())
+
+
+def test_decode_bytes_is_96_bytes_per_token_per_head_at_2_bits():
+    layer = make("kivi", 32, 8, 128, torch.float16)
+    T = 4096 + 64
+    layer.prefill(torch.randn(1, 32, 1, 128).half(), *rand_kv(1, 8, T, 128, torch.float16))
+    # packed keys (4096) and values (T - 128): 32 B codes + 16 B scale/min per token each; the key residual (64) and
+    # the value residual (128) in fp16
+    assert layer.decode_bytes() == 8 * (4096 * 48 + (T - 128) * 48 + (64 + 128) * 128 * 2)
+    assert 96 * 8 * T < layer.decode_bytes() < 96 * 8 * T * 1.1
+
+
+def test_residual_rules_and_chunking():
+    """Keys are packed in whole blocks of R, values all but the last R; writing in a prefill, steps and chunks gives
+    the very same cache as one prefill."""
+    torch.manual_seed(2)
+    B, H, D, G, R = 2, 2, 64, 32, 64
+    k, v = rand_kv(B, H, 400, D)
+    whole = ref.PackedKV.empty(B, H, D, torch.float32, "cpu", 2, G, R)
+    whole.append(k, v)
+    parts = ref.PackedKV.empty(B, H, D, torch.float32, "cpu", 2, G, R)
+    bounds = [0, 37, 38, 39, 64, 65, 127, 128, 200, 201, 333, 400]  # prefill, steps, chunks across block edges
+    for a, b in zip(bounds, bounds[1:]):
+        parts.append(k[:, :, a:b], v[:, :, a:b])
+        n = b
+        assert (parts.nk, parts.nv) == (n // R * R, max(0, n - R))
+        keys, values = parts.keys(), parts.values()
+        assert torch.equal(keys[:, :, parts.nk:], k[:, :, parts.nk:n])  # the key residual is exact
+        assert torch.equal(values[:, :, parts.nv:], v[:, :, parts.nv:n])  # the R newest values are exact
+        if parts.nk:
+            assert not torch.equal(keys[:, :, : parts.nk], k[:, :, : parts.nk])  # older ones are quantized
+    for name in ("kq", "ks", "km", "vq", "vs", "vm"):
+        a, b = getattr(whole, name), getattr(parts, name)
+        rows = a.shape[2]
+        assert torch.equal(a, b[:, :, :rows]), name
+    assert torch.equal(whole.keys(), parts.keys()) and torch.equal(whole.values(), parts.values())
+
+
+def naive_dequant(words, scale, mn, n, bits, group, per_channel):
+    """float64, from the documented bit layout with integer arithmetic: codes * scale + min."""
+    per_word = 32 // bits
+    D = words.shape[-1] * per_word
+    c = torch.arange(D)
+    w = words[:, :, :n].long() & 0xFFFFFFFF
+    codes = (w[..., c // per_word] >> ((c % per_word) * bits)) & (2**bits - 1)
+    if per_channel:  # keys: (scale, min) per channel for each group of tokens
+        idx = torch.arange(n) // group
+        s, m = scale[:, :, idx].double(), mn[:, :, idx].double()
+    else:  # values: per token for each group of channels
+        s, m = scale[:, :, :n][..., c // group].double(), mn[:, :, :n][..., c // group].double()
+    return codes.double() * s + m
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (9, 3)])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_matches_float64_reference(hq, hkv, bits):
+    """Every extend (steps and a chunk) equals float64 attention over the packed tokens dequantized from the bits, the
+    full-precision residual and the new tokens."""
+    torch.manual_seed(3)
+    B, D, R = 2, 64, 64
+    layer = make(f"kivi:bits={bits},residual={R}", hq, hkv, D)
+    ks, vs = [], []
+    for step, t in enumerate([150, 1, 1, 7, 1, 60, 1]):
+        q = torch.randn(B, hq, t, D)
+        k, v = rand_kv(B, hkv, t, D)
+        kv = layer.kv
+        if kv is None:
+            kk, vv = k.double(), v.double()
+        else:
+            kk = torch.cat([naive_dequant(kv.kq, kv.ks, kv.km, kv.nk, bits, 32, True),
+                            torch.cat(ks, 2)[:, :, kv.nk:].double(), k.double()], 2)
+            vv = torch.cat([naive_dequant(kv.vq, kv.vs, kv.vm, kv.nv, bits, 32, False),
+                            torch.cat(vs, 2)[:, :, kv.nv:].double(), v.double()], 2)
+        out = layer.prefill(q, k, v) if step == 0 else layer.extend(q, k, v)
+        torch.testing.assert_close(out.double(), naive_attention(q, kk, vv), atol=2e-5, rtol=1e-5)
+        ks.append(k), vs.append(v)
+    assert layer.seq_len() == 221
+
+
+def test_four_bits_are_closer_to_exact_attention_than_two():
+    torch.manual_seed(3)
+    B, hq, hkv, D = 2, 8, 2, 64
+    k, v = rand_kv(B, hkv, 400, D)
+    q = torch.randn(B, hq, 1, D) * 0.3
+    exact = naive_attention(q, k, v)
+    errors = {}
+    for bits in (2, 4):
+        layer = make(f"kivi:bits={bits},residual=64", hq, hkv, D)
+        layer.prefill(torch.randn(B, hq, 400, D), k, v)
+        out = layer.decode_fns(q)["attention"]().double()
+        errors[bits] = ((out - exact).norm() / exact.norm()).item()
+    # 4 bits have 5x finer steps than 2 bits ((2^4 - 1) / (2^2 - 1)); measured 0.44 and 0.08 here
+    assert errors[4] < errors[2] / 3, errors
+
+
+def test_bad_parameters_fail_on_construction():
+    for spec, name in [("kivi:bits=3", "bits"), ("kivi:group=24", "group"), ("kivi:residual=100", "residual"),
+                       ("kivi:residual=0", "residual"), ("kivi:backend=cuda", "backend")]:
+        with pytest.raises(ParamError) as e:
+            parse_method(spec)
+        assert e.value.name == name
+    with pytest.raises(KVBenchError, match="head dim"):
+        make("kivi:group=32", 4, 4, 48)
+
+
+def test_triton_backend_on_cpu_says_how_to_fix():
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("the interpreter runs Triton on the CPU")
+    with pytest.raises(KVBenchError, match="backend=torch"):
+        make("kivi:backend=triton")
+
+
+# --- the Triton kernel in Triton's interpreter, on the CPU ---
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    import numpy, triton, torch
+    if tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4):
+        # triton 3.6's interpreter turns scalars into 1-element arrays that numpy >= 2.4 refuses to int();
+        # triton-lang/triton#9171, fixed upstream by #9172 (after 3.6)
+        import triton.runtime.interpreter as interp
+        _patch = interp._patch_lang_tensor
+        def _patched(tensor, scope):
+            _patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+        interp._patch_lang_tensor = _patched
+    from kvbench import LayerSpec, parse_method
+    from kvbench.kernels.kivi import decode_attention
+    from kvbench.kernels.kivi_ref import PackedKV, attention_ref
+    torch.manual_seed(0)
+    worst = 0.0
+    for dtype in (torch.float32, torch.float16):
+        for B, Hq, H, D, bits, G, R in ((2, 4, 2, 32, 2, 16, 32), (1, 4, 1, 64, 4, 32, 64), (1, 3, 3, 32, 2, 8, 16)):
+            for T in (1, 33, 170):
+                kv = PackedKV.empty(B, H, D, dtype, "cpu", bits, G, R)
+                kv.append(torch.randn(B, H, T, D).to(dtype) * 2 + 1, torch.randn(B, H, T, D).to(dtype))
+                q = torch.randn(B, Hq, 1, D).to(dtype)
+                kn, vn = torch.randn(B, H, 1, D).to(dtype), torch.randn(B, H, 1, D).to(dtype)
+                for new in (False, True):
+                    args = (kn, vn) if new else ()
+                    out = decode_attention(q, kv, *args, block_n=16, splits=3)
+                    want = attention_ref(q, kv, *args)
+                    tol = 1e-5 if dtype == torch.float32 else 2e-3
+                    torch.testing.assert_close(out, want, atol=tol, rtol=tol)
+                    worst = max(worst, (out.float() - want.float()).abs().max().item())
+    # the method's decode path runs the kernel too
+    layer = parse_method("kivi:backend=triton,residual=32,group=16").make_layer(
+        LayerSpec(0, 1, 4, 2, 32, torch.float32, torch.device("cpu")))
+    layer.prefill(torch.randn(1, 4, 70, 32), torch.randn(1, 2, 70, 32), torch.randn(1, 2, 70, 32))
+    q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
+    want = attention_ref(q, layer.kv, k, v)
+    torch.testing.assert_close(layer.extend(q, k, v), want, atol=1e-5, rtol=1e-5)
+    assert layer.info()["backend"] == "triton"
+    print("max abs difference", worst)
+""")
+
+
+def test_triton_kernel_matches_reference_in_the_interpreter():
+    """The very kernel the GPU runs, executed by Triton's interpreter on small shapes (a subprocess, because
+    TRITON_INTERPRET must be set before triton is imported)."""
+    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' on Linux)")
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "max abs difference" in r.stdout
+
+
+# --- the Triton kernel on the GPU ---
+
+GPU_SHAPES = [  # B, Hq, Hkv, D, T
+    (1, 8, 8, 64, 333),
+    (3, 8, 2, 64, 1000),
+    (2, 32, 8, 128, 4097),
+    (1, 16, 2, 128, 2049),
+    (4, 4, 1, 128, 777),
+    (2, 32, 8, 128, 127),
+    (1, 32, 8, 128, 12345),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_triton_kernel_matches_reference_on_gpu(shape, dtype, bits):
+    from kvbench.kernels import kivi as kernel
+
+    torch.manual_seed(sum(shape) + bits)
+    B, Hq, H, D, T = shape
+    kv = ref.PackedKV.empty(B, H, D, dtype, "cuda", bits, 32, 128)
+    k, v = rand_kv(B, H, T, D, dtype, "cuda")
+    kv.append(k, v)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+    kn, vn = (torch.randn(B, H, 1, D, device="cuda", dtype=dtype) for _ in range(2))
+    for args in ((), (kn, vn)):
+        want = ref.attention_ref(q, kv, *args)
+        for config in ({}, dict(block_n=128, num_warps=8), dict(splits=1), dict(splits=7, num_stages=3)):
+            out = kernel.decode_attention(q, kv, *args, **config)
+            torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
+        # against float64 over the dequantized cache: the kernel's own error, not just agreement with the reference
+        exact = naive_attention(q, torch.cat([kv.keys(), *args[:1]], 2), torch.cat([kv.values(), *args[1:]], 2))
+        assert (out.double() - exact).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_method_decodes_with_the_kernel_on_gpu(dtype):
+    torch.manual_seed(4)
+    B, Hq, H, D = 2, 32, 8, 128
+    layer = make("kivi", Hq, H, D, dtype, "cuda")
+    reference = make("kivi:backend=torch", Hq, H, D, dtype, "cuda")
+    k, v = rand_kv(B, H, 700, D, dtype, "cuda")
+    q = torch.randn(B, Hq, 700, D, device="cuda", dtype=dtype)
+    layer.prefill(q, k, v), reference.prefill(q, k, v)
+    for _ in range(200):  # crosses a key block boundary (700 -> 900)
+        q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+        k, v = rand_kv(B, H, 1, D, dtype, "cuda")
+        torch.testing.assert_close(layer.extend(q, k, v), reference.extend(q, k, v), atol=2e-2, rtol=2e-2)
+    assert layer.info()["backend"] == "triton" and reference.info()["backend"] == "torch"
+    fns = layer.decode_fns(q)
+    torch.testing.assert_close(fns["attention"](), ref.attention_ref(q, layer.kv), atol=2e-2, rtol=2e-2)
+    fns["split"](), fns["combine"]()
+
+
+# --- inside a transformers model ---
+
+def tiny_model():
+    from transformers import AutoModelForCausalLM
+
+    from test_bridge import tiny_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config()).eval()
+
+
+def test_through_the_bridge_on_a_tiny_model():
+    from kvbench.bridge import attach
+
+    model = tiny_model()
+    ids = torch.randint(0, 1000, (2, 100))
+    full = attach(model, parse_method("full"))
+    ref_out = model.generate(ids, past_key_values=full, max_new_tokens=8, do_sample=False)
+    # nothing quantized while every token fits in the residual: token-identical to full
+    cache = attach(model, parse_method("kivi:residual=128"))
+    assert torch.equal(model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False), ref_out)
+    # quantized: prefill, decode steps, then a question chunk; it holds less than full
+    cache = attach(model, parse_method("kivi:residual=32"))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert out.shape == (2, 108) and cache.get_seq_length() == 107
+    with torch.no_grad():
+        logits = model(torch.randint(0, 1000, (2, 5)), past_key_values=cache).logits
+    assert torch.isfinite(logits).all() and cache.get_seq_length() == 112
+    assert cache.nbytes() < full.nbytes()
+
+
+@pytest.mark.slow
+def test_generates_sensible_text_on_the_embedded_model(embedded):
+    from kvbench.bridge import attach
+
+    model, tok = embedded
+    story = ("Anna lives in a small village by the sea. Every morning she walks her dog to the harbour, where the "
+             "fishermen sell the night's catch. ") * 6
+    ids = tok.apply_chat_template([{"role": "user", "content": story + "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    assert ids.shape[1] > 2 * 32  # long enough that keys and values are quantized
+    for spec in ("kivi:residual=32", "kivi:bits=4,residual=32"):
+        cache = attach(model, parse_method(spec))
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        assert "Paris" in tok.decode(out[0, ids.shape[1]:]), spec
