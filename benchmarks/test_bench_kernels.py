@@ -21,6 +21,7 @@ from kvbench.models import SHAPES
 from kvbench.records import _clean
 from kvbench.registry import available_methods, parse_method
 from kvbench.suites.kernels import _spec, _step_bytes, build_copies
+from kvbench.suites.memory import Q_TAIL
 from kvbench.timing import bench, copy_bandwidth, floor_us
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -41,7 +42,7 @@ def test_decode_attention(benchmark, method, context, batch, copy_gbs):
     m = parse_method(method)
     shape = SHAPES[SHAPE]
     spec = _spec(shape, shape.n_layers // 2, torch.bfloat16, torch.device("cuda"))
-    copies = build_copies(m, spec, batch, context, rotate=True, q_tail=32, seed=0)
+    copies = build_copies(m, spec, batch, context, rotate=True, q_tail=Q_TAIL, seed=0)
     q = torch.randn(batch, spec.n_heads, 1, spec.head_dim, device="cuda", dtype=spec.dtype)
     fns = [c.decode_fns(q).get("attention") for c in copies]
     if fns[0] is None:

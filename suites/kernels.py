@@ -291,7 +291,8 @@ def command(
     layer: Optional[int] = typer.Option(None, help="Layer index the caches are built for (default: the middle)."),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
-    q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries given when building a decode cell's cache."),
+    q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill (the last "
+                                                   "positions; 32 for window-based methods such as SnapKV)."),
     seed: int = typer.Option(0, help="Seed of the synthetic tensors."),
     rerun: bool = typer.Option(False, help="Measure cells again even if out/kernels.jsonl already has them."),
 ):

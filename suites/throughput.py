@@ -294,7 +294,8 @@ def command(
                                                               "CPU 4)."),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
-    q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill."),
+    q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill (the last "
+                                                   "positions; 32 for window-based methods such as SnapKV)."),
     seed: int = typer.Option(0, help="Seed of prompts and synthetic tensors."),
     rerun: bool = typer.Option(False, help="Measure cells again even if out/throughput.jsonl already has them."),
 ):

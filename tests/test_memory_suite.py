@@ -113,12 +113,11 @@ def test_max_context_and_batch_search_with_full_on_cpu(tmp_path):
                show_progress=False)
     recs = {r["cell"]["task"]: r for r in _check_valid(tmp_path / "memory.jsonl")}
     per_token = 30 * 2 * 3 * 64 * 4  # full, all layers
-    q_tail = 9 * 32 * 64 * 4  # the last layer's query tail, held while it is built
+    q_tail = 9 * memory.Q_TAIL * 64 * 4  # the last layer's query tail, held while it is built
     # the last layer's inputs are counted before it is built: 29 layers held + 1 layer of inputs = 30 layers' worth
     want_ctx = (budget - q_tail) // per_token // 256 * 256
     assert recs["max_context"]["metrics"]["max_context"] == want_ctx == 768
-    q_tail_256 = 9 * 32 * 64 * 4
-    assert recs["max_batch"]["metrics"]["max_batch"] == budget // (256 * per_token + q_tail_256) == 3
+    assert recs["max_batch"]["metrics"]["max_batch"] == budget // (256 * per_token + q_tail) == 3
     assert recs["max_batch"]["metrics"]["probes"][-1]["n"] in (3, 4)
 
 
