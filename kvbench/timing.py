@@ -42,7 +42,7 @@ class Timing:
     n_warmup: int
     n_repeat: int
     clock: str  # "cuda-events" or "perf_counter"
-    l2: str  # how L2 was defeated: "flush", "rotate:N", "none"
+    l2: str  # how L2 was defeated: "flush", "rotate:N" (N input sets >= 3x L2 in all), "none"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,7 +129,9 @@ def bench(fns: Callable[[], Any] | Sequence[Callable[[], Any]], *, warmup_ms: fl
     if cuda and flush and device not in _flushers:
         _flushers[device] = _Flusher(device)
     flusher = _flushers[device] if flush else None
-    l2 = "flush" if flush else (f"rotate:{len(fns)}" if cuda and len(fns) > 1 else "none")
+    # "rotate:N": N input sets, together >= 3x L2, with no flush; "none": L2 may hold inputs (or there is no GPU)
+    rotated = cuda and set_bytes is not None and len(fns) * set_bytes >= ROTATE_FACTOR * l2_bytes(device)
+    l2 = "flush" if flush else (f"rotate:{len(fns)}" if rotated else "none")
 
     calls = 0
 
@@ -211,7 +213,7 @@ def copy_bandwidth(nbytes: int | None = None, device: torch.device | str | None 
             nbytes = 64 * 2**20
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), flush=False, device=device, **bench_kw)
+    t = bench(lambda: dst.copy_(src), flush=False, set_bytes=2 * nbytes, device=device, **bench_kw)
     moved = 2 * nbytes
     return {"copy_gbs": moved / (t.median_us * 1e-6) / 1e9, "copy_bytes": nbytes, "copy_us": t.median_us,
             "copy_timing": t.as_dict()}

@@ -83,7 +83,8 @@ def measure_decode(method: Method, spec: LayerSpec, batch: int, context: int, *,
     gen = torch.Generator(device=spec.device).manual_seed(seed + 1)
     q = torch.randn(batch, spec.n_heads, 1, spec.head_dim, generator=gen, device=spec.device, dtype=spec.dtype)
     fns = [c.decode_fns(q) for c in copies]
-    kw = dict(bench_kw, flush=(l2 == "flush"), set_bytes=step_bytes)
+    # rotate: no flush when the copies exceed 3x L2 together; bench flushes anyway if memory allowed too few copies
+    kw = dict(bench_kw, flush=True if l2 == "flush" else None, set_bytes=step_bytes)
     if "attention" in fns[0]:
         t = bench([f["attention"] for f in fns], **kw)
         m["timed"] = "decode_fns"
@@ -122,7 +123,8 @@ def measure_prefill(method: Method, spec: LayerSpec, batch: int, context: int, *
     if cuda:
         torch.cuda.reset_peak_memory_stats(spec.device)
         base = torch.cuda.memory_allocated(spec.device)
-    kw = dict(bench_kw, flush=(l2 == "flush"))
+    es = q.element_size()
+    kw = dict(bench_kw, flush=True if l2 == "flush" else None, set_bytes=(q.numel() + k.numel() + v.numel()) * es)
     t = bench(once, **kw)
     m: dict[str, Any] = {"timed": "prefill", "stage_us": {}, "nbytes": holder[0].nbytes(),
                          "seq_len": holder[0].seq_len(), "info": holder[0].info()}
