@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kvbench.api import KVBenchError
@@ -33,7 +34,8 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except KVBenchError as e:
-            err_console.print(f"[bold red]error:[/] {e}")
+            # soft_wrap: one line however long; escape: a message may hold [brackets] that are not markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
