@@ -219,6 +219,22 @@ def copy_bandwidth(nbytes: int | None = None, device: torch.device | str | None 
             "copy_timing": t.as_dict()}
 
 
+def matmul_tflops(n: int | None = None, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  **bench_kw) -> dict[str, Any]:
+    """Dense matmul throughput, 2 n^3 flops over the median time of an n x n x n product: the compute-floor
+    denominator for compute-bound work such as prefill attention, measured in the same run (clocks vary by run).
+    Default: n = 8192 in bf16 on the GPU, n = 512 in fp32 on the CPU."""
+    device = _device_of(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 512)
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    t = bench(lambda: a @ b, flush=False, device=device, **bench_kw)
+    return {"matmul_tflops": 2 * n**3 / (t.median_us * 1e-6) / 1e12, "matmul_n": n,
+            "matmul_dtype": str(dtype).removeprefix("torch."), "matmul_us": t.median_us}
+
+
 def floor_us(nbytes: int, copy_gbs: float) -> float:
     """The fewest microseconds moving `nbytes` can take at the measured copy bandwidth."""
     return nbytes / (copy_gbs * 1e9) * 1e6

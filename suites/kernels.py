@@ -8,7 +8,8 @@ bf16), one layer (a middle one: some methods keep their first layers dense), con
   decode_fns as `stage_us[key]`. A method without decode_fns has extend() timed instead (`timed: "extend"`; the
   context then grows by one token per call, which the record states).
 - prefill: `make_layer(spec).prefill(q, k, v)` with full-length queries, against full's prefill at the same shape:
-  the index-building or compression overhead (`overhead_pct`).
+  the index-building or compression overhead (`overhead_pct`). Its floor is compute: causal attention's flops at the
+  dense matmul rate measured in the same run (or its bytes at the copy bandwidth, if that is larger).
 
 Times are medians of CUDA-event timed calls after warm-up (kvbench.timing.bench), with L2 evicted before each call or
 defeated by rotating among copies of the cache (`--l2 rotate`). Every time sits next to its floor: `floor_us` =
@@ -34,7 +35,7 @@ from kvbench.sweep import Cell, SweepResult, console, run_sweep
 from kvbench.suites.memory import (Q_TAIL, parse_size, parse_sizes, release, resolve_device, resolve_methods,
                                    resolve_shape, synthetic_kv, write_run_provenance)
 from kvbench.telemetry import with_telemetry
-from kvbench.timing import Timing, bench, copy_bandwidth, floor_us, l2_bytes, spread_pct
+from kvbench.timing import Timing, bench, copy_bandwidth, floor_us, l2_bytes, matmul_tflops, spread_pct
 
 SUITE = "kernels"
 MAX_COPIES = 16  # rotation copies at most; small cells need ~10 at 4K x batch 1 to exceed 3x an H100's L2
@@ -127,7 +128,11 @@ def measure_prefill(method: Method, spec: LayerSpec, batch: int, context: int, *
     kw = dict(bench_kw, flush=True if l2 == "flush" else None, set_bytes=(q.numel() + k.numel() + v.numel()) * es)
     t = bench(once, **kw)
     m: dict[str, Any] = {"timed": "prefill", "stage_us": {}, "nbytes": holder[0].nbytes(),
-                         "seq_len": holder[0].seq_len(), "info": holder[0].info()}
+                         "seq_len": holder[0].seq_len(), "info": holder[0].info(),
+                         # causal attention: QK^T and PV, 2 flops per multiply-add, half the T x T pairs
+                         "prefill_flops": 2 * batch * spec.n_heads * context * context * spec.head_dim,
+                         # read q, k, v; write the output and whatever the cache keeps
+                         "prefill_bytes": (2 * q.numel() + k.numel() + v.numel()) * es + holder[0].nbytes()}
     if cuda:
         m["peak_bytes"] = torch.cuda.max_memory_allocated(spec.device) - base
     if spread:
@@ -189,6 +194,11 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     bw = copy_bandwidth(device=dev, warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
     copy_gbs = bw["copy_gbs"]
     console.print(f"[dim]kernels: copy bandwidth {copy_gbs:,.0f} GB/s ({bw['copy_bytes'] / 2**20:.0f} MiB copies)[/]")
+    mm = {}
+    if "prefill" in modes:
+        mm = matmul_tflops(device=dev, warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
+        console.print(f"[dim]kernels: matmul {mm['matmul_tflops']:,.1f} TFLOP/s ({mm['matmul_dtype']}, "
+                      f"n={mm['matmul_n']})[/]")
     reference: dict[tuple, float | None] = {}  # (mode, context, batch) -> full's median in this run
 
     def measure(method: Method, md: str, c: int, b: int) -> dict[str, Any]:
@@ -223,6 +233,14 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
         m["speedup_vs_full"] = ref / m["time_us"] if ref else None
         if md == "prefill":
             m["overhead_pct"] = (m["time_us"] / ref - 1) * 100 if ref else None
+            # compute-bound: the floor is the larger of its flops at the measured matmul rate and its bytes at the
+            # measured copy bandwidth
+            compute = m["prefill_flops"] / (mm["matmul_tflops"] * 1e12) * 1e6
+            memory = floor_us(m["prefill_bytes"], copy_gbs)
+            m.update(floor_compute_us=compute, floor_memory_us=memory, floor_us=max(compute, memory),
+                     floor_kind="compute" if compute >= memory else "memory",
+                     tflops=m["prefill_flops"] / (m["time_us"] * 1e-6) / 1e12, matmul_tflops=mm["matmul_tflops"])
+            m["floor_fraction"] = m["floor_us"] / m["time_us"]
         else:
             m["floor_us"] = floor_us(m["decode_bytes"], copy_gbs)
             m["bandwidth_gbs"] = m["decode_bytes"] / (m["time_us"] * 1e-6) / 1e9
@@ -238,7 +256,8 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
                    warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
     result = run_sweep(SUITE, cells, with_telemetry(runner), writer, description="kernels", rerun=rerun,
                        show_progress=show_progress)
-    write_run_provenance(out, SUITE, options, copy_bandwidth={k: v for k, v in bw.items() if k != "copy_timing"})
+    write_run_provenance(out, SUITE, options, copy_bandwidth={k: v for k, v in bw.items() if k != "copy_timing"},
+                         matmul=mm or None)
     print_table(result.records)
     return result
 

@@ -32,7 +32,9 @@ def test_tiny_grid_on_cpu_with_every_registered_method(tmp_path):
         assert m["speedup_vs_full"] == pytest.approx(m["full_time_us"] / m["time_us"])
         assert isinstance(m["stage_us"], dict) and m["clock"] == "perf_counter"
     for r in prefill:
-        assert r["metrics"]["overhead_pct"] is not None
+        m = r["metrics"]
+        assert m["overhead_pct"] is not None and m["floor_us"] == max(m["floor_compute_us"], m["floor_memory_us"]) > 0
+        assert m["prefill_flops"] == 2 * r["cell"]["batch"] * 9 * r["cell"]["context"] ** 2 * 64
     assert all(r["metrics"]["speedup_vs_full"] == 1.0 for r in records if r["method"] == "full")
 
 

@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from kvbench.timing import bench, copy_bandwidth, floor_us, l2_bytes, spread_pct, summarize
+from kvbench.timing import bench, copy_bandwidth, floor_us, l2_bytes, matmul_tflops, spread_pct, summarize
 
 
 def test_summarize_quantiles_match_numpy_linear_interpolation():
@@ -50,6 +50,12 @@ def test_copy_bandwidth_on_cpu_reports_bytes_moved_over_time():
     assert bw["copy_gbs"] == pytest.approx(2 * bw["copy_bytes"] / (bw["copy_us"] * 1e-6) / 1e9)
 
 
+def test_matmul_rate_on_cpu_counts_two_n_cubed_flops():
+    mm = matmul_tflops(n=128, device="cpu", warmup_ms=1, rep_ms=10)
+    assert mm["matmul_n"] == 128 and mm["matmul_dtype"] == "float32"
+    assert mm["matmul_tflops"] == pytest.approx(2 * 128**3 / (mm["matmul_us"] * 1e-6) / 1e12)
+
+
 def test_floor_and_spread_arithmetic():
     assert floor_us(3_000_000, 3000.0) == pytest.approx(1.0)  # 3 MB at 3 TB/s: 1 us
     assert spread_pct(100.0, 104.0) == pytest.approx(4.0)
@@ -68,3 +74,5 @@ def test_bench_on_gpu_uses_events_and_defeats_l2():
     assert rotated.l2 == ("rotate:4" if 4 * x.numel() * 4 >= 3 * l2_bytes() else "flush")
     bw = copy_bandwidth()
     assert bw["copy_gbs"] > 0 and bw["copy_timing"]["clock"] == "cuda-events"
+    assert bw["copy_timing"]["l2"] == "rotate:1"  # one 1 GiB set: far above L2 with no flush
+    assert matmul_tflops(n=2048)["matmul_tflops"] > 0
