@@ -363,9 +363,15 @@ def environment_html(records: list[dict], provenance: list[tuple[str, dict]]) ->
         parts.append(_none("environment"))
     if provenance:
         for path, data in provenance:
-            rows = "".join(f"<tr><th>{E(str(k))}</th><td>{E(v if isinstance(v, str) else json.dumps(v, default=str))}"
-                           "</td></tr>" for k, v in data.items())
-            parts.append(f"<h3>provenance: {E(path)}</h3><table class='kv'>{rows}</table>")
+            # a suite appends one entry per run to {"runs": [...]}; any other object is shown as it is
+            runs = data["runs"] if isinstance(data.get("runs"), list) else [data]
+            parts.append(f"<h3>provenance: {E(path)} ({len(runs)} run(s))</h3>")
+            for run in runs:
+                if not isinstance(run, dict):
+                    continue
+                rows = "".join(f"<tr><th>{E(str(k))}</th><td>{E(v if isinstance(v, str) else json.dumps(v, default=str))}"
+                               "</td></tr>" for k, v in run.items())
+                parts.append(f"<table class='kv'>{rows}</table>")
     else:
         parts.append("<p class='none'>no provenance JSON found next to the records (the performance suites can write "
                      "one beside their records: command, commit, GPU, date).</p>")
@@ -490,7 +496,8 @@ tbody tr:nth-child(even){background:#fafbfc}
 .scroll{overflow:auto;max-width:100%}.tall{max-height:640px}
 pre{white-space:pre-wrap;font-size:11.5px;margin:4px 0}details summary{cursor:pointer}
 #kv-errors{display:none;background:#fde2e1;color:#a11;padding:8px 24px}
-.chart{width:100%;min-height:300px}table.kv th{background:#f0f2f5;width:160px}
+.chart{width:100%;min-height:300px}table.kv{margin:6px 0 12px}table.kv th{background:#f0f2f5;width:160px}
+table.kv td{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
 """
 
 # Shown on the page if any script fails, so a broken chart is never silent (the browser test reads it too).
