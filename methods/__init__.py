@@ -4,3 +4,4 @@ from kvbench.methods import full  # noqa: F401
 from kvbench.methods import kivi  # noqa: F401
 from kvbench.methods import selfindex  # noqa: F401
 from kvbench.methods import snapkv  # noqa: F401
+from kvbench.methods import streaming  # noqa: F401
