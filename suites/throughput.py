@@ -163,7 +163,7 @@ class Runner:
         caches = cache.layer_caches()
         m["info"] = caches[0].info() if caches else {}
         if self.device.type == "cuda":
-            m["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            m["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)  # weights included
         m["weights_bytes"] = sum(p.numel() * p.element_size() for p in self.model.parameters())
         del cache, nxt
         release(self.device)
@@ -203,7 +203,8 @@ class Runner:
         best_n, trail = search_max(fits, 1, self.search_limit)
         fitting = [p for p in trail if p["fits"]]
         best = max(fitting, key=lambda p: p["decode_tok_s"]) if fitting else {}
-        return {"max_batch": best_n, "batch": best_n, "best_decode_tok_s": best.get("decode_tok_s"),
+        # decode_tok_s, latency_ms and batch describe the same probe: the best one, usually at the largest batch
+        return {"max_batch": best_n, "batch": best.get("n"), "best_decode_tok_s": best.get("decode_tok_s"),
                 "best_batch": best.get("n"), "decode_tok_s": best.get("decode_tok_s"),
                 "latency_ms": best.get("latency_ms"), "reached_limit": best_n >= self.search_limit,
                 "search_limit": self.search_limit, "steps": steps, "warmup_steps": 2, "q_tail": self.q_tail,
@@ -260,7 +261,7 @@ def print_table(records: list[dict]) -> None:
     from rich.table import Table
 
     t = Table(title="throughput", title_justify="left")
-    for col in ("method", "task", "ctx", "B", "fill", "status", "TTFT s", "tok/s", "ms/step", "cache GiB"):
+    for col in ("method", "task", "ctx", "B", "fill", "status", "TTFT s", "tok/s", "ms/step", "cache GiB", "max B"):
         t.add_column(col, justify="left" if col in ("method", "task", "fill", "status") else "right")
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for r in records:
@@ -268,7 +269,8 @@ def print_table(records: list[dict]) -> None:
         t.add_row(r["method"], c["task"], str(c["context"]), str(m.get("batch", c.get("batch", "-"))), c["fill"],
                   r["status"], fmt(m.get("ttft_s"), ".3f"), fmt(m.get("decode_tok_s"), ",.1f"),
                   fmt(m.get("latency_ms"), ".2f"),
-                  fmt(None if m.get("cache_bytes") is None else m["cache_bytes"] / 2**30, ".2f"))
+                  fmt(None if m.get("cache_bytes") is None else m["cache_bytes"] / 2**30, ".2f"),
+                  fmt(m.get("max_batch"), "d"))
     console.print(t)
 
 
