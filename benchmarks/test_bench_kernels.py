@@ -24,6 +24,7 @@ from kvbench.suites.kernels import _spec, _step_bytes, build_copies
 from kvbench.suites.memory import Q_TAIL
 from kvbench.timing import bench, copy_bandwidth, floor_us
 
+pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (a kvbench dependency)")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SHAPE = "llama-3.1-8b"

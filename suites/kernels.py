@@ -254,7 +254,8 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
                    prefill_max_tokens=p_max, l2=l2, spread=spread, layer=layer_idx, device=str(dev), dtype=str(dt),
                    q_tail=q_tail, seed=seed, quick=quick, methods=[m.label() for m in ordered],
                    warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
-    result = run_sweep(SUITE, cells, with_telemetry(runner), writer, description="kernels", rerun=rerun,
+    # sample NVML every 100 ms here (50 ms elsewhere): the sampler thread must not disturb the timed launches
+    result = run_sweep(SUITE, cells, with_telemetry(runner, interval_s=0.1), writer, description="kernels", rerun=rerun,
                        show_progress=show_progress)
     write_run_provenance(out, SUITE, options, copy_bandwidth={k: v for k, v in bw.items() if k != "copy_timing"},
                          matmul=mm or None)
