@@ -101,10 +101,11 @@ def dequant2(packed: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
 
 def centre_stats(k: torch.Tensor, centre: str) -> torch.Tensor:
     """Per-channel centre of the prompt's keys: k [B, Hkv, T, D] -> mu [B, Hkv, D] float32 (lower median or mean)."""
-    kf = k.float()
     if centre == "mean":
-        return kf.mean(2)
-    return kf.median(dim=2).values
+        return k.float().mean(2)
+    # the median of bf16/fp16 values is one of them: take it in the input dtype, over a contiguous last dim, which is
+    # 5x faster on the GPU than over the strided token dim in float32 (measured on an H100, 32K tokens)
+    return k.transpose(2, 3).contiguous().median(dim=-1).values.float()
 
 
 def pack_ref(k: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, inv_chmax: torch.Tensor | None):
@@ -224,6 +225,9 @@ class Workspace:
 
     @classmethod
     def get(cls, device) -> "Workspace":
+        device = torch.device(device)
+        if device.index is None:
+            device = torch.device(device.type, torch.cuda.current_device())
         if device not in cls._per_device:
             cls._per_device[device] = cls(device)
         return cls._per_device[device]
@@ -233,8 +237,9 @@ class Workspace:
             self.hist = torch.zeros(bh * NBINS, dtype=torch.int32, device=self.device)
             self.ctr = torch.zeros(bh * N_COUNTERS, dtype=torch.int32, device=self.device)
             self.bh = bh
-        if self.bins is None or self.bins.numel() < bh * cap:
-            self.bins = torch.empty(bh * cap, dtype=torch.int16, device=self.device)
+        stride = -(-cap // 8) * 8  # rows start 16-byte aligned: the select kernel reads 8 bins at a time
+        if self.bins is None or self.bins.numel() < bh * stride:
+            self.bins = torch.empty(bh * stride, dtype=torch.int16, device=self.device)
         return self.bins, self.hist, self.ctr
 
     def partials(self, rows: int, head_dim: int):
@@ -249,12 +254,8 @@ def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def score_blocks(n: int, bh: int, device) -> int:
-    """Blocks per (b, h) for the score pass: >= 1024 tokens each, about four blocks per SM in all."""
-    return max(1, min(-(-n // 1024), -(-4 * sm_count(device) // bh)))
-
-
 def attend_split(n: int, bh: int, device) -> int:
-    """Tokens per attention block (a multiple of the 32-token tile): about two blocks per SM in all."""
-    per_bh = max(1, min(-(-n // 32), -(-2 * sm_count(device) // bh)))
+    """Tokens per attention block, a multiple of the 32-token tile: at most 256 (a block walks its tiles one after
+    another, so long lists need many blocks), and at least two blocks per SM in all when there is enough work."""
+    per_bh = max(1, min(-(-n // 32), max(-(-2 * sm_count(device) // bh), -(-n // 256))))
     return 32 * -(-(-(-n // per_bh)) // 32)

@@ -62,6 +62,7 @@ def valid_topk(selected, bins_ref, K, slack=1):
     """selected [K] positions are a top-K of bins_ref up to `slack` bins (LUT rounding ties may flip one bin)."""
     sel = selected.tolist()
     assert len(sel) == K and len(set(sel)) == K
+    bins_ref = torch.where(bins_ref == ops.EXCLUDED, torch.full_like(bins_ref, -1), bins_ref)
     kth = bins_ref.float().topk(K).values[-1].item()
     got = bins_ref[selected.long()]
     assert got.min().item() >= kth - slack

@@ -8,6 +8,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "selfindex.h"
 
 namespace si {
@@ -271,32 +273,42 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   const int t0 = p.lo + blockIdx.x * p.chunk;
   const int t1 = min(p.hi, t0 + p.chunk);
   const uint8_t* signs = p.signs + static_cast<int64_t>(bh) * p.cap * (D / 8);
-  uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.cap;
+  uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
   const uint8_t* excl = p.excl ? p.excl + static_cast<int64_t>(bh) * p.excl_stride : nullptr;
-  for (int t = t0 + tid; t < t1; t += blockDim.x) {
-    if (excl && ((excl[t >> 3] >> (t & 7)) & 1)) {
-      bins[t] = static_cast<uint16_t>(kExcluded);
-      continue;
+  constexpr int U = 4;  // tokens in flight per thread: loads issued before any is used
+  using Word = typename std::conditional<D == 128, uint4, uint2>::type;
+  for (int t = t0 + tid; t < t1; t += U * blockDim.x) {
+    Word w[U];
+    bool live[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int tt = t + u * blockDim.x;
+      live[u] = tt < t1 && !(excl && ((excl[tt >> 3] >> (tt & 7)) & 1));
+      if (live[u]) w[u] = reinterpret_cast<const Word*>(signs)[tt];
     }
-    int score = 0;
-    if constexpr (D == 128) {
-      const uint4 w = reinterpret_cast<const uint4*>(signs)[t];
-      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-      for (int wi = 0; wi < 4; ++wi)
+    for (int u = 0; u < U; ++u) {
+      const int tt = t + u * blockDim.x;
+      if (tt >= t1) break;
+      if (!live[u]) {
+        bins[tt] = static_cast<uint16_t>(kExcluded);
+        continue;
+      }
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(&w[u]);
+      int score = 0;
+      if (p.ablate & 4) {
 #pragma unroll
-        for (int n = 0; n < 8; ++n) score += s_lut8[(wi * 8 + n) * 16 + ((words[wi] >> (4 * n)) & 15)];
-    } else {
-      const uint2 w = reinterpret_cast<const uint2*>(signs)[t];
-      const uint32_t words[2] = {w.x, w.y};
+        for (int wi = 0; wi < D / 32; ++wi) score += __popc(words[wi]);
+      } else {
 #pragma unroll
-      for (int wi = 0; wi < 2; ++wi)
+        for (int wi = 0; wi < D / 32; ++wi)
 #pragma unroll
-        for (int n = 0; n < 8; ++n) score += s_lut8[(wi * 8 + n) * 16 + ((words[wi] >> (4 * n)) & 15)];
+          for (int n = 0; n < 8; ++n) score += s_lut8[(wi * 8 + n) * 16 + ((words[wi] >> (4 * n)) & 15)];
+      }
+      const int bin = bin_of<D>(score);
+      if (!(p.ablate & 2)) bins[tt] = static_cast<uint16_t>(bin);
+      if (!(p.ablate & 1)) atomicAdd(&s_hist[bin], 1);
     }
-    const int bin = bin_of<D>(score);
-    bins[t] = static_cast<uint16_t>(bin);
-    atomicAdd(&s_hist[bin], 1);
   }
   __syncthreads();
   int* ghist = p.hist + static_cast<int64_t>(bh) * kNBins;
@@ -356,66 +368,175 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   }
 }
 
-// select: tokens above the threshold bin all go in; ties in the threshold bin fill what is left, in any order
+// select: tokens above the threshold bin all go in; ties in the threshold bin fill what is left, in any order.
+// Each thread reads 8 bins (16 bytes) at a time; one ballot per token slot, one atomic per warp and slot kind.
 __global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
   const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
   const int lane = threadIdx.x & 31;
   int* ctr = p.ctr + bh * kCounters;
   const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
-  const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.cap;
+  const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
   int* out = p.idx + static_cast<int64_t>(bh) * p.kmax;
   const int t0 = p.lo + blockIdx.x * p.chunk;
   const int t1 = min(p.hi, t0 + p.chunk);
   const unsigned lt = (1u << lane) - 1;
-  for (int base = t0; base < t1; base += blockDim.x) {  // warp-uniform trip count for the ballots
-    const int t = base + threadIdx.x;
-    const int bin = t < t1 ? static_cast<int>(bins[t]) : kExcluded;
-    const bool gt = bin != kExcluded && bin > thr;
-    const bool eq = bin == thr;
-    const unsigned mgt = __ballot_sync(kFull, gt), meq = __ballot_sync(kFull, eq);
-    int base_gt = 0, base_eq = 0;
-    if (lane == 0) {
-      if (mgt) base_gt = atomicAdd(&ctr[4], __popc(mgt));
-      if (meq) base_eq = atomicAdd(&ctr[5], __popc(meq));
-    }
-    base_gt = __shfl_sync(kFull, base_gt, 0);
-    base_eq = __shfl_sync(kFull, base_eq, 0);
-    if (gt) out[base_gt + __popc(mgt & lt)] = t;
-    if (eq) {
-      const int e = base_eq + __popc(meq & lt);
-      if (e < need_eq) out[n_gt + e] = t;
+  for (int base = t0 & ~7; base < t1; base += 8 * blockDim.x) {  // warp-uniform trip count for the ballots
+    const int t = base + 8 * threadIdx.x;
+    uint4 raw = make_uint4(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu);  // all kExcluded
+    if (t < t1) raw = *reinterpret_cast<const uint4*>(bins + t);
+    const uint16_t* v = reinterpret_cast<const uint16_t*>(&raw);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int tt = t + u;
+      const int bin = (tt >= t0 && tt < t1) ? static_cast<int>(v[u]) : kExcluded;
+      const bool gt = bin != kExcluded && bin > thr;
+      const bool eq = bin == thr;
+      const unsigned mgt = __ballot_sync(kFull, gt), meq = __ballot_sync(kFull, eq);
+      if (!(mgt | meq)) continue;
+      int base_gt = 0, base_eq = 0;
+      if (lane == 0) {
+        if (mgt) base_gt = atomicAdd(&ctr[4], __popc(mgt));
+        if (meq) base_eq = atomicAdd(&ctr[5], __popc(meq));
+      }
+      base_gt = __shfl_sync(kFull, base_gt, 0);
+      base_eq = __shfl_sync(kFull, base_eq, 0);
+      if (gt) out[base_gt + __popc(mgt & lt)] = tt;
+      if (eq) {
+        const int e = base_eq + __popc(meq & lt);
+        if (e < need_eq) out[n_gt + e] = tt;
+      }
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// sparse decode attention: 4 warps; tiles of 32 tokens staged (dequantized) in shared memory as float; warp w
-// scores the tile for query heads w, w+4, ... (lane = token) and accumulates P.V (lane = channels lane + 32 i)
+// sparse decode attention: 4 warps. Tiles of 32 tokens are staged in shared memory as float: warp w stages channels
+// [w D/4, (w+1) D/4) of every token (lane = token: conflict-free rows), dequantizing 2+1 tokens on the way, while the
+// next tile's raw bytes are already in flight in registers. Then warp w scores the tile for query heads w, w+4, ...
+// (lane = token) and accumulates P.V (lane = channels lane + 32 i) with an online softmax.
 
 constexpr int kAttWarps = 4;
 constexpr int kTile = 32;
 constexpr int kMaxHeadsPerWarp = 4;  // GQA groups up to 16 query heads per KV head
 
+// What one thread stages for one token: a quarter of its key and value, raw.
+template <int D>
+struct Raw {
+  static constexpr int Q4 = D / 4;
+  uint4 k[Q4 / 8], v[Q4 / 8];  // full-precision rows (8 fp16/bf16 each)
+  uint32_t sg;                 // Q4 sign bits
+  uint2 km, vq;                // Q4 2-bit codes each (Q4 / 4 bytes)
+  __half2 ksz, vsz;            // (scale, zero) of the 32-channel group
+  int flag;                    // 0 masked, 1 plain key, 2 centred 2+1 key
+};
+
+template <typename T, int D, bool QUANT>
+__device__ __forceinline__ void fetch(Raw<D>& r, const AttendParams& p, int bh, int j, int j_end, int c_lo) {
+  constexpr int Q4 = D / 4;
+  r.flag = 0;
+  if (j >= j_end) return;
+  const uint4* ks;
+  const uint4* vs;
+  if (j < p.F) {
+    const int64_t slot = static_cast<int64_t>(bh) * p.F + j;
+    if (p.fpos[slot] < 0) return;
+    ks = reinterpret_cast<const uint4*>(static_cast<const T*>(p.fk) + slot * D + c_lo);
+    vs = reinterpret_cast<const uint4*>(static_cast<const T*>(p.fv) + slot * D + c_lo);
+  } else {
+    const int64_t tok = static_cast<int64_t>(bh) * p.cap + p.idx[static_cast<int64_t>(bh) * p.kmax + (j - p.F)];
+    if (QUANT) {
+      r.flag = 2;
+      const int grp = c_lo / 32;
+      r.ksz = static_cast<const __half2*>(p.kscale)[tok * (D / 32) + grp];
+      r.vsz = static_cast<const __half2*>(p.vscale)[tok * (D / 32) + grp];
+      const uint8_t* sg = p.signs + tok * (D / 8) + c_lo / 8;
+      const uint8_t* km = p.kmag + tok * (D / 4) + c_lo / 4;
+      const uint8_t* vq = p.vq + tok * (D / 4) + c_lo / 4;
+      if (Q4 == 32) {
+        r.sg = *reinterpret_cast<const uint32_t*>(sg);
+        r.km = *reinterpret_cast<const uint2*>(km);
+        r.vq = *reinterpret_cast<const uint2*>(vq);
+      } else {
+        r.sg = *reinterpret_cast<const uint16_t*>(sg);
+        r.km = make_uint2(*reinterpret_cast<const uint32_t*>(km), 0u);
+        r.vq = make_uint2(*reinterpret_cast<const uint32_t*>(vq), 0u);
+      }
+      return;
+    }
+    ks = reinterpret_cast<const uint4*>(static_cast<const T*>(p.kfull) + tok * D + c_lo);
+    vs = reinterpret_cast<const uint4*>(static_cast<const T*>(p.vfull) + tok * D + c_lo);
+  }
+  r.flag = 1;
+#pragma unroll
+  for (int i = 0; i < Q4 / 8; ++i) {
+    r.k[i] = ks[i];
+    r.v[i] = vs[i];
+  }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void stage(const Raw<D>& r, float* kr, float* vr, const float* chm) {
+  constexpr int Q4 = D / 4;
+  if (r.flag == 1) {
+#pragma unroll
+    for (int i = 0; i < Q4 / 8; ++i) {
+      const T* ke = reinterpret_cast<const T*>(&r.k[i]);
+      const T* ve = reinterpret_cast<const T*>(&r.v[i]);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        kr[8 * i + e] = Vec<T>::to(ke[e]);
+        vr[8 * i + e] = Vec<T>::to(ve[e]);
+      }
+    }
+  } else if (r.flag == 2) {
+    const float ks = __low2float(r.ksz), kz = __high2float(r.ksz);
+    const float vs = __low2float(r.vsz), vz = __high2float(r.vsz);
+    const uint32_t km[2] = {r.km.x, r.km.y}, vq[2] = {r.vq.x, r.vq.y};
+#pragma unroll
+    for (int c = 0; c < Q4; ++c) {
+      const float code_k = static_cast<float>((km[c / 16] >> (2 * (c % 16))) & 3);
+      const float code_v = static_cast<float>((vq[c / 16] >> (2 * (c % 16))) & 3);
+      const float mag = (kz + ks * code_k) * chm[c];
+      kr[c] = ((r.sg >> c) & 1) ? mag : -mag;
+      vr[c] = vz + vs * code_v;
+    }
+  } else {  // a masked row still enters P.V with weight 0: it must not hold NaN garbage
+#pragma unroll
+    for (int c = 0; c < Q4; ++c) {
+      kr[c] = 0.f;
+      vr[c] = 0.f;
+    }
+  }
+}
+
 template <typename T, int D, bool QUANT>
 __global__ void __launch_bounds__(kAttWarps * 32) attend_kernel(AttendParams p) {
-  constexpr int C = D / 32;       // channels per lane in P.V
-  constexpr int Q4 = D / 4;       // channels per staging thread (a quarter of the head)
+  constexpr int C = D / 32;  // channels per lane in P.V
+  constexpr int Q4 = D / 4;  // channels a warp stages
   extern __shared__ float smem[];
   float* s_q = smem;                              // [group][D], pre-scaled
   float* s_k = s_q + p.group * D;                 // [kTile][D + 1]
   float* s_v = s_k + kTile * (D + 1);             // [kTile][D]
-  float* s_bias = s_v + kTile * D;                // [group]
-  int* s_flag = reinterpret_cast<int*>(s_bias + 16);  // [kTile]: 0 masked, 1 plain key, 2 centred key (+bias)
+  float* s_chm = s_v + kTile * D;                 // [D]
+  float* s_bias = s_chm + D;                      // [16]
+  int* s_flag = reinterpret_cast<int*>(s_bias + 16);  // [kTile]
   __shared__ int s_last;
   const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, bh = b * p.H + h;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_total = p.F + p.k;
+  const int j_begin = split * p.split;
+  const int j_end = min(n_total, j_begin + p.split);
+  const int c_lo = warp * Q4;  // staging: this warp's channels; lane = token of the tile
 
+  Raw<D> next;
+  fetch<T, D, QUANT>(next, p, bh, j_begin + lane, j_end, c_lo);  // first tile's bytes in flight during the setup
   for (int i = tid; i < p.group * D; i += blockDim.x) {
     const int hh = i / D, d = i % D;
     const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h * p.group + hh) * p.q_sh + d;
     s_q[i] = Vec<T>::to(*q) * p.scale;
   }
+  if (QUANT)
+    for (int d = tid; d < D; d += blockDim.x) s_chm[d] = p.chmax[bh * D + d];
   __syncthreads();
   if (QUANT) {  // q . mu per head: the centred 2+1 keys lack it
     for (int hh = warp; hh < p.group; hh += kAttWarps) {
@@ -436,81 +557,11 @@ __global__ void __launch_bounds__(kAttWarps * 32) attend_kernel(AttendParams p) 
     for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
   }
 
-  const int j_begin = split * p.split;
-  const int j_end = min(n_total, j_begin + p.split);
-  const int ti = tid >> 2, quarter = tid & 3, c_lo = quarter * Q4;
   for (int tile = j_begin; tile < j_end; tile += kTile) {
-    // ---- stage 32 tokens: thread (ti, quarter) writes channels [c_lo, c_lo + Q4) of token ti
-    {
-      const int j = tile + ti;
-      float* kr = s_k + ti * (D + 1) + c_lo;
-      float* vr = s_v + ti * D + c_lo;
-      int flag = 0;
-      if (j < j_end && j < p.F) {
-        const int64_t slot = static_cast<int64_t>(bh) * p.F + j;
-        if (p.fpos[slot] >= 0) {
-          flag = 1;
-          const T* ks = static_cast<const T*>(p.fk) + slot * D + c_lo;
-          const T* vs = static_cast<const T*>(p.fv) + slot * D + c_lo;
-#pragma unroll
-          for (int c = 0; c < Q4; c += 4) {
-            float a[4], bb[4];
-            load4(ks + c, a);
-            load4(vs + c, bb);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              kr[c + e] = a[e];
-              vr[c + e] = bb[e];
-            }
-          }
-        }
-      } else if (j < j_end) {
-        const int64_t tok = static_cast<int64_t>(bh) * p.cap + p.idx[static_cast<int64_t>(bh) * p.kmax + (j - p.F)];
-        if (QUANT) {
-          flag = 2;
-          // this thread's Q4 channels lie in one 32-channel group; sign bits Q4/8 bytes, codes Q4/4 bytes
-          const int grp = c_lo / 32;
-          const __half2 ksz = static_cast<const __half2*>(p.kscale)[tok * (D / 32) + grp];
-          const __half2 vsz = static_cast<const __half2*>(p.vscale)[tok * (D / 32) + grp];
-          const float ks_ = __low2float(ksz), kz = __high2float(ksz);
-          const float vs_ = __low2float(vsz), vz = __high2float(vsz);
-          const uint8_t* sg = p.signs + tok * (D / 8) + c_lo / 8;
-          const uint8_t* km = p.kmag + tok * (D / 4) + c_lo / 4;
-          const uint8_t* vq = p.vq + tok * (D / 4) + c_lo / 4;
-          const float* chm = p.chmax + bh * D + c_lo;
-#pragma unroll
-          for (int c = 0; c < Q4; c += 8) {
-            const uint32_t sbits = sg[c / 8];
-            const uint32_t kcodes = reinterpret_cast<const uint16_t*>(km)[c / 8];
-            const uint32_t vcodes = reinterpret_cast<const uint16_t*>(vq)[c / 8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-              const float mag = (kz + ks_ * static_cast<float>((kcodes >> (2 * e)) & 3)) * chm[c + e];
-              kr[c + e] = ((sbits >> e) & 1) ? mag : -mag;
-              vr[c + e] = vz + vs_ * static_cast<float>((vcodes >> (2 * e)) & 3);
-            }
-          }
-        } else {
-          flag = 1;
-          const T* ks = static_cast<const T*>(p.kfull) + tok * D + c_lo;
-          const T* vs = static_cast<const T*>(p.vfull) + tok * D + c_lo;
-#pragma unroll
-          for (int c = 0; c < Q4; c += 4) {
-            float a[4], bb[4];
-            load4(ks + c, a);
-            load4(vs + c, bb);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              kr[c + e] = a[e];
-              vr[c + e] = bb[e];
-            }
-          }
-        }
-      }
-      if (quarter == 0) s_flag[ti] = flag;
-    }
+    stage<T, D>(next, s_k + lane * (D + 1) + c_lo, s_v + lane * D + c_lo, s_chm + c_lo);
+    if (warp == 0) s_flag[lane] = next.flag;
+    if (tile + kTile < j_end) fetch<T, D, QUANT>(next, p, bh, tile + kTile + lane, j_end, c_lo);
     __syncthreads();
-    // ---- scores and online softmax, one warp per query head (lane = token)
 #pragma unroll
     for (int r = 0; r < kMaxHeadsPerWarp; ++r) {
       const int hh = warp + r * kAttWarps;
@@ -633,12 +684,27 @@ template <typename T, int D> struct AppendLaunch {
 };
 
 template <typename T, int D> struct SelectLaunch {
-  static cudaError_t run(const SelectParams& p, int nblocks, cudaStream_t s) {
+  static cudaError_t run(SelectParams p, int nblocks, cudaStream_t s) {
     if (p.k <= 0 || p.hi <= p.lo) return cudaSuccess;
+    if (nblocks <= 0) {  // one full wave: a partial second wave would cost up to a whole block's time
+      static int resident = 0, sms = 0;
+      if (!resident) {
+        int dev = 0;
+        cudaGetDevice(&dev);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, score_kernel<T, D>, kSelThreads, 0);
+        resident = resident > 0 ? resident : 1;
+      }
+      const int n = p.hi - p.lo, bh = p.B * p.H;
+      nblocks = max(1, min((resident * sms) / bh, (n + 1023) / 1024));
+    }
+    p.chunk = (p.hi - p.lo + nblocks - 1) / nblocks;
+    p.chunk = (p.chunk + 7) & ~7;  // select reads bins 8 at a time
+    nblocks = (p.hi - p.lo + p.chunk - 1) / p.chunk;
     const dim3 grid(nblocks, p.H, p.B);
     score_kernel<T, D><<<grid, kSelThreads, 0, s>>>(p);
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess) return e;
+    if (e != cudaSuccess || (p.ablate & 8)) return e;
     select_kernel<<<grid, kSelThreads, 0, s>>>(p);
     return cudaGetLastError();
   }
@@ -646,7 +712,7 @@ template <typename T, int D> struct SelectLaunch {
 
 template <typename T, int D> struct AttendLaunch {
   static cudaError_t run(const AttendParams& p, bool quantized, cudaStream_t s) {
-    const size_t smem = sizeof(float) * (p.group * D + kTile * (D + 1) + kTile * D + 16) + sizeof(int) * kTile;
+    const size_t smem = sizeof(float) * (p.group * D + kTile * (D + 1) + kTile * D + D + 16) + sizeof(int) * kTile;
     const dim3 grid(p.nsplit, p.H, p.B);
     auto kern = quantized ? attend_kernel<T, D, true> : attend_kernel<T, D, false>;
     if (smem > 48 * 1024) {

@@ -48,10 +48,12 @@ struct SelectParams {
   const uint8_t* signs;                         // [B, H, cap, D/8]
   const uint8_t* excl; int excl_stride;         // [B, H, excl_stride] bitmap of excluded positions, or null
   int B, H, group, cap, lo, hi, k, chunk;       // chunk: tokens per block
-  uint16_t* bins;                               // workspace [B, H, cap]
+  uint16_t* bins; int bstride;                  // workspace [B, H, bstride], bstride >= cap, a multiple of 8
   int* hist;                                    // workspace [B, H, kNBins], zero between calls
   int* ctr;                                     // workspace [B, H, kCounters], zero between calls
   int* idx; int kmax;                           // out [B, H, kmax]: positions of the selected tokens
+  int ablate;                                   // benchmarking only: bit 0 no histogram, 1 no bins store,
+                                                // 2 no LUT lookups, 3 score kernel only
 };
 
 // Split-KV decode attention of all query heads of a KV head over the full-precision set (slots with fpos >= 0) and
@@ -73,6 +75,7 @@ struct AttendParams {
 
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);
 cudaError_t append(const AppendParams& p, DType dt, int head_dim, cudaStream_t stream);
+// nblocks <= 0: one full wave of score blocks, as many as fit on the GPU at once, split over the (b, h) pairs
 cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblocks, cudaStream_t stream);
 cudaError_t attend(const AttendParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream);
 

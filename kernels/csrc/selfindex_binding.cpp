@@ -113,13 +113,14 @@ void append(Tensor k1, Tensor v1, Tensor mu, Opt inv_chmax, Tensor signs, Opt km
 
 // q [B, Hq, D]: scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
 void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor bins,
-                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks) {
+                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks, int64_t ablate) {
   check_rows(q, "q", 3);
   check(cb, "cb", at::kFloat, 5);
   check(signs, "signs", at::kByte, 4);
   const int64_t B = signs.size(0), H = signs.size(1), cap = signs.size(2), D = q.size(2);
   TORCH_CHECK(q.size(0) == B && q.size(1) % H == 0, "q must be [B, Hq, D] with Hq a multiple of the KV heads");
-  TORCH_CHECK(bins.scalar_type() == at::kShort && bins.numel() >= B * H * cap, "bins workspace too small");
+  const int64_t bstride = (cap + 7) / 8 * 8;
+  TORCH_CHECK(bins.scalar_type() == at::kShort && bins.numel() >= B * H * bstride, "bins workspace too small");
   TORCH_CHECK(hist.scalar_type() == at::kInt && hist.numel() >= B * H * si::kNBins, "hist workspace too small");
   TORCH_CHECK(ctr.scalar_type() == at::kInt && ctr.numel() >= B * H * si::kCounters, "counter workspace too small");
   check(idx, "idx", at::kInt, 3);
@@ -129,9 +130,8 @@ void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64
   p.cb = cb.data_ptr<float>(); p.signs = signs.data_ptr<uint8_t>();
   p.excl = excl ? excl->data_ptr<uint8_t>() : nullptr; p.excl_stride = excl ? excl->size(2) : 0;
   p.B = B; p.H = H; p.group = q.size(1) / H; p.cap = cap; p.lo = lo; p.hi = hi; p.k = k;
-  p.chunk = static_cast<int>((hi - lo + nblocks - 1) / nblocks);
-  p.bins = reinterpret_cast<uint16_t*>(bins.data_ptr()); p.hist = hist.data_ptr<int>(); p.ctr = ctr.data_ptr<int>();
-  p.idx = idx.data_ptr<int>(); p.kmax = idx.size(2);
+  p.bins = reinterpret_cast<uint16_t*>(bins.data_ptr()); p.bstride = static_cast<int>(bstride); p.hist = hist.data_ptr<int>(); p.ctr = ctr.data_ptr<int>();
+  p.idx = idx.data_ptr<int>(); p.kmax = idx.size(2); p.ablate = static_cast<int>(ablate);
   ok(si::score_select(p, dtype_of(q), D, static_cast<int>(nblocks), at::cuda::getCurrentCUDAStream()), "score_select");
 }
 

@@ -1,0 +1,124 @@
+"""Development timing of the self-indexing decode step against dense FlashAttention decode, one layer at
+Llama-3.1-8B's attention shape (bf16). The published numbers come from `kvbench run kernels`; this script is for
+iterating on the kernels: it prints one line per cell with per-stage medians, the floor and the speed-up.
+
+    python benchmarks/selfindex_dev.py --contexts 32768,131072 --batches 1,8
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+from kvbench import LayerSpec, parse_method
+from kvbench.timing import bench, copy_bandwidth
+
+L2 = 50 * 2**20
+
+
+def graph_us(make_fns, name, per_copy_bytes):
+    """Median per call of fns[name] captured in one CUDA graph that cycles through enough copies to defeat L2."""
+    n = max(1, min(8, -(-3 * L2 // max(per_copy_bytes, 1))))
+    fns = [make_fns(i)[name] for i in range(n)]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return bench(g.replay).median_us / n
+
+
+def prefill_breakdown(dev):
+    """Where the index-building time goes at 32K tokens, next to dense prefill attention."""
+    from kvbench import attention
+    from kvbench.kernels import selfindex as ops
+
+    for B in (1, 4):
+        T, H, D = 32768, 8, 128
+        k = (torch.randn(B, H, T, D, device=dev) + torch.randn(D, device=dev)).bfloat16()
+        v = torch.randn(B, H, T, D, device=dev).bfloat16()
+        q = torch.randn(B, 32, T, D, device=dev).bfloat16()
+        spec = LayerSpec(15, 32, 32, 8, 128, torch.bfloat16, dev)
+        t = {}
+        t["dense_prefill_attention"] = bench(lambda: attention.dense_attention(q, k, v, causal=True), rep_ms=300).median_us
+        t["median_float_dim2"] = bench(lambda: k.float().median(dim=2)).median_us
+        t["median_bf16_transposed"] = bench(lambda: k.transpose(2, 3).contiguous().median(dim=-1)).median_us
+        t["kthvalue_bf16_transposed"] = bench(lambda: k.transpose(2, 3).contiguous().kthvalue((T + 1) // 2, dim=-1)).median_us
+        t["mean"] = bench(lambda: k.float().mean(2)).median_us
+        mu = ops.centre_stats(k, "median")
+        t["chmax"] = bench(lambda: (k.float() - mu[:, :, None]).abs().amax(2)).median_us
+        t["minmax"] = bench(lambda: torch.aminmax(k, dim=2)).median_us
+        for m in ("full", "selfindex", "selfindex:centre=mean", "selfindex:setting=16+1"):
+            t[f"prefill[{m}]"] = bench(lambda: parse_method(m).make_layer(spec).prefill(q, k, v), rep_ms=300).median_us
+        print(f"B={B} T={T}: " + ", ".join(f"{k_}={v_ / 1e3:.2f}ms" for k_, v_ in t.items()), flush=True)
+        del k, v, q
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="4096,32768,131072")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--methods", default="selfindex:budget=160;selfindex:budget=0.075;selfindex:setting=16+1,budget=160")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--prefill", action="store_true")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_bandwidth(device=dev)["copy_gbs"]
+    print(f"copy bandwidth {bw:.0f} GB/s on {torch.cuda.get_device_name()}")
+    rows = []
+    for T in map(int, a.contexts.split(",")):
+        for B in map(int, a.batches.split(",")):
+            spec = LayerSpec(15, 32, 32, 8, 128, torch.bfloat16, dev)
+            g = torch.Generator(device=dev).manual_seed(0)
+            k = (torch.randn(B, 8, T, 128, device=dev, generator=g) + torch.randn(128, device=dev, generator=g)).bfloat16()
+            v = torch.randn(B, 8, T, 128, device=dev, generator=g).bfloat16()
+            q = torch.randn(B, 32, 1, 128, device=dev, generator=g).bfloat16()
+            full = parse_method("full").make_layer(spec)
+            full.prefill(q, k, v)
+            fb = full.decode_bytes()
+            fulls = [full] + [parse_method("full").make_layer(spec) for _ in range(max(0, min(7, -(-3 * L2 // fb) - 1)))]
+            for f in fulls[1:]:
+                f.prefill(q, k, v)
+            t_full_eager = bench(full.decode_fns(q)["attention"]).median_us
+            t_full = graph_us(lambda i: fulls[i].decode_fns(q), "attention", fb)
+            del full, fulls
+            for ms in a.methods.split(";"):
+                lay = parse_method(ms).make_layer(spec)
+                torch.cuda.synchronize()
+                t0 = torch.cuda.Event(enable_timing=True); t1 = torch.cuda.Event(enable_timing=True)
+                t0.record(); lay.prefill(q, k, v); t1.record(); torch.cuda.synchronize()
+                fns = lay.decode_fns(q)
+                eager = bench(fns["attention"]).median_us
+                nb = lay.decode_bytes()
+                copies = [lay]
+                for _ in range(max(0, min(7, -(-3 * L2 // nb) - 1))):
+                    c = parse_method(ms).make_layer(spec)
+                    c.prefill(q, k, v)
+                    copies.append(c)
+                st = {name: graph_us(lambda i: copies[i].decode_fns(q), name, nb) for name in fns}
+                row = dict(method=ms, T=T, B=B, full_us=t_full, full_floor_us=fb / bw / 1e3, floor_us=nb / bw / 1e3,
+                           speedup=t_full / st["attention"], prefill_ms=t0.elapsed_time(t1), **{f"{k}_us": v for k, v in st.items()},
+                           bytes_per_token=lay.nbytes() / (B * 8 * T))
+                row["eager_us"], row["full_eager_us"] = eager, t_full_eager
+                rows.append(row)
+                print(f"{ms:38s} T={T:6d} B={B:2d} graph: attn {st['attention']:7.1f}us (score+sel {st['score_select']:6.1f}, attend {st['attend']:6.1f}) "
+                      f"floor {row['floor_us']:6.1f} | full {t_full:7.1f} (floor {row['full_floor_us']:7.1f}) x{row['speedup']:5.1f} | eager {eager:6.1f} vs {t_full_eager:7.1f} | prefill+index {row['prefill_ms']:.1f}ms", flush=True)
+                del lay, copies
+            del k, v
+            torch.cuda.empty_cache()
+    if a.prefill:
+        prefill_breakdown(dev)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
