@@ -34,7 +34,7 @@ class Kivi(Method):
         Tokens per key quantization group and channels per value group; a power of two dividing the head dim.
     residual : int, default 128
         Recent tokens kept in full precision; a multiple of `group`.
-    backend : str, default "auto"
+    impl : str, default "auto"
         Decode attention: "triton" (the packed-data kernel), "torch" (the reference: dequantize, then dense
         attention) or "auto" (triton on CUDA, torch elsewhere).
     """
@@ -43,8 +43,8 @@ class Kivi(Method):
     bits: int = param(2, "bits per quantized key/value element", choices=(2, 4))
     group: int = param(32, "tokens per key group and channels per value group", valid="a power of two >= 1")
     residual: int = param(128, "recent tokens kept in full precision", valid="a positive multiple of group")
-    backend: str = param("auto", "decode attention: triton kernel, torch reference, or auto (triton on CUDA)",
-                         choices=("auto", "triton", "torch"))
+    impl: str = param("auto", "decode attention: triton kernel, torch reference, or auto (triton on CUDA)",
+                       choices=("auto", "triton", "torch"))
 
     def validate(self) -> None:
         if self.group < 1 or self.group & (self.group - 1):
@@ -70,23 +70,23 @@ class KiviLayer(LayerCache):
     def _use_triton(self, device: torch.device) -> bool:
         m = self.method
         on_cuda = torch.device(device).type == "cuda"
-        if m.backend == "torch" or (m.backend == "auto" and not on_cuda):
+        if m.impl == "torch" or (m.impl == "auto" and not on_cuda):
             return False
         try:
             from kvbench.kernels import kivi as kernel
         except ImportError as e:
-            if m.backend == "triton":
-                raise KVBenchError(f"kivi:backend=triton needs the triton package ({e}); pip install triton, or use "
-                                   "backend=torch") from None
+            if m.impl == "triton":
+                raise KVBenchError(f"kivi:impl=triton needs the triton package ({e}); pip install triton, or use "
+                                   "impl=torch") from None
             return False
         if not kernel.supported(self.spec.head_dim, m.bits, m.group, m.residual):
-            if m.backend == "triton":
+            if m.impl == "triton":
                 raise KVBenchError(f"kivi's Triton kernel needs a power-of-two head dim >= 16 and group <= 128 "
-                                   f"(got head dim {self.spec.head_dim}, group {m.group}); use backend=torch")
+                                   f"(got head dim {self.spec.head_dim}, group {m.group}); use impl=torch")
             return False
         if not on_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise KVBenchError("kivi:backend=triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
-                               "use backend=torch or auto")
+            raise KVBenchError("kivi:impl=triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
+                               "use impl=torch or auto")
         return True
 
     def prefill(self, q, k, v):

@@ -186,7 +186,7 @@ def test_four_bits_are_closer_to_exact_attention_than_two():
 
 def test_bad_parameters_fail_on_construction():
     for spec, name in [("kivi:bits=3", "bits"), ("kivi:group=24", "group"), ("kivi:residual=100", "residual"),
-                       ("kivi:residual=0", "residual"), ("kivi:backend=cuda", "backend")]:
+                       ("kivi:residual=0", "residual"), ("kivi:impl=cuda", "impl")]:
         with pytest.raises(ParamError) as e:
             parse_method(spec)
         assert e.value.name == name
@@ -194,12 +194,12 @@ def test_bad_parameters_fail_on_construction():
         make("kivi:group=32", 4, 4, 48)
 
 
-def test_triton_backend_on_cpu_says_how_to_fix():
+def test_triton_impl_on_cpu_says_how_to_fix():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("the interpreter runs Triton on the CPU")
-    with pytest.raises(KVBenchError, match="backend=torch"):
-        make("kivi:backend=triton")
+    with pytest.raises(KVBenchError, match="impl=torch"):
+        make("kivi:impl=triton")
 
 
 # --- the Triton kernel in Triton's interpreter, on the CPU ---
@@ -228,7 +228,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
                     torch.testing.assert_close(out, want, atol=tol, rtol=tol)
                     worst = max(worst, (out.float() - want.float()).abs().max().item())
     # the method's decode path runs the kernel too
-    layer = parse_method("kivi:backend=triton,residual=32,group=16").make_layer(
+    layer = parse_method("kivi:impl=triton,residual=32,group=16").make_layer(
         LayerSpec(0, 1, 4, 2, 32, torch.float32, torch.device("cpu")))
     layer.prefill(torch.randn(1, 4, 70, 32), torch.randn(1, 2, 70, 32), torch.randn(1, 2, 70, 32))
     q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
@@ -295,7 +295,7 @@ def test_method_decodes_with_the_kernel_on_gpu(dtype):
     torch.manual_seed(4)
     B, Hq, H, D = 2, 32, 8, 128
     layer = make("kivi", Hq, H, D, dtype, "cuda")
-    reference = make("kivi:backend=torch", Hq, H, D, dtype, "cuda")
+    reference = make("kivi:impl=torch", Hq, H, D, dtype, "cuda")
     k, v = rand_kv(B, H, 700, D, dtype, "cuda")
     q = torch.randn(B, Hq, 700, D, device="cuda", dtype=dtype)
     layer.prefill(q, k, v), reference.prefill(q, k, v)
