@@ -1,6 +1,8 @@
 """streaming: which positions are kept and attended, outputs against a float64 reference, memory, and the method
 inside a transformers model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +89,12 @@ def test_generates_sensible_text_on_the_embedded_model(embedded):
     out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     assert all(c.k.shape[2] == 64 for c in cache.layer_caches()) and ids.shape[1] > 150
+
+
+def test_readme_shows_this_very_file():
+    """README's "Add a method" shows methods/streaming.py whole; keep them the same."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    source = (root / "methods" / "streaming.py").read_text()
+    assert "```python\n" + source + "```" in readme
+    assert f"in {len(source.splitlines())} lines" in readme
