@@ -78,16 +78,15 @@ def quantize_values(v: torch.Tensor, bits: int, group: int):
 
 def dequantize_keys(kq, ks, km, n: int, bits: int, group: int) -> torch.Tensor:
     """The first n packed keys as fp32 [B, H, n, D]."""
-    codes = unpack(kq[:, :, :n], bits).float()
-    return codes * ks[:, :, : n // group].repeat_interleave(group, 2).float() + \
-        km[:, :, : n // group].repeat_interleave(group, 2).float()
+    codes = unpack(kq[:, :, :n], bits).float().unflatten(2, (n // group, group))  # [B, H, n/G, G, D]
+    g = n // group
+    return (codes * ks[:, :, :g, None].float() + km[:, :, :g, None].float()).flatten(2, 3)
 
 
 def dequantize_values(vq, vs, vm, n: int, bits: int, group: int) -> torch.Tensor:
     """The first n packed values as fp32 [B, H, n, D]."""
-    codes = unpack(vq[:, :, :n], bits).float()
-    return codes * vs[:, :, :n].repeat_interleave(group, 3).float() + \
-        vm[:, :, :n].repeat_interleave(group, 3).float()
+    codes = unpack(vq[:, :, :n], bits).float().unflatten(3, (-1, group))  # [B, H, n, D/G, G]
+    return (codes * vs[:, :, :n, :, None].float() + vm[:, :, :n, :, None].float()).flatten(3, 4)
 
 
 def _capacity(cap: int, need: int, unit: int) -> int:
