@@ -48,6 +48,14 @@ SECTIONS = [  # id, title, the command that produces its records
     ("records", "All records", "any suite"),
 ]
 FIELD_TYPES = {"suite": str, "method": str, "cell": dict, "params": dict, "metrics": dict, "env": dict}
+NUMBER = (int, float)
+# the cell keys and metrics the charts group and plot by (records.py's docstring): a wrong type there is a problem
+CELL_TYPES = {"context": NUMBER, "batch": NUMBER, "depth": NUMBER, "seed": NUMBER, "task": str, "protocol": str,
+              "model": str, "shape": str, "mode": str}
+METRIC_TYPES = {**{k: NUMBER for k in (
+    "score", "ppl", "topk_recall", "attn_mass", "out_rel_err", "nbytes", "bytes_per_token", "allocated_bytes",
+    "peak_bytes", "nvml_used_bytes", "max_context", "max_batch", "time_us", "floor_us", "bandwidth_gbs",
+    "speedup_vs_full", "ttft_s", "decode_tok_s", "latency_ms", "batch")}, "stage_us": dict}
 E = html.escape
 
 
@@ -87,10 +95,18 @@ def collect(paths: Iterable[str | Path]) -> Inputs:
         wrong = [k for k, t in FIELD_TYPES.items() if k in r and r[k] is not None and not isinstance(r[k], t)]
         if r.get("suite") is None or r.get("method") is None:
             wrong += [k for k in ("suite", "method") if r.get(k) is None]
+        file, _, line = r["_source"].rpartition(":")
         if wrong:
-            file, _, line = r["_source"].rpartition(":")
             inp.problems.append(Problem(file, int(line), "malformed field(s): " + ", ".join(
                 f"{k} should be {FIELD_TYPES[k].__name__}, is {type(r.get(k)).__name__}" for k in wrong)))
+            continue
+        bad_values = [f"{part}.{k}" for part, types in (("cell", CELL_TYPES), ("metrics", METRIC_TYPES))
+                      for k, t in types.items() if (v := (r.get(part) or {}).get(k)) is not None
+                      and (not isinstance(v, t) or isinstance(v, bool))]
+        if bad_values:
+            inp.problems.append(Problem(file, int(line), "malformed value(s): " + ", ".join(
+                f"{k} = {json.dumps((r.get(k.split('.')[0]) or {}).get(k.split('.')[1]), default=str)[:60]}"
+                for k in bad_values)))
             continue
         for k in ("cell", "params", "metrics", "env"):
             if r.get(k) is None:
@@ -426,16 +442,22 @@ def render(inp: Inputs, title: str) -> str:
     acc, mem, ker, thr = (view.get(s, []) for s in ("accuracy", "memory", "kernels", "throughput"))
     colors = plots.palette([r["method"] for rs in view.values() for r in rs]
                            + [plots.family(r["method"], r.get("params")) for r in acc])
-    figs = {
-        "pareto": plots.pareto(acc, mem, colors),
-        "budget": plots.accuracy_vs_budget(acc, colors),
-        "needle": plots.needle_heatmap(acc),
-        "fidelity": plots.fidelity(acc, colors),
-        "kernels": plots.kernel_time(ker, colors, "decode"),
-        "prefill": plots.kernel_time(ker, colors, "prefill"),
-        "throughput": plots.throughput(thr, colors),
-        "memory": plots.memory_fit(mem, colors),
+    makers = {
+        "pareto": lambda: plots.pareto(acc, mem, colors),
+        "budget": lambda: plots.accuracy_vs_budget(acc, colors),
+        "needle": lambda: plots.needle_heatmap(acc),
+        "fidelity": lambda: plots.fidelity(acc, colors),
+        "kernels": lambda: plots.kernel_time(ker, colors, "decode"),
+        "prefill": lambda: plots.kernel_time(ker, colors, "prefill"),
+        "throughput": lambda: plots.throughput(thr, colors),
+        "memory": lambda: plots.memory_fit(mem, colors),
     }
+    figs, broken = {}, {}
+    for sid, make in makers.items():
+        try:
+            figs[sid] = make()
+        except Exception as e:  # noqa: BLE001 - records nobody foresaw must cost one chart, not the page
+            figs[sid], broken[sid] = None, f"{type(e).__name__}: {e}"
     section_suite = {"pareto": "accuracy", "budget": "accuracy", "needle": "accuracy", "fidelity": "accuracy",
                      "kernels": "kernels", "prefill": "kernels", "throughput": "throughput", "memory": "memory"}
     bodies = {
@@ -449,7 +471,10 @@ def render(inp: Inputs, title: str) -> str:
     fig_json = {}
     for sid, fig in figs.items():
         src = suites.get(section_suite[sid], [])
-        if fig is None:
+        if sid in broken:
+            bodies[sid] = (f"<p class='warn'>this chart could not be drawn from these records ({E(broken[sid])}); "
+                           "the records are listed under <a href='#records'>all records</a>.</p>")
+        elif fig is None:
             bodies[sid] = _none(sid)
         else:
             fig_json[f"chart-{sid}"] = fig.to_plotly_json()

@@ -53,7 +53,12 @@ def origin(r: dict) -> str:
 
 
 def model_of(r: dict) -> str:
-    return str(cell(r, "model") or cell(r, "shape") or "?")
+    """The model (or attention shape) a record measured, under one name whichever suite wrote it: the accuracy suite
+    says "embedded", the memory suite the shape "smollm2-135m"; "synthetic:llama-3.1-8b" has llama-3.1-8b's shape."""
+    from kvbench.models import EMBEDDED_NAMES
+
+    name = str(cell(r, "model") or cell(r, "shape") or "?").removeprefix("synthetic:")
+    return "smollm2-135m" if name in EMBEDDED_NAMES else name
 
 
 def ok(records: Iterable[dict]) -> list[dict]:
@@ -371,8 +376,7 @@ def fidelity(accuracy: list[dict], colors: dict[str, str]) -> go.Figure | None:
     fig.update_xaxes(title_text="layer", title_font_size=11)
     fig.update_yaxes(range=[-0.02, 1.05], row=1, col=1)
     fig.update_yaxes(range=[-0.02, 1.05], row=1, col=2)
-    fig.update_yaxes(type="log", row=1, col=3, **log_ticks(
-        (v for arrays in per["out_rel_err"].values() for a in arrays for v in a), False))
+    fig.update_yaxes(rangemode="tozero", row=1, col=3)  # linear: full's error is 0, which a log axis cannot show
     return _layout(fig, "Attention fidelity per layer (decode steps vs the full cache)", 420)
 
 
@@ -491,6 +495,11 @@ def memory_fit(memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
               ("bytes_per_token", "KV bytes per token (median)"))
     if not any(metric(r, k) is not None for r in ok(memory) for k, _ in panels):
         return None
+    budgets = {metric(r, "budget_bytes") for r in ok(memory) if metric(r, "max_context") is not None
+               or metric(r, "max_batch") is not None} - {None}
+    if len(budgets) == 1:  # one budget for every search: say it in the titles
+        within = f" in {next(iter(budgets)) / 2**30:.3g} GiB"
+        panels = tuple((k, t + within if k != "bytes_per_token" else t) for k, t in panels)
     fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.12)
     many = _several_machines(memory)
     for j, (key, _) in enumerate(panels):
@@ -503,7 +512,10 @@ def memory_fit(memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
             y=[f"{line} ({model})" if len({m for (_, m) in groups}) > 1 else line for (line, model), _ in items],
             x=vals, orientation="h", marker_color=[colors.get(g[0]["method"]) for _, g in items],
             text=[f"{v:,.0f}" for v in vals], textposition="auto", showlegend=False,
-            hovertext=[f"<b>{line}</b> on {model}<br>{key} {v:,.0f}<br>{len(g)} cells<br>{origins(g)}"
+            hovertext=[f"<b>{line}</b> on {model}<br>{key} {v:,.0f}<br>{len(g)} cells"
+                       + "".join(f"<br>budget {b / 2**30:.3g} GiB" for b in sorted({metric(r, "budget_bytes")
+                                                                                  for r in g} - {None}))
+                       + f"<br>{origins(g)}"
                        for ((line, model), g), v in zip(items, vals)], hoverinfo="text"), row=1, col=j + 1)
     fig.update_yaxes(autorange="reversed", automargin=True)
     n = len({r["method"] for r in memory})

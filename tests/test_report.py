@@ -191,16 +191,20 @@ def test_malformed_lines_become_problems_and_the_rest_is_built(tmp_path):
                                     "protocol": "query-aware", "seed": 0}, {"score": 1.0})
     no_status = {k: v for k, v in good.items() if k != "status"}
     bad_cell = {**good, "cell": "not a dict"}
+    bad_value = {**good, "cell": {**good["cell"], "context": [512]}, "metrics": {"score": "high"}}
     f = tmp_path / "accuracy.jsonl"
     f.write_text(json.dumps(good) + "\n" + json.dumps(no_status) + "\n" + json.dumps(bad_cell) + "\n"
+                 + json.dumps(bad_value) + "\n"
                  + json.dumps(good)[:40])  # a truncated last line, as a killed run leaves it
     out, inp = build_report([f, tmp_path / "missing.jsonl"], tmp_path / "r.html")
     page = out.read_text()
     where = {(p.file.rsplit("/", 1)[-1], p.line) for p in inp.problems}
-    assert where == {("accuracy.jsonl", 2), ("accuracy.jsonl", 3), ("accuracy.jsonl", 4), ("missing.jsonl", 0)}
+    assert where == {("accuracy.jsonl", 2), ("accuracy.jsonl", 3), ("accuracy.jsonl", 4), ("accuracy.jsonl", 5),
+                     ("missing.jsonl", 0)}
     problems = page.split("<section id='problems'>")[1].split("</section>")[0]
     assert f"{f}:2" in problems and "missing field(s): status" in problems
-    assert f"{f}:4" in problems and "truncated line?" in problems
+    assert f"{f}:4" in problems and "cell.context = [512], metrics.score = &quot;high&quot;" in problems
+    assert f"{f}:5" in problems and "truncated line?" in problems
     assert f"{f}:3" in problems and "cell should be dict" in problems
     assert len(inp.records) == 1 and 'id="chart-budget"' in page  # the good record still made its chart
 
