@@ -209,6 +209,8 @@ def cuda_ops():
 
 
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
+FUSED_K = 256  # the fused decode kernel serves steps that select 1..FUSED_K tokens (csrc/selfindex.h kFusedK)
+FUSED_CHUNK = 16384  # tokens a fused block scores at most
 
 
 class Workspace:
@@ -220,7 +222,7 @@ class Workspace:
 
     def __init__(self, device):
         self.device = device
-        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = None
+        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = self.cand = self.cand_n = None
         self.bh = 0
 
     @classmethod
@@ -241,6 +243,15 @@ class Workspace:
         if self.bins is None or self.bins.numel() < bh * stride:
             self.bins = torch.empty(bh * stride, dtype=torch.int16, device=self.device)
         return self.bins, self.hist, self.ctr
+
+    def candidates(self, bh: int, n: int, device):
+        """Candidate buffers for the fused kernel: at most one block per 1024 tokens, and no more than a full GPU
+        (8 blocks of 256 threads per SM) unless a block would exceed FUSED_CHUNK tokens."""
+        blocks = max(-(-n // FUSED_CHUNK), min(-(-8 * sm_count(device) // bh), -(-n // 1024)), 1)
+        if self.cand_n is None or self.cand_n.numel() < bh * blocks:
+            self.cand_n = torch.empty(bh * blocks, dtype=torch.int32, device=self.device)
+            self.cand = torch.empty(bh * blocks * FUSED_K, dtype=torch.int32, device=self.device)
+        return self.cand[: bh * blocks * FUSED_K], self.cand_n[: bh * blocks]
 
     def partials(self, rows: int, head_dim: int):
         if self.part_o is None or self.part_o.numel() < rows * head_dim:

@@ -144,3 +144,35 @@ def test_long_context_many_splits_and_large_budget():
     assert idx.shape[-1] == ref.n_select() > 2000
     torch.testing.assert_close(fast._attend(q1[:, :, 0], idx).float(), ref._attend(q1[:, :, 0], idx.long()).float(),
                                rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 32, 8, 128, 40000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("setting", ["2+1", "16+1"])
+@pytest.mark.parametrize("fixed", ["sinks", "scored"])
+def test_fused_decode_matches_reference(shape, dtype, setting, fixed):
+    """The one-launch decode (score, select, attend; budgets up to 256 picks) against the reference."""
+    torch.manual_seed(4)
+    B, Hq, H, D, T = shape
+    spec = f"selfindex:setting={setting},budget=160,fixed={fixed}"
+    fast, ref = (layer(spec, B, Hq, H, D, dtype, impl) for impl in ("auto", "torch"))
+    k, v = rand_kv(B, H, T, D, dtype)
+    q = torch.randn(B, Hq, 2, D, device="cuda", dtype=dtype)
+    fast.prefill(q, k, v)
+    ref.prefill(q, k, v)
+    for step in range(3):
+        q1 = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+        k1, v1 = rand_kv(B, H, 1, D, dtype)
+        out = fast.extend(q1, k1, v1)[:, :, 0]
+        ref._append(k1[:, :, 0], v1[:, :, 0])
+        K = ref.n_select()
+        assert 0 < K <= ops.FUSED_K and fast.last_idx.shape[-1] == K
+        lo, hi = ref.selectable()
+        qm = q1[:, :, 0].float().reshape(B, H, Hq // H, D).mean(2)
+        excluded = ops.unpack_bits(ref.excl)[:, :, lo:hi] if ref.excl is not None else None
+        bins = ops.score_bins_ref(ops.lut8_ref(qm, ref.cb), ref.signs[:, :, lo:hi], excluded)
+        for b in range(B):
+            for h in range(H):
+                valid_topk(fast.last_idx[b, h] - lo, bins[b, h], K)
+        want = ref._attend(q1[:, :, 0], fast.last_idx.long())
+        torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)

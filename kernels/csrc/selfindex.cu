@@ -214,7 +214,9 @@ __global__ void __launch_bounds__(32) append_kernel(AppendParams p) {
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// score: LUT on chip, one thread per token, shared histogram; the last block of each (b, h) finds the threshold bin
+// Scoring: the GQA-mean query's LUT on chip (int8, one scale per (b, h), the arithmetic of lut8_ref), one thread per
+// token, a shared histogram of the bins. Used by the split path (score_kernel + select_kernel + attend_kernel, any
+// budget) and by the fused path (decode_kernel, budgets up to kFusedK selected tokens).
 
 constexpr int kSelThreads = 256;
 
@@ -226,25 +228,17 @@ __device__ __forceinline__ int bin_of(int score) {
   return (score + 127 * G) >> shift;
 }
 
+// s_q [D], s_lut [G*16] float scratch, s_lut8 [G*16] the result, s_red [kSelThreads/32]. Ends with a barrier.
 template <typename T, int D>
-__global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
+__device__ void build_lut(const SelectParams& p, int b, int h, float* s_q, float* s_lut, int* s_lut8, float* s_red) {
   constexpr int G = D / 4;
-  __shared__ float s_q[D];
-  __shared__ float s_lut[G * 16];
-  __shared__ int s_lut8[G * 16];
-  __shared__ int s_hist[kNBins];
-  __shared__ float s_red[kSelThreads / 32];
-  __shared__ int s_last;
-  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h, tid = threadIdx.x;
-
-  // the GQA-mean query and its LUT, quantized to int8 with one scale (same arithmetic as lut8_ref)
+  const int tid = threadIdx.x, bh = b * p.H + h;
   for (int d = tid; d < D; d += blockDim.x) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h) * p.group * p.q_sh + d;
     float s = 0.f;
     for (int i = 0; i < p.group; ++i) s = __fadd_rn(s, Vec<T>::to(q[i * p.q_sh]));
     s_q[d] = __fdiv_rn(s, static_cast<float>(p.group));
   }
-  for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
   __syncthreads();
   const float* cb = p.cb + static_cast<int64_t>(bh) * G * 64;
   float amax = 0.f;
@@ -268,16 +262,16 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   for (int i = tid; i < G * 16; i += blockDim.x)
     s_lut8[i] = s > 0.f ? static_cast<int>(fminf(fmaxf(rintf(__fdiv_rn(s_lut[i], s)), -127.f), 127.f)) : 0;
   __syncthreads();
+}
 
-  // score this block's tokens
-  const int t0 = p.lo + blockIdx.x * p.chunk;
-  const int t1 = min(p.hi, t0 + p.chunk);
+// Score tokens [t0, t1): bins[tt - t0] (global or shared) and the shared histogram. 4 tokens in flight per thread.
+template <int D, typename BinT>
+__device__ void score_chunk(const SelectParams& p, int bh, int t0, int t1, const int* s_lut8, int* s_hist, BinT* bins) {
   const uint8_t* signs = p.signs + static_cast<int64_t>(bh) * p.cap * (D / 8);
-  uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
   const uint8_t* excl = p.excl ? p.excl + static_cast<int64_t>(bh) * p.excl_stride : nullptr;
-  constexpr int U = 4;  // tokens in flight per thread: loads issued before any is used
+  constexpr int U = 4;
   using Word = typename std::conditional<D == 128, uint4, uint2>::type;
-  for (int t = t0 + tid; t < t1; t += U * blockDim.x) {
+  for (int t = t0 + threadIdx.x; t < t1; t += U * blockDim.x) {
     Word w[U];
     bool live[U];
 #pragma unroll
@@ -291,25 +285,104 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
       const int tt = t + u * blockDim.x;
       if (tt >= t1) break;
       if (!live[u]) {
-        bins[tt] = static_cast<uint16_t>(kExcluded);
+        bins[tt - t0] = static_cast<BinT>(kExcluded);
         continue;
       }
       const uint32_t* words = reinterpret_cast<const uint32_t*>(&w[u]);
       int score = 0;
-      if (p.ablate & 4) {
 #pragma unroll
-        for (int wi = 0; wi < D / 32; ++wi) score += __popc(words[wi]);
-      } else {
+      for (int wi = 0; wi < D / 32; ++wi)
 #pragma unroll
-        for (int wi = 0; wi < D / 32; ++wi)
-#pragma unroll
-          for (int n = 0; n < 8; ++n) score += s_lut8[(wi * 8 + n) * 16 + ((words[wi] >> (4 * n)) & 15)];
-      }
+        for (int n = 0; n < 8; ++n) score += s_lut8[(wi * 8 + n) * 16 + ((words[wi] >> (4 * n)) & 15)];
       const int bin = bin_of<D>(score);
-      if (!(p.ablate & 2)) bins[tt] = static_cast<uint16_t>(bin);
-      if (!(p.ablate & 1)) atomicAdd(&s_hist[bin], 1);
+      bins[tt - t0] = static_cast<BinT>(bin);
+      atomicAdd(&s_hist[bin], 1);
     }
   }
+}
+
+// Block-wide: the threshold bin of a top-k over a histogram (counts(bin) reads it): out[0] = the highest bin B* with
+// count(bins >= B*) >= k, out[1] = count(bins > B*), out[2] = how many to take from B*. Fewer than k candidates:
+// out = {-1, total, 0} (take all). s_scan [kSelThreads]. Ends with a barrier.
+template <typename Counts>
+__device__ void threshold(Counts counts, int k, int* s_scan, int* out) {
+  constexpr int per = kNBins / kSelThreads;  // bins per thread, thread 0 owns the highest
+  const int tid = threadIdx.x;
+  int local[per];
+  int mine = 0;
+#pragma unroll
+  for (int j = 0; j < per; ++j) {
+    local[j] = counts(kNBins - 1 - (tid * per + j));
+    mine += local[j];
+  }
+  s_scan[tid] = mine;
+  __syncthreads();
+  for (int o = 1; o < kSelThreads; o <<= 1) {  // inclusive scan over threads, highest bins first
+    const int add = tid >= o ? s_scan[tid - o] : 0;
+    __syncthreads();
+    s_scan[tid] += add;
+    __syncthreads();
+  }
+  const int before = s_scan[tid] - mine;
+  if (tid == kSelThreads - 1 && s_scan[tid] < k) {
+    out[0] = -1;
+    out[1] = s_scan[tid];
+    out[2] = 0;
+  }
+  if (before < k && k <= s_scan[tid]) {
+    int cum = before;
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+      if (cum + local[j] >= k) {
+        out[0] = kNBins - 1 - (tid * per + j);
+        out[1] = cum;
+        out[2] = k - cum;
+        break;
+      }
+      cum += local[j];
+    }
+  }
+  __syncthreads();
+}
+
+// Warp-aggregated placement of one token: above the threshold bin -> slot from cursor[0]; in it -> slot n_gt +
+// cursor[1] while fewer than need_eq were taken. Call with the whole warp (warp-uniform trip counts).
+template <typename Emit>
+__device__ __forceinline__ void place(bool gt, bool eq, int n_gt, int need_eq, int* cursor, Emit emit) {
+  const int lane = threadIdx.x & 31;
+  const unsigned lt = (1u << lane) - 1;
+  const unsigned mgt = __ballot_sync(kFull, gt), meq = __ballot_sync(kFull, eq);
+  if (!(mgt | meq)) return;
+  int base_gt = 0, base_eq = 0;
+  if (lane == 0) {
+    if (mgt) base_gt = atomicAdd(&cursor[0], __popc(mgt));
+    if (meq) base_eq = atomicAdd(&cursor[1], __popc(meq));
+  }
+  base_gt = __shfl_sync(kFull, base_gt, 0);
+  base_eq = __shfl_sync(kFull, base_eq, 0);
+  if (gt) emit(base_gt + __popc(mgt & lt));
+  if (eq) {
+    const int e = base_eq + __popc(meq & lt);
+    if (e < need_eq) emit(n_gt + e);
+  }
+}
+
+// ---- split path, any budget: scores to global bins, the last block of each (b, h) finds the threshold
+template <typename T, int D>
+__global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
+  constexpr int G = D / 4;
+  __shared__ float s_q[D];
+  __shared__ float s_lut[G * 16];
+  __shared__ int s_lut8[G * 16];
+  __shared__ int s_hist[kNBins];
+  __shared__ float s_red[kSelThreads / 32];
+  __shared__ int s_scan[kSelThreads];
+  __shared__ int s_last;
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h, tid = threadIdx.x;
+  for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
+  build_lut<T, D>(p, b, h, s_q, s_lut, s_lut8, s_red);
+  const int t0 = p.lo + blockIdx.x * p.chunk;
+  score_chunk<D>(p, bh, t0, min(p.hi, t0 + p.chunk), s_lut8, s_hist, p.bins + static_cast<int64_t>(bh) * p.bstride + t0);
   __syncthreads();
   int* ghist = p.hist + static_cast<int64_t>(bh) * kNBins;
   for (int i = tid; i < kNBins; i += blockDim.x)
@@ -320,46 +393,8 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   if (tid == 0) s_last = atomicAdd(&ctr[0], 1) == static_cast<int>(gridDim.x) - 1;
   __syncthreads();
   if (!s_last) return;
-
-  // last block: threshold bin = the highest bin B* with count(bins >= B*) >= k, from a suffix scan
   __threadfence();
-  constexpr int per = kNBins / kSelThreads;  // bins per thread, thread 0 owns the highest
-  int local[per];
-  int mine = 0;
-#pragma unroll
-  for (int j = 0; j < per; ++j) {
-    const int bin = kNBins - 1 - (tid * per + j);
-    local[j] = __ldcg(&ghist[bin]);
-    mine += local[j];
-  }
-  __shared__ int s_scan[kSelThreads];
-  s_scan[tid] = mine;
-  __syncthreads();
-  for (int o = 1; o < kSelThreads; o <<= 1) {  // inclusive scan over threads (highest bins first)
-    const int add = tid >= o ? s_scan[tid - o] : 0;
-    __syncthreads();
-    s_scan[tid] += add;
-    __syncthreads();
-  }
-  const int before = s_scan[tid] - mine;
-  if (tid == kSelThreads - 1 && s_scan[tid] < p.k) {  // fewer candidates than k (the caller prevents it): take all
-    ctr[1] = -1;
-    ctr[2] = s_scan[tid];
-    ctr[3] = 0;
-  }
-  if (before < p.k && p.k <= s_scan[tid]) {
-    int cum = before;
-#pragma unroll
-    for (int j = 0; j < per; ++j) {
-      if (cum + local[j] >= p.k) {
-        ctr[1] = kNBins - 1 - (tid * per + j);
-        ctr[2] = cum;
-        ctr[3] = p.k - cum;
-        break;
-      }
-      cum += local[j];
-    }
-  }
+  threshold([&](int bin) { return __ldcg(&ghist[bin]); }, p.k, s_scan, ctr + 1);
   for (int i = tid; i < kNBins; i += blockDim.x) ghist[i] = 0;  // ready for the next step
   if (tid == 0) {
     ctr[0] = 0;
@@ -368,18 +403,15 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   }
 }
 
-// select: tokens above the threshold bin all go in; ties in the threshold bin fill what is left, in any order.
-// Each thread reads 8 bins (16 bytes) at a time; one ballot per token slot, one atomic per warp and slot kind.
+// tokens above the threshold bin all go in; ties in it fill what is left, in any order. 8 bins (16 bytes) a load.
 __global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
   const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
-  const int lane = threadIdx.x & 31;
   int* ctr = p.ctr + bh * kCounters;
   const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
   const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
   int* out = p.idx + static_cast<int64_t>(bh) * p.kmax;
   const int t0 = p.lo + blockIdx.x * p.chunk;
   const int t1 = min(p.hi, t0 + p.chunk);
-  const unsigned lt = (1u << lane) - 1;
   for (int base = t0 & ~7; base < t1; base += 8 * blockDim.x) {  // warp-uniform trip count for the ballots
     const int t = base + 8 * threadIdx.x;
     uint4 raw = make_uint4(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu);  // all kExcluded
@@ -389,50 +421,41 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
     for (int u = 0; u < 8; ++u) {
       const int tt = t + u;
       const int bin = (tt >= t0 && tt < t1) ? static_cast<int>(v[u]) : kExcluded;
-      const bool gt = bin != kExcluded && bin > thr;
-      const bool eq = bin == thr;
-      const unsigned mgt = __ballot_sync(kFull, gt), meq = __ballot_sync(kFull, eq);
-      if (!(mgt | meq)) continue;
-      int base_gt = 0, base_eq = 0;
-      if (lane == 0) {
-        if (mgt) base_gt = atomicAdd(&ctr[4], __popc(mgt));
-        if (meq) base_eq = atomicAdd(&ctr[5], __popc(meq));
-      }
-      base_gt = __shfl_sync(kFull, base_gt, 0);
-      base_eq = __shfl_sync(kFull, base_eq, 0);
-      if (gt) out[base_gt + __popc(mgt & lt)] = tt;
-      if (eq) {
-        const int e = base_eq + __popc(meq & lt);
-        if (e < need_eq) out[n_gt + e] = tt;
-      }
+      place(bin != kExcluded && bin > thr, bin == thr, n_gt, need_eq, ctr + 4, [&](int slot) { out[slot] = tt; });
     }
   }
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// sparse decode attention: 4 warps. Tiles of 32 tokens are staged in shared memory as float: warp w stages channels
-// [w D/4, (w+1) D/4) of every token (lane = token: conflict-free rows), dequantizing 2+1 tokens on the way, while the
-// next tile's raw bytes are already in flight in registers. Then warp w scores the tile for query heads w, w+4, ...
-// (lane = token) and accumulates P.V (lane = channels lane + 32 i) with an online softmax.
+// Sparse decode attention over the full-precision slots and a list of selected positions. Tiles of 32 tokens are
+// staged in shared memory as float: warp w stages channels [w D/NW, (w+1) D/NW) of every token (lane = token:
+// conflict-free rows), dequantizing 2+1 tokens on the way, while the next tile's raw bytes are in flight in registers.
+// Then warp w scores the tile for query heads w, w+NW, ... (lane = token) and accumulates P.V (lane = channels
+// lane + 32 i) with an online softmax.
 
-constexpr int kAttWarps = 4;
 constexpr int kTile = 32;
-constexpr int kMaxHeadsPerWarp = 4;  // GQA groups up to 16 query heads per KV head
+constexpr int kMaxGroup = 16;  // query heads per KV head
 
-// What one thread stages for one token: a quarter of its key and value, raw.
-template <int D>
+template <int N>
+__device__ __forceinline__ uint64_t load_bytes(const uint8_t* ptr) {
+  if constexpr (N == 8) return *reinterpret_cast<const uint64_t*>(ptr);
+  else if constexpr (N == 4) return *reinterpret_cast<const uint32_t*>(ptr);
+  else if constexpr (N == 2) return *reinterpret_cast<const uint16_t*>(ptr);
+  else return *ptr;
+}
+
+// What one thread stages for one token: NCH channels of its key and value, raw.
+template <int NCH>
 struct Raw {
-  static constexpr int Q4 = D / 4;
-  uint4 k[Q4 / 8], v[Q4 / 8];  // full-precision rows (8 fp16/bf16 each)
-  uint32_t sg;                 // Q4 sign bits
-  uint2 km, vq;                // Q4 2-bit codes each (Q4 / 4 bytes)
-  __half2 ksz, vsz;            // (scale, zero) of the 32-channel group
-  int flag;                    // 0 masked, 1 plain key, 2 centred 2+1 key
+  uint4 k[NCH / 8], v[NCH / 8];  // full-precision pieces (8 fp16/bf16 each)
+  uint64_t sg, km, vq;            // NCH sign bits, NCH 2-bit key magnitudes, NCH 2-bit values
+  __half2 ksz, vsz;               // (scale, zero) of the 32-channel group
+  int flag;                       // 0 masked, 1 plain key, 2 centred 2+1 key
 };
 
-template <typename T, int D, bool QUANT>
-__device__ __forceinline__ void fetch(Raw<D>& r, const AttendParams& p, int bh, int j, int j_end, int c_lo) {
-  constexpr int Q4 = D / 4;
+template <typename T, int D, bool QUANT, int NCH>
+__device__ __forceinline__ void fetch(Raw<NCH>& r, const AttendParams& p, int bh, int j, int j_end, int c_lo,
+                                      const int* sel) {
   r.flag = 0;
   if (j >= j_end) return;
   const uint4* ks;
@@ -443,24 +466,15 @@ __device__ __forceinline__ void fetch(Raw<D>& r, const AttendParams& p, int bh, 
     ks = reinterpret_cast<const uint4*>(static_cast<const T*>(p.fk) + slot * D + c_lo);
     vs = reinterpret_cast<const uint4*>(static_cast<const T*>(p.fv) + slot * D + c_lo);
   } else {
-    const int64_t tok = static_cast<int64_t>(bh) * p.cap + p.idx[static_cast<int64_t>(bh) * p.kmax + (j - p.F)];
+    const int64_t tok = static_cast<int64_t>(bh) * p.cap + sel[j - p.F];
     if (QUANT) {
       r.flag = 2;
       const int grp = c_lo / 32;
       r.ksz = static_cast<const __half2*>(p.kscale)[tok * (D / 32) + grp];
       r.vsz = static_cast<const __half2*>(p.vscale)[tok * (D / 32) + grp];
-      const uint8_t* sg = p.signs + tok * (D / 8) + c_lo / 8;
-      const uint8_t* km = p.kmag + tok * (D / 4) + c_lo / 4;
-      const uint8_t* vq = p.vq + tok * (D / 4) + c_lo / 4;
-      if (Q4 == 32) {
-        r.sg = *reinterpret_cast<const uint32_t*>(sg);
-        r.km = *reinterpret_cast<const uint2*>(km);
-        r.vq = *reinterpret_cast<const uint2*>(vq);
-      } else {
-        r.sg = *reinterpret_cast<const uint16_t*>(sg);
-        r.km = make_uint2(*reinterpret_cast<const uint32_t*>(km), 0u);
-        r.vq = make_uint2(*reinterpret_cast<const uint32_t*>(vq), 0u);
-      }
+      r.sg = load_bytes<NCH / 8>(p.signs + tok * (D / 8) + c_lo / 8);
+      r.km = load_bytes<NCH / 4>(p.kmag + tok * (D / 4) + c_lo / 4);
+      r.vq = load_bytes<NCH / 4>(p.vq + tok * (D / 4) + c_lo / 4);
       return;
     }
     ks = reinterpret_cast<const uint4*>(static_cast<const T*>(p.kfull) + tok * D + c_lo);
@@ -468,18 +482,17 @@ __device__ __forceinline__ void fetch(Raw<D>& r, const AttendParams& p, int bh, 
   }
   r.flag = 1;
 #pragma unroll
-  for (int i = 0; i < Q4 / 8; ++i) {
+  for (int i = 0; i < NCH / 8; ++i) {
     r.k[i] = ks[i];
     r.v[i] = vs[i];
   }
 }
 
-template <typename T, int D>
-__device__ __forceinline__ void stage(const Raw<D>& r, float* kr, float* vr, const float* chm) {
-  constexpr int Q4 = D / 4;
+template <typename T, int NCH>
+__device__ __forceinline__ void stage(const Raw<NCH>& r, float* kr, float* vr, const float* chm) {
   if (r.flag == 1) {
 #pragma unroll
-    for (int i = 0; i < Q4 / 8; ++i) {
+    for (int i = 0; i < NCH / 8; ++i) {
       const T* ke = reinterpret_cast<const T*>(&r.k[i]);
       const T* ve = reinterpret_cast<const T*>(&r.v[i]);
 #pragma unroll
@@ -491,139 +504,155 @@ __device__ __forceinline__ void stage(const Raw<D>& r, float* kr, float* vr, con
   } else if (r.flag == 2) {
     const float ks = __low2float(r.ksz), kz = __high2float(r.ksz);
     const float vs = __low2float(r.vsz), vz = __high2float(r.vsz);
-    const uint32_t km[2] = {r.km.x, r.km.y}, vq[2] = {r.vq.x, r.vq.y};
 #pragma unroll
-    for (int c = 0; c < Q4; ++c) {
-      const float code_k = static_cast<float>((km[c / 16] >> (2 * (c % 16))) & 3);
-      const float code_v = static_cast<float>((vq[c / 16] >> (2 * (c % 16))) & 3);
-      const float mag = (kz + ks * code_k) * chm[c];
+    for (int c = 0; c < NCH; ++c) {
+      const float mag = (kz + ks * static_cast<float>((r.km >> (2 * c)) & 3)) * chm[c];
       kr[c] = ((r.sg >> c) & 1) ? mag : -mag;
-      vr[c] = vz + vs * code_v;
+      vr[c] = vz + vs * static_cast<float>((r.vq >> (2 * c)) & 3);
     }
   } else {  // a masked row still enters P.V with weight 0: it must not hold NaN garbage
 #pragma unroll
-    for (int c = 0; c < Q4; ++c) {
+    for (int c = 0; c < NCH; ++c) {
       kr[c] = 0.f;
       vr[c] = 0.f;
     }
   }
 }
 
-template <typename T, int D, bool QUANT>
-__global__ void __launch_bounds__(kAttWarps * 32) attend_kernel(AttendParams p) {
-  constexpr int C = D / 32;  // channels per lane in P.V
-  constexpr int Q4 = D / 4;  // channels a warp stages
-  extern __shared__ float smem[];
-  float* s_q = smem;                              // [group][D], pre-scaled
-  float* s_k = s_q + p.group * D;                 // [kTile][D + 1]
-  float* s_v = s_k + kTile * (D + 1);             // [kTile][D]
-  float* s_chm = s_v + kTile * D;                 // [D]
-  float* s_bias = s_chm + D;                      // [16]
-  int* s_flag = reinterpret_cast<int*>(s_bias + 16);  // [kTile]
-  __shared__ int s_last;
-  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, bh = b * p.H + h;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int n_total = p.F + p.k;
-  const int j_begin = split * p.split;
-  const int j_end = min(n_total, j_begin + p.split);
-  const int c_lo = warp * Q4;  // staging: this warp's channels; lane = token of the tile
+template <int D>
+__host__ __device__ constexpr int attn_smem_floats(int group) {
+  return group * D + kTile * (D + 1) + kTile * D + D + 16 + kTile;  // q, K, V, chmax, bias, flags
+}
 
-  Raw<D> next;
-  fetch<T, D, QUANT>(next, p, bh, j_begin + lane, j_end, c_lo);  // first tile's bytes in flight during the setup
-  for (int i = tid; i < p.group * D; i += blockDim.x) {
-    const int hh = i / D, d = i % D;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h * p.group + hh) * p.q_sh + d;
-    s_q[i] = Vec<T>::to(*q) * p.scale;
-  }
-  if (QUANT)
-    for (int d = tid; d < D; d += blockDim.x) s_chm[d] = p.chmax[bh * D + d];
-  __syncthreads();
-  if (QUANT) {  // q . mu per head: the centred 2+1 keys lack it
-    for (int hh = warp; hh < p.group; hh += kAttWarps) {
-      float a = 0.f;
-      for (int d = lane; d < D; d += 32) a += s_q[hh * D + d] * p.mu[bh * D + d];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(kFull, a, o);
-      if (lane == 0) s_bias[hh] = a;
+// Tokens [j_begin, j_end) of the list "full-precision slots, then sel[]" for KV head (b, h). Leaves each warp's
+// online-softmax state (m, l, acc) for heads warp, warp + NW, ...
+template <typename T, int D, bool QUANT, int NW>
+struct TileAttention {
+  static constexpr int C = D / 32, NCH = D / NW, HPW = kMaxGroup / NW;
+  float m[HPW], l[HPW], acc[HPW][C];
+
+  __device__ void run(const AttendParams& p, int b, int h, int j_begin, int j_end, const int* sel, float* smem) {
+    const int bh = b * p.H + h, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    float* s_q = smem;
+    float* s_k = s_q + p.group * D;
+    float* s_v = s_k + kTile * (D + 1);
+    float* s_chm = s_v + kTile * D;
+    float* s_bias = s_chm + D;
+    int* s_flag = reinterpret_cast<int*>(s_bias + 16);
+    const int c_lo = warp * NCH;
+    Raw<NCH> next;
+    fetch<T, D, QUANT, NCH>(next, p, bh, j_begin + lane, j_end, c_lo, sel);  // in flight during the setup
+    for (int i = tid; i < p.group * D; i += blockDim.x) {
+      const int hh = i / D, d = i % D;
+      const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h * p.group + hh) * p.q_sh + d;
+      s_q[i] = Vec<T>::to(*q) * p.scale;
     }
-  }
-
-  float m[kMaxHeadsPerWarp], l[kMaxHeadsPerWarp], acc[kMaxHeadsPerWarp][C];
-#pragma unroll
-  for (int r = 0; r < kMaxHeadsPerWarp; ++r) {
-    m[r] = -INFINITY;
-    l[r] = 0.f;
-#pragma unroll
-    for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
-  }
-
-  for (int tile = j_begin; tile < j_end; tile += kTile) {
-    stage<T, D>(next, s_k + lane * (D + 1) + c_lo, s_v + lane * D + c_lo, s_chm + c_lo);
-    if (warp == 0) s_flag[lane] = next.flag;
-    if (tile + kTile < j_end) fetch<T, D, QUANT>(next, p, bh, tile + kTile + lane, j_end, c_lo);
+    if (QUANT)
+      for (int d = tid; d < D; d += blockDim.x) s_chm[d] = p.chmax[bh * D + d];
     __syncthreads();
-#pragma unroll
-    for (int r = 0; r < kMaxHeadsPerWarp; ++r) {
-      const int hh = warp + r * kAttWarps;
-      if (hh >= p.group) break;
-      const int flag = s_flag[lane];
-      float s = -INFINITY;
-      if (flag) {
-        const float* qr = s_q + hh * D;
-        const float* kr = s_k + lane * (D + 1);
+    if (QUANT) {  // q . mu per head: the centred 2+1 keys lack it
+      for (int hh = warp; hh < p.group; hh += NW) {
         float a = 0.f;
-#pragma unroll 16
-        for (int d = 0; d < D; ++d) a += qr[d] * kr[d];
-        s = flag == 2 ? a + s_bias[hh] : a;
-      }
-      float tmax = s;
+        for (int d = lane; d < D; d += 32) a += s_q[hh * D + d] * p.mu[bh * D + d];
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(kFull, tmax, o));
-      const float m_new = fmaxf(m[r], tmax);
-      if (m_new == -INFINITY) continue;  // nothing attended yet
-      const float corr = __expf(m[r] - m_new);
-      const float pr = __expf(s - m_new);
-      float psum = pr;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) psum += __shfl_xor_sync(kFull, psum, o);
-      l[r] = l[r] * corr + psum;
-      m[r] = m_new;
-#pragma unroll
-      for (int c = 0; c < C; ++c) acc[r][c] *= corr;
-#pragma unroll 8
-      for (int t = 0; t < kTile; ++t) {
-        const float pt = __shfl_sync(kFull, pr, t);
-        const float* vr = s_v + t * D + lane;
-#pragma unroll
-        for (int c = 0; c < C; ++c) acc[r][c] += pt * vr[32 * c];
+        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(kFull, a, o);
+        if (lane == 0) s_bias[hh] = a;
       }
     }
-    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < HPW; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.f;
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
+    }
+    for (int tile = j_begin; tile < j_end; tile += kTile) {
+      stage<T, NCH>(next, s_k + lane * (D + 1) + c_lo, s_v + lane * D + c_lo, s_chm + c_lo);
+      if (warp == 0) s_flag[lane] = next.flag;
+      if (tile + kTile < j_end) fetch<T, D, QUANT, NCH>(next, p, bh, tile + kTile + lane, j_end, c_lo, sel);
+      __syncthreads();
+#pragma unroll
+      for (int r = 0; r < HPW; ++r) {
+        const int hh = warp + r * NW;
+        if (hh >= p.group) break;
+        const int flag = s_flag[lane];
+        float s = -INFINITY;
+        if (flag) {
+          const float* qr = s_q + hh * D;
+          const float* kr = s_k + lane * (D + 1);
+          float a = 0.f;
+#pragma unroll 16
+          for (int d = 0; d < D; ++d) a += qr[d] * kr[d];
+          s = flag == 2 ? a + s_bias[hh] : a;
+        }
+        float tmax = s;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(kFull, tmax, o));
+        const float m_new = fmaxf(m[r], tmax);
+        if (m_new == -INFINITY) continue;  // nothing attended yet
+        const float corr = __expf(m[r] - m_new);
+        const float pr = __expf(s - m_new);
+        float psum = pr;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) psum += __shfl_xor_sync(kFull, psum, o);
+        l[r] = l[r] * corr + psum;
+        m[r] = m_new;
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[r][c] *= corr;
+#pragma unroll 8
+        for (int t = 0; t < kTile; ++t) {
+          const float pt = __shfl_sync(kFull, pr, t);
+          const float* vr = s_v + t * D + lane;
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[r][c] += pt * vr[32 * c];
+        }
+      }
+      __syncthreads();
+    }
   }
 
-  // ---- one split: write the output; several: write partials, the last block of this (b, h) combines them
-  const int hq0 = h * p.group;
-  if (p.nsplit == 1) {
+  __device__ void write_out(const AttendParams& p, int b, int h) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-    for (int r = 0; r < kMaxHeadsPerWarp; ++r) {
-      const int hh = warp + r * kAttWarps;
+    for (int r = 0; r < HPW; ++r) {
+      const int hh = warp + r * NW;
       if (hh >= p.group) break;
-      T* o = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.H * p.group + hq0 + hh) * D;
+      T* o = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.H * p.group + h * p.group + hh) * D;
 #pragma unroll
       for (int c = 0; c < C; ++c) o[lane + 32 * c] = Vec<T>::from(acc[r][c] / l[r]);
     }
+  }
+};
+
+// ---- split path: one block per (split, h, b), 4 warps; several splits per (b, h) combine their log-sum-exp partials
+constexpr int kAttWarps = 4;
+
+template <typename T, int D, bool QUANT>
+__global__ void __launch_bounds__(kAttWarps * 32) attend_kernel(AttendParams p) {
+  constexpr int C = D / 32;
+  extern __shared__ float smem[];
+  __shared__ int s_last;
+  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, bh = b * p.H + h;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int j_begin = split * p.split;
+  const int j_end = min(p.F + p.k, j_begin + p.split);
+  TileAttention<T, D, QUANT, kAttWarps> att;
+  att.run(p, b, h, j_begin, j_end, p.idx + static_cast<int64_t>(bh) * p.kmax, smem);
+  if (p.nsplit == 1) {
+    att.write_out(p, b, h);
     return;
   }
+  const int hq0 = h * p.group;
 #pragma unroll
-  for (int r = 0; r < kMaxHeadsPerWarp; ++r) {
+  for (int r = 0; r < att.HPW; ++r) {
     const int hh = warp + r * kAttWarps;
     if (hh >= p.group) break;
     const int64_t row = (static_cast<int64_t>(b) * p.H * p.group + hq0 + hh) * p.nsplit + split;
 #pragma unroll
-    for (int c = 0; c < C; ++c) p.part_o[row * D + lane + 32 * c] = acc[r][c];
+    for (int c = 0; c < C; ++c) p.part_o[row * D + lane + 32 * c] = att.acc[r][c];
     if (lane == 0) {
-      p.part_ml[row * 2] = m[r];
-      p.part_ml[row * 2 + 1] = l[r];
+      p.part_ml[row * 2] = att.m[r];
+      p.part_ml[row * 2 + 1] = att.l[r];
     }
   }
   __threadfence();
@@ -656,6 +685,103 @@ __global__ void __launch_bounds__(kAttWarps * 32) attend_kernel(AttendParams p) 
 }
 
 // ------------------------------------------------------------------------------------------------------------------
+// Fused path, budgets up to kFusedK selected tokens: one launch does the whole decode attention. Every block scores
+// up to kFusedChunk tokens into shared-memory bins and writes its local top-k candidates; the last block of each
+// (b, h) merges the candidates into the exact top-k (the union of local top-k sets holds a global one) and attends
+// over the full-precision set and the selection with all 8 warps. No bins round trip, no second launch, no combine.
+
+constexpr int kFusedThreads = 256;
+constexpr int kFusedWarps = kFusedThreads / 32;
+
+template <int D>
+__host__ __device__ constexpr int fused_smem_bytes() {
+  constexpr int G = D / 4;
+  constexpr int score_words = D + 2 * G * 16 + kNBins + kSelThreads + kSelThreads / 32 + kFusedChunk / 2;
+  constexpr int attn_words = attn_smem_floats<D>(kMaxGroup);
+  return 4 * ((score_words > attn_words ? score_words : attn_words) + 8 + kFusedK);
+}
+
+template <typename T, int D, bool QUANT>
+__global__ void __launch_bounds__(kFusedThreads, 4) decode_kernel(DecodeParams P) {  // 4 resident: 64 registers
+  constexpr int G = D / 4;
+  const SelectParams& p = P.s;
+  extern __shared__ float smem[];
+  // scoring region; the attention region overlays it once scoring is over
+  float* s_q = smem;
+  float* s_lut = s_q + D;
+  int* s_lut8 = reinterpret_cast<int*>(s_lut + G * 16);
+  int* s_hist = s_lut8 + G * 16;
+  int* s_scan = s_hist + kNBins;
+  float* s_red = reinterpret_cast<float*>(s_scan + kSelThreads);
+  uint16_t* s_bins = reinterpret_cast<uint16_t*>(s_red + kSelThreads / 32);
+  constexpr int region = (fused_smem_bytes<D>() / 4) - 8 - kFusedK;
+  int* s_misc = reinterpret_cast<int*>(smem + region);  // [0..2] threshold, [3..4] cursors, [5] last block
+  int* s_idx = s_misc + 8;                               // [kFusedK]
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h, tid = threadIdx.x;
+
+  for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
+  if (tid < 8) s_misc[tid] = 0;
+  build_lut<T, D>(p, b, h, s_q, s_lut, s_lut8, s_red);
+  const int t0 = p.lo + blockIdx.x * p.chunk;
+  const int t1 = min(p.hi, t0 + p.chunk);
+  score_chunk<D>(p, bh, t0, t1, s_lut8, s_hist, s_bins);
+  __syncthreads();
+
+  // local top-k candidates of this chunk, packed (bin << 21 | position)
+  threshold([&](int bin) { return s_hist[bin]; }, p.k, s_scan, s_misc);
+  const int thr = s_misc[0], n_gt = s_misc[1], need_eq = s_misc[2];
+  uint32_t* cand = P.cand + (static_cast<int64_t>(bh) * gridDim.x + blockIdx.x) * kFusedK;
+  for (int base = t0; base < t1; base += blockDim.x) {  // warp-uniform trip count
+    const int tt = base + tid;
+    const int bin = tt < t1 ? static_cast<int>(s_bins[tt - t0]) : kExcluded;
+    place(bin != kExcluded && bin > thr, bin == thr, n_gt, need_eq, s_misc + 3,
+          [&](int slot) { cand[slot] = (static_cast<uint32_t>(bin) << 21) | static_cast<uint32_t>(tt); });
+  }
+  __syncthreads();
+  if (tid == 0) P.cand_n[bh * gridDim.x + blockIdx.x] = min(s_misc[3], n_gt) + min(s_misc[4], need_eq);
+  __threadfence();
+  __syncthreads();
+  int* ctr = p.ctr + bh * kCounters;
+  if (tid == 0) s_misc[5] = atomicAdd(&ctr[0], 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (!s_misc[5]) return;
+  __threadfence();
+
+  // last block of (b, h): the exact top-k among all candidates
+  for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
+  if (tid < 5) s_misc[tid] = 0;
+  __syncthreads();
+  const uint32_t* all = P.cand + static_cast<int64_t>(bh) * gridDim.x * kFusedK;
+  for (int blk = 0; blk < static_cast<int>(gridDim.x); ++blk) {
+    const int n = __ldcg(&P.cand_n[bh * gridDim.x + blk]);
+    for (int i = tid; i < n; i += blockDim.x) atomicAdd(&s_hist[__ldcg(&all[blk * kFusedK + i]) >> 21], 1);
+  }
+  __syncthreads();
+  threshold([&](int bin) { return s_hist[bin]; }, p.k, s_scan, s_misc);
+  const int gthr = s_misc[0], g_gt = s_misc[1], g_eq = s_misc[2];
+  int* out_idx = p.idx + static_cast<int64_t>(bh) * p.kmax;
+  for (int blk = 0; blk < static_cast<int>(gridDim.x); ++blk) {
+    const int n = __ldcg(&P.cand_n[bh * gridDim.x + blk]);
+    for (int base = 0; base < n; base += blockDim.x) {
+      const int i = base + tid;
+      const uint32_t c = i < n ? __ldcg(&all[blk * kFusedK + i]) : 0xffffffffu;
+      const int bin = i < n ? static_cast<int>(c >> 21) : kExcluded;
+      place(bin != kExcluded && bin > gthr, bin == gthr, g_gt, g_eq, s_misc + 3, [&](int slot) {
+        const int pos = static_cast<int>(c & 0x1fffff);
+        s_idx[slot] = pos;
+        out_idx[slot] = pos;
+      });
+    }
+  }
+  if (tid == 0) ctr[0] = 0;
+  __syncthreads();
+
+  TileAttention<T, D, QUANT, kFusedWarps> att;
+  att.run(P.a, b, h, 0, P.a.F + p.k, s_idx, smem);
+  att.write_out(P.a, b, h);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
 // dispatch on dtype and head_dim
 
 template <template <typename, int> class Fn, typename... Args>
@@ -683,28 +809,34 @@ template <typename T, int D> struct AppendLaunch {
   }
 };
 
+// Blocks per (b, h) for a scoring grid: one full wave when the tokens allow (a partial second wave would cost up to a
+// whole block's time), at least min_tokens per block, at most max_tokens.
+inline int blocks_per_bh(const void* kernel, int threads, size_t smem, int n, int bh, int min_tokens, int max_tokens) {
+  int dev = 0, sms = 0, resident = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem);
+  const int wave = max(1, (max(resident, 1) * sms) / bh);
+  return max((n + max_tokens - 1) / max_tokens, max(1, min(wave, (n + min_tokens - 1) / min_tokens)));
+}
+
+inline void chunk_grid(SelectParams& p, int& nblocks) {
+  p.chunk = (p.hi - p.lo + nblocks - 1) / nblocks;
+  p.chunk = (p.chunk + 7) & ~7;  // select reads bins 8 at a time
+  nblocks = (p.hi - p.lo + p.chunk - 1) / p.chunk;
+}
+
 template <typename T, int D> struct SelectLaunch {
   static cudaError_t run(SelectParams p, int nblocks, cudaStream_t s) {
     if (p.k <= 0 || p.hi <= p.lo) return cudaSuccess;
-    if (nblocks <= 0) {  // one full wave: a partial second wave would cost up to a whole block's time
-      static int resident = 0, sms = 0;
-      if (!resident) {
-        int dev = 0;
-        cudaGetDevice(&dev);
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, score_kernel<T, D>, kSelThreads, 0);
-        resident = resident > 0 ? resident : 1;
-      }
-      const int n = p.hi - p.lo, bh = p.B * p.H;
-      nblocks = max(1, min((resident * sms) / bh, (n + 1023) / 1024));
-    }
-    p.chunk = (p.hi - p.lo + nblocks - 1) / nblocks;
-    p.chunk = (p.chunk + 7) & ~7;  // select reads bins 8 at a time
-    nblocks = (p.hi - p.lo + p.chunk - 1) / p.chunk;
+    if (nblocks <= 0)
+      nblocks = blocks_per_bh(reinterpret_cast<const void*>(score_kernel<T, D>), kSelThreads, 0, p.hi - p.lo,
+                              p.B * p.H, 1024, 1 << 30);
+    chunk_grid(p, nblocks);
     const dim3 grid(nblocks, p.H, p.B);
     score_kernel<T, D><<<grid, kSelThreads, 0, s>>>(p);
     cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess || (p.ablate & 8)) return e;
+    if (e != cudaSuccess) return e;
     select_kernel<<<grid, kSelThreads, 0, s>>>(p);
     return cudaGetLastError();
   }
@@ -712,7 +844,7 @@ template <typename T, int D> struct SelectLaunch {
 
 template <typename T, int D> struct AttendLaunch {
   static cudaError_t run(const AttendParams& p, bool quantized, cudaStream_t s) {
-    const size_t smem = sizeof(float) * (p.group * D + kTile * (D + 1) + kTile * D + D + 16) + sizeof(int) * kTile;
+    const size_t smem = sizeof(float) * attn_smem_floats<D>(p.group);
     const dim3 grid(p.nsplit, p.H, p.B);
     auto kern = quantized ? attend_kernel<T, D, true> : attend_kernel<T, D, false>;
     if (smem > 48 * 1024) {
@@ -720,6 +852,28 @@ template <typename T, int D> struct AttendLaunch {
       if (e != cudaSuccess) return e;
     }
     kern<<<grid, kAttWarps * 32, smem, s>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T, int D> struct DecodeLaunch {
+  static cudaError_t run(DecodeParams P, bool quantized, int* nblocks_out, cudaStream_t s) {
+    constexpr size_t smem = fused_smem_bytes<D>();
+    auto kern = quantized ? decode_kernel<T, D, true> : decode_kernel<T, D, false>;
+    static bool configured[2] = {false, false};
+    if (!configured[quantized]) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+      configured[quantized] = true;
+    }
+    SelectParams& p = P.s;
+    int nblocks = blocks_per_bh(reinterpret_cast<const void*>(kern), kFusedThreads, smem, max(p.hi - p.lo, 1),
+                                p.B * p.H, 1024, kFusedChunk);
+    if (nblocks > P.max_blocks) return cudaErrorInvalidValue;
+    chunk_grid(p, nblocks);
+    nblocks = max(nblocks, 1);
+    if (nblocks_out) *nblocks_out = nblocks;
+    kern<<<dim3(nblocks, p.H, p.B), kFusedThreads, smem, s>>>(P);
     return cudaGetLastError();
   }
 };
@@ -736,8 +890,12 @@ cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblo
   return dispatch<SelectLaunch>(dt, head_dim, p, nblocks, stream);
 }
 cudaError_t attend(const AttendParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream) {
-  if (p.group > 4 * kMaxHeadsPerWarp) return cudaErrorInvalidValue;
+  if (p.group > kMaxGroup) return cudaErrorInvalidValue;
   return dispatch<AttendLaunch>(dt, head_dim, p, quantized, stream);
+}
+cudaError_t decode(const DecodeParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream) {
+  if (p.a.group > kMaxGroup || p.s.k > kFusedK || p.s.k <= 0 || p.s.hi <= p.s.lo) return cudaErrorInvalidValue;
+  return dispatch<DecodeLaunch>(dt, head_dim, p, quantized, nullptr, stream);
 }
 
 }  // namespace si
