@@ -10,9 +10,11 @@ so a 128K-token cache costs seconds, not a 128K-token prefill. Per cell, side by
 - `nvml_used_bytes`, `nvml_delta_bytes`: NVML's view of the device (every process, CUDA context included).
 
 Search cells find the largest context (at a batch) and the largest batch (at a context) whose build fits a memory
-budget (default: the device's free memory): doubling until a build runs out of memory, then bisecting. On the CPU the
-allocator and NVML views are unavailable (the records say so) and the budget is checked against nbytes plus the
-inputs of the layer being built.
+budget (default: the device's free memory): doubling until a build runs out of memory, then bisecting. A build is
+out of budget when the allocator's live bytes plus the next layer's synthetic inputs, or its peak, pass the budget
+(those inputs are real transient memory: a method holding a fixed window still needs one layer of full-length k/v
+to be built from). On the CPU the allocator and NVML views are unavailable (the records say so), the budget (64 MiB
+by default) is checked against the caches' nbytes plus the next layer's inputs.
 
 The helpers above `run` (sizes, shapes, synthetic fill, search) are shared by the kernels and throughput suites.
 """
@@ -171,11 +173,12 @@ def fill_synthetic(caches: Sequence[LayerCache], specs: Sequence[LayerSpec], bat
         del q, k, v
 
 
-def search_max(fits: Callable[[int], tuple[bool, dict]], start: int, limit: int, step: int = 1
+def search_max(fits: Callable[[int], tuple[bool, dict]], start: int, limit: int, step: int = 1, rel: float = 0.0
                ) -> tuple[int, list[dict]]:
     """Largest n in [start, limit], a multiple of `step`, with fits(n) true, assuming fitting is monotone: double from
-    `start` until a probe fails or `limit` is reached, then bisect. Returns (n, probe trail); n is 0 when even `start`
-    does not fit. `fits(n)` returns (ok, facts about the probe)."""
+    `start` until a probe fails or `limit` is reached, then bisect until the bracket is `step` wide (or, with rel > 0,
+    rel * n wide: the true answer is then below n * (1 + rel), for fewer probes). Returns (n, probe trail); n is 0
+    when even `start` does not fit. `fits(n)` returns (ok, facts about the probe)."""
     if start < 1 or step < 1 or limit < start:
         raise ValueError(f"search_max: need 1 <= start <= limit and step >= 1, got {start}, {limit}, {step}")
     trail: list[dict] = []
@@ -197,7 +200,7 @@ def search_max(fits: Callable[[int], tuple[bool, dict]], start: int, limit: int,
             break
     if hi is None:
         return lo, trail
-    while hi - lo > step:
+    while hi - lo > max(step, int(rel * lo)):
         mid = lo + max(step, (hi - lo) // 2 // step * step)
         if mid >= hi:
             break
@@ -245,17 +248,11 @@ class Budget:
         return peak
 
 
+CPU_BUDGET = 64 * 2**20  # CPU runs are small: 64 MiB of cache keeps a search to about a minute per method there
+
+
 def cpu_default_budget() -> int:
-    """On the CPU, 1/8 of the available memory, at most 1 GiB: the searches stay small and cannot swap the machine."""
-    avail = 8 * 2**30
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return min(2**30, avail // 8)
+    return CPU_BUDGET
 
 
 def release(device: torch.device) -> None:
@@ -329,7 +326,7 @@ def hold_metrics(method: Method, shape: Shape, batch: int, context: int, dtype: 
 
 
 def search_metrics(method: Method, shape: Shape, task: str, fixed: int, dtype: torch.dtype, device: torch.device,
-                   budget: Budget, limit: int, q_tail: int, seed: int) -> dict[str, Any]:
+                   budget: Budget, limit: int, q_tail: int, seed: int, rel: float = 0.0) -> dict[str, Any]:
     """task 'max_context' (batch = fixed) or 'max_batch' (context = fixed)."""
 
     def fits(n: int) -> tuple[bool, dict]:
@@ -345,13 +342,14 @@ def search_metrics(method: Method, shape: Shape, task: str, fixed: int, dtype: t
 
     if task == "max_context":
         start = 1024 if device.type == "cuda" else 256
-        best, trail = search_max(fits, start, max(start, limit), step=start)
+        best, trail = search_max(fits, start, max(start, limit), step=start, rel=rel)
     else:
-        best, trail = search_max(fits, 1, max(1, limit), step=1)
+        best, trail = search_max(fits, 1, max(1, limit), step=1, rel=rel)
     last_ok = next((p for p in reversed(trail) if p["fits"] and p["n"] == best), {})
     return {task: best, "budget_bytes": budget.limit, "search_limit": limit, "reached_limit": best >= limit,
             "nbytes_at_max": last_ok.get("nbytes"), "peak_bytes_at_max": last_ok.get("peak_bytes"),
-            "probes": trail, "fill": "synthetic", "q_tail": q_tail}
+            "probes": trail, "fill": "synthetic", "q_tail": q_tail,
+            "resolution": f"within {rel:.1%} of the answer" if rel else "exact to one step"}
 
 
 def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = False, contexts: str | None = None,
@@ -369,8 +367,9 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
                        "--contexts")
     bs = parse_sizes(batches or "1", "--batches")
     s_ctx = parse_size(search_context or ("32K" if gpu else "1K"), "--search-context")
-    ctx_limit = parse_size(max_context or ("4M" if gpu else "64K"), "--max-context")
-    batch_limit = max_batch or (4096 if gpu else 64)
+    ctx_limit = parse_size(max_context or ("4M" if gpu else "16K"), "--max-context")
+    batch_limit = max_batch or (4096 if gpu else 32)
+    rel = 0.125 if quick else 0.0  # quick: stop bisecting at 1/8 of the answer (the record says so)
     budget_obj = Budget(dev, parse_bytes(budget))
     base = {"model": shape_name, "dtype": str(dt).removeprefix("torch."), "device": dev.type}
     cells: list[Cell] = []
@@ -390,7 +389,7 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
         if c["task"] == "hold":
             return hold_metrics(cell.context, shape, c["batch"], c["context"], dt, dev, budget_obj, q_tail, seed)
         fixed, limit = (c["batch"], ctx_limit) if c["task"] == "max_context" else (c["context"], batch_limit)
-        return search_metrics(cell.context, shape, c["task"], fixed, dt, dev, budget_obj, limit, q_tail, seed)
+        return search_metrics(cell.context, shape, c["task"], fixed, dt, dev, budget_obj, limit, q_tail, seed, rel)
 
     out = Path(out)
     options = dict(model=shape_name, contexts=ctxs, batches=bs, search=search, search_batch=search_batch,
@@ -429,7 +428,8 @@ def command(
     out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder for memory.jsonl and its provenance."),
     model: str = typer.Option("auto", help="Attention shape: auto (llama-3.1-8b on GPU, the embedded model's on "
                                            "CPU), embedded, a kvbench.models.SHAPES name, or a Hugging Face id."),
-    quick: bool = typer.Option(False, help="A small grid (one context) for a fast check."),
+    quick: bool = typer.Option(False, help="A small grid (one context) and searches that stop within 1/8 of the "
+                                           "answer, for a fast check."),
     contexts: Optional[str] = typer.Option(None, help="Contexts for the 'hold' cells, e.g. 4K,32K,128K "
                                                       "(default GPU: 4K,32K,128K; CPU: 256,1K)."),
     batches: Optional[str] = typer.Option(None, help="Batch sizes for the 'hold' cells, e.g. 1,8 (default 1)."),
@@ -437,11 +437,11 @@ def command(
     search_batch: int = typer.Option(1, min=1, help="Batch at which the largest context is searched."),
     search_context: Optional[str] = typer.Option(None, help="Context at which the largest batch is searched "
                                                             "(default GPU 32K, CPU 1K)."),
-    max_context: Optional[str] = typer.Option(None, help="Upper end of the context search (default GPU 4M, CPU 64K)."),
+    max_context: Optional[str] = typer.Option(None, help="Upper end of the context search (default GPU 4M, CPU 16K)."),
     max_batch: Optional[int] = typer.Option(None, min=1, help="Upper end of the batch search (default GPU 4096, "
-                                                              "CPU 64)."),
+                                                              "CPU 32)."),
     budget: Optional[str] = typer.Option(None, help="Memory budget for a build, e.g. 40G (default: the device's "
-                                                    "free memory; CPU: 1/8 of available RAM, at most 1 GiB)."),
+                                                    "free memory; CPU: 64M)."),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
     q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill (the last "

@@ -60,6 +60,14 @@ def test_search_context_in_steps_of_1024(capacity):
     assert best % 1024 == 0
 
 
+@pytest.mark.parametrize("capacity", [50 * 2**20, 77 * 2**20, 2**30])
+def test_relative_resolution_stays_within_its_bound_with_fewer_probes(capacity):
+    exact, trail_exact = search_max(probe_with(FakeAllocator(capacity), 1024, 0), 1024, 2**22, step=1024)
+    rough, trail_rough = search_max(probe_with(FakeAllocator(capacity), 1024, 0), 1024, 2**22, step=1024, rel=0.125)
+    assert rough <= exact < rough * 1.125 + 1024 and rough % 1024 == 0
+    assert len(trail_rough) <= len(trail_exact)
+
+
 def test_search_stops_at_the_limit_when_everything_fits():
     best, trail = search_max(lambda n: (True, {}), start=1, limit=100)
     assert best == 100 and trail[-1]["n"] == 100
