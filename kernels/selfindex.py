@@ -245,9 +245,9 @@ class Workspace:
         return self.bins, self.hist, self.ctr
 
     def candidates(self, bh: int, n: int, device):
-        """Candidate buffers for the fused kernel: at most one block per 1024 tokens, and no more than a full GPU
+        """Candidate buffers for the fused kernel: at most one block per 2048 tokens, and no more than a full GPU
         (8 blocks of 256 threads per SM) unless a block would exceed FUSED_CHUNK tokens."""
-        blocks = max(-(-n // FUSED_CHUNK), min(-(-8 * sm_count(device) // bh), -(-n // 1024)), 1)
+        blocks = max(-(-n // FUSED_CHUNK), min(-(-8 * sm_count(device) // bh), -(-n // 2048)), 1)
         if self.cand_n is None or self.cand_n.numel() < bh * blocks:
             self.cand_n = torch.empty(bh * blocks, dtype=torch.int32, device=self.device)
             self.cand = torch.empty(bh * blocks * FUSED_K, dtype=torch.int32, device=self.device)

@@ -747,31 +747,37 @@ __global__ void __launch_bounds__(kFusedThreads, 4) decode_kernel(DecodeParams P
   if (!s_misc[5]) return;
   __threadfence();
 
-  // last block of (b, h): the exact top-k among all candidates
+  // last block of (b, h): the exact top-k among all candidates. One flat pass over every block's slots, so all the
+  // loads are in flight at once (a loop over blocks would pay one round trip per block).
   for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
   if (tid < 5) s_misc[tid] = 0;
+  int* s_n = s_scan;  // candidates per block, gridDim.x <= kSelThreads (checked at launch)
+  if (tid < static_cast<int>(gridDim.x)) s_n[tid] = __ldcg(&P.cand_n[bh * gridDim.x + tid]);
   __syncthreads();
   const uint32_t* all = P.cand + static_cast<int64_t>(bh) * gridDim.x * kFusedK;
-  for (int blk = 0; blk < static_cast<int>(gridDim.x); ++blk) {
-    const int n = __ldcg(&P.cand_n[bh * gridDim.x + blk]);
-    for (int i = tid; i < n; i += blockDim.x) atomicAdd(&s_hist[__ldcg(&all[blk * kFusedK + i]) >> 21], 1);
-  }
+  const int slots = gridDim.x * kFusedK;
+  for (int f = tid; f < slots; f += blockDim.x)
+    if ((f % kFusedK) < s_n[f / kFusedK]) atomicAdd(&s_hist[__ldcg(&all[f]) >> 21], 1);
   __syncthreads();
-  threshold([&](int bin) { return s_hist[bin]; }, p.k, s_scan, s_misc);
-  const int gthr = s_misc[0], g_gt = s_misc[1], g_eq = s_misc[2];
+  int* s_thr = s_misc;  // threshold() writes [0..2]; s_scan (= s_n) is free again after it
+  threshold([&](int bin) { return s_hist[bin]; }, p.k, s_scan + 0, s_thr);
+  const int gthr = s_thr[0], g_gt = s_thr[1], g_eq = s_thr[2];
+  // s_n was overwritten by threshold's scan: reload the counts into the (now free) histogram space
+  int* s_n2 = s_hist;
+  __syncthreads();
+  if (tid < static_cast<int>(gridDim.x)) s_n2[tid] = __ldcg(&P.cand_n[bh * gridDim.x + tid]);
+  __syncthreads();
   int* out_idx = p.idx + static_cast<int64_t>(bh) * p.kmax;
-  for (int blk = 0; blk < static_cast<int>(gridDim.x); ++blk) {
-    const int n = __ldcg(&P.cand_n[bh * gridDim.x + blk]);
-    for (int base = 0; base < n; base += blockDim.x) {
-      const int i = base + tid;
-      const uint32_t c = i < n ? __ldcg(&all[blk * kFusedK + i]) : 0xffffffffu;
-      const int bin = i < n ? static_cast<int>(c >> 21) : kExcluded;
-      place(bin != kExcluded && bin > gthr, bin == gthr, g_gt, g_eq, s_misc + 3, [&](int slot) {
-        const int pos = static_cast<int>(c & 0x1fffff);
-        s_idx[slot] = pos;
-        out_idx[slot] = pos;
-      });
-    }
+  for (int base = 0; base < slots; base += blockDim.x) {  // warp-uniform trip count
+    const int f = base + tid;
+    const bool live = f < slots && (f % kFusedK) < s_n2[f / kFusedK];
+    const uint32_t c = live ? __ldcg(&all[f]) : 0xffffffffu;
+    const int bin = live ? static_cast<int>(c >> 21) : kExcluded;
+    place(bin != kExcluded && bin > gthr, bin == gthr, g_gt, g_eq, s_misc + 3, [&](int slot) {
+      const int pos = static_cast<int>(c & 0x1fffff);
+      s_idx[slot] = pos;
+      out_idx[slot] = pos;
+    });
   }
   if (tid == 0) ctr[0] = 0;
   __syncthreads();
@@ -867,9 +873,10 @@ template <typename T, int D> struct DecodeLaunch {
       configured[quantized] = true;
     }
     SelectParams& p = P.s;
+    // >= 2048 tokens a block: fewer blocks, fewer candidates for the last block to merge
     int nblocks = blocks_per_bh(reinterpret_cast<const void*>(kern), kFusedThreads, smem, max(p.hi - p.lo, 1),
-                                p.B * p.H, 1024, kFusedChunk);
-    if (nblocks > P.max_blocks) return cudaErrorInvalidValue;
+                                p.B * p.H, 2048, kFusedChunk);
+    if (nblocks > P.max_blocks || nblocks > kSelThreads) return cudaErrorInvalidValue;
     chunk_grid(p, nblocks);
     nblocks = max(nblocks, 1);
     if (nblocks_out) *nblocks_out = nblocks;
