@@ -210,6 +210,85 @@ def _kivi_combine_kernel(OP, LSE, OUT, n_parts, stride_ob, stride_oh, HQ: tl.con
     tl.store(OUT + b * stride_ob + hq * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _fp16_step(x, UP: tl.constexpr):
+    """The fp16 next to x towards +inf (UP, x >= 0) or -inf, as torch.nextafter."""
+    bits = x.to(tl.int16, bitcast=True)
+    if UP:
+        return (bits + 1).to(tl.float16, bitcast=True)
+    else:
+        neg_tiny = tl.full(bits.shape, -32767, tl.int16)  # 0x8001: the negative subnormal nearest zero
+        return tl.where(x > 0, bits - 1, tl.where(x < 0, bits + 1, neg_tiny)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _kivi_append_kernel(
+    KN, VN, RK, RV, VQ, VS, VM,
+    stride_nb, stride_nh,  # the new token k, v [B, H, D]
+    s_r, s_vq, s_vs, n_tok,
+    H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr, QUANT: tl.constexpr,
+):
+    """One decode step's write, one program per (batch, KV head): when the residual is full, quantize the value of
+    token n - R (per token over groups of G channels, exactly as kivi_ref.quantize) into packed row n - R, then put
+    the new token in ring slot n % R, where token n - R was."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    offs = tl.arange(0, D)
+    ring = bh64 * s_r + (n_tok % R) * D + offs
+    if QUANT:
+        DG: tl.constexpr = D // G
+        E: tl.constexpr = 32 // BITS
+        W: tl.constexpr = D // E
+        LEVELS: tl.constexpr = (1 << BITS) - 1
+        x = tl.reshape(tl.load(RV + ring).to(tl.float32), (DG, G))
+        lo = tl.min(x, 1)
+        hi = tl.max(x, 1)
+        mn = lo.to(tl.float16)
+        mn = tl.where(mn.to(tl.float32) > lo, _fp16_step(mn, False), mn)
+        want = tl.math.div_rn(hi - mn.to(tl.float32), tl.full(hi.shape, LEVELS, tl.float32))
+        scale = want.to(tl.float16)
+        scale = tl.where(scale.to(tl.float32) < want, _fp16_step(scale, True), scale)
+        safe = tl.where(scale > 0, scale.to(tl.float32), 1.0)
+        y = tl.math.div_rn(x - mn.to(tl.float32)[:, None], tl.broadcast_to(safe[:, None], (DG, G)))
+        y = (y + 8388608.0) - 8388608.0  # round half to even, as torch.round (exact for 0 <= y < 2^22)
+        codes = tl.minimum(tl.maximum(y, 0.0), LEVELS).to(tl.int32)
+        shift = tl.arange(0, E) * BITS
+        words = tl.reduce(tl.reshape(codes, (W, E)) << shift[None, :], 1, _or)
+        row = (n_tok - R).to(tl.int64)
+        tl.store(VQ + bh64 * s_vq + row * W + tl.arange(0, W), words)
+        tl.store(VS + bh64 * s_vs + row * DG + tl.arange(0, DG), scale)
+        tl.store(VM + bh64 * s_vs + row * DG + tl.arange(0, DG), mn)
+        tl.debug_barrier()  # the old value is read before its slot is overwritten
+    tl.store(RK + ring, tl.load(KN + b * stride_nb + h * stride_nh + offs))
+    tl.store(RV + ring, tl.load(VN + b * stride_nb + h * stride_nh + offs))
+
+
+def append_one(kv: PackedKV, k: torch.Tensor, v: torch.Tensor) -> None:
+    """kv.append(k, v) for one token, k and v [B, H, 1, D]: one kernel packs the value leaving the residual and writes
+    the token into the ring; once every R steps a completed key block is packed by the reference."""
+    B, H, _, D = k.shape
+    n, R = kv.n, kv.residual
+    quant = n >= R
+    kv.reserve((n + 1) // R * R, max(0, n + 1 - R))
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    _kivi_append_kernel[(B * H,)](
+        k, v, kv.rk, kv.rv, kv.vq if quant else kv.rk, kv.vs if quant else kv.rk, kv.vm if quant else kv.rk,
+        k.stride(0), k.stride(1), kv.rk.stride(1), kv.vq.stride(1), kv.vs.stride(1), n,
+        H=H, D=D, BITS=kv.bits, G=kv.group, R=R, QUANT=quant, num_warps=1,
+    )
+    kv.n = n + 1
+    if kv.n % R == 0:  # keys n + 1 - R .. n fill the ring, in slot order
+        kv.pack_keys(kv.rk, kv.n - R)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":

@@ -178,28 +178,42 @@ class PackedKV:
             parts.append(new[:, :, max(start, self.n) - self.n : end - self.n])
         return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
+    def reserve(self, nk: int, nv: int) -> None:
+        """Room for nk packed keys and nv packed values (buffers grow in steps; nothing happens when they fit)."""
+        G = self.group
+        cap = _capacity(self.kq.shape[2], nk, self.residual)
+        self.kq, self.ks, self.km = _resized(self.kq, cap), _resized(self.ks, cap // G), _resized(self.km, cap // G)
+        cap = _capacity(self.vq.shape[2], nv, 1)
+        self.vq, self.vs, self.vm = _resized(self.vq, cap), _resized(self.vs, cap), _resized(self.vm, cap)
+
+    def pack_keys(self, k: torch.Tensor, start: int) -> None:
+        """Quantize keys k [B, H, N, D] of tokens start .. start + N - 1 (whole groups) into their reserved rows."""
+        G, end = self.group, start + k.shape[2]
+        words, scale, mn = quantize_keys(k, self.bits, G)
+        self.kq[:, :, start:end] = words
+        self.ks[:, :, start // G : end // G] = scale
+        self.km[:, :, start // G : end // G] = mn
+
+    def pack_values(self, v: torch.Tensor, start: int) -> None:
+        """Quantize values v [B, H, N, D] of tokens start .. start + N - 1 into their reserved rows."""
+        end = start + v.shape[2]
+        words, scale, mn = quantize_values(v, self.bits, self.group)
+        self.vq[:, :, start:end] = words
+        self.vs[:, :, start:end] = scale
+        self.vm[:, :, start:end] = mn
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write tokens n .. n + T - 1 (k, v [B, H, T, D]): quantize the keys of every completed block of R tokens and
         the values that leave the last R, then put the newest min(n + T, R) tokens in the ring."""
-        T, R, G = k.shape[2], self.residual, self.group
+        T, R = k.shape[2], self.residual
         nk, nv = self.nk, self.nv
         end = self.n + T
         nk2, nv2 = end // R * R, max(0, end - R)
+        self.reserve(nk2, nv2)
         if nk2 > nk:
-            cap = _capacity(self.kq.shape[2], nk2, R)
-            self.kq = _resized(self.kq, cap)
-            self.ks, self.km = _resized(self.ks, cap // G), _resized(self.km, cap // G)
-            words, scale, mn = quantize_keys(self._tokens(self.rk, k, nk, nk2), self.bits, G)
-            self.kq[:, :, nk:nk2] = words
-            self.ks[:, :, nk // G : nk2 // G] = scale
-            self.km[:, :, nk // G : nk2 // G] = mn
+            self.pack_keys(self._tokens(self.rk, k, nk, nk2), nk)
         if nv2 > nv:
-            cap = _capacity(self.vq.shape[2], nv2, 1)
-            self.vq, self.vs, self.vm = _resized(self.vq, cap), _resized(self.vs, cap), _resized(self.vm, cap)
-            words, scale, mn = quantize_values(self._tokens(self.rv, v, nv, nv2), self.bits, G)
-            self.vq[:, :, nv:nv2] = words
-            self.vs[:, :, nv:nv2] = scale
-            self.vm[:, :, nv:nv2] = mn
+            self.pack_values(self._tokens(self.rv, v, nv, nv2), nv)
         # the newest min(end, R) tokens go to the ring, token t in slot t % R
         first = max(self.n, end - R)
         src_k, src_v = k[:, :, first - self.n :], v[:, :, first - self.n :]

@@ -99,15 +99,17 @@ class KiviLayer(LayerCache):
         return dense_attention(q, k, v, causal=True)
 
     def extend(self, q, k, v):
-        if q.shape[2] == 1 and self.use_triton:
+        if q.shape[2] == 1 and self.use_triton:  # a decode step: attention on the packed words, then a fused write
             from kvbench.kernels import kivi as kernel
 
             out = kernel.decode_attention(q, self.kv, k, v)
+            kernel.append_one(self.kv, k, v)
             self.last = "triton"
-        else:  # a question chunk, or the reference: dequantize, then dense attention
-            out = kivi_ref.attention_ref(q, self.kv, k, v)
-            self.last = "torch"
+            return out
+        # a question chunk, or the reference: dequantize, then dense attention
+        out = kivi_ref.attention_ref(q, self.kv, k, v)
         self.kv.append(k, v)
+        self.last = "torch"
         return out
 
     def nbytes(self) -> int:

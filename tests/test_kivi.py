@@ -227,7 +227,23 @@ INTERPRETER_CHECK = textwrap.dedent("""
                     tol = 1e-5 if dtype == torch.float32 else 2e-3
                     torch.testing.assert_close(out, want, atol=tol, rtol=tol)
                     worst = max(worst, (out.float() - want.float()).abs().max().item())
-    # the method's decode path runs the kernel too
+    # the fused one-token write packs exactly what the reference packs
+    from kvbench.kernels.kivi import append_one
+    for dtype in (torch.float32, torch.bfloat16):
+        for B, H, D, bits, G, R in ((2, 2, 32, 2, 16, 32), (1, 3, 64, 4, 32, 64)):
+            a, b = (PackedKV.empty(B, H, D, dtype, "cpu", bits, G, R) for _ in range(2))
+            k = (torch.randn(B, H, 100, D) * 3 + 1).to(dtype)
+            v = (torch.randn(B, H, 100, D) * torch.linspace(0.1, 5, D)).to(dtype)
+            v[:, :, 40, :16] = 0.75  # a constant group: scale 0
+            a.append(k[:, :, :5], v[:, :, :5]), b.append(k[:, :, :5], v[:, :, :5])
+            for t in range(5, 100):
+                a.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+                append_one(b, k[:, :, t : t + 1], v[:, :, t : t + 1])
+            assert (a.n, a.nk, a.nv) == (b.n, b.nk, b.nv)
+            for name, rows in (("kq", a.nk), ("ks", a.nk // G), ("km", a.nk // G), ("vq", a.nv), ("vs", a.nv),
+                               ("vm", a.nv), ("rk", R), ("rv", R)):
+                assert torch.equal(getattr(a, name)[:, :, :rows], getattr(b, name)[:, :, :rows]), name
+    # the method's decode path runs the kernels too
     layer = parse_method("kivi:impl=triton,residual=32,group=16").make_layer(
         LayerSpec(0, 1, 4, 2, 32, torch.float32, torch.device("cpu")))
     layer.prefill(torch.randn(1, 4, 70, 32), torch.randn(1, 2, 70, 32), torch.randn(1, 2, 70, 32))
@@ -287,6 +303,25 @@ def test_triton_kernel_matches_reference_on_gpu(shape, dtype, bits):
         exact = naive_attention(q.cpu(), torch.cat([kv.keys(), *args[:1]], 2).cpu(),
                                 torch.cat([kv.values(), *args[1:]], 2).cpu())
         assert (out.cpu().double() - exact).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fused_write_packs_what_the_reference_packs_on_gpu(dtype, bits):
+    from kvbench.kernels.kivi import append_one
+
+    torch.manual_seed(5)
+    B, H, D, R = 3, 8, 128, 128
+    a, b = (ref.PackedKV.empty(B, H, D, dtype, "cuda", bits, 32, R) for _ in range(2))
+    k, v = rand_kv(B, H, 600, D, dtype, "cuda")
+    a.append(k[:, :, :300], v[:, :, :300]), b.append(k[:, :, :300], v[:, :, :300])
+    for t in range(300, 600):
+        a.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        append_one(b, k[:, :, t : t + 1], v[:, :, t : t + 1])
+    for name, rows in (("kq", a.nk), ("ks", a.nk // 32), ("km", a.nk // 32), ("vq", a.nv), ("vs", a.nv),
+                       ("vm", a.nv), ("rk", R), ("rv", R)):
+        assert torch.equal(getattr(a, name)[:, :, :rows], getattr(b, name)[:, :, :rows]), name
 
 
 @pytest.mark.gpu
