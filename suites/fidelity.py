@@ -1,0 +1,148 @@
+"""Attention fidelity: how close a method's decode attention is to full attention, on the model's real queries and keys.
+
+`Fidelity(inner)` is an internal wrapper Method (not registered). Each of its layers holds the inner method's
+LayerCache and a `full` FullLayer fed the same q/k/v. The model runs on the inner method's outputs, so the task score is
+the method's own; at every decode step (an extend of one token) the wrapper also computes full attention over every
+token seen and compares.
+
+Definitions, per layer, decode step, batch row b and KV head g (T = tokens seen, the new one included):
+- P[t] = mean over the query heads h of group g of softmax_t(q_h . k_t / sqrt(D)): full attention's probabilities,
+  averaged over the GQA group (a method selects one token set per KV head, shared by its query heads).
+- S = the positions the method attended on this step, from `LayerCache.attended()` ([B, Hkv, N]; None = all T;
+  negative entries are padding; repeats count once); k = |S|.
+- topk_recall = |{t in S : P[t] >= P_(k)}| / k, with P_(k) the k-th largest P: the share of the exact top-k tokens
+  the method attended (ties at the k-th value count as hits). 1 when the method attends every token.
+- attn_mass = sum over t in S of P[t]: the share of full attention's probability mass on the attended tokens.
+- out_rel_err = ||o_method - o_full|| / ||o_full|| over D, per query head: relative error of the attention output
+  against full attention over the uncompressed cache (for quantizing methods this is the error that selection alone
+  would not show).
+- attended_frac = k / T.
+Each is averaged over decode steps, batch rows and heads per layer (`<metric>_layers`, one value per layer), and over
+layers (`<metric>`). Prefill and multi-token extends (a question chunk) are fed to both caches but not measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.api import LayerCache, LayerSpec, Method
+from kvbench.methods.full import FullLayer
+
+METRICS = ("topk_recall", "attn_mass", "out_rel_err", "attended_frac")
+
+
+class FidelityStats:
+    """Per-layer sums of the metrics over decode steps, batch rows and heads."""
+
+    def __init__(self):
+        self.sums: dict[int, dict[str, float]] = {}
+        self.counts: dict[int, dict[str, int]] = {}
+
+    def add(self, layer: int, name: str, values: torch.Tensor) -> None:
+        s = self.sums.setdefault(layer, dict.fromkeys(METRICS, 0.0))
+        c = self.counts.setdefault(layer, dict.fromkeys(METRICS, 0))
+        s[name] += float(values.double().sum())
+        c[name] += values.numel()
+
+    def steps(self) -> int:
+        return max((c["topk_recall"] for c in self.counts.values()), default=0)
+
+    def summary(self) -> dict[str, float | list[float]]:
+        """{metric: mean over layers, metric_layers: per-layer means}; empty when no decode step was measured."""
+        if not self.counts:
+            return {}
+        layers = sorted(self.counts)
+        out: dict[str, float | list[float]] = {}
+        for m in METRICS:
+            per = [self.sums[i][m] / self.counts[i][m] for i in layers if self.counts[i][m]]
+            out[f"{m}_layers"] = [round(x, 6) for x in per]
+            out[m] = round(sum(per) / len(per), 6) if per else None
+        return out
+
+
+def step_metrics(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, ref: torch.Tensor,
+                 attended: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Fidelity of one decode step. q [B, Hq, 1, D]; keys [B, Hkv, T, D] (every token, logical order); out, ref
+    [B, Hq, 1, D] (the method's and full attention's outputs); attended [B, Hkv, N] positions or None (all).
+    Returns topk_recall, attn_mass, attended_frac [B, Hkv] and out_rel_err [B, Hq]."""
+    B, Hq, _, D = q.shape
+    Hkv, T = keys.shape[1], keys.shape[2]
+    ref32 = ref.float()
+    err = (out.float() - ref32).norm(dim=-1).squeeze(-1) / ref32.norm(dim=-1).squeeze(-1).clamp(min=1e-12)  # [B, Hq]
+    if attended is None:  # every token attended: nothing missed, all the mass kept
+        ones = torch.ones(B, Hkv, device=q.device)
+        return dict(topk_recall=ones, attn_mass=ones, out_rel_err=err, attended_frac=ones)
+    g = Hq // Hkv
+    logits = (q.float().view(B, Hkv, g, D) @ keys.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, g, T]
+    p = torch.softmax(logits, dim=-1).mean(dim=2)  # [B, Hkv, T]: GQA-mean probabilities
+    pos = attended.to(p.device).long()
+    valid = (pos >= 0) & (pos < T)
+    chosen = torch.zeros(B, Hkv, T + 1, dtype=torch.bool, device=p.device)
+    chosen.scatter_(-1, torch.where(valid, pos, T), True)  # invalid entries land in a spare slot
+    chosen = chosen[..., :T]
+    k = chosen.sum(-1)  # [B, Hkv]
+    top = p.topk(max(1, int(k.max())), dim=-1).values
+    kth = top.gather(-1, (k - 1).clamp(min=0)[..., None])  # the k-th largest probability
+    hits = (chosen & (p >= kth)).sum(-1).minimum(k)
+    recall = torch.where(k > 0, hits / k.clamp(min=1), torch.zeros_like(p[..., 0]))
+    mass = (p * chosen).sum(-1)
+    return dict(topk_recall=recall, attn_mass=mass, out_rel_err=err, attended_frac=k / T)
+
+
+class FidelityLayer(LayerCache):
+    """The inner method's cache, shadowed by a full cache; the model sees the inner cache's outputs."""
+
+    def __init__(self, inner: LayerCache, spec: LayerSpec, stats: FidelityStats):
+        self.inner, self.spec, self.stats = inner, spec, stats
+        self.full = FullLayer(spec, grow=256)
+
+    def prefill(self, q, k, v):
+        out = self.inner.prefill(q, k, v)
+        self.full.prefill(q[:, :, -1:], k, v)  # only stores k/v: one query keeps its attention cheap
+        return out
+
+    def extend(self, q, k, v):
+        out = self.inner.extend(q, k, v)
+        if q.shape[2] != 1:
+            self.full.extend(q[:, :, -1:], k, v)
+            return out
+        ref = self.full.extend(q, k, v)
+        m = step_metrics(q, self.full.keys(), out, ref, self.inner.attended())
+        for name, values in m.items():
+            self.stats.add(self.spec.layer_idx, name, values)
+        return out
+
+    # what the method holds and reports, not the shadow cache
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
+    def seq_len(self) -> int:
+        return self.inner.seq_len()
+
+    def attended(self):
+        return self.inner.attended()
+
+    def info(self):
+        return self.inner.info()
+
+
+@dataclass(frozen=True)
+class Fidelity(Method):
+    """fidelity: run `inner` and measure its decode attention against full attention (internal, not registered).
+
+    Parameters
+    ----------
+    inner : Method
+        The method under test; its outputs drive the model.
+    stats : FidelityStats
+        Where the per-layer metrics accumulate; read them with `stats.summary()`.
+    """
+
+    name = "fidelity"
+    inner: Method = None
+    stats: FidelityStats = field(default_factory=FidelityStats, compare=False)
+
+    def make_layer(self, spec: LayerSpec) -> LayerCache:
+        return FidelityLayer(self.inner.make_layer(spec), spec, self.stats)
