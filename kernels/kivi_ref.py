@@ -13,9 +13,10 @@ Word w of a row holds channels w*E .. w*E + E - 1, channel w*E + e in bits [e*b,
 loads fetch whole rows and unpacking is shifts and masks in registers.
 
 Of T tokens seen, keys [0, Nk) are packed with Nk = R * floor(T / R): the key residual grows to R tokens and is then
-quantized as one block (R is a multiple of G). Values [0, Nv) are packed with Nv = max(0, T - R): the oldest value leaves
-the residual at every step, so exactly R stay in full precision. The rest is read from the ring. These are the rules of
-the authors' code (github.com/jy-yuan/KIVI, models/llama_kivi.py), prefill included.
+quantized as one block (R is a multiple of G). Values [0, Nv) are packed with Nv = max(0, T - R): the oldest value
+leaves the residual at every step, so exactly R stay in full precision. The rest is read from the ring. These are the
+rules of the authors' code (github.com/jy-yuan/KIVI, models/llama_kivi.py), prefill included; as there, a step attends
+before its own token is written, so it sees R + 1 full-precision values.
 """
 
 from __future__ import annotations
