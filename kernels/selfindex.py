@@ -211,6 +211,10 @@ def cuda_ops():
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
 FUSED_K = 256  # the fused decode kernel serves steps that select 1..FUSED_K tokens (csrc/selfindex.h kFusedK)
 FUSED_CHUNK = 16384  # tokens a fused block scores at most
+# The fused one-launch kernel is exact (GPU parity tests) but slower than the split path on an H100: its single-block
+# tail (merge + attention) is latency-bound (2026-11-22: 65.7 vs 47.7 us at 32K x 8, 117 vs 101 us at 128K x 8,
+# benchmarks/selfindex_paths.py). Kept, tested and benchmarked; off by default.
+FUSED = False
 
 
 class Workspace:

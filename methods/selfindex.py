@@ -281,7 +281,7 @@ class SelfIndexLayer(LayerCache):
     def _attention(self, q: torch.Tensor) -> torch.Tensor:
         """Select, then attend: q [B, Hq, D] -> [B, Hq, D] in q's dtype, over the current state."""
         K = self.n_select()
-        if self._use_cuda(q) and 0 < K <= ops.FUSED_K:  # one launch does it all (csrc/selfindex.cu decode_kernel)
+        if self._use_cuda(q) and 0 < K <= ops.FUSED_K and ops.FUSED:  # one launch does it all (csrc/selfindex.cu decode_kernel)
             B, Hq, D = q.shape
             H = self.spec.n_kv_heads
             lo, hi = self.selectable()
@@ -292,7 +292,7 @@ class SelfIndexLayer(LayerCache):
             out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
             ops.cuda_ops().decode(q, self.cb, self.signs, self.excl, lo, hi, K, self.fk, self.fv, self.fpos,
                                   self.kmag, self.kscale, self.vq, self.vscale, self.chmax, self.mu, self.kfull,
-                                  self.vfull, ctr, cand, cand_n, idx, out)
+                                  self.vfull, ctr, cand, cand_n, idx, out, 0)
             self.last_idx = idx
             return out
         idx = self._select(q)

@@ -17,6 +17,11 @@ namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
 
+// Programmatic dependent launch (Hopper): a kernel launched with the attribute may start while its predecessor
+// drains; it must wait before reading what the predecessor writes. Both are no-ops without the attribute.
+__device__ __forceinline__ void wait_for_predecessor() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void allow_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
+
 template <typename T> struct Vec;
 template <> struct Vec<__half> {
   static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
@@ -379,6 +384,7 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   __shared__ int s_scan[kSelThreads];
   __shared__ int s_last;
   const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h, tid = threadIdx.x;
+  allow_dependents();
   for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
   build_lut<T, D>(p, b, h, s_q, s_lut, s_lut8, s_red);
   const int t0 = p.lo + blockIdx.x * p.chunk;
@@ -406,6 +412,8 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
 // tokens above the threshold bin all go in; ties in it fill what is left, in any order. 8 bins (16 bytes) a load.
 __global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
   const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
+  allow_dependents();
+  wait_for_predecessor();  // the score kernel's bins and threshold
   int* ctr = p.ctr + bh * kCounters;
   const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
   const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
@@ -521,7 +529,7 @@ __device__ __forceinline__ void stage(const Raw<NCH>& r, float* kr, float* vr, c
 
 template <int D>
 __host__ __device__ constexpr int attn_smem_floats(int group) {
-  return group * D + kTile * (D + 1) + kTile * D + D + 16 + kTile;  // q, K, V, chmax, bias, flags
+  return group * D + 2 * kTile * (D + 1) + D + 16 + kTile;  // q, K, V (rows padded: no bank conflicts), chmax, ...
 }
 
 // Tokens [j_begin, j_end) of the list "full-precision slots, then sel[]" for KV head (b, h). Leaves each warp's
@@ -536,12 +544,11 @@ struct TileAttention {
     float* s_q = smem;
     float* s_k = s_q + p.group * D;
     float* s_v = s_k + kTile * (D + 1);
-    float* s_chm = s_v + kTile * D;
+    float* s_chm = s_v + kTile * (D + 1);
     float* s_bias = s_chm + D;
     int* s_flag = reinterpret_cast<int*>(s_bias + 16);
     const int c_lo = warp * NCH;
     Raw<NCH> next;
-    fetch<T, D, QUANT, NCH>(next, p, bh, j_begin + lane, j_end, c_lo, sel);  // in flight during the setup
     for (int i = tid; i < p.group * D; i += blockDim.x) {
       const int hh = i / D, d = i % D;
       const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h * p.group + hh) * p.q_sh + d;
@@ -559,6 +566,8 @@ struct TileAttention {
         if (lane == 0) s_bias[hh] = a;
       }
     }
+    wait_for_predecessor();  // the selection (split path); a no-op in the fused kernel
+    fetch<T, D, QUANT, NCH>(next, p, bh, j_begin + lane, j_end, c_lo, sel);
 #pragma unroll
     for (int r = 0; r < HPW; ++r) {
       m[r] = -INFINITY;
@@ -567,7 +576,7 @@ struct TileAttention {
       for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
     }
     for (int tile = j_begin; tile < j_end; tile += kTile) {
-      stage<T, NCH>(next, s_k + lane * (D + 1) + c_lo, s_v + lane * D + c_lo, s_chm + c_lo);
+      stage<T, NCH>(next, s_k + lane * (D + 1) + c_lo, s_v + lane * (D + 1) + c_lo, s_chm + c_lo);
       if (warp == 0) s_flag[lane] = next.flag;
       if (tile + kTile < j_end) fetch<T, D, QUANT, NCH>(next, p, bh, tile + kTile + lane, j_end, c_lo, sel);
       __syncthreads();
@@ -602,7 +611,7 @@ struct TileAttention {
 #pragma unroll 8
         for (int t = 0; t < kTile; ++t) {
           const float pt = __shfl_sync(kFull, pr, t);
-          const float* vr = s_v + t * D + lane;
+          const float* vr = s_v + t * (D + 1) + lane;
 #pragma unroll
           for (int c = 0; c < C; ++c) acc[r][c] += pt * vr[32 * c];
         }
@@ -739,6 +748,7 @@ __global__ void __launch_bounds__(kFusedThreads, 4) decode_kernel(DecodeParams P
   }
   __syncthreads();
   if (tid == 0) P.cand_n[bh * gridDim.x + blockIdx.x] = min(s_misc[3], n_gt) + min(s_misc[4], need_eq);
+  if (P.ablate & 1) return;  // benchmarking: scoring and local candidates only
   __threadfence();
   __syncthreads();
   int* ctr = p.ctr + bh * kCounters;
@@ -781,6 +791,7 @@ __global__ void __launch_bounds__(kFusedThreads, 4) decode_kernel(DecodeParams P
   }
   if (tid == 0) ctr[0] = 0;
   __syncthreads();
+  if (P.ablate & 2) return;  // benchmarking: no attention
 
   TileAttention<T, D, QUANT, kFusedWarps> att;
   att.run(P.a, b, h, 0, P.a.F + p.k, s_idx, smem);
@@ -815,6 +826,22 @@ template <typename T, int D> struct AppendLaunch {
   }
 };
 
+// Launch `kern` so that it may start while the previous kernel on the stream drains (it waits in the kernel).
+template <typename P>
+cudaError_t launch_dependent(void (*kern)(P), dim3 grid, dim3 block, size_t smem, cudaStream_t s, const P& p) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kern, p);
+}
+
 // Blocks per (b, h) for a scoring grid: one full wave when the tokens allow (a partial second wave would cost up to a
 // whole block's time), at least min_tokens per block, at most max_tokens.
 inline int blocks_per_bh(const void* kernel, int threads, size_t smem, int n, int bh, int min_tokens, int max_tokens) {
@@ -843,8 +870,7 @@ template <typename T, int D> struct SelectLaunch {
     score_kernel<T, D><<<grid, kSelThreads, 0, s>>>(p);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    select_kernel<<<grid, kSelThreads, 0, s>>>(p);
-    return cudaGetLastError();
+    return launch_dependent(select_kernel, grid, dim3(kSelThreads), 0, s, p);
   }
 };
 
@@ -857,8 +883,7 @@ template <typename T, int D> struct AttendLaunch {
       cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (e != cudaSuccess) return e;
     }
-    kern<<<grid, kAttWarps * 32, smem, s>>>(p);
-    return cudaGetLastError();
+    return launch_dependent(kern, grid, dim3(kAttWarps * 32), smem, s, p);
   }
 };
 

@@ -83,6 +83,7 @@ struct DecodeParams {
   uint32_t* cand;                               // workspace [B, H, max_blocks, kFusedK]
   int* cand_n;                                  // workspace [B, H, max_blocks]
   int max_blocks;                               // blocks per (b, h) the workspace holds
+  int ablate;                                   // benchmarking only: bit 0 scoring only, bit 1 no attention
 };
 
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);

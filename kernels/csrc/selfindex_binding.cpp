@@ -190,7 +190,7 @@ void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, int64_t k, 
 // fused path (1 <= k <= 256): score, select and attend in one launch
 void decode(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor fk, Tensor fv,
             Tensor fpos, Opt kmag, Opt kscale, Opt vq, Opt vscale, Opt chmax, Opt mu, Opt kfull, Opt vfull,
-            Tensor ctr, Tensor cand, Tensor cand_n, Tensor idx, Tensor out) {
+            Tensor ctr, Tensor cand, Tensor cand_n, Tensor idx, Tensor out, int64_t ablate) {
   TORCH_CHECK(k >= 1 && k <= si::kFusedK, "the fused decode selects 1 to ", si::kFusedK, " tokens");
   si::DecodeParams p{};
   p.s = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
@@ -201,6 +201,7 @@ void decode(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi,
   p.max_blocks = static_cast<int>(cand_n.numel() / bh);
   TORCH_CHECK(p.max_blocks >= 1 && cand.numel() >= cand_n.numel() * si::kFusedK, "candidate workspace too small");
   p.cand = reinterpret_cast<uint32_t*>(cand.data_ptr()); p.cand_n = cand_n.data_ptr<int>();
+  p.ablate = static_cast<int>(ablate);
   ok(si::decode(p, dtype_of(q), q.size(2), kmag.has_value(), at::cuda::getCurrentCUDAStream()), "decode");
 }
 
