@@ -61,8 +61,8 @@ class SnapKV(Method):
         H, T = k.shape[1], k.shape[2]
         C = min(budget_tokens(self.capacity, T), T)
         w = min(self.window, Tq)
-        if C <= w:  # no room beyond the window: keep the most recent C tokens
-            return torch.arange(T - C, T, device=k.device).expand(B, H, C)
+        if C == T or C <= w:  # everything fits, or no room beyond the window: keep the most recent C tokens
+            return torch.arange(T - C, T, device=k.device).expand(B, H, C).contiguous()
         votes = torch.stack([self.votes(q[b, :, Tq - w:], k[b]) for b in range(B)])  # [B, Hkv, T - w]
         top = votes.topk(C - w, dim=-1).indices.sort(-1).values
         window = torch.arange(T - w, T, device=k.device).expand(B, H, w)
@@ -90,7 +90,6 @@ class SnapKVLayer(LayerCache):
         self.kept: FullLayer | None = None  # the kept tokens (and later ones), stored and attended as `full` does
         self.positions: torch.Tensor | None = None  # [B, Hkv, C] logical positions of the prompt tokens kept
         self.prompt_len = 0
-        self.n = 0
 
     def prefill(self, q, k, v):
         out = dense_attention(q, k, v, causal=True)  # prefill is dense: the model's output does not change
@@ -98,11 +97,10 @@ class SnapKVLayer(LayerCache):
         idx = keep[..., None].expand(-1, -1, -1, k.shape[3])
         self.kept = FullLayer(self.spec, GROW)
         self.kept._append(k.gather(2, idx), v.gather(2, idx))
-        self.positions, self.prompt_len, self.n = keep, k.shape[2], k.shape[2]
+        self.positions, self.prompt_len = keep, k.shape[2]
         return out
 
     def extend(self, q, k, v):
-        self.n += k.shape[2]
         return self.kept.extend(q, k, v)  # appended after the kept tokens, attended densely (causal within chunks)
 
     def nbytes(self) -> int:
@@ -111,12 +109,14 @@ class SnapKVLayer(LayerCache):
         return self.kept.nbytes() + self.positions.numel() * self.positions.element_size()
 
     def seq_len(self) -> int:
-        return self.n
+        if self.kept is None:
+            return 0
+        return self.prompt_len + self.kept.seq_len() - self.positions.shape[-1]  # the prompt, then all that followed
 
     def attended(self) -> torch.Tensor | None:
         """The kept prompt positions, then every position after the prompt: [B, Hkv, N]."""
         B, H, _ = self.positions.shape
-        later = torch.arange(self.prompt_len, self.n, device=self.positions.device).expand(B, H, -1)
+        later = torch.arange(self.prompt_len, self.seq_len(), device=self.positions.device).expand(B, H, -1)
         return torch.cat([self.positions, later], -1)
 
     def info(self):

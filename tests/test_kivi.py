@@ -375,15 +375,20 @@ def test_through_the_bridge_on_a_tiny_model():
     assert cache.nbytes() < full.nbytes()
 
 
+def story_ids(tok) -> torch.Tensor:
+    """A chat prompt of ~200 tokens: a short story repeated, then a question whose answer is not in it."""
+    story = ("Anna lives in a small village by the sea. Every morning she walks her dog to the harbour, where the "
+             "fishermen sell the night's catch. ") * 6
+    return tok.apply_chat_template([{"role": "user", "content": story + "What is the capital of France?"}],
+                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+
+
 @pytest.mark.slow
 def test_generates_sensible_text_on_the_embedded_model(embedded):
     from kvbench.bridge import attach
 
     model, tok = embedded
-    story = ("Anna lives in a small village by the sea. Every morning she walks her dog to the harbour, where the "
-             "fishermen sell the night's catch. ") * 6
-    ids = tok.apply_chat_template([{"role": "user", "content": story + "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = story_ids(tok)
     assert ids.shape[1] > 2 * 32  # long enough that keys and values are quantized
     for spec in ("kivi:residual=32", "kivi:bits=4,residual=32"):
         cache = attach(model, parse_method(spec))

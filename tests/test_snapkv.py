@@ -161,12 +161,10 @@ def test_through_the_bridge_on_a_tiny_model():
 @pytest.mark.slow
 def test_generates_sensible_text_on_the_embedded_model(embedded):
     from kvbench.bridge import attach
+    from test_kivi import story_ids
 
     model, tok = embedded
-    story = ("Anna lives in a small village by the sea. Every morning she walks her dog to the harbour, where the "
-             "fishermen sell the night's catch. ") * 6
-    ids = tok.apply_chat_template([{"role": "user", "content": story + "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = story_ids(tok)
     cache = attach(model, parse_method("snapkv:capacity=64"))
     out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
