@@ -355,16 +355,24 @@ def tiny_model():
     return AutoModelForCausalLM.from_config(tiny_config()).eval()
 
 
-def test_through_the_bridge_on_a_tiny_model():
+def token_identical_to_full(spec: str):
+    """On the tiny model, `spec` (set to drop and quantize nothing) generates the very tokens `full` does. Returns
+    (model, prompt ids [2, 100], full's cache) for further checks."""
     from kvbench.bridge import attach
 
     model = tiny_model()
     ids = torch.randint(0, 1000, (2, 100))
     full = attach(model, parse_method("full"))
     ref_out = model.generate(ids, past_key_values=full, max_new_tokens=8, do_sample=False)
-    # nothing quantized while every token fits in the residual: token-identical to full
-    cache = attach(model, parse_method("kivi:residual=128"))
+    cache = attach(model, parse_method(spec))
     assert torch.equal(model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False), ref_out)
+    return model, ids, full
+
+
+def test_through_the_bridge_on_a_tiny_model():
+    from kvbench.bridge import attach
+
+    model, ids, full = token_identical_to_full("kivi:residual=128")  # every token fits in the residual
     # quantized: prefill, decode steps, then a question chunk; it holds less than full
     cache = attach(model, parse_method("kivi:residual=32"))
     out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)

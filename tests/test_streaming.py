@@ -61,14 +61,9 @@ def test_bad_parameters_fail_on_construction():
 
 def test_through_the_bridge_on_a_tiny_model():
     from kvbench.bridge import attach
-    from test_kivi import tiny_model
+    from test_kivi import token_identical_to_full
 
-    model = tiny_model()
-    ids = torch.randint(0, 1000, (2, 100))
-    full = attach(model, parse_method("full"))
-    ref_out = model.generate(ids, past_key_values=full, max_new_tokens=8, do_sample=False)
-    cache = attach(model, parse_method("streaming:window=200"))  # everything fits: token-identical to full
-    assert torch.equal(model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False), ref_out)
+    model, ids, full = token_identical_to_full("streaming:window=200")  # everything fits
     cache = attach(model, parse_method("streaming:window=28"))
     out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
