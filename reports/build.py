@@ -167,6 +167,8 @@ def _escape_strings(x: Any) -> Any:
 def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, bool) or v is None:
         return str(v)
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        v = int(v)  # a batch of 4.0 reads as 4
     if isinstance(v, float):
         if v != 0 and (abs(v) >= 1e6 or abs(v) < 1e-3):
             return f"{v:.{digits - 1}e}"
@@ -269,8 +271,9 @@ def summary_table(records: list[dict]) -> str:
             top = max(kd, key=lambda r: (cell(r, "context") or 0, cell(r, "batch") or 0))
             sp = [metric(r, "speedup_vs_full") for r in kd]
             cells_html.append(f"<b>{metric(top, 'speedup_vs_full'):.2f}×</b> {_src([top])} at "
-                              f"{E(str(cell(top, 'context')))} tokens × batch {E(str(cell(top, 'batch')))}"
-                              f"<br><span class='n'>range {min(sp):.2f}–{max(sp):.2f}× over {len(sp)} cells</span>")
+                              f"{E(_fmt(cell(top, 'context')))} tokens × batch {E(_fmt(cell(top, 'batch')))}"
+                              + (f"<br><span class='n'>range {min(sp):.2f}–{max(sp):.2f}× over {len(sp)} cells</span>"
+                                 if len(sp) > 1 else ""))
         else:
             cells_html.append("–")
         # end-to-end decode throughput: the best cell
@@ -279,8 +282,8 @@ def summary_table(records: list[dict]) -> str:
             best = max(tg, key=lambda r: metric(r, "decode_tok_s"))
             ttft = [metric(r, "ttft_s") for r in tg if metric(r, "ttft_s") is not None]
             cells_html.append(f"<b>{metric(best, 'decode_tok_s'):,.1f}</b> tok/s {_src([best])} at batch "
-                              f"{E(str(cell(best, 'batch') or metric(best, 'batch')))}, context "
-                              f"{E(str(cell(best, 'context')))}"
+                              f"{E(_fmt(cell(best, 'batch') or metric(best, 'batch')))}, context "
+                              f"{E(_fmt(cell(best, 'context')))}"
                               + (f"<br><span class='n'>TTFT median {median(ttft):.3g} s</span>" if ttft else ""))
         else:
             cells_html.append("–")

@@ -415,9 +415,11 @@ def _perf_lines(fig: go.Figure, recs: list[dict], x_key: Callable[[dict], Any], 
         if floor:
             fl = [median(metric(r, floor) for r in grp) for _, grp in pts]
             if any(v is not None for v in fl):
+                # a dash marker at each floor as well: a single context would draw no line
                 fig.add_trace(go.Scatter(
-                    x=[x for x, _ in pts], y=fl, mode="lines", name=f"{line} floor", legendgroup=line,
+                    x=[x for x, _ in pts], y=fl, mode="lines+markers", name=f"{line} floor", legendgroup=line,
                     showlegend=False, line=dict(color=color, dash="dot", width=1.5),
+                    marker=dict(symbol="line-ew-open", size=14, color=color, line=dict(width=2)),
                     hovertemplate=f"{line} bandwidth floor %{{y:,.4g}} {floor}<extra></extra>"), row=row, col=col)
         shown.add(line)
 
