@@ -197,7 +197,7 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     mm = {}
     if "prefill" in modes:
         mm = matmul_tflops(device=dev, warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
-        console.print(f"[dim]kernels: matmul {mm['matmul_tflops']:,.1f} TFLOP/s ({mm['matmul_dtype']}, "
+        console.print(f"[dim]kernels: matmul {mm['matmul_tflops']:.3g} TFLOP/s ({mm['matmul_dtype']}, "
                       f"n={mm['matmul_n']})[/]")
     reference: dict[tuple, float | None] = {}  # (mode, context, batch) -> full's median in this run
 
