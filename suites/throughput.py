@@ -230,7 +230,7 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     n_steps = steps or (16 if gpu else (2 if quick else 4))
     n_warm = warmup_steps if warmup_steps is not None else (3 if gpu else 1)
     s_ctx = parse_size(search_context or ("32K" if gpu else "256"), "--search-context")
-    limit = max_batch or (1024 if gpu else 4)
+    limit = max_batch or (1024 if gpu else (2 if quick else 4))
     with console.status(f"loading {model_name} ..."):
         mdl, _ = load_model(model_name, device=dev, dtype=dtype)
     runner = Runner(mdl, fill=fill, prefill_tokens=p_tokens, warmup_steps=n_warm, steps=n_steps, q_tail=q_tail,
@@ -293,7 +293,7 @@ def command(
     search_context: Optional[str] = typer.Option(None, help="Context of the batch search (default GPU 32K, "
                                                             "CPU 256)."),
     max_batch: Optional[int] = typer.Option(None, min=1, help="Upper end of the batch search (default GPU 1024, "
-                                                              "CPU 4)."),
+                                                              "CPU 4, quick 2)."),
     device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
     q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill (the last "
