@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.api import KVBenchError, LayerCache, LayerSpec, Method, ParamError, param
+from kvbench import attention
 from kvbench.attention import dense_attention
 from kvbench.kernels import kivi_ref
 from kvbench.registry import register
@@ -94,9 +95,9 @@ class KiviLayer(LayerCache):
         B, H, _, D = k.shape
         self.kv = kivi_ref.PackedKV.empty(B, H, D, k.dtype, k.device, m.bits, m.group, m.residual)
         self.kv.append(k, v)
-        # the prompt attends in full precision, as in the authors' code
-        self.last = "dense"
-        return dense_attention(q, k, v, causal=True)
+        out = dense_attention(q, k, v, causal=True)  # the prompt attends in full precision, as in the authors' code
+        self.last = attention.last_backend
+        return out
 
     def extend(self, q, k, v):
         if q.shape[2] == 1 and self.use_triton:  # a decode step: attention on the packed words, then a fused write
