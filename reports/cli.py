@@ -20,7 +20,10 @@ def command(
     title: str = typer.Option("kvbench report", "--title", help="The page title."),
 ):
     """Build one self-contained HTML report (plotly inlined, works offline) from any mix of suites and machines."""
-    from kvbench.reports.build import build_report
+    try:
+        from kvbench.reports.build import build_report
+    except ImportError as e:
+        raise KVBenchError(f"kvbench report needs plotly ({e}): pip install plotly") from None
 
     missing = [str(p) for p in results if not p.exists()]
     if len(missing) == len(results):

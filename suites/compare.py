@@ -228,8 +228,8 @@ def load_comparison(path: str | Path) -> Comparison:
 
 def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, include: list[Path] = (),
                    rerun: bool = False) -> tuple[Path, list[str]]:
-    """Run every suite of the comparison into `out`, then build the report. Returns (report path, errors)."""
-    from kvbench.reports.build import build_report
+    """Run every suite of the comparison into `out`, then build the report. Returns (report path or None when plotly
+    is missing here, errors)."""
     from kvbench.sweep import console
 
     errors: list[str] = []
@@ -261,6 +261,12 @@ def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, i
     for p in [*comp.include, *include]:
         if not p.exists():
             console.print(f"[yellow]compare: include {escape(str(p))} does not exist; left out of the report[/]")
+    try:
+        from kvbench.reports.build import build_report
+    except ImportError as e:  # e.g. a GPU machine without plotly: the records are what matters there
+        console.print(f"[yellow]compare: no report built here ({escape(str(e))}); the records are in {escape(str(out))}"
+                      f"; build it where plotly is installed: kvbench report {escape(str(out))} -o report.html[/]")
+        return None, errors
     path, inp = build_report(inputs, report or out / "report.html", comp.title)
     console.print(f"compare: report from {len(inp.records)} records, {len(inp.problems)} problem(s)")
     return path, errors
@@ -294,4 +300,4 @@ def command(
     if errors:
         raise KVBenchError(f"{len(errors)} suite run(s) failed: {' | '.join(errors)}; the report was still built: "
                            f"{path}")
-    print(path)
+    print(path or out)

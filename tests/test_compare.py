@@ -151,3 +151,12 @@ def test_check_prints_the_plan_and_runs_nothing(tmp_path, fake_suite):
 def test_shipped_comparison_files_are_valid(name):
     comp = load_comparison(compare.DEFAULT_FILE.parent / name)
     assert comp.suites and all(p.methods for p in comp.suites)
+
+
+def test_without_plotly_the_records_stay_and_no_report_is_claimed(tmp_path, fake_suite, monkeypatch):
+    monkeypatch.setitem(sys.modules, "kvbench.reports.build", None)  # import fails, as on a machine without plotly
+    r = runner.invoke(app, ["compare", str(write(tmp_path, "methods = ['full']\n[suites.fake]\n")),
+                            "--out", str(tmp_path / "res")])
+    assert r.exit_code == 0, r.output
+    assert "no report built here" in flat(r.output) and "kvbench report" in flat(r.output)
+    assert (tmp_path / "res" / "fake.jsonl").exists() and not (tmp_path / "res" / "report.html").exists()
