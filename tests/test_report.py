@@ -227,3 +227,29 @@ def test_cli_writes_the_report_and_rejects_missing_inputs(tmp_path):
     assert (tmp_path / "out" / "r.html").stat().st_size > 1_000_000  # plotly.js is inside
     r = runner.invoke(app, ["report", str(tmp_path / "nothing-here"), "-o", str(tmp_path / "x.html")])
     assert r.exit_code == 2 and "none of the inputs exist" in r.output
+
+
+def test_pareto_front_keeps_only_points_nothing_cheaper_beats():
+    from kvbench.reports import plots
+
+    pts = {"a": (100.0, 0.5), "b": (200.0, 0.9), "c": (300.0, 0.8), "d": (50.0, 0.2), "e": (120.0, 0.4)}
+    recs = [rec("accuracy", m, {"model": "embedded", "task": "passkey", "context": 512, "protocol": "query-aware"},
+                {"score": s, "bytes_per_token": b}, params={}) for m, (b, s) in pts.items()]
+    fig = plots.pareto(recs, [], plots.palette(pts))
+    front = next(t for t in fig.data if t.name == "Pareto front")
+    assert list(zip(front.x, front.y)) == [(50.0, 0.2), (100.0, 0.5), (200.0, 0.9)]
+
+
+def test_kernel_chart_draws_floors_and_failed_cells():
+    from kvbench.reports import plots
+
+    recs = synthetic_records()["kernels"]
+    fig = plots.kernel_time(recs, plots.palette(r["method"] for r in recs))
+    names = [t.name for t in fig.data]
+    assert "full floor" in names and "kivi:bits=2 floor" in names
+    fails = [t for t in fig.data if t.name == "failed / out of memory"]
+    assert len(fails) == 1 and list(fails[0].x) == [131072] and "OUT OF MEMORY" not in fails[0].hovertext[0]
+    assert "OOM" in fails[0].hovertext[0] and "Tried to allocate 8 GiB" in fails[0].hovertext[0]
+    full = next(t for t in fig.data if t.name == "full" and t.xaxis == "x2")  # batch 8: 131072 is the oom cell
+    assert list(full.x) == [4096, 32768]
+    assert plots.kernel_time(recs, {}, "prefill") is not None and plots.throughput([], {}) is None
