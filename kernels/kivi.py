@@ -121,15 +121,15 @@ def _ring(RING, rows, ok, R: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax(q, k, v, valid, m_i, l_i, acc, qk_scale):
+def _online_softmax(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
     """One tile of the online softmax (base 2): q [M, D], k and v [BLOCK_N, D] (all DOT), valid [BLOCK_N]."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -141,7 +141,7 @@ def _kivi_split_kernel(
     n_k, n_v, n_tok, split_tokens, n_parts, qk_scale,
     H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     SPREAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
     part = tl.program_id(1)
@@ -169,7 +169,7 @@ def _kivi_split_kernel(
                              G, BLOCK_N, DOT)
             v = _packed_values(VQ + bh64 * s_vq, VS + bh64 * s_vs, VM + bh64 * s_vs, rows, ok, BITS, SPREAD, D, G,
                                BLOCK_N, DOT)
-            m_i, l_i, acc = _online_softmax(q, k, v, ok, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = _online_softmax(q, k, v, ok, m_i, l_i, acc, qk_scale, PRECISION)
     else:
         # the last min(T, R) tokens: values from the ring, keys packed below Nk and from the ring above
         for start in range(n_v // BLOCK_N * BLOCK_N, n_tok, BLOCK_N):
@@ -180,7 +180,7 @@ def _kivi_split_kernel(
                              SPREAD, D, G, BLOCK_N, DOT)
             k = tl.where(packed[:, None], k, _ring(RK + bh64 * s_r, rows, ok & (rows >= n_k), R, D, DOT))
             v = _ring(RV + bh64 * s_r, rows, ok, R, D, DOT)
-            m_i, l_i, acc = _online_softmax(q, k, v, ok, m_i, l_i, acc, qk_scale)
+            m_i, l_i, acc = _online_softmax(q, k, v, ok, m_i, l_i, acc, qk_scale, PRECISION)
         if HAS_NEW:
             kn = tl.load(KN + b * stride_nb + h * stride_nh + offs_d).to(tl.float32)
             vn = tl.load(VN + b * stride_nb + h * stride_nh + offs_d).to(tl.float32)
@@ -370,6 +370,8 @@ class Decoder:
             H=H, GROUP=self.group, M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
             SPREAD=int(math.log2(32 // kv.bits)), G=kv.group, R=kv.residual, BLOCK_N=self.block_n, HAS_NEW=has_new,
             DOT=tl.float32 if q.dtype == torch.float32 else tl.float16,
+            # fp32 models: tf32 tensor cores on the GPU (an fp32 FMA dot spills), exact fp32 in the interpreter
+            PRECISION="tf32" if q.is_cuda else "ieee",
             num_warps=self.num_warps, num_stages=self.num_stages,
         )
 

@@ -1,7 +1,8 @@
 """KIVI's packed cache layout, how tokens are written into it, and the PyTorch reference of its decode attention.
 
 One layer's cache, for B sequences, H KV heads, head dim D, b bits, group G and residual R (E = 32 / b codes per int32
-word, W = D / E words per token; the capacities Ck >= Nk and Cv >= Nv grow in steps so appends rarely copy):
+word, W = D / E words per token; the capacities Ck >= Nk (a multiple of R) and Cv >= Nv (a multiple of 16 rows) grow
+in steps so appends rarely copy):
 
     kq      int32 [B, H, Ck, W]      key codes, one row of W words per token
     ks, km  fp16  [B, H, Ck / G, D]  key scale and zero point (the min), per channel over each group of G tokens
@@ -29,6 +30,9 @@ from kvbench.attention import dense_attention
 
 # rows of headroom added when the packed values outgrow their buffer (at least 1/8 of it), as FullLayer grows
 GROW = 256
+# packed value rows are allocated in multiples of this, so every head's rows start 64-byte aligned and the kernel's
+# vector loads can be proven aligned (Triton specializes integer arguments divisible by 16)
+VALUE_ROWS = 16
 
 
 def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,8 +95,8 @@ def dequantize_values(vq, vs, vm, n: int, bits: int, group: int) -> torch.Tensor
 
 
 def _capacity(cap: int, need: int, unit: int) -> int:
-    """Rows to allocate for `need` rows: exactly `need` the first time (a prefill holds just its prompt), later at
-    least max(GROW, cap / 8) more, rounded up to a multiple of `unit`."""
+    """Rows to allocate for `need` rows: just `need` the first time (a prefill holds its prompt), later at least
+    max(GROW, cap / 8) more; rounded up to a multiple of `unit`."""
     if need <= cap:
         return cap
     new = need if cap == 0 else max(need, cap + max(GROW, cap // 8))
@@ -184,7 +188,7 @@ class PackedKV:
         G = self.group
         cap = _capacity(self.kq.shape[2], nk, self.residual)
         self.kq, self.ks, self.km = _resized(self.kq, cap), _resized(self.ks, cap // G), _resized(self.km, cap // G)
-        cap = _capacity(self.vq.shape[2], nv, 1)
+        cap = _capacity(self.vq.shape[2], nv, VALUE_ROWS)
         self.vq, self.vs, self.vm = _resized(self.vq, cap), _resized(self.vs, cap), _resized(self.vm, cap)
 
     def pack_keys(self, k: torch.Tensor, start: int) -> None:
