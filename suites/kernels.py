@@ -76,8 +76,8 @@ def build_copies(method: Method, spec: LayerSpec, batch: int, context: int, *, r
 
 
 def measure_decode(method: Method, spec: LayerSpec, batch: int, context: int, *, l2: str, bench_kw: dict,
-                   spread: bool, q_tail: int, seed: int) -> dict[str, Any]:
-    copies = build_copies(method, spec, batch, context, rotate=l2 == "rotate", q_tail=q_tail, seed=seed)
+                   spread: bool, q_tail: int, seed: int, graph: bool = False) -> dict[str, Any]:
+    copies = build_copies(method, spec, batch, context, rotate=l2 == "rotate" or graph, q_tail=q_tail, seed=seed)
     step_bytes, bytes_from = _step_bytes(copies[0])
     m: dict[str, Any] = {"decode_bytes": step_bytes, "bytes_from": bytes_from, "nbytes": copies[0].nbytes(),
                          "seq_len": copies[0].seq_len(), "copies": len(copies)}
@@ -85,7 +85,7 @@ def measure_decode(method: Method, spec: LayerSpec, batch: int, context: int, *,
     q = torch.randn(batch, spec.n_heads, 1, spec.head_dim, generator=gen, device=spec.device, dtype=spec.dtype)
     fns = [c.decode_fns(q) for c in copies]
     # rotate: no flush when the copies exceed 3x L2 together; bench flushes anyway if memory allowed too few copies
-    kw = dict(bench_kw, flush=True if l2 == "flush" else None, set_bytes=step_bytes)
+    kw = dict(bench_kw, flush=True if l2 == "flush" and not graph else None, set_bytes=step_bytes, graph=graph)
     if "attention" in fns[0]:
         t = bench([f["attention"] for f in fns], **kw)
         m["timed"] = "decode_fns"
@@ -97,7 +97,7 @@ def measure_decode(method: Method, spec: LayerSpec, batch: int, context: int, *,
         k1, v1 = (torch.randn(batch, spec.n_kv_heads, 1, spec.head_dim, generator=gen, device=spec.device,
                               dtype=spec.dtype) for _ in range(2))
         calls = [lambda c=c: c.extend(q, k1, v1) for c in copies]
-        kw.update(max_repeat=EXTEND_MAX_CALLS // 2, max_warmup=EXTEND_MAX_CALLS // 4, min_repeat=3)
+        kw.update(max_repeat=EXTEND_MAX_CALLS // 2, max_warmup=EXTEND_MAX_CALLS // 4, min_repeat=3, graph=False)
         t = bench(calls, **kw)
         m.update(timed="extend", stage_us={},
                  context_growth=sum(c.seq_len() for c in copies) // len(copies) - context)
@@ -153,7 +153,7 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
         prefill_max_tokens: str | None = None, l2: str = "flush", warmup_ms: float | None = None,
         rep_ms: float | None = None, spread: bool = False, layer: int | None = None, device: str | None = None,
         dtype: str = "auto", q_tail: int = Q_TAIL, seed: int = 0, rerun: bool = False,
-        show_progress: bool = True) -> SweepResult:
+        show_progress: bool = True, graph: bool = True) -> SweepResult:
     """Run the kernel suite; writes `out/kernels.jsonl` and `out/kernels.provenance.json`, prints a table."""
     if mode not in ("decode", "prefill", "both"):
         raise KVBenchError(f"--mode '{mode}' is invalid; valid: decode, prefill, both")
@@ -179,7 +179,8 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     ordered = sorted(ms, key=lambda m: m.label() != full.label())  # full first: its time is every cell's reference
     spec = _spec(shape, layer_idx, dt, dev)
 
-    base = {"model": shape_name, "dtype": str(dt).removeprefix("torch."), "device": dev.type, "layer": layer_idx}
+    base = {"model": shape_name, "dtype": str(dt).removeprefix("torch."), "device": dev.type, "layer": layer_idx,
+            "timing": "cuda-graph" if graph and gpu else "eager"}
     cells: list[Cell] = []
     modes = ["decode", "prefill"] if mode == "both" else [mode]
     for md in modes:
@@ -204,7 +205,7 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     def measure(method: Method, md: str, c: int, b: int) -> dict[str, Any]:
         if md == "decode":
             return measure_decode(method, spec, b, c, l2=l2, bench_kw=bench_kw, spread=spread, q_tail=q_tail,
-                                  seed=seed)
+                                  seed=seed, graph=graph and gpu)
         return measure_prefill(method, spec, b, c, l2=l2, bench_kw=bench_kw, spread=spread, seed=seed)
 
     def runner(cell: Cell) -> dict:
@@ -252,7 +253,7 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     writer = RecordWriter(out / f"{SUITE}.jsonl")
     options = dict(model=shape_name, contexts=ctxs, batches=bs, mode=mode, prefill_batches=pbs,
                    prefill_max_tokens=p_max, l2=l2, spread=spread, layer=layer_idx, device=str(dev), dtype=str(dt),
-                   q_tail=q_tail, seed=seed, quick=quick, methods=[m.label() for m in ordered],
+                   q_tail=q_tail, seed=seed, quick=quick, methods=[m.label() for m in ordered], graph=graph and gpu,
                    warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
     # sample NVML every 100 ms here (50 ms elsewhere): the sampler thread must not disturb the timed launches
     result = run_sweep(SUITE, cells, with_telemetry(runner, interval_s=0.1), writer, description="kernels", rerun=rerun,
@@ -317,11 +318,14 @@ def command(
                                                    "positions; 32 for window-based methods such as SnapKV)."),
     seed: int = typer.Option(0, help="Seed of the synthetic tensors."),
     rerun: bool = typer.Option(False, help="Measure cells again even if out/kernels.jsonl already has them."),
+    graph: bool = typer.Option(True, help="GPU decode: time back-to-back steps captured in a CUDA graph (over "
+                                          "cache copies that defeat L2), as serving engines run decode; --no-graph "
+                                          "times single eager calls, CPU launch gaps included."),
 ):
     """Decode-attention (and prefill) time per method over contexts x batches, each next to its bandwidth floor and
     full's time on the same cell."""
     result = run(methods, out, model=model, quick=quick, contexts=contexts, batches=batches, mode=mode,
                  prefill_batches=prefill_batches, prefill_max_tokens=prefill_max_tokens, l2=l2, warmup_ms=warmup_ms,
                  rep_ms=rep_ms, spread=spread, layer=layer, device=device, dtype=dtype, q_tail=q_tail, seed=seed,
-                 rerun=rerun)
+                 rerun=rerun, graph=graph)
     console.print(f"kernels: {result.summary()}")
