@@ -9,6 +9,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
+pytest.importorskip("plotly", reason="the report needs plotly (the GPU machine has none)")
 from kvbench.cli import app
 from kvbench.reports.build import SECTIONS, build_report, script_json
 

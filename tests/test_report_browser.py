@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 
+pytest.importorskip("plotly", reason="the report needs plotly (the GPU machine has none)")
 from kvbench.reports.build import build_report
 
 from test_report import CPU_ENV, rec, synthetic_records, write_records
