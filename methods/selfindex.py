@@ -157,7 +157,10 @@ class SelfIndexLayer(LayerCache):
         m = self.m
         self.mu = ops.centre_stats(k, m.centre)  # [B, H, D] float32
         if self.quantized:
-            self.chmax = (k.float() - self.mu[:, :, None]).abs().amax(2).clamp_(min=1e-6)  # [B, H, D]
+            # max |k - mu| per channel sits at the channel's min or max: no float copy of k (which would cap the
+            # batch that fits); identical to (k.float() - mu).abs().amax(2) since rounding is monotonic
+            lo_k, hi_k = torch.aminmax(k, dim=2)
+            self.chmax = torch.maximum(hi_k.float() - self.mu, self.mu - lo_k.float()).clamp_(min=1e-6)  # [B, H, D]
             self.inv_chmax = 1.0 / self.chmax
         self._alloc(B, T, k.device)
         NF = m.sinks + m.window
