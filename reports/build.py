@@ -180,6 +180,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def _per_machine(recs: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Records grouped by machine, GPUs first: numbers from different machines are never mixed in one figure."""
+    return sorted(plots._by(recs, lambda r: machine_label(r.get("env"))).items(),
+                  key=lambda kv: (kv[0].startswith("CPU"), kv[0]))
+
+
 class _Footnotes:
     """Letters for the machine @ commit each summary number came from, listed under the table."""
 
@@ -234,7 +240,11 @@ def summary_table(records: list[dict]) -> str:
     suites = _by_suite(records)
     acc, mem, ker, thr = (suites.get(s, []) for s in ("accuracy", "memory", "kernels", "throughput"))
     labels = sorted({r["method"] for r in records}, key=lambda s: (s != "full", s))
-    bpt_src = [r for r in ok(mem) + ok(acc) if metric(r, "bytes_per_token")]
+    # bytes per token per model: the memory suite's (what a cache of exactly the context holds), else what the
+    # accuracy suite's caches held at the end of a cell (decode headroom included)
+    mem_models = {model_of(r) for r in ok(mem) if metric(r, "bytes_per_token")}
+    bpt_src = [r for r in ok(mem) if metric(r, "bytes_per_token")] + [
+        r for r in ok(acc) if metric(r, "bytes_per_token") and model_of(r) not in mem_models]
     ratios = _ratio_vs_full(bpt_src, "bytes_per_token")
     _src = _Footnotes()
     rows = []
@@ -262,31 +272,29 @@ def summary_table(records: list[dict]) -> str:
         cells_html.append("<br>".join(
             f"<b>{median(x for x, _ in g):.2f}×</b> <span class='n'>{E(m)}</span> {_src(r for _, r in g)}"
             for m, g in sorted(plots._by(rs, lambda xr: model_of(xr[1])).items())) if rs else "–")
-        # decode-attention speed-up vs full: at the longest context (largest batch there), and the range
+        # decode-attention speed-up vs full, per machine: at the longest context (largest batch there), and the range
         kd = [r for r in ok(ker) if r["method"] == label and str(cell(r, "mode") or "decode") == "decode"
               and metric(r, "speedup_vs_full") is not None]
-        if kd and label == "full":
-            cells_html.append(f"baseline {_src(kd)}")
-        elif kd:
-            top = max(kd, key=lambda r: (cell(r, "context") or 0, cell(r, "batch") or 0))
-            sp = [metric(r, "speedup_vs_full") for r in kd]
-            cells_html.append(f"<b>{metric(top, 'speedup_vs_full'):.2f}×</b> {_src([top])} at "
-                              f"{E(_fmt(cell(top, 'context')))} tokens × batch {E(_fmt(cell(top, 'batch')))}"
-                              + (f"<br><span class='n'>range {min(sp):.2f}–{max(sp):.2f}× over {len(sp)} cells</span>"
-                                 if len(sp) > 1 else ""))
-        else:
-            cells_html.append("–")
-        # end-to-end decode throughput: the best cell
+        lines = []
+        for _, g in _per_machine(kd) if label != "full" else []:
+            top = max(g, key=lambda r: (cell(r, "context") or 0, cell(r, "batch") or 0))
+            sp = [metric(r, "speedup_vs_full") for r in g]
+            lines.append(f"<b>{metric(top, 'speedup_vs_full'):.2f}×</b> {_src([top])} at "
+                         f"{E(_fmt(cell(top, 'context')))} tokens × batch {E(_fmt(cell(top, 'batch')))}"
+                         + (f"<br><span class='n'>range {min(sp):.2f}–{max(sp):.2f}× over {len(sp)} cells</span>"
+                            if len(sp) > 1 else ""))
+        cells_html.append(f"baseline {_src(kd)}" if label == "full" and kd else "<br>".join(lines) or "–")
+        # end-to-end decode throughput, per machine: the best cell
         tg = [r for r in ok(thr) if r["method"] == label and metric(r, "decode_tok_s") is not None]
-        if tg:
-            best = max(tg, key=lambda r: metric(r, "decode_tok_s"))
-            ttft = [metric(r, "ttft_s") for r in tg if metric(r, "ttft_s") is not None]
-            cells_html.append(f"<b>{metric(best, 'decode_tok_s'):,.1f}</b> tok/s {_src([best])} at batch "
-                              f"{E(_fmt(cell(best, 'batch') or metric(best, 'batch')))}, context "
-                              f"{E(_fmt(cell(best, 'context')))}"
-                              + (f"<br><span class='n'>TTFT median {median(ttft):.3g} s</span>" if ttft else ""))
-        else:
-            cells_html.append("–")
+        lines = []
+        for _, g in _per_machine(tg):
+            best = max(g, key=lambda r: metric(r, "decode_tok_s"))
+            ttft = [metric(r, "ttft_s") for r in g if metric(r, "ttft_s") is not None]
+            lines.append(f"<b>{metric(best, 'decode_tok_s'):,.1f}</b> tok/s {_src([best])} at batch "
+                         f"{E(_fmt(cell(best, 'batch') or metric(best, 'batch')))}, context "
+                         f"{E(_fmt(cell(best, 'context')))}"
+                         + (f"<br><span class='n'>TTFT median {median(ttft):.3g} s</span>" if ttft else ""))
+        cells_html.append("<br>".join(lines) or "–")
         counts = Counter(r["status"] for r in records if r["method"] == label)
         status = " ".join(f'<span class="st st-{s}">{counts[s]} {s}</span>' for s in ("ok", "failed", "oom", "skipped")
                           if counts[s])

@@ -204,16 +204,19 @@ def _fail_trace(recs: list[dict], x: Callable[[dict], Any], y: Callable[[dict], 
 
 
 def bytes_per_token_for(model: str, accuracy: list[dict], memory: list[dict]) -> tuple[dict[str, float], str]:
-    """Median KV bytes per token per method label for one model: from the accuracy records themselves when they
-    carry it, else from memory records of the same model. Returns ({label: bytes}, where the numbers come from)."""
-    for recs, what in ((accuracy, "accuracy"), (memory, "memory")):
+    """Median KV bytes per token per method label for one model: from the memory suite's records of that model (a
+    cache of exactly the context), else from the accuracy records themselves (the cache at the end of the cell).
+    Returns ({label: bytes}, where the numbers come from)."""
+    found: dict[str, dict[str, float]] = {}
+    for recs, what in ((memory, "memory"), (accuracy, "accuracy")):
         vals: dict[str, list[float]] = defaultdict(list)
         for r in ok(recs):
             if model_of(r) == model and metric(r, "bytes_per_token") is not None:
                 vals[r["method"]].append(metric(r, "bytes_per_token"))
-        if vals:
-            return {k: median(v) for k, v in vals.items()}, f"{what} records of {model}"
-    return {}, ""
+        found[what] = {k: median(v) for k, v in vals.items()}
+    merged = {**found["accuracy"], **found["memory"]}
+    used = (["memory"] if found["memory"] else []) + (["accuracy"] if set(merged) - set(found["memory"]) else [])
+    return merged, (f"{' and '.join(used)} records of {model}" if merged else "")
 
 
 def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
