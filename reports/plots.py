@@ -220,12 +220,13 @@ def bytes_per_token_for(model: str, accuracy: list[dict], memory: list[dict]) ->
 
 
 def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
-    """Mean task score against KV bytes per token, one point per method and protocol; the Pareto front dashed."""
+    """Mean task score against KV bytes per token, one point per method and protocol; each protocol's Pareto front
+    dashed (a method's score depends on the protocol, so one front across both would compare unlike things)."""
     scored = [r for r in ok(accuracy) if metric(r, "score") is not None]
     if not scored:
         return None
     fig = go.Figure()
-    front_pts = []
+    front_pts: dict[str, list[tuple[float, float]]] = defaultdict(list)
     sources = []
     for model, recs in sorted(_by(scored, model_of).items()):
         bpt, source = bytes_per_token_for(model, accuracy, memory)
@@ -237,7 +238,7 @@ def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> 
             if label not in bpt:
                 continue
             score = mean(metric(r, "score") for r in group)
-            front_pts.append((bpt[label], score))
+            front_pts[protocol].append((bpt[label], score))
             fig.add_trace(go.Scatter(
                 x=[bpt[label]], y=[score], mode="markers",
                 name=f"{label} ({protocol})", legendgroup=label,
@@ -247,14 +248,17 @@ def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> 
                            f"cells<br>{bpt[label]:,.0f} bytes/token<br>{origins(group)}"], hoverinfo="text"))
     if not front_pts:
         return None
-    front, best = [], float("-inf")
-    for x, y in sorted(front_pts, key=lambda p: (p[0], -p[1])):
-        if y > best:  # fewer bytes and a higher score than everything cheaper: on the front
-            front.append((x, y))
-            best = y
-    fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", name="Pareto front",
-                             line=dict(dash="dash", color="#888", shape="hv"), hoverinfo="skip"))
-    fig.update_xaxes(title="KV bytes per token (log)", type="log", **log_ticks((p[0] for p in front_pts), False))
+    for protocol, pts in sorted(front_pts.items()):
+        front, best = [], float("-inf")
+        for x, y in sorted(pts, key=lambda p: (p[0], -p[1])):
+            if y > best:  # fewer bytes and a higher score than everything cheaper: on the front
+                front.append((x, y))
+                best = y
+        fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines",
+                                 name=f"Pareto front ({protocol})", line=dict(dash="dash" if protocol !=
+                                 "query-agnostic" else "dot", color="#888", shape="hv"), hoverinfo="skip"))
+    fig.update_xaxes(title="KV bytes per token (log)", type="log", **log_ticks((p[0] for pts in front_pts.values() for p in pts),
+                                                                             False))
     fig.update_yaxes(title="mean score", range=[-0.05, 1.08])
     return _layout(fig, f"Accuracy against KV bytes per token <sup>(bytes from {'; '.join(sources)}; "
                         f"circle: query-aware, diamond: query-agnostic)</sup>", 480)
@@ -427,21 +431,33 @@ def _perf_lines(fig: go.Figure, recs: list[dict], x_key: Callable[[dict], Any], 
         shown.add(line)
 
 
+def _machine_panels(recs: list[dict], key: str) -> list[tuple[str, Any]]:
+    """(machine, cell[key]) pairs, GPUs first, then by value."""
+    pairs = {(machine_label(r.get("env")), cell(r, key)) for r in recs}
+    return sorted(pairs, key=lambda p: (p[0].startswith("CPU"), p[0], _sortkey(p[1])))
+
+
+def _panel_title(machine: str, key: str, value: Any, with_machine: bool) -> str:
+    v = short_num(value) if isinstance(value, (int, float)) else str(value)
+    return (f"{machine} · " if with_machine else "") + f"{key} {v}"
+
+
 def kernel_time(kernels: list[dict], colors: dict[str, str], mode: str = "decode") -> go.Figure | None:
     """Decode-attention time against context per batch size, each method's bandwidth floor dotted beside it."""
     recs = [r for r in kernels if str(cell(r, "mode") or "decode") == mode and r.get("status") in ("ok", "failed", "oom")]
     if not any(metric(r, "time_us") is not None for r in ok(recs)):
         return None
-    batches = sorted({cell(r, "batch") for r in recs}, key=_sortkey)
-    rows, cols = _grid(len(batches), 2)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"batch {b}" for b in batches],
+    # one panel per batch size, and per machine when several: a CPU and a GPU time never share an axis
+    many = _several_machines(recs)
+    panels = _machine_panels(recs, "batch")
+    rows, cols = _grid(len(panels), 2)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[_panel_title(m, "batch", b, many) for m, b in panels],
                         vertical_spacing=0.4 / max(rows, 1) if rows > 1 else 0.1)
     shown: set = set()
-    many = _several_machines(recs)
-    for i, b in enumerate(batches):
-        here = [r for r in recs if cell(r, "batch") == b]
+    for i, (machine, b) in enumerate(panels):
+        here = [r for r in recs if machine_label(r.get("env")) == machine and cell(r, "batch") == b]
         row, col = i // cols + 1, i % cols + 1
-        _perf_lines(fig, here, lambda r: cell(r, "context"), "time_us", colors, row, col, shown, many,
+        _perf_lines(fig, here, lambda r: cell(r, "context"), "time_us", colors, row, col, shown, False,
                     floor="floor_us" if mode == "decode" else None,
                     extra=lambda g: "".join(f"<br>{k} {median(metric(r, k) for r in g):,.3g}"
                                             for k in ("floor_us", "bandwidth_gbs", "speedup_vs_full")
@@ -466,20 +482,20 @@ def throughput(records: list[dict], colors: dict[str, str]) -> go.Figure | None:
     recs = [r for r in records if r.get("status") in ("ok", "failed", "oom")]
     if not any(metric(r, "decode_tok_s") is not None for r in ok(recs)):
         return None
-    ctxs = sorted({cell(r, "context") for r in recs}, key=_sortkey)
-    rows, cols = _grid(len(ctxs), 2)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"context {c}" for c in ctxs],
+    many = _several_machines(recs)
+    panels = _machine_panels(recs, "context")
+    rows, cols = _grid(len(panels), 2)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[_panel_title(m, "context", c, many) for m, c in panels],
                         vertical_spacing=0.4 / max(rows, 1) if rows > 1 else 0.1)
     shown: set = set()
-    many = _several_machines(recs)
 
     def batch(r):
         return cell(r, "batch") if cell(r, "batch") is not None else metric(r, "batch")
 
-    for i, c in enumerate(ctxs):
-        here = [r for r in recs if cell(r, "context") == c]
+    for i, (machine, c) in enumerate(panels):
+        here = [r for r in recs if machine_label(r.get("env")) == machine and cell(r, "context") == c]
         row, col = i // cols + 1, i % cols + 1
-        _perf_lines(fig, here, batch, "decode_tok_s", colors, row, col, shown, many,
+        _perf_lines(fig, here, batch, "decode_tok_s", colors, row, col, shown, False,
                     extra=lambda g: "".join(f"<br>{k} {median(metric(r, k) for r in g):,.4g}"
                                             for k in ("ttft_s", "latency_ms")
                                             if median(metric(r, k) for r in g) is not None)

@@ -237,7 +237,7 @@ def test_pareto_front_keeps_only_points_nothing_cheaper_beats():
     recs = [rec("accuracy", m, {"model": "embedded", "task": "passkey", "context": 512, "protocol": "query-aware"},
                 {"score": s, "bytes_per_token": b}, params={}) for m, (b, s) in pts.items()]
     fig = plots.pareto(recs, [], plots.palette(pts))
-    front = next(t for t in fig.data if t.name == "Pareto front")
+    front = next(t for t in fig.data if t.name == "Pareto front (query-aware)")
     assert list(zip(front.x, front.y)) == [(50.0, 0.2), (100.0, 0.5), (200.0, 0.9)]
 
 
