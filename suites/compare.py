@@ -26,7 +26,8 @@ with its defaults), or an inline table whose list values expand to one method pe
     methods = ["full", {name = "selfindex", budget = [0.05, 0.1], setting = "2+1"}]
 
 Each suite's module exposes `run(methods, out, *, model, quick, **options)` (the suite contract) and writes
-`<out>/<suite>.jsonl`; the report is built from those files (provenance JSON beside them included) plus `include`.
+`<out>/<suite>.jsonl`; the report is built from the record files in `out` (provenance JSON beside them included) plus
+`include`. `--only NAME` runs one suite of the file (e.g. to keep each command short) and still reports them all.
 A suite named in the file whose module is not in this kvbench yet is reported and skipped; a suite that fails while
 running is reported, the others still run and the report is still built, and the command then exits non-zero.
 """
@@ -233,7 +234,6 @@ def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, i
     from kvbench.sweep import console
 
     errors: list[str] = []
-    written: list[Path] = []
     for plan in comp.suites:
         if not plan.available:
             console.print(f"[yellow]compare: suite '{plan.name}' skipped: {escape(plan.missing_reason)}[/]")
@@ -255,8 +255,8 @@ def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, i
                 errors.append(f"{plan.name} on {model}: {type(e).__name__}: {e}")
                 console.print(f"[red]compare: {plan.name} on {escape(model)} crashed:[/]\n" + escape("".join(
                     traceback.format_exception(e)[-6:])))
-        if (out / f"{plan.name}.jsonl").exists():
-            written.append(out / f"{plan.name}.jsonl")
+    # every suite's records in `out`, this run's and earlier ones (e.g. other suites run with --only)
+    written = sorted(out.glob("*.jsonl")) if out.is_dir() else []
     inputs = written + [p for p in [*comp.include, *include] if p.exists()]
     for p in [*comp.include, *include]:
         if not p.exists():
@@ -283,11 +283,19 @@ def command(
                                                              "repeatable (e.g. reports/data)."),
     rerun: bool = typer.Option(False, help="Measure cells again even if the records already have them."),
     check: bool = typer.Option(False, help="Only check the file and print the plan; run nothing."),
+    only: list[str] = typer.Option([], "--only", help="Run only these suites of the file, repeatable (e.g. --only "
+                                                      "kernels); the report still includes every record in --out."),
 ):
     """Run several suites over methods, parameters and models from one TOML file, then build the HTML report."""
     from kvbench.sweep import console
 
     comp = load_comparison(file or DEFAULT_FILE)
+    unknown = [n for n in only if n not in {p.name for p in comp.suites}]
+    if unknown:
+        raise KVBenchError(f"--only {', '.join(unknown)}: not a suite of {comp.path}; its suites: "
+                           f"{', '.join(p.name for p in comp.suites)}")
+    if only:
+        comp.suites = [p for p in comp.suites if p.name in only]
     out = out or comp.out or Path("results")
     for plan in comp.suites:
         state = "" if plan.available else f"  [yellow](skipped: {escape(plan.missing_reason)})[/]"

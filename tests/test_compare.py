@@ -165,3 +165,11 @@ def test_without_plotly_the_records_stay_and_no_report_is_claimed(tmp_path, fake
     assert r.exit_code == 0, r.output
     assert "no report built here" in flat(r.output) and "kvbench report" in flat(r.output)
     assert (tmp_path / "res" / "fake.jsonl").exists() and not (tmp_path / "res" / "report.html").exists()
+
+
+def test_only_runs_the_named_suites_and_rejects_others(tmp_path, fake_suite):
+    f = write(tmp_path, "methods = ['full']\n[suites.fake]\n[suites.memory]\nquick = true\n")
+    r = runner.invoke(app, ["compare", str(f), "--only", "fake", "--out", str(tmp_path / "res"), "--check"])
+    assert r.exit_code == 0 and "memory" not in r.output and "fake" in r.output
+    r = runner.invoke(app, ["compare", str(f), "--only", "kernels"])
+    assert r.exit_code == 2 and "not a suite of" in r.output and "fake, memory" in r.output
