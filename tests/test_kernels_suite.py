@@ -103,14 +103,17 @@ def test_bad_mode_fails_before_any_work(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("l2", ["flush", "rotate"])
-def test_gpu_kernel_cells_sit_next_to_their_floor(tmp_path, l2):
+@pytest.mark.parametrize("l2, graph", [("flush", False), ("rotate", False), ("rotate", True)])
+def test_gpu_kernel_cells_sit_next_to_their_floor(tmp_path, l2, graph):
     kernels.run(["full"], tmp_path, contexts="4K", batches="1,4", mode="both", l2=l2, spread=True,
-                show_progress=False)
+                show_progress=False, graph=graph)
     for r in _records(tmp_path / "kernels.jsonl"):
         assert r["status"] == "ok", r["error"]
         m = r["metrics"]
-        assert m["clock"] == "cuda-events" and m["time_us"] > 0 and m["spread_pct"] is not None
+        decode_graph = graph and r["cell"]["mode"] == "decode"
+        assert m["clock"].startswith("cuda-graph" if decode_graph else "cuda-events")
+        assert m["time_us"] > 0 and m["spread_pct"] is not None
         if r["cell"]["mode"] == "decode":
-            assert m["floor_us"] > 0 and m["l2"] == ("flush" if l2 == "flush" else f"rotate:{m['copies']}")
+            assert m["floor_us"] > 0 and m["l2"] == ("flush" if l2 == "flush" and not graph
+                                                     else f"rotate:{m['copies']}")
             assert m["telemetry"]["available"] in (True, False)
