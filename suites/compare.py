@@ -13,7 +13,7 @@ Format:
     methods = ["full", "selfindex:budget=0.1"] # methods for every suite (a suite may override)
     model = "embedded"                        # model for every suite; or models = ["a", "b"] to run each
     quick = true                              # each suite's quick profile (default false)
-    include = ["reports/data"]                # optional: more record files/folders to put in the report
+    include = ["../reports/data"]             # optional: more record files/folders for the report, relative to the file
     out = "results"                           # optional: where records go (--out overrides; default results/)
 
     [suites.accuracy]                         # one table per suite to run, run in file order
@@ -220,9 +220,10 @@ def load_comparison(path: str | Path) -> Comparison:
                                 "TOML keys use underscores)")
         plans.append(SuitePlan(name, methods, _models(path, f"{key}.", table, default_models), quick, options,
                                mod is not None, why))
-    include = [Path(p) for p in data.get("include", [])]
     if not all(isinstance(p, (str, Path)) for p in data.get("include", [])):
         raise _fail(path, "include", "must be a list of paths", 'write include = ["reports/data"]')
+    # relative to the comparison file, so a file means the same wherever it is run from
+    include = [p if p.is_absolute() else path.parent / p for p in map(Path, data.get("include", []))]
     return Comparison(path, data.get("title") or f"kvbench comparison: {path.stem}", plans, include,
                       Path(data["out"]) if "out" in data else None)
 
