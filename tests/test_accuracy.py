@@ -1,0 +1,236 @@
+"""The accuracy suite: a tiny sweep on a tiny random model writes records, skips them on rerun, records failures, is
+reproducible, feeds the cache as each protocol says; the CLI; and, on the embedded model, full finds the pass key."""
+
+import json
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from test_fidelity import DropTop
+from test_tasks import tiny_tokenizer
+from typer.testing import CliRunner
+
+from kvbench.api import KVBenchError, LayerCache, Method, ParamError
+from kvbench.cli import app
+from kvbench.methods.full import FullLayer
+from kvbench.records import read_records
+from kvbench.suites import accuracy as A
+
+GRID = dict(tasks="passkey,niah_single,ppl", lengths="300", depths="0.5", seeds="0", protocols="both",
+            score_tokens=16, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tok
+
+
+def test_tiny_sweep_writes_records_and_skips_them_on_rerun(tiny, tmp_path):
+    res = A.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
+    assert (res.ok, res.failed) == (10, 0)  # per method: passkey and niah_single x 2 protocols, ppl once
+    recs, problems = read_records([tmp_path / "accuracy.jsonl"])
+    assert not problems and len(recs) == 10
+    for r in recs:
+        c, m = r["cell"], r["metrics"]
+        assert r["suite"] == "accuracy" and r["status"] == "ok" and r["env"]["torch"]
+        assert c["model"] == "tiny" and c["context"] == 300 and c["seed"] == 0 and c["dtype"] == "float32"
+        assert c["protocol"] in ("query-aware", "query-agnostic")
+        assert m["prompt_tokens"] <= 300 and m["nbytes"] > 0 and m["bytes_per_token"] > 0
+        assert m["fidelity_steps"] > 0 and len(m["topk_recall_layers"]) == 2
+        if c["task"] == "ppl":
+            assert c["protocol"] == "query-agnostic" and c["depth"] is None
+            assert m["ppl"] > 1 and math.isfinite(m["ppl"]) and m["scored_tokens"] == 16
+        else:
+            assert c["depth"] == 0.5 and 0 <= m["score"] <= 1 and isinstance(m["prediction"], str)
+            assert m["expected"] and m["metric"] == "string_match_all" and abs(m["depth"] - 0.5) < 0.05
+        if r["method"] == "full":
+            assert m["topk_recall"] == 1.0 and m["attn_mass"] == pytest.approx(1.0) and m["out_rel_err"] < 1e-5
+        else:
+            assert r["method"] == "droptop" and m["topk_recall"] < 1.0 and m["out_rel_err"] > 0
+    assert {(r["cell"]["task"], r["cell"]["protocol"]) for r in recs} == {
+        ("passkey", "query-aware"), ("passkey", "query-agnostic"), ("niah_single", "query-aware"),
+        ("niah_single", "query-agnostic"), ("ppl", "query-agnostic")}
+
+    again = A.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
+    assert (again.ok, again.already_done) == (0, 10)
+    assert len((tmp_path / "accuracy.jsonl").read_text().splitlines()) == 10
+    forced = A.run(["full"], tmp_path, model="tiny", loaded=tiny, rerun=True, **{**GRID, "tasks": "passkey"})
+    assert forced.ok == 2
+
+
+@dataclass(frozen=True)
+class Exploding(Method):
+    """explode: a test double whose decode steps fail."""
+
+    name = "explode"
+
+    def make_layer(self, spec):
+        class Layer(FullLayer):
+            def extend(self, q, k, v):
+                raise RuntimeError("boom in extend")
+
+        return Layer(spec, 16)
+
+
+def test_failing_cells_are_recorded_and_the_sweep_goes_on(tiny, tmp_path):
+    res = A.run(["nosuchmethod:x=1", Exploding(), "full"], tmp_path, model="tiny", loaded=tiny,
+                **{**GRID, "tasks": "passkey"})
+    assert (res.ok, res.failed) == (2, 4)
+    recs, _ = read_records([tmp_path / "accuracy.jsonl"])
+    by = {(r["method"], r["cell"]["protocol"]): r for r in recs}
+    assert "unknown method 'nosuchmethod'" in by[("nosuchmethod:x=1", "query-aware")]["error"]
+    assert "boom in extend" in by[("explode", "query-agnostic")]["error"]
+    assert by[("full", "query-aware")]["status"] == "ok"
+    again = A.run(["nosuchmethod:x=1", Exploding(), "full"], tmp_path, model="tiny", loaded=tiny,
+                  **{**GRID, "tasks": "passkey"})
+    assert (again.failed, again.already_done) == (4, 2)  # failed cells are tried again, finished ones skipped
+
+
+TIMING = ("prefill_s", "decode_s", "context_prefill_s")
+
+
+def strip_timing(rec):
+    rec = {k: v for k, v in rec.items() if k not in ("started_at", "duration_s")}
+    rec["metrics"] = {k: v for k, v in rec["metrics"].items() if k not in TIMING}
+    return rec
+
+
+def test_same_seed_gives_the_same_records(tiny, tmp_path):
+    grid = {**GRID, "tasks": "niah_multikey,vt,ppl", "seeds": "4"}
+    a = A.run(["full", DropTop()], tmp_path / "a", model="tiny", loaded=tiny, **grid)
+    b = A.run(["full", DropTop()], tmp_path / "b", model="tiny", loaded=tiny, **grid)
+    assert len(a.records) == len(b.records) == 10
+    assert [strip_timing(r) for r in a.records] == [strip_timing(r) for r in b.records]
+    c = A.run(["full"], tmp_path / "c", model="tiny", loaded=tiny, **{**grid, "seeds": "5"})
+    assert {json.dumps(r["metrics"]["expected"]) for r in c.records if "expected" in r["metrics"]} != {
+        json.dumps(r["metrics"]["expected"]) for r in a.records if "expected" in r["metrics"]}
+
+
+class RecordingLayer(FullLayer):
+    calls: list = []
+
+    def prefill(self, q, k, v):
+        if self.spec.layer_idx == 0:
+            self.calls.append(("prefill", k.shape[2]))
+        return super().prefill(q, k, v)
+
+    def extend(self, q, k, v):
+        if self.spec.layer_idx == 0:
+            self.calls.append(("extend", k.shape[2]))
+        return super().prefill(q, k, v)
+
+
+@dataclass(frozen=True)
+class Recording(Method):
+    name = "recording"
+
+    def make_layer(self, spec):
+        return RecordingLayer(spec, 16)
+
+
+def test_protocols_feed_the_cache_as_they_say(tiny):
+    from kvbench.suites import tasks as T
+
+    model, tok = tiny
+    inst = T.make_instance(tok, "niah_single", 300, 0.5, 0)
+    n, split = len(inst.ids), inst.split
+    RecordingLayer.calls.clear()
+    A.evaluate(model, tok, Recording(), inst, "query-aware", fidelity=False)
+    aware = list(RecordingLayer.calls)
+    RecordingLayer.calls.clear()
+    A.evaluate(model, tok, Recording(), inst, "query-agnostic", fidelity=False)
+    agnostic = list(RecordingLayer.calls)
+    assert aware[0] == ("prefill", n) and all(c == ("extend", 1) for c in aware[1:])
+    assert agnostic[:2] == [("prefill", split), ("extend", n - split)]
+    assert all(c == ("extend", 1) for c in agnostic[2:]) and len(agnostic) == len(aware) + 1
+    RecordingLayer.calls.clear()
+    ppl = T.make_instance(tok, "ppl", 200, None, 0, score_tokens=10)
+    A.evaluate(model, tok, Recording(), ppl, "query-agnostic", fidelity=False)
+    assert RecordingLayer.calls == [("prefill", 190)] + [("extend", 1)] * 9  # scored one decode step at a time
+
+
+def test_bad_input_fails_before_anything_runs(tiny, tmp_path):
+    with pytest.raises(ParamError, match="'grow' = 0"):
+        A.run(["full:grow=0"], tmp_path, loaded=tiny, **GRID)
+    for bad, match in [(dict(tasks="passkey,nosuch"), "unknown task 'nosuch'"), (dict(depths="0.5,1.5"), "depth 1.5"),
+                       (dict(protocols="sideways"), "unknown protocol"), (dict(seeds="a-b"), "--seeds"),
+                       (dict(haystack="hay"), "unknown haystack"), (dict(lengths="8"), "at least 16")]:
+        with pytest.raises(KVBenchError, match=match):
+            A.run(["full"], tmp_path, loaded=tiny, **{**GRID, **bad})
+    assert not (tmp_path / "accuracy.jsonl").exists()
+
+
+def test_quick_profile_names_the_compared_methods_and_both_protocols():
+    labels = [label for label, _ in A._methods(A.DEFAULT_METHODS)]
+    assert [label.partition(":")[0] for label in labels] == ["full", "selfindex", "kivi", "snapkv"]
+    cells = A.build_cells(A._methods(A.DEFAULT_METHODS), "embedded", "float32", A.QUICK["tasks"], A.QUICK["lengths"],
+                          A.QUICK["depths"], A.QUICK["seeds"], A.QUICK["protocols"], haystack="noise", text=None,
+                          score_tokens=64)
+    assert {c.cell["protocol"] for c in cells} == {"query-aware", "query-agnostic"}
+    snap = [c for c in cells if c.method.startswith("snapkv")][0]
+    assert snap.params["capacity"] == 0.1
+    sel = [c for c in cells if c.method.startswith("selfindex")][0]
+    assert sel.params["budget"] == 0.1
+
+
+def test_cli_bad_spec_is_one_line_and_exit_2(tmp_path):
+    r = CliRunner().invoke(app, ["run", "accuracy", "--methods", "full:grow=x", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "grow" in r.output and "Traceback" not in r.output
+
+
+def test_cli_runs_a_local_model(tiny, tmp_path):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    args = ["run", "accuracy", "--model", str(tmp_path / "m"), "--methods", "full droptop_missing", "--tasks",
+            "passkey", "--lengths", "200", "--depths", "0.3", "--seeds", "0-1", "--protocols", "query-agnostic",
+            "--device", "cpu", "--score-tokens", "8", "--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    recs, _ = read_records([tmp_path / "out" / "accuracy.jsonl"])
+    assert sorted((x["method"], x["cell"]["seed"], x["status"]) for x in recs) == [
+        ("droptop_missing", 0, "failed"), ("droptop_missing", 1, "failed"), ("full", 0, "ok"), ("full", 1, "ok")]
+    assert (tmp_path / "out" / "accuracy.provenance.json").exists()
+
+
+@pytest.mark.slow
+def test_embedded_model_finds_the_pass_key_with_the_full_cache(embedded, tmp_path):
+    res = A.run(["full"], tmp_path, model="embedded", loaded=embedded, tasks="passkey", lengths="1K",
+                depths="0.5", seeds="0,1,2", protocols="both", show_progress=False)
+    assert res.ok == 6
+    for r in res.records:
+        assert r["metrics"]["score"] == 1.0, r["metrics"]["prediction"]
+        assert r["metrics"]["topk_recall"] == 1.0 and r["metrics"]["prompt_tokens"] <= 1024
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_sweep_of_the_compared_methods(tmp_path):
+    """On the GPU (bf16, the methods' CUDA paths): every compared method runs both protocols and ppl through the
+    bridge with fidelity on, and full matches its shadow full cache exactly."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                      eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
+    res = A.run(A.DEFAULT_METHODS, tmp_path, model="tiny", loaded=(model, tok), tasks="passkey,ppl", lengths="2K",
+                depths="0.5", seeds="0", protocols="both", score_tokens=32, show_progress=False)
+    assert (res.ok, res.failed, res.oom) == (12, 0, 0), [r["error"] for r in res.records if r["error"]]
+    for r in res.records:
+        m = r["metrics"]
+        assert r["cell"]["dtype"] == "bfloat16" and m["fidelity_steps"] > 0
+        assert 0 <= m["topk_recall"] <= 1 and 0 <= m["attn_mass"] <= 1.0001 and math.isfinite(m["out_rel_err"])
+        if r["method"] == "full":
+            assert m["topk_recall"] == 1.0 and m["out_rel_err"] == 0.0
+        if r["method"].startswith(("selfindex", "snapkv")):
+            assert m["attended_frac"] < 0.5  # a 10% budget really attends a fraction of the tokens
