@@ -94,13 +94,13 @@ def run_instance(model, tok, cache, inst: T.Instance, protocol: str) -> Outcome:
         o.prefill_s = t1 - t0
         if inst.score_tokens:
             targets = inst.ids[inst.split:]
-            nll = 0.0
+            nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device: no sync per token
             for i, target in enumerate(targets):
-                nll -= float(torch.log_softmax(logits, -1)[0, target])
+                nll -= torch.log_softmax(logits, -1)[0, target].double()
                 if i + 1 < len(targets):  # decode step: feed this token, predict the next
                     logits = model(ids[:, inst.split + i: inst.split + i + 1], past_key_values=cache).logits[:, -1]
                     logits = logits.float()
-            o.nll, o.new_tokens = nll, len(targets) - 1
+            o.nll, o.new_tokens = float(nll), len(targets) - 1
         else:
             stop, toks = eos_ids(model, tok), []
             for _ in range(inst.max_new_tokens):

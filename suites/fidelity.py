@@ -37,13 +37,13 @@ class FidelityStats:
     """Per-layer sums of the metrics over decode steps, batch rows and heads."""
 
     def __init__(self):
-        self.sums: dict[int, dict[str, float]] = {}
+        self.sums: dict[int, dict[str, torch.Tensor | float]] = {}
         self.counts: dict[int, dict[str, int]] = {}
 
     def add(self, layer: int, name: str, values: torch.Tensor) -> None:
         s = self.sums.setdefault(layer, dict.fromkeys(METRICS, 0.0))
         c = self.counts.setdefault(layer, dict.fromkeys(METRICS, 0))
-        s[name] += float(values.double().sum())
+        s[name] = s[name] + values.double().sum()  # stays on the device: no sync per decode step
         c[name] += values.numel()
 
     def steps(self) -> int:
@@ -56,7 +56,7 @@ class FidelityStats:
         layers = sorted(self.counts)
         out: dict[str, float | list[float]] = {}
         for m in METRICS:
-            per = [self.sums[i][m] / self.counts[i][m] for i in layers if self.counts[i][m]]
+            per = [float(self.sums[i][m]) / self.counts[i][m] for i in layers if self.counts[i][m]]
             out[f"{m}_layers"] = [round(x, 6) for x in per]
             out[m] = round(sum(per) / len(per), 6) if per else None
         return out
@@ -83,7 +83,7 @@ def step_metrics(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, ref: to
     chosen.scatter_(-1, torch.where(valid, pos, T), True)  # invalid entries land in a spare slot
     chosen = chosen[..., :T]
     k = chosen.sum(-1)  # [B, Hkv]
-    top = p.topk(max(1, int(k.max())), dim=-1).values
+    top = p.topk(max(1, min(pos.shape[-1], T)), dim=-1).values  # k <= N: no device sync to size it
     kth = top.gather(-1, (k - 1).clamp(min=0)[..., None])  # the k-th largest probability
     hits = (chosen & (p >= kth)).sum(-1).minimum(k)
     recall = torch.where(k > 0, hits / k.clamp(min=1), torch.zeros_like(p[..., 0]))
