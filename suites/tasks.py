@@ -22,9 +22,9 @@ Tasks (`TASKS`):
   lines a user already has; seed s is line s. The context is cut in its middle to fit the length, as LongBench does.
 
 Depth is the fraction of the haystack (the context without its needles, in tokens) that comes before the needle
-asked about: 0 puts it first, 1 last. Other needles of the multi-needle tasks sit at depths drawn from the seed. The prompt length counts every prompt token (template,
-question and answer prefix included); generators fill the haystack sentence by sentence up to it, so a prompt is at
-most `length` tokens and short of it by less than one sentence.
+asked about: 0 puts it first, 1 last. Other needles of the multi-needle tasks sit at depths drawn from the seed. The
+prompt length counts every prompt token (template, question and answer prefix included); generators fill the haystack
+sentence by sentence up to it, so a prompt is at most `length` tokens and short of it by less than one sentence.
 
 What the embedded SmolLM2-135M-Instruct does with the full cache (CPU, fp32, 1K-token prompts, depth 0.5, seeds 0-2,
 query-aware, these generators): passkey 3/3, niah_single 3/3 (also with the docs haystack at 1K and 2K tokens),
@@ -281,7 +281,7 @@ def docs_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def haystack(kind: str, n: int, rng_start: int) -> list[str]:
+def haystack_sentences(kind: str, n: int, rng_start: int) -> list[str]:
     """n haystack sentences: RULER's noise sentences cycled, or consecutive documentation sentences from a
     seed-chosen start."""
     if kind == "noise":
@@ -329,10 +329,12 @@ def _needle_instance(tok, task: str, length: int, depth: float, seed: int, *, pr
                      max_new_tokens: int, kind: str, start: int) -> Instance:
     """Fit a haystack with needles to `length` tokens; the first needle is the one whose depth is measured."""
 
-    count = functools.lru_cache(maxsize=None)(lambda piece: len(tok(" " + piece, add_special_tokens=False)["input_ids"]))
+    @functools.lru_cache(maxsize=None)
+    def count(piece: str) -> int:  # tokens of one haystack sentence or needle, as it sits after a space
+        return len(tok(" " + piece, add_special_tokens=False)["input_ids"])
 
     def build(n: int):
-        ctx, offs = _place(haystack(kind, n, start), needles, count)
+        ctx, offs = _place(haystack_sentences(kind, n, start), needles, count)
         user = preamble + ctx + "\n" + question
         return render(tok, user, answer_prefix), (len(preamble), len(preamble) + len(ctx), offs)
 

@@ -11,7 +11,7 @@ from test_fidelity import DropTop
 from test_tasks import tiny_tokenizer
 from typer.testing import CliRunner
 
-from kvbench.api import KVBenchError, LayerCache, Method, ParamError
+from kvbench.api import KVBenchError, Method, ParamError
 from kvbench.cli import app
 from kvbench.methods.full import FullLayer
 from kvbench.records import read_records
