@@ -225,9 +225,34 @@ class SelfIndexLayer(LayerCache):
     # decode
 
     def extend(self, q, k, v):
-        # one token at a time: each query selects its own tokens, causally (a question chunk is rare and short)
-        outs = [self._step(q[:, :, i : i + 1], k[:, :, i : i + 1], v[:, :, i : i + 1]) for i in range(q.shape[2])]
-        return torch.cat(outs, dim=2)
+        if q.shape[2] == 1:
+            return self._step(q, k, v)
+        # a chunk (e.g. a question after the context): dense attention over everything the cache holds, dequantized,
+        # as a prefill over a compressed cache would; top-k selection is how decode steps save time, and a question
+        # encoded through it would steer every later selection with a worse query
+        keys, values = self._dequantized()
+        out = attention.dense_attention(q, torch.cat([keys, k], 2), torch.cat([values, v], 2), causal=True)
+        for i in range(k.shape[2]):
+            self._append(k[:, :, i], v[:, :, i])
+        self.last_idx = None
+        return out
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored position as keys/values [B, H, n, D] in the model dtype: exact where full precision is
+        kept, reconstructed from 2 bits elsewhere (2+1)."""
+        n, D, dt = self.n, self.spec.head_dim, self.spec.dtype
+        if not self.quantized:
+            return self.kfull[:, :, :n], self.vfull[:, :, :n]
+        sgn = ops.unpack_bits(self.signs[:, :, :n]).float() * 2 - 1
+        keys = (sgn * ops.dequant2(self.kmag[:, :, :n], self.kscale[:, :, :n]) * self.chmax[:, :, None]
+                + self.mu[:, :, None]).to(dt)
+        values = ops.dequant2(self.vq[:, :, :n], self.vscale[:, :, :n]).to(dt)
+        valid = self.fpos[0, 0] >= 0  # the full-precision set overrides (every (b, h) fills the same slots)
+        pos = self.fpos[:, :, valid]
+        idx = pos[..., None].expand(-1, -1, -1, D)
+        keys.scatter_(2, idx, self.fk[:, :, valid])
+        values.scatter_(2, idx, self.fv[:, :, valid])
+        return keys, values
 
     def _step(self, q, k, v):
         # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]

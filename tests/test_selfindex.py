@@ -218,3 +218,27 @@ def test_generates_sensible_text_on_the_embedded_model(embedded):
         cache = attach(model, parse_method(f"selfindex:setting={setting},budget=0.5"))
         out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
         assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("setting", ["2+1", "16+1"])
+@pytest.mark.parametrize("fixed", ["sinks", "scored"])
+def test_a_chunk_attends_densely_over_what_the_cache_holds(setting, fixed):
+    """A question chunk sees every stored token (dequantized in 2+1), causally, like a prefill over the cache."""
+    torch.manual_seed(6)
+    B, H, Hq, T, D = 2, 2, 8, 120, 64
+    layer = make(f"selfindex:setting={setting},budget=0.1,sinks=8,window=8,fixed={fixed}", Hq, H, D)
+    k, v = rand_kv(B, H, T, D)
+    layer.prefill(torch.randn(B, Hq, 4, D), k, v)
+    for _ in range(5):
+        layer.extend(torch.randn(B, Hq, 1, D), *rand_kv(B, H, 1, D))
+    keys, values = layer._dequantized()
+    q, (k2, v2) = torch.randn(B, Hq, 6, D), rand_kv(B, H, 6, D)
+    out = layer.extend(q, k2, v2)
+    want = naive_attention(q, torch.cat([keys, k2], 2), torch.cat([values, v2], 2))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert layer.seq_len() == T + 5 + 6 and layer.attended() is None
+    if setting == "16+1":  # nothing is lost in 16+1: the chunk saw the exact keys
+        assert torch.equal(keys[:, :, :T], k)
+    else:  # the full-precision set is exact, the rest within 2-bit error
+        assert torch.equal(keys[:, :, :8], k[:, :, :8]) if fixed == "sinks" else True
+        assert ((keys[:, :, :T] - k).norm() / k.norm()).item() < 0.35
