@@ -338,7 +338,7 @@ class SelfIndexLayer(LayerCache):
             if K:
                 bins, hist, ctr = ops.Workspace.get(q.device).select_buffers(B * H, self.cap)
                 ops.cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
-                                            0, 0)  # 0 blocks: the launcher sizes one full wave
+                                            0)  # 0 blocks: the launcher sizes one full wave
             return idx
         if K == 0:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)

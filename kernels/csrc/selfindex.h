@@ -52,8 +52,6 @@ struct SelectParams {
   int* hist;                                    // workspace [B, H, kNBins], zero between calls
   int* ctr;                                     // workspace [B, H, kCounters], zero between calls
   int* idx; int kmax;                           // out [B, H, kmax]: positions of the selected tokens
-  int ablate;                                   // benchmarking only: bit 0 no histogram, 1 no bins store,
-                                                // 2 no LUT lookups, 3 score kernel only
 };
 
 // Split-KV decode attention of all query heads of a KV head over the full-precision set (slots with fpos >= 0) and

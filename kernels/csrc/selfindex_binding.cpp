@@ -161,13 +161,13 @@ si::AttendParams attend_params(const Tensor& q, const Tensor& fk, const Tensor& 
 
 // split path, scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
 void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor bins,
-                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks, int64_t ablate) {
+                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks) {
   si::SelectParams p = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
   const int64_t bstride = (p.cap + 7) / 8 * 8;
   TORCH_CHECK(bins.scalar_type() == at::kShort && bins.numel() >= p.B * p.H * bstride, "bins workspace too small");
   TORCH_CHECK(hist.scalar_type() == at::kInt && hist.numel() >= p.B * p.H * si::kNBins, "hist workspace too small");
   p.bins = reinterpret_cast<uint16_t*>(bins.data_ptr()); p.bstride = static_cast<int>(bstride);
-  p.hist = hist.data_ptr<int>(); p.ablate = static_cast<int>(ablate);
+  p.hist = hist.data_ptr<int>();
   ok(si::score_select(p, dtype_of(q), q.size(2), static_cast<int>(nblocks), at::cuda::getCurrentCUDAStream()),
      "score_select");
 }
