@@ -15,3 +15,9 @@ def naive_attention(q, k, v, causal=True):
         qpos = torch.arange(Tk - Tq, Tk)[:, None]
         s = s.masked_fill(torch.arange(Tk)[None, :] > qpos, float("-inf"))
     return torch.softmax(s, -1) @ v
+
+
+def rand_kv(B, H, T, D, dtype=torch.float32, device="cpu"):
+    """Random keys [B, H, T, D] with a per-channel offset, as real keys have (so centring matters), and values."""
+    k = torch.randn(B, H, T, D, device=device) + torch.linspace(-2, 2, D, device=device)
+    return k.to(dtype), torch.randn(B, H, T, D, device=device).to(dtype)

@@ -6,17 +6,11 @@ import torch
 
 from kvbench import LayerSpec, ParamError, parse_method
 from kvbench.kernels import selfindex as ops
-from oracles import naive_attention
+from oracles import naive_attention, rand_kv
 
 
 def make(spec, hq=8, hkv=2, d=64, dtype=torch.float32):
     return parse_method(spec).make_layer(LayerSpec(0, 1, hq, hkv, d, dtype, torch.device("cpu")))
-
-
-def rand_kv(B, H, T, D, dtype=torch.float32):
-    # a per-channel offset like real keys have, so centring matters
-    k = torch.randn(B, H, T, D) + torch.linspace(-2, 2, D)
-    return k.to(dtype), torch.randn(B, H, T, D).to(dtype)
 
 
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2), (8, 1)])

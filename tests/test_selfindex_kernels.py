@@ -6,6 +6,7 @@ import torch
 
 from kvbench import LayerSpec, parse_method
 from kvbench.kernels import selfindex as ops
+import oracles
 from oracles import naive_attention
 
 pytestmark = pytest.mark.gpu
@@ -20,9 +21,8 @@ SHAPES = [  # B, Hq, Hkv, D, T
 DTYPES = [torch.bfloat16, torch.float16]
 
 
-def rand_kv(B, H, T, D, dtype, device="cuda"):
-    k = torch.randn(B, H, T, D, device=device) + torch.linspace(-2, 2, D, device=device)
-    return k.to(dtype), torch.randn(B, H, T, D, device=device).to(dtype)
+def rand_kv(B, H, T, D, dtype):
+    return oracles.rand_kv(B, H, T, D, dtype, "cuda")
 
 
 def layer(spec, B, Hq, Hkv, D, dtype, impl):
