@@ -18,20 +18,10 @@ L2 = 50 * 2**20
 
 
 def graph_us(make_fns, name, per_copy_bytes):
-    """Median per call of fns[name] captured in one CUDA graph that cycles through enough copies to defeat L2."""
+    """Median per call of fns[name] over enough cache copies to defeat L2, back to back in one CUDA graph
+    (kvbench.timing's graph mode; with too few copies it flushes L2 and times eager calls instead)."""
     n = max(1, min(8, -(-3 * L2 // max(per_copy_bytes, 1))))
-    fns = [make_fns(i)[name] for i in range(n)]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    return bench(g.replay).median_us / n
+    return bench([make_fns(i)[name] for i in range(n)], graph=True, set_bytes=per_copy_bytes).median_us
 
 
 def prefill_breakdown(dev):
