@@ -92,7 +92,8 @@ def parse_method(spec: str | Method, **overrides) -> Method:
         if not eq:
             raise KVBenchError(f"method spec '{spec}': '{item}' is not key=value")
         if key not in fields:
-            raise KVBenchError(f"method '{name}' has no parameter '{key}'; its parameters: {', '.join(sorted(fields)) or 'none'}")
+            known = ", ".join(sorted(fields)) or "none"
+            raise KVBenchError(f"method '{name}' has no parameter '{key}'; its parameters: {known}")
         kwargs[key] = _convert(name, key, value.strip(), hints.get(key))
     kwargs.update(overrides)
     return cls(**kwargs)

@@ -309,7 +309,7 @@ class SelfIndexLayer(LayerCache):
     def _attention(self, q: torch.Tensor) -> torch.Tensor:
         """Select, then attend: q [B, Hq, D] -> [B, Hq, D] in q's dtype, over the current state."""
         K = self.n_select()
-        if self._use_cuda(q) and 0 < K <= ops.FUSED_K and ops.FUSED:  # one launch does it all (csrc/selfindex.cu decode_kernel)
+        if self._use_cuda(q) and 0 < K <= ops.FUSED_K and ops.FUSED:  # one launch: csrc/selfindex.cu decode_kernel
             B, Hq, D = q.shape
             H = self.spec.n_kv_heads
             lo, hi = self.selectable()
