@@ -161,6 +161,14 @@ class Method:
     """Base of every method: a frozen dataclass of parameters, validated on construction."""
 
     name: ClassVar[str] = ""
+    # what kind of method this is, for the report's grouping: "dense", "quantization", "selection" (top-k chosen
+    # anew each decode step), "eviction" (tokens dropped for good) or "window"
+    family: ClassVar[str] = "dense"
+
+    def budget_fraction(self, context: int) -> float:
+        """Fraction of a `context`-token cache that one decode step attends: 1.0 for methods that attend every token
+        (full, quantizers). The report pairs accuracy, bytes and speed by this number, never by parameter names."""
+        return 1.0
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -41,6 +41,7 @@ class Kivi(Method):
     """
 
     name = "kivi"
+    family = "quantization"
     bits: int = param(2, "bits per quantized key/value element", choices=(2, 4))
     group: int = param(32, "tokens per key group and channels per value group", valid="a power of two >= 1")
     residual: int = param(128, "recent tokens kept in full precision", valid="a positive multiple of group")

@@ -62,6 +62,7 @@ class SelfIndex(Method):
     """
 
     name = "selfindex"
+    family = "selection"
     budget: float = param(0.1, "tokens attended per step incl. the full-precision set", valid=BUDGET_VALID)
     setting: str = param("2+1", "storage: 2+1 (2-bit K magnitude and V) or 16+1 (fp16 K/V + index)",
                          choices=("2+1", "16+1"))
@@ -78,6 +79,9 @@ class SelfIndex(Method):
             raise ParamError(self.name, "budget", self.budget,
                              f"a fraction, or at least sinks + window = {self.sinks + self.window} tokens "
                              "(the budget counts the full-precision set)")
+
+    def budget_fraction(self, context: int) -> float:
+        return min(1.0, budget_tokens(self.budget, context) / context)
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         if spec.head_dim % 32 != 0:

@@ -40,6 +40,7 @@ class SnapKV(Method):
     """
 
     name = "snapkv"
+    family = "eviction"
     capacity: float = param(1024.0, "tokens kept per KV head, window included (fraction of the context if < 1)",
                             valid="a fraction of the context in (0, 1), or a whole number of tokens >= 1")
     window: int = param(32, "observation window: the last prompt queries that vote", ge=1)
@@ -50,6 +51,9 @@ class SnapKV(Method):
         check_budget(self.name, "capacity", self.capacity)
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise ParamError(self.name, "kernel", self.kernel, "an odd number >= 1")
+
+    def budget_fraction(self, context: int) -> float:
+        return min(1.0, budget_tokens(self.capacity, context) / context)
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         return SnapKVLayer(spec, self)

@@ -28,8 +28,12 @@ class Streaming(Method):
     """
 
     name = "streaming"
+    family = "window"
     sinks: int = param(4, "first tokens always kept (attention sinks)", ge=0)
     window: int = param(1020, "most recent tokens kept", ge=1)
+
+    def budget_fraction(self, context: int) -> float:
+        return min(1.0, (self.sinks + self.window) / context)
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         return StreamingLayer(self.sinks, self.window)
