@@ -5,6 +5,7 @@
     LayerCache.extend(q, k, v) -> out      # later tokens (1 = a decode step, > 1 = a question chunk)
     LayerCache.nbytes() -> int             # device bytes the cache really holds, metadata included
     LayerCache.seq_len() -> int            # logical tokens seen (positions continue after eviction)
+    LayerCache.capture_safe, reserve(n), advance(n)   # optional: decode steps a CUDA graph can replay (see below)
 
 q is [B, Hq, T, D], k and v are [B, Hkv, T, D], all after RoPE; outputs are [B, Hq, T, D] (prefill also accepts
 the queries of only the last Tq < T positions).
@@ -25,6 +26,19 @@ import torch
 
 class KVBenchError(Exception):
     """An error a user can fix: the CLI prints its message, without a traceback, and exits non-zero."""
+
+
+class ReservedRoomError(KVBenchError):
+    """A capture-safe cache was asked to hold more tokens than reserve() made room for."""
+
+    def __init__(self, what: str, held: int, new: int, room: int):
+        super().__init__(f"{what}: {new} more token(s) would exceed the reserved room ({held} held, room for {room}); "
+                         "reserve() the steps the run will generate before decoding (nothing was written)")
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """Is t's device stream being captured into a CUDA graph now (so host-side bookkeeping must wait)?"""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class ParamError(KVBenchError, ValueError):
@@ -74,6 +88,30 @@ class LayerCache(ABC):
     @abstractmethod
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Later tokens, appended after everything seen so far; output [B, Hq, T, D]."""
+
+    # --- the capture-safe decode contract: what lets kvbench.graph_decode capture a whole decode step ---
+    #
+    # A cache that sets `capture_safe = True` promises, once `reserve(n_new)` has returned, for each of the next
+    # n_new one-token extend() calls:
+    # - no allocation and no Python-visible shape change: the buffers reserve() made are the ones written and read;
+    # - no host synchronisation: lengths and write positions live in device tensors the cache owns and updates in
+    #   place, and the attention reads only the live tokens, its length taken from such a tensor;
+    # - room is checked on the host before anything is written: a step past the reserved room raises KVBenchError
+    #   and leaves the cache as it was;
+    # - while the call is being captured (`capturing(q)`), host-side counters (seq_len) are left alone: a graph's
+    #   replays run the device work without the Python, so the runner calls `advance(1)` before each replay, which
+    #   checks the room and moves the counters on.
+    # Everything else (prefill, chunks of T > 1, eager steps) may still allocate and sync. The default is not safe:
+    # such caches decode eagerly, and the throughput record says why.
+    capture_safe: bool = False
+
+    def reserve(self, n_new: int) -> None:
+        """Make room for n_new more one-token steps and pin the buffers (capture-safe caches only)."""
+        raise KVBenchError(f"{type(self).__name__} is not capture-safe; it cannot reserve decode room")
+
+    def advance(self, n: int) -> None:
+        """n one-token steps are about to run as graph replays: check the reserved room, move host counters on."""
+        raise KVBenchError(f"{type(self).__name__} is not capture-safe; its steps cannot be replayed")
 
     @abstractmethod
     def nbytes(self) -> int:

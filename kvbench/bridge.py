@@ -134,6 +134,17 @@ class KVBenchCache(Cache):
         """Device bytes held by every layer's cache, metadata included."""
         return sum(c.nbytes() for c in self.layer_caches())
 
+    def reserve(self, n_new: int) -> None:
+        """Room for n_new more decode steps in every layer, buffers pinned (capture-safe LayerCaches only)."""
+        for c in self.layer_caches():
+            c.reserve(n_new)
+
+    def advance(self, n: int) -> None:
+        """n graph-replayed steps are about to run: each layer checks its room (raising before the replay writes
+        anything) and moves its host counters on."""
+        for c in self.layer_caches():
+            c.advance(n)
+
 
 def kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface function: query [B, Hq, T, D]; key/value are a PendingKV handle (or plain tensors when

@@ -37,7 +37,8 @@ from kvbench.sweep import Cell, SweepResult, console, run_sweep
 from kvbench.suites.memory import (Q_TAIL, fill_synthetic, layer_specs, parse_size, parse_sizes, release,
                                    resolve_device, resolve_methods, search_max, write_run_provenance)
 from kvbench.telemetry import with_telemetry
-from kvbench.timing import sync
+from kvbench.graph_decode import decode_run
+from kvbench.timing import copy_bandwidth, sync
 
 SUITE = "throughput"
 WARMUP_PROMPT = 128  # tokens of the warm-up prefill that precedes the first timed one (kernels load, JIT builds)
@@ -102,10 +103,11 @@ class Runner:
     """Holds the model and what is measured once per run (warm-ups, batch-1 TTFTs)."""
 
     def __init__(self, model, *, fill: str, prefill_tokens: int, warmup_steps: int, steps: int, q_tail: int,
-                 seed: int, search_limit: int):
+                 seed: int, search_limit: int, graph: bool = True):
         self.model, self.fill, self.prefill_tokens = model, fill, prefill_tokens
         self.warmup_steps, self.steps, self.q_tail, self.seed = warmup_steps, steps, q_tail, seed
         self.search_limit = search_limit
+        self.graph, self.copy_gbs = graph, None  # graph_decode: CUDA-graph steps unless --no-graph
         self.warm: set[str] = set()
         self.ttft: dict[tuple, dict] = {}
         self.device = model.device
@@ -155,8 +157,8 @@ class Runner:
             cache = synthetic_cache(self.model, method, batch, context, q_tail=self.q_tail, seed=self.seed)
             nxt = random_ids(self.model, batch, 1, self.gen)
             m["q_tail"] = self.q_tail
-        times = decode(self.model, cache, nxt, self.warmup_steps, self.steps)
-        m.update(decode_metrics(times, batch))
+        run = self.decode(cache, nxt, self.warmup_steps, self.steps)
+        m.update(decode_metrics(run.times, batch), **run.facts)
         m["warmup_steps"] = self.warmup_steps
         m["cache_bytes"] = cache.nbytes()
         m["seq_len"] = cache.get_seq_length()
@@ -168,6 +170,13 @@ class Runner:
         del cache, nxt
         release(self.device)
         return m
+
+    def decode(self, cache: KVBenchCache, nxt: torch.Tensor, warmup: int, steps: int, accounting: bool = True):
+        """kvbench.graph_decode: one CUDA graph per step when the method is capture-safe, else the eager loop."""
+        if accounting and self.copy_gbs is None and self.device.type == "cuda":
+            self.copy_gbs = copy_bandwidth(device=self.device)["copy_gbs"]  # the floors' denominator, this run
+        return decode_run(self.model, cache, nxt, warmup, steps, graph=self.graph, eager=decode,
+                          accounting=accounting, copy_gbs=self.copy_gbs)
 
     def ttft_at_batch_1(self, method: Method, context: int) -> dict[str, Any]:
         key = (method.label(), context)
@@ -190,8 +199,9 @@ class Runner:
             facts: dict[str, Any] = {}
             try:
                 cache = synthetic_cache(self.model, method, batch, context, q_tail=self.q_tail, seed=self.seed)
-                times = decode(self.model, cache, random_ids(self.model, batch, 1, self.gen), 2, steps)
-                facts = decode_metrics(times, batch)
+                run = self.decode(cache, random_ids(self.model, batch, 1, self.gen), 2, steps, accounting=False)
+                facts = decode_metrics(run.times, batch)
+                facts["decode_mode"] = run.facts["decode_mode"]
                 facts["cache_bytes"] = cache.nbytes()
                 del cache
                 ok = True
@@ -215,7 +225,7 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
         batches: str | None = None, fill: str = "auto", prefill_tokens: str | None = None, steps: int | None = None,
         warmup_steps: int | None = None, search: bool = True, search_context: str | None = None,
         max_batch: int | None = None, device: str | None = None, dtype: str = "auto", q_tail: int = Q_TAIL,
-        seed: int = 0, rerun: bool = False, show_progress: bool = True) -> SweepResult:
+        seed: int = 0, rerun: bool = False, show_progress: bool = True, graph: bool = True) -> SweepResult:
     """Run the throughput suite; writes `out/throughput.jsonl` and `out/throughput.provenance.json`."""
     if fill not in ("auto", "prefill", "synthetic"):
         raise KVBenchError(f"--fill '{fill}' is invalid; valid: auto, prefill, synthetic")
@@ -234,8 +244,9 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     with console.status(f"loading {model_name} ..."):
         mdl, _ = load_model(model_name, device=dev, dtype=dtype)
     runner = Runner(mdl, fill=fill, prefill_tokens=p_tokens, warmup_steps=n_warm, steps=n_steps, q_tail=q_tail,
-                    seed=seed, search_limit=limit)
+                    seed=seed, search_limit=limit, graph=graph)
     base = {"model": model_name, "dtype": str(mdl.dtype).removeprefix("torch."), "device": dev.type}
+    base["decode"] = "graph" if graph else "eager"  # asked for; metrics.decode_mode says what ran
     cells: list[Cell] = []
     for m in ms:
         for c in ctxs:
@@ -249,7 +260,8 @@ def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = Fal
     writer = RecordWriter(out / f"{SUITE}.jsonl")
     options = dict(model=model_name, contexts=ctxs, batches=bs, fill=fill, prefill_tokens=p_tokens, steps=n_steps,
                    warmup_steps=n_warm, search=search, search_context=s_ctx, max_batch=limit, device=str(dev),
-                   dtype=str(mdl.dtype), q_tail=q_tail, seed=seed, quick=quick, methods=[m.label() for m in ms])
+                   dtype=str(mdl.dtype), q_tail=q_tail, seed=seed, quick=quick, methods=[m.label() for m in ms],
+                   graph=graph)
     result = run_sweep(SUITE, cells, with_telemetry(runner.cell), writer, description="throughput", rerun=rerun,
                        show_progress=show_progress)
     write_run_provenance(out, SUITE, options, load_s=round(getattr(mdl, "kvbench_load_s", 0.0), 2))
@@ -299,6 +311,8 @@ def command(
     q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill (the last "
                                                    "positions; 32 for window-based methods such as SnapKV)."),
     seed: int = typer.Option(0, help="Seed of prompts and synthetic tensors."),
+    graph: bool = typer.Option(True, "--graph/--no-graph", help="Replay each decode step as one CUDA graph where the "
+                                                                 "method is capture-safe (--no-graph: eager steps)."),
     rerun: bool = typer.Option(False, help="Measure cells again even if out/throughput.jsonl already has them."),
 ):
     """End-to-end decode throughput, per-token latency and time to first token of a real model through each method's
@@ -306,5 +320,5 @@ def command(
     result = run(methods, out, model=model, quick=quick, contexts=contexts, batches=batches, fill=fill,
                  prefill_tokens=prefill_tokens, steps=steps, warmup_steps=warmup_steps, search=search,
                  search_context=search_context, max_batch=max_batch, device=device, dtype=dtype, q_tail=q_tail,
-                 seed=seed, rerun=rerun)
+                 seed=seed, rerun=rerun, graph=graph)
     console.print(f"throughput: {result.summary()}")

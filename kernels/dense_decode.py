@@ -1,0 +1,275 @@
+"""Dense decode attention that reads only the live tokens of a preallocated cache, the length taken from a device
+tensor: what a CUDA-graph-captured decode step needs (no host sync, no shape that changes per step).
+
+The cache is [B, cap, Hkv, D] (flash-attn's layout, the one `full` keeps); `live` is int32 [B], the tokens in slots
+[0, live[b]). Two GPU kernels, the first preferred:
+
+- "flash-varlen": PyTorch's own FlashAttention-2 kernel, the one SDPA's flash backend runs, reached through
+  `torch.ops.aten._flash_attention_forward` in its variable-length form with `seqused_k` = live, so it reads only the
+  live keys (cu_seqlens_k steps by cap). This op is private to PyTorch (its signature moved between releases); when it
+  is missing or refuses the inputs, the Triton kernel runs instead. bf16/fp16 only.
+- "triton-splitkv": a split-KV (flash-decoding) Triton kernel of our own: grid (B * Hkv, splits), each program reads a
+  range of the live tokens once for the whole GQA group (padded to 16 rows for the tensor-core dot), an online softmax
+  in base 2, and a second kernel combines the splits by log-sum-exp
+  (https://crfm.stanford.edu/2023/10/12/flashdecoding.html). Any dtype; runs in Triton's interpreter on the CPU, so
+  the CPU-only CI checks the very kernel the GPU runs.
+- "torch-masked": the PyTorch reference (reads the whole buffer and masks): the CPU path and the tests' oracle.
+
+`append_token` writes one token per sequence at its write slot and moves the counters on, in one kernel, so a decode
+step's bookkeeping is one launch per layer. With `ring=(sinks, window)` the write slot wraps inside the window
+(StreamingLLM's cache); without it the slot is the count.
+
+Run `python -m kvbench.kernels.dense_decode` on a GPU to time both kernels against SDPA-flash on the same cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    import kvbench.kernels.kivi  # noqa: F401  (importing it fixes Triton 3.6's interpreter for numpy >= 2.4)
+except ImportError:  # Triton is Linux-only; the torch reference still works
+    triton = None
+
+BACKENDS = ("flash-varlen", "triton-splitkv", "torch-masked")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --- the reference ---------------------------------------------------------------------------------------------
+
+def decode_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, 1, D] over k, v [B, cap, Hkv, D], slots [0, live[b]) of each sequence -> [B, Hq, 1, D]."""
+    B, Hq, _, D = q.shape
+    cap, Hkv = k.shape[1], k.shape[2]
+    kk = k.transpose(1, 2).repeat_interleave(Hq // Hkv, 1).float()  # [B, Hq, cap, D]
+    vv = v.transpose(1, 2).repeat_interleave(Hq // Hkv, 1).float()
+    s = (q.float() @ kk.transpose(-1, -2)) * D**-0.5  # [B, Hq, 1, cap]
+    dead = torch.arange(cap, device=q.device)[None, :] >= live.to(q.device).long()[:, None]  # [B, cap]
+    s = s.masked_fill(dead[:, None, None, :], float("-inf"))
+    vv = vv.masked_fill(dead[:, None, :, None], 0.0)  # never-written slots may hold NaN: 0 * NaN is NaN
+    return (s.softmax(-1) @ vv).to(q.dtype)
+
+
+def append_ref(k_cache, v_cache, k, v, seen, live, ring: tuple[int, int] | None = None) -> None:
+    """k, v [B, Hkv, 1, D] into slot(seen[b]) of the [B, cap, Hkv, D] caches; then seen += 1 and live = the tokens
+    now held (seen, or at most sinks + window with a ring)."""
+    b = torch.arange(k.shape[0], device=k.device)
+    n = seen.long()
+    slot = n if ring is None else torch.where(n < ring[0], n, ring[0] + (n - ring[0]) % ring[1])
+    k_cache[b, slot] = k[:, :, 0]
+    v_cache[b, slot] = v[:, :, 0]
+    seen.add_(1)
+    live.copy_(seen if ring is None else seen.clamp(max=ring[0] + ring[1]))
+
+
+# --- Triton kernels --------------------------------------------------------------------------------------------
+
+if triton is not None:
+    @triton.jit
+    def _split_kernel(Q, K, V, LIVE, OP, LSE, sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, n_splits, scale_log2,
+                      HKV: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        bh, s = tl.program_id(0), tl.program_id(1)
+        b, h = bh // HKV, bh % HKV
+        n_live = tl.load(LIVE + b)
+        per = tl.cdiv(tl.cdiv(n_live, n_splits), BLOCK_N) * BLOCK_N  # whole tiles per split
+        lo = s * per
+        hi = tl.minimum(lo + per, n_live)
+        rows, d = tl.arange(0, M), tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + (h * GROUP + rows)[:, None] * sq_h + d[None, :], mask=(rows < GROUP)[:, None],
+                    other=0.0)
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+        k_base, v_base = K + b * sk_b + h * sk_h, V + b * sv_b + h * sv_h
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            ok = n < hi
+            k = tl.load(k_base + n[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [M, BLOCK_N]
+            sc = tl.where(ok[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * sv_t + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        row = (b * HKV * GROUP + h * GROUP + rows) * n_splits + s  # [B, Hq, splits] partials
+        empty = l_i == 0.0
+        o = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(OP + row[:, None] * D + d[None, :], o, mask=(rows < GROUP)[:, None])
+        tl.store(LSE + row, lse, mask=rows < GROUP)
+
+    @triton.jit
+    def _combine_kernel(OP, LSE, OUT, n_splits, so_b, so_h, HQ: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+        bh = tl.program_id(0)
+        b, h = bh // HQ, bh % HQ
+        p, d = tl.arange(0, P), tl.arange(0, D)
+        lse = tl.load(LSE + bh * n_splits + p, mask=p < n_splits, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))  # empty splits weigh 0
+        o = tl.load(OP + (bh * n_splits + p)[:, None] * D + d[None, :], mask=(p < n_splits)[:, None], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty))
+
+    @triton.jit
+    def _append_kernel(K, V, KC, VC, SEEN, LIVE, sk_b, sk_h, skc_b, skc_t, skc_h, sinks, window,
+                       HKV: tl.constexpr, D: tl.constexpr, RING: tl.constexpr):
+        b = tl.program_id(0)  # one program per sequence: it alone reads and moves that sequence's counters
+        n = tl.load(SEEN + b)
+        slot = n
+        if RING:
+            slot = tl.where(n < sinks, n, sinks + (n - sinks) % window)
+        h, d = tl.arange(0, HKV), tl.arange(0, D)
+        src = b * sk_b + h[:, None] * sk_h + d[None, :]
+        dst = b * skc_b + slot * skc_t + h[:, None] * skc_h + d[None, :]
+        tl.store(KC + dst, tl.load(K + src))
+        tl.store(VC + dst, tl.load(V + src))
+        tl.store(SEEN + b, n + 1)
+        if RING:
+            tl.store(LIVE + b, tl.minimum(n + 1, sinks + window))
+        else:
+            tl.store(LIVE + b, n + 1)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def env_config() -> dict:
+    """Launch settings from KVBENCH_DECODE_CONFIG ("block_n=64,num_warps=4,num_stages=3,waves=4"), for sweeps."""
+    text = os.environ.get("KVBENCH_DECODE_CONFIG", "")
+    return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
+
+
+def plan_splits(B: int, Hkv: int, cap: int, device: torch.device, waves: int = 4, min_tokens: int = 256) -> int:
+    """Splits per (sequence, KV head): about `waves` programs per SM, no split shorter than min_tokens of the buffer.
+    Fixed by the buffer's capacity, not the live length, so a captured graph keeps it."""
+    want = -(-waves * _sm_count(device) // (B * Hkv))
+    return max(1, min(want, -(-cap // min_tokens)))
+
+
+class TritonDecoder:
+    """The split-KV kernel for one cache buffer, with its scratch allocated once (a graph replays the same
+    pointers): `__call__(q, live)` -> [B, Hq, 1, D]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, n_heads: int, *, block_n: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, waves: int | None = None,
+                 splits: int | None = None):
+        cfg = env_config()
+        B, cap, Hkv, D = k.shape
+        if D & (D - 1) or D < 16:
+            raise ValueError(f"the Triton decode kernel needs a power-of-two head dim >= 16, got {D}")
+        self.k, self.v, self.n_heads = k, v, n_heads
+        self.block_n = block_n or cfg.get("block_n", 64)
+        self.num_warps = num_warps or cfg.get("num_warps", 4)
+        self.num_stages = num_stages or cfg.get("num_stages", 3)
+        self.splits = splits or plan_splits(B, Hkv, cap, k.device, waves or cfg.get("waves", 4))
+        self.op = torch.empty(B * n_heads * self.splits, D, dtype=torch.float32, device=k.device)
+        self.lse = torch.empty(B * n_heads * self.splits, dtype=torch.float32, device=k.device)
+        self.out = torch.empty(B, n_heads, 1, D, dtype=k.dtype, device=k.device)
+
+    def __call__(self, q: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        k, v = self.k, self.v
+        B, cap, Hkv, D = k.shape
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        group = self.n_heads // Hkv
+        exact = q.dtype == torch.float32 or not q.is_cuda
+        _split_kernel[(B * Hkv, self.splits)](
+            q, k, v, live, self.op, self.lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), self.splits, D**-0.5 * math.log2(math.e),
+            HKV=Hkv, GROUP=group, M=max(16, triton.next_power_of_2(group)), D=D, BLOCK_N=self.block_n,
+            PRECISION="ieee" if exact else "tf32", num_warps=self.num_warps, num_stages=self.num_stages)
+        _combine_kernel[(B * self.n_heads,)](
+            self.op, self.lse, self.out, self.splits, self.out.stride(0), self.out.stride(1),
+            HQ=self.n_heads, D=D, P=triton.next_power_of_2(self.splits), num_warps=4)
+        return self.out
+
+
+# --- FlashAttention-2 through PyTorch's private variable-length entry point ------------------------------------
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor, cu_q: torch.Tensor,
+                 cu_k: torch.Tensor) -> torch.Tensor:
+    """FlashAttention-2 decode over slots [0, live[b]): q [B, Hq, 1, D], k/v [B, cap, Hkv, D] contiguous, cu_q =
+    arange(B + 1), cu_k = cap * arange(B + 1) (int32, on the device)."""
+    B, Hq, _, D = q.shape
+    cap, Hkv = k.shape[1], k.shape[2]
+    out = torch.ops.aten._flash_attention_forward(
+        q.reshape(B, Hq, D), k.view(B * cap, Hkv, D), v.view(B * cap, Hkv, D), cu_q, cu_k, 1, cap, 0.0, False,
+        False, scale=D**-0.5, seqused_k=live)[0]
+    return out.view(B, Hq, 1, D)
+
+
+class DenseDecoder:
+    """Decode attention over one [B, cap, Hkv, D] cache buffer pair with a device-side live length: picks the first
+    backend that works here (flash-varlen, triton-splitkv, torch-masked) once, then `__call__(q, live)` is
+    capture-safe. `backend` says which one runs; KVBENCH_DENSE_DECODE (a backend name) forces one."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, n_heads: int, backend: str | None = None):
+        self.k, self.v, self.n_heads = k, v, n_heads
+        forced = backend or os.environ.get("KVBENCH_DENSE_DECODE") or None
+        if forced is not None and forced not in BACKENDS:
+            raise ValueError(f"KVBENCH_DENSE_DECODE={forced!r} is invalid; valid: {', '.join(BACKENDS)}")
+        order = [forced] if forced else self._candidates(k)
+        self.backend, self.why = None, {}
+        for name in order:
+            try:
+                self._setup(name)
+                self.backend = name
+                break
+            except Exception as e:  # a private op that moved, a dtype a kernel refuses: try the next
+                self.why[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        if self.backend is None:
+            raise RuntimeError(f"no dense decode backend works here: {self.why}")
+
+    @staticmethod
+    def _candidates(k: torch.Tensor) -> list[str]:
+        if k.is_cuda:
+            half = k.dtype in (torch.float16, torch.bfloat16)
+            return (["flash-varlen"] if half else []) + ["triton-splitkv", "torch-masked"]
+        return ["triton-splitkv", "torch-masked"] if INTERPRET else ["torch-masked"]
+
+    def _setup(self, name: str) -> None:
+        B, cap, Hkv, D = self.k.shape
+        q = torch.randn(B, self.n_heads, 1, D, dtype=self.k.dtype, device=self.k.device)
+        live = torch.ones(B, dtype=torch.int32, device=self.k.device)
+        if name == "flash-varlen":
+            if not self.k.is_cuda:
+                raise RuntimeError("flash-varlen needs CUDA")
+            ar = torch.arange(B + 1, dtype=torch.int32, device=self.k.device)
+            self.cu_q, self.cu_k = ar, ar * cap
+            self.fn = lambda q, live: flash_varlen(q, self.k, self.v, live, self.cu_q, self.cu_k)
+        elif name == "triton-splitkv":
+            if triton is None or not (self.k.is_cuda or INTERPRET):
+                raise RuntimeError("triton-splitkv needs Triton on CUDA (or TRITON_INTERPRET=1)")
+            self.fn = TritonDecoder(self.k, self.v, self.n_heads)
+        else:
+            self.fn = lambda q, live: decode_ref(q, self.k, self.v, live)
+        self.fn(q, live)  # one trial call: compiles, and proves the backend takes these inputs
+
+    def __call__(self, q: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        return self.fn(q, live)
+
+
+def append_token(k_cache, v_cache, k, v, seen, live, ring: tuple[int, int] | None = None) -> None:
+    """append_ref in one kernel on CUDA (or under TRITON_INTERPRET=1); the reference elsewhere."""
+    B, Hkv, _, D = k.shape
+    pow2 = Hkv & (Hkv - 1) == 0 and D & (D - 1) == 0
+    if triton is None or not (k.is_cuda or INTERPRET) or not pow2:
+        return append_ref(k_cache, v_cache, k, v, seen, live, ring)
+    if k.stride(-1) != 1 or v.stride() != k.stride():
+        k, v = k.contiguous(), v.contiguous()
+    sinks, window = ring or (0, 1)
+    _append_kernel[(B,)](k, v, k_cache, v_cache, seen, live, k.stride(0), k.stride(1), k_cache.stride(0),
+                         k_cache.stride(1), k_cache.stride(2), sinks, window, HKV=Hkv, D=D, RING=ring is not None,
+                         num_warps=1)
