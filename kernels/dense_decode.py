@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from kvbench.api import ReservedRoomError, capturing
+
 try:
     import triton
     import triton.language as tl
@@ -273,3 +275,152 @@ def append_token(k_cache, v_cache, k, v, seen, live, ring: tuple[int, int] | Non
     _append_kernel[(B,)](k, v, k_cache, v_cache, seen, live, k.stride(0), k.stride(1), k_cache.stride(0),
                          k_cache.stride(1), k_cache.stride(2), sinks, window, HKV=Hkv, D=D, RING=ring is not None,
                          num_warps=1)
+
+
+class PinnedKV:
+    """The capture-safe store behind `full` and `streaming`: K/V buffers [B, cap, Hkv, D] allocated once, device-side
+    counters (seen, live: int32 [B]), one-kernel appends and live-length attention, and the host-side mirror `n`.
+
+    Position p lives in slot p; with `ring=(sinks, window)` in slot p below sinks, else sinks + (p - sinks) % window,
+    so once sinks + window slots are held each append overwrites exactly the token that leaves the window.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: list[int], n_seen: int, cap: int, n_heads: int,
+                 ring: tuple[int, int] | None = None):
+        B, H, _, D = k.shape
+        self.ring, self.cap = ring, cap
+        self.k, self.v = k.new_empty(B, cap, H, D), v.new_empty(B, cap, H, D)
+        self.seen = torch.zeros(B, dtype=torch.int32, device=k.device)
+        self.live = self.seen if ring is None else torch.zeros_like(self.seen)  # without a ring: one counter
+        self.load(k, v, positions, n_seen)
+        self.decoder = DenseDecoder(self.k, self.v, n_heads)
+
+    def slots(self, positions: list[int]) -> torch.Tensor:
+        if self.ring is None:
+            return torch.tensor(positions, dtype=torch.long, device=self.k.device)
+        s, w = self.ring
+        return torch.tensor([p if p < s else s + (p - s) % w for p in positions], device=self.k.device)
+
+    def load(self, k: torch.Tensor, v: torch.Tensor, positions: list[int], n_seen: int) -> None:
+        """Store k, v [B, Hkv, N, D], the tokens at `positions` of the n_seen seen so far (eager; may sync)."""
+        if len(positions) > self.cap:
+            raise ReservedRoomError("pinned cache", len(positions), 0, self.cap)
+        idx = self.slots(positions)
+        self.k[:, idx], self.v[:, idx] = k.transpose(1, 2), v.transpose(1, 2)
+        self.n, self.held = n_seen, len(positions)
+        self.seen.fill_(n_seen)
+        self.live.fill_(self.held)
+
+    def ordered(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens at `positions`, as [B, Hkv, N, D] in that order."""
+        idx = self.slots(positions)
+        return self.k[:, idx].transpose(1, 2), self.v[:, idx].transpose(1, 2)
+
+    def advance(self, n: int) -> None:
+        """Host side of n one-token appends: raises ReservedRoomError, changing nothing, when they would not fit."""
+        full = self.ring is not None and self.cap == sum(self.ring)
+        held = min(self.held + n, self.cap) if full else self.held + n
+        if held > self.cap:
+            raise ReservedRoomError("pinned cache", self.held, n, self.cap)
+        self.n, self.held = self.n + n, held
+
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token per sequence, k/v [B, Hkv, 1, D], then q [B, Hq, 1, D] attends over the live tokens: no host
+        sync or allocation, so a CUDA graph can capture it. Outside a capture the room is checked first."""
+        if not capturing(q):
+            self.advance(1)
+        append_token(self.k, self.v, k, v, self.seen, self.live, self.ring)
+        return self.decoder(q, self.live)
+
+    def nbytes(self) -> int:
+        counters = (1 if self.live is self.seen else 2) * self.seen.numel() * self.seen.element_size()
+        return 2 * self.k.numel() * self.k.element_size() + counters
+
+
+def _main() -> None:
+    """Time the live-length decode kernels against SDPA-flash on the same cache at Llama-3.1-8B's attention shape
+    (32 query heads, 8 KV heads, head dim 128, bf16), with a parity check; --sweep adds Triton launch configurations.
+    Prints one JSON line per timing (--json FILE also writes them) and the fastest backend last."""
+    import argparse
+    import json
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kvbench.timing import bench, copy_bandwidth, floor_us, l2_bytes
+
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[32768])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev, dt, Hq, H, D = torch.device("cuda"), torch.bfloat16, 32, 8, 128
+    bw = copy_bandwidth(device=dev)["copy_gbs"]
+    rows = []
+    for B in args.batches:
+        for T in args.contexts:
+            cap = T + 256
+            nbytes = 2 * B * T * H * D * 2
+            copies = max(1, -(-3 * l2_bytes(dev) // nbytes))  # rotate copies to defeat L2 at small sizes
+            ks = [torch.randn(B, cap, H, D, device=dev, dtype=dt) for _ in range(copies)]
+            vs = [torch.randn(B, cap, H, D, device=dev, dtype=dt) for _ in range(copies)]
+            q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt)
+            live = torch.full((B,), T, dtype=torch.int32, device=dev)
+            want = decode_ref(q, ks[0], vs[0], live).float()
+
+            def sdpa(k, v):
+                kk, vv = k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2)
+
+                def f():
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+                return f
+
+            cands = {"sdpa-flash": [sdpa(k, v) for k, v in zip(ks, vs)]}
+            for name in ("flash-varlen", "triton-splitkv"):
+                try:
+                    decs = [DenseDecoder(k, v, Hq, backend=name) for k, v in zip(ks, vs)]
+                    cands[name] = [functools.partial(d, q, live) for d in decs]
+                except Exception as e:
+                    rows.append({"B": B, "T": T, "kernel": name, "error": str(e)[:300]})
+            if args.sweep:
+                for bn, nw, ns, waves in ((32, 4, 3, 4), (64, 4, 2, 4), (64, 4, 4, 4), (64, 8, 3, 4), (128, 4, 2, 4),
+                                          (128, 8, 2, 4), (128, 8, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8),
+                                          (64, 4, 3, 16)):
+                    decs = [TritonDecoder(k, v, Hq, block_n=bn, num_warps=nw, num_stages=ns, waves=waves)
+                            for k, v in zip(ks, vs)]
+                    cands[f"triton:block_n={bn},num_warps={nw},num_stages={ns},waves={waves}"] = \
+                        [functools.partial(d, q, live) for d in decs]
+            for name, fns in cands.items():
+                try:
+                    out = fns[0]().float()
+                    err = ((out - want).norm() / want.norm()).item()
+                    t = bench(fns, set_bytes=nbytes, graph=True, device=dev)
+                    rows.append({"B": B, "T": T, "kernel": name, "us": t.median_us, "clock": t.clock,
+                                 "gbs": nbytes / t.median_us / 1e3, "floor_us": floor_us(nbytes, bw),
+                                 "rel_err": err})
+                except Exception as e:
+                    rows.append({"B": B, "T": T, "kernel": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            base = next(r["us"] for r in rows if r["B"] == B and r["T"] == T and r["kernel"] == "sdpa-flash")
+            for r in rows:
+                if r["B"] == B and r["T"] == T and "us" in r:
+                    r["vs_sdpa_flash"] = r["us"] / base
+            del ks, vs
+            torch.cuda.empty_cache()
+    for r in rows:
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "copy_gbs": bw, "gpu": torch.cuda.get_device_name(dev)}) + "\n")
+    print(f"{'B':>3} {'T':>6} {'kernel':<58} {'us':>9} {'x sdpa':>7} {'GB/s':>7} {'rel err':>8}")
+    for r in rows:
+        if "us" in r:
+            print(f"{r['B']:>3} {r['T']:>6} {r['kernel']:<58} {r['us']:>9.1f} {r['vs_sdpa_flash']:>7.3f} "
+                  f"{r['gbs']:>7.0f} {r['rel_err']:>8.1e}")
+        else:
+            print(f"{r['B']:>3} {r['T']:>6} {r['kernel']:<58} {r['error'][:100]}")
+
+
+if __name__ == "__main__":
+    _main()

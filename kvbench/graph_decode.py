@@ -89,9 +89,11 @@ class StepGraph:
             for _ in range(max(1, warmup)):
                 self.step()
         torch.cuda.current_stream(self.ids.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the telemetry thread's NVML reads may go on while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.step()
+        self.graph = graph
 
     def replay(self) -> None:
         if self.n_run >= self.tokens.shape[1]:
@@ -122,12 +124,18 @@ def graph_decode(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int
     with torch.inference_mode():
         cache.reserve(total)
         sg = StepGraph(model, cache, next_ids, total)
+        facts = {"decode_mode": "graph" if graph else "eager"}
         if graph:
-            sg.capture(n_eager)
-            times = _eager_times(sg.replay, model.device, 0, steps)
-        else:
-            times = _eager_times(sg.step, model.device, n_eager, steps)
-    return DecodeRun(times, sg.tokens[:, : sg.n_run], {"decode_mode": "graph" if graph else "eager"}), sg
+            try:
+                sg.capture(n_eager)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # nothing ran on the device, host counters untouched: the same steps, eagerly
+                facts = {"decode_mode": "eager", "graph_fallback": f"capture failed: {type(e).__name__}: "
+                                                                  f"{str(e).splitlines()[0][:200]}"}
+        step = sg.replay if sg.graph is not None else sg.step
+        times = _eager_times(step, model.device, 0 if graph else n_eager, steps)
+    return DecodeRun(times, sg.tokens[:, : sg.n_run], facts), sg
 
 
 def decode_run(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, steps: int, *, graph: bool = True,
@@ -138,7 +146,7 @@ def decode_run(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, 
     reason = unsafe_reason(cache, model.device) if graph else "--no-graph"
     if reason is None:
         run, sg = graph_decode(model, cache, next_ids, warmup, steps)
-        one = sg.replay
+        one = sg.replay if sg.graph is not None else sg.step
     else:
         times = eager(model, cache, next_ids, warmup, steps)
         run = DecodeRun(times, None, {"decode_mode": "eager", "graph_fallback": reason})

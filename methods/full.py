@@ -3,9 +3,10 @@
 FlashAttention runs the attention (the `flash-attn` package when importable, else PyTorch SDPA pinned to its
 FlashAttention backend on the GPU); `info()` records which backend ran.
 
-Capture-safe: after `reserve(n)` the buffers are pinned, and a one-token extend writes at a device-side position
-(`kernels.dense_decode.append_token`) and attends over the live tokens through `kernels.dense_decode.DenseDecoder`
-(FlashAttention-2 with a device-side length, or a Triton split-KV kernel), so a CUDA graph can replay it.
+Capture-safe: `reserve(n)` moves the buffers into a `kernels.dense_decode.PinnedKV`; a one-token extend then writes
+at a device-side position and attends over the live tokens with the length read on the device (FlashAttention-2's
+variable-length kernel, or a Triton split-KV kernel), so a CUDA graph can replay it. Eager steps (no reserve) keep
+FlashAttention over a view of the live tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench import attention
-from kvbench.api import LayerCache, LayerSpec, Method, ReservedRoomError, capturing, param
+from kvbench.api import LayerCache, LayerSpec, Method, ReservedRoomError, param
 from kvbench.kernels import dense_decode
 from kvbench.registry import register
 
@@ -40,62 +41,44 @@ class Full(Method):
 
 
 class FullLayer(LayerCache):
-    capture_safe = True
+    capture_safe = True  # reserve() moves the buffers into a PinnedKV: one-token steps a CUDA graph can replay
 
     def __init__(self, spec: LayerSpec, grow: int):
         self.spec, self.grow = spec, grow
         self.k: torch.Tensor | None = None  # [B, capacity, Hkv, D]: flash-attn's layout, a free view for SDPA
         self.v: torch.Tensor | None = None
         self.n = 0
-        self.pinned = False  # after reserve(): no reallocation, one-token steps through the device-side path
-        self.lens: torch.Tensor | None = None  # int32 [B]: tokens held, on the device (pinned only)
-        self.decoder: dense_decode.DenseDecoder | None = None
+        self.pin: dense_decode.PinnedKV | None = None  # after reserve(): the buffers, pinned, with device counters
         self.backend = "none"
-
-    def _realloc(self, B: int, cap: int, H: int, D: int, like: torch.Tensor) -> None:
-        new_k, new_v = like.new_empty(B, cap, H, D), like.new_empty(B, cap, H, D)
-        if self.k is not None:
-            new_k[:, : self.n] = self.k[:, : self.n]
-            new_v[:, : self.n] = self.v[:, : self.n]
-        self.k, self.v = new_k, new_v
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         B, H, T, D = k.shape
         need = self.n + T
-        if self.k is None or need > self.k.shape[1]:
-            if self.pinned:
-                raise ReservedRoomError("full", self.n, T, self.k.shape[1])
+        if self.pin is not None:
+            self.pin.advance(T)  # raises before any write when the reserved room is short
+        elif self.k is None or need > self.k.shape[1]:
             cap = need if self.k is None else max(need, self.k.shape[1] + max(self.grow, self.k.shape[1] // 8))
-            self._realloc(B, cap, H, D, k)
+            new_k, new_v = k.new_empty(B, cap, H, D), v.new_empty(B, cap, H, D)
+            if self.k is not None:
+                new_k[:, : self.n] = self.k[:, : self.n]
+                new_v[:, : self.n] = self.v[:, : self.n]
+            self.k, self.v = new_k, new_v
         self.k[:, self.n : need] = k.transpose(1, 2)
         self.v[:, self.n : need] = v.transpose(1, 2)
         self.n = need
-        if self.pinned:
-            self.lens.fill_(need)
+        if self.pin is not None:
+            self.pin.seen.fill_(need)
 
     def reserve(self, n_new: int) -> None:
         if self.k is None:
             raise ReservedRoomError("full: reserve() before prefill", 0, n_new, 0)
-        if self.n + n_new > self.k.shape[1]:
-            B, _, H, D = self.k.shape
-            self._realloc(B, self.n + n_new, H, D, self.k)
-        self.pinned = True
-        self.lens = torch.full((self.k.shape[0],), self.n, dtype=torch.int32, device=self.k.device)
-        if self.decoder is None or self.decoder.k is not self.k:
-            self.decoder = dense_decode.DenseDecoder(self.k, self.v, self.spec.n_heads)
+        self.pin = dense_decode.PinnedKV(self.keys(), self.values(), list(range(self.n)), self.n, self.n + n_new,
+                                         self.spec.n_heads)
+        self.k, self.v = self.pin.k, self.pin.v  # position p in slot p: keys() and values() stay plain views
 
     def advance(self, n: int) -> None:
-        if self.n + n > self.k.shape[1]:
-            raise ReservedRoomError("full", self.n, n, self.k.shape[1])
-        self.n += n
-
-    def _step(self, q, k, v):
-        """One token through the device-side path: no allocation, no sync (graph-capturable)."""
-        if not capturing(q):
-            self.advance(1)  # checks the room before anything is written
-        dense_decode.append_token(self.k, self.v, k, v, self.lens, self.lens)
-        self.backend = self.decoder.backend
-        return self.decoder(q, self.lens)
+        self.pin.advance(n)
+        self.n = self.pin.n
 
     def keys(self) -> torch.Tensor:
         """[B, Hkv, T, D] view of the stored keys."""
@@ -111,8 +94,10 @@ class FullLayer(LayerCache):
         return out
 
     def extend(self, q, k, v):
-        if self.pinned and k.shape[2] == 1:
-            return self._step(q, k, v)
+        if self.pin is not None and k.shape[2] == 1:
+            out = self.pin.step(q, k, v)
+            self.n, self.backend = self.pin.n, self.pin.decoder.backend
+            return out
         return self.prefill(q, k, v)
 
     def nbytes(self) -> int:
@@ -124,7 +109,7 @@ class FullLayer(LayerCache):
         return self.n
 
     def info(self):
-        return {"backend": self.backend, "pinned": self.pinned}
+        return {"backend": self.backend, "pinned": self.pin is not None}
 
     def decode_fns(self, q):
         """'attention': the eager step's kernel (FlashAttention over the live view); 'graph_attention': the kernel a

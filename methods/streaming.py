@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from kvbench import attention
-from kvbench.api import LayerCache, LayerSpec, Method, ReservedRoomError, capturing, param
+from kvbench.api import LayerCache, LayerSpec, Method, ReservedRoomError, param
 from kvbench.attention import dense_attention
-from kvbench.kernels import dense_decode
+from kvbench.kernels.dense_decode import PinnedKV
 from kvbench.registry import register
 
 
@@ -42,24 +42,27 @@ class Streaming(Method):
 
 
 class StreamingLayer(LayerCache):
-    # capture-safe: reserve() moves the kept tokens into a fixed ring (slot of position t: t below `sinks`, else
-    # sinks + (t - sinks) % window), so a one-token step overwrites exactly the token it evicts, in one kernel
+    # reserve() moves the kept tokens into a ring (PinnedKV) where each one-token step overwrites the token it evicts
+    # in one kernel and attends with the length read on the device, so CUDA graphs can replay the step
     capture_safe = True
 
     def __init__(self, sinks: int, window: int, n_heads: int):
         self.sinks, self.window, self.n_heads = sinks, window, n_heads
-        self.k = self.v = None  # [B, Hkv, N, D]: the sinks, then the most recent tokens; [B, cap, Hkv, D] ring once
-        self.n = 0  # tokens seen                                                       # reserve() has pinned it
+        self.k = self.v = None  # [B, Hkv, N, D]: the sinks, then the most recent tokens (None once pinned)
+        self.pin: PinnedKV | None = None  # the ring, after reserve()
+        self.n = 0  # tokens seen
         self.attended_len = 0  # tokens the last call attended
-        self.pinned = False
-        self.seen = self.live = None  # int32 [B] on the device once pinned: tokens seen, tokens held
-        self.decoder = None
 
     def _keep(self, x: torch.Tensor, recent: int) -> list[torch.Tensor]:
         """x [B, Hkv, N, D] as [sinks, its last `recent` tokens] (or [x] when that is all of it)."""
         if x.shape[2] <= self.sinks + recent:
             return [x]
         return [x[:, :, : self.sinks], x[:, :, x.shape[2] - recent :]]
+
+    def _positions(self) -> list[int]:
+        """Positions held now: the sinks, then the most recent tokens."""
+        n, held = self.n, min(self.n, self.sinks + self.window)
+        return list(range(n)) if held == n else list(range(self.sinks)) + list(range(n - held + self.sinks, n))
 
     def prefill(self, q, k, v):
         out = dense_attention(q, k, v, causal=True)  # the prompt itself is attended in full
@@ -68,10 +71,12 @@ class StreamingLayer(LayerCache):
         return out
 
     def extend(self, q, k, v):
-        if self.pinned:
+        if self.pin is not None:
             if k.shape[2] == 1:
-                return self._step(q, k, v)
-            self.k, self.v = self._ordered()  # a chunk: the plain path below, then back into the ring
+                out = self.pin.step(q, k, v)
+                self.n, self.attended_len = self.pin.n, self.pin.held
+                return out
+            self.k, self.v = self.pin.ordered(self._positions())  # a chunk: the plain path, then back in the ring
         # evict first, so the new tokens attend to at most sinks + window tokens (as the authors' code does)
         room = max(self.window - k.shape[2], 0)
         self.k = torch.cat(self._keep(self.k, room) + [k], 2)
@@ -81,76 +86,37 @@ class StreamingLayer(LayerCache):
         out = dense_attention(q, self.k, self.v, causal=True)
         if self.k.shape[2] > self.sinks + self.window:  # a chunk longer than the window
             self.k, self.v = (torch.cat(self._keep(x, self.window), 2) for x in (self.k, self.v))
-        if self.pinned:
-            self._to_ring(self.ring_k.shape[1])
-            self.seen.fill_(self.n)
-            self.live.fill_(min(self.n, self.sinks + self.window))
+        if self.pin is not None:
+            self.pin.load(self.k, self.v, self._positions(), self.n)
+            self.k = self.v = None
         return out
 
-    # --- the capture-safe path ---
-
-    def _positions(self) -> list[int]:
-        """Positions held now, ascending: the sinks, then the most recent tokens."""
-        n, held = self.n, min(self.n, self.sinks + self.window)
-        return list(range(n)) if held == n else list(range(self.sinks)) + list(range(n - held + self.sinks, n))
-
-    def _slots(self) -> torch.Tensor:
-        s, w = self.sinks, self.window
-        return torch.tensor([p if p < s else s + (p - s) % w for p in self._positions()], device=self.k.device)
-
-    def _to_ring(self, cap: int) -> None:
-        """Move the ordered [B, Hkv, N, D] tokens into [B, cap, Hkv, D] ring buffers (the pinned ones, if any)."""
-        B, H, N, D = self.k.shape
-        if N > cap:
-            raise ReservedRoomError("streaming", N, 0, cap)
-        if not self.pinned:
-            self.ring_k, self.ring_v = self.k.new_empty(B, cap, H, D), self.v.new_empty(B, cap, H, D)
-        slots = self._slots()
-        self.ring_k[:, slots], self.ring_v[:, slots] = self.k.transpose(1, 2), self.v.transpose(1, 2)
-        self.k, self.v = self.ring_k, self.ring_v
-
-    def _ordered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = self._slots()
-        return self.k[:, slots].transpose(1, 2), self.v[:, slots].transpose(1, 2)
-
     def reserve(self, n_new: int) -> None:
-        if self.k is None:
+        if self.k is None and self.pin is None:
             raise ReservedRoomError("streaming: reserve() before prefill", 0, n_new, 0)
-        if self.pinned:
-            self.k, self.v = self._ordered()
-            self.pinned = False
-        self._to_ring(min(self.sinks + self.window, self.k.shape[2] + n_new))
-        self.pinned = True
-        B = self.k.shape[0]
-        self.seen = torch.full((B,), self.n, dtype=torch.int32, device=self.k.device)
-        self.live = torch.full((B,), min(self.n, self.sinks + self.window), dtype=torch.int32, device=self.k.device)
-        self.decoder = dense_decode.DenseDecoder(self.k, self.v, self.n_heads)
+        k, v = (self.k, self.v) if self.pin is None else self.pin.ordered(self._positions())
+        cap = min(self.sinks + self.window, k.shape[2] + n_new)
+        self.pin = PinnedKV(k, v, self._positions(), self.n, cap, self.n_heads, ring=(self.sinks, self.window))
+        self.k = self.v = None
 
     def advance(self, n: int) -> None:
-        held, cap = min(self.n + n, self.sinks + self.window), self.k.shape[1]
-        if held > cap:  # the ring has not reached sinks + window slots yet, and n more would not fit
-            raise ReservedRoomError("streaming", self.n, n, cap)
-        self.n += n
-        self.attended_len = held
-
-    def _step(self, q, k, v):
-        if not capturing(q):
-            self.advance(1)  # checks the room before anything is written
-        dense_decode.append_token(self.k, self.v, k, v, self.seen, self.live, ring=(self.sinks, self.window))
-        return self.decoder(q, self.live)
+        self.pin.advance(n)
+        self.n, self.attended_len = self.pin.n, self.pin.held
 
     def nbytes(self) -> int:
+        if self.pin is not None:
+            return self.pin.nbytes()
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
     def seq_len(self) -> int:
         return self.n
 
     def info(self):
-        return {"backend": self.decoder.backend if self.pinned else attention.last_backend, "pinned": self.pinned}
+        return {"backend": self.pin.decoder.backend if self.pin else attention.last_backend, "pinned": bool(self.pin)}
 
     def attended(self) -> torch.Tensor:
         """Positions the last call attended: the sinks, then the most recent tokens; [B, Hkv, N]."""
         n, m = self.n, self.attended_len
         pos = torch.arange(n) if m == n else torch.cat([torch.arange(self.sinks), torch.arange(n - m + self.sinks, n)])
-        B, H = self.k.shape[0], self.k.shape[2 if self.pinned else 1]
-        return pos.to(self.k.device).expand(B, H, -1)
+        ref = self.k if self.pin is None else self.pin.k.transpose(1, 2)  # [B, Hkv, ., D]
+        return pos.to(ref.device).expand(ref.shape[0], ref.shape[1], -1)

@@ -71,12 +71,12 @@ def test_a_step_past_the_reserved_room_fails_before_any_write(spec):
     layer.reserve(2)
     step = lambda: layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))  # noqa
     step(), step()
-    before = (layer.k.clone(), layer.v.clone(), layer.seq_len(), layer.nbytes())
+    before = (layer.pin.k.clone(), layer.pin.v.clone(), layer.seq_len(), layer.nbytes())
     with pytest.raises(ReservedRoomError, match="reserved room"):
         step()
     with pytest.raises(ReservedRoomError):
         layer.advance(1)  # what a graph replay would have done
-    assert torch.equal(layer.k, before[0]) and torch.equal(layer.v, before[1])
+    assert torch.equal(layer.pin.k, before[0]) and torch.equal(layer.pin.v, before[1])
     assert (layer.seq_len(), layer.nbytes()) == before[2:]
 
 
@@ -86,7 +86,7 @@ def test_streaming_ring_needs_no_room_once_full():
     layer.reserve(1)  # already sinks + window tokens: the ring is as large as it will ever be
     for _ in range(20):
         layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
-    assert layer.seq_len() == 30 and layer.k.shape[1] == 8
+    assert layer.seq_len() == 30 and layer.pin.k.shape[1] == 8
 
 
 @pytest.mark.parametrize("spec", ["selfindex:budget=0.5", "kivi", "snapkv"])
