@@ -117,10 +117,11 @@ def _eager_times(step: Callable[[], None], device, warmup: int, steps: int) -> l
 
 def graph_decode(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, steps: int, *,
                  graph: bool = True, extra: int = 1) -> tuple[DecodeRun, StepGraph]:
-    """The capture-safe path: reserve room, then `warmup` eager steps and a capture (graph=True) or `warmup` eager
-    steps (graph=False), then `steps` timed steps; `extra` steps stay reserved for accounting (one profiled step)."""
-    n_eager = max(1, warmup) if graph else warmup
-    total = n_eager + steps + extra
+    """The capture-safe path: reserve room, then `warmup` untimed steps (graph=True: eager ones, a capture, and one
+    replay, since a graph's first launch also uploads it; at least 2), then `steps` timed steps; `extra` steps stay
+    reserved for accounting (one profiled step)."""
+    n_eager = max(1, warmup - 1) if graph else warmup
+    total = n_eager + (1 if graph else 0) + steps + extra
     with torch.inference_mode():
         cache.reserve(total)
         sg = StepGraph(model, cache, next_ids, total)
@@ -134,7 +135,7 @@ def graph_decode(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int
                 facts = {"decode_mode": "eager", "graph_fallback": f"capture failed: {type(e).__name__}: "
                                                                   f"{str(e).splitlines()[0][:200]}"}
         step = sg.replay if sg.graph is not None else sg.step
-        times = _eager_times(step, model.device, 0 if graph else n_eager, steps)
+        times = _eager_times(step, model.device, 1 if sg.graph is not None else (0 if graph else n_eager), steps)
     return DecodeRun(times, sg.tokens[:, : sg.n_run], facts), sg
 
 
@@ -193,17 +194,22 @@ def kernel_busy_ms(step: Callable[[], None], device: torch.device) -> dict[str, 
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         sync(device)
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     if not spans:
         return {"gpu_busy_ms": None, "gpu_busy_error": "the profiler recorded no kernels"}
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:80], []).append(e.time_range.end - e.time_range.start)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
     busy, (cur_s, cur_e) = 0.0, spans[0]
     for s, e in spans[1:]:
         if s > cur_e:
             busy, cur_s = busy + cur_e - cur_s, s
         cur_e = max(cur_e, e)
     busy += cur_e - cur_s
-    return {"gpu_busy_ms": busy / 1e3, "gpu_span_ms": (spans[-1][1] - spans[0][0]) / 1e3, "kernels": len(spans)}
+    return {"gpu_busy_ms": busy / 1e3, "gpu_span_ms": (spans[-1][1] - spans[0][0]) / 1e3, "kernels": len(spans),
+            "top_kernels": [{"name": n, "ms": sum(ts) / 1e3, "calls": len(ts)} for n, ts in top]}
 
 
 def step_facts(model, cache: KVBenchCache, one_step: Callable[[], None], step_s: float,

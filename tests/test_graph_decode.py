@@ -196,11 +196,12 @@ def test_dense_decode_backends_match_the_reference_on_gpu(shape, dtype, backend)
     torch.manual_seed(sum(shape))
     B, Hq, H, D, cap, n = shape
     k, v = (torch.randn(B, cap, H, D, device="cuda", dtype=dtype) for _ in range(2))
-    k[:, n:] = float("nan")  # slots past the live length must never be read
+    k[:, n:], v[:, n:] = float("nan"), float("nan")  # slots past the live length must never be read (0 * NaN = NaN)
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
     live = torch.full((B,), n, dtype=torch.int32, device="cuda")
     dec = dense_decode.DenseDecoder(k, v, Hq, backend=backend)
-    want = dense_decode.decode_ref(q, k.nan_to_num(0), v, live).float()
+    assert dec.backend == backend, dec.why
+    want = dense_decode.decode_ref(q, k.nan_to_num(0), v.nan_to_num(0), live).float()
     got = dec(q, live).float()
     assert not got.isnan().any()
     err = ((got - want).norm() / want.norm()).item()
@@ -236,3 +237,26 @@ def test_graph_run_records_mode_kernel_and_step_accounting():
     assert f["decode_mode"] == "graph" and f["decode_kernel"] in dense_decode.BACKENDS
     assert f["floor_ms"] > 0 and f["copy_gbs"] > 100 and f["step_over_floor"] > 0
     assert f["gpu_busy_ms"] > 0 and 0 < f["busy_over_step"] <= 1.5 and f["kernels"] > 10
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_throughput_records_say_which_decode_mode_ran_and_why(graph, tmp_path, monkeypatch):
+    from kvbench.records import read_records
+    from kvbench.suites import throughput
+
+    model = tiny_model()
+    monkeypatch.setattr(throughput, "load_model", lambda *a, **k: (model, None))
+    throughput.run(["full", "snapkv"], tmp_path, model="tiny", contexts="64", batches="1", steps=2, warmup_steps=1,
+                   search=False, show_progress=False, graph=graph)
+    records, _ = read_records([tmp_path / "throughput.jsonl"])
+    assert len(records) == 2
+    for r in records:
+        m = r["metrics"]
+        assert r["status"] == "ok" and r["cell"]["decode"] == ("graph" if graph else "eager")
+        assert m["decode_mode"] == "eager" and m["decode_kernel"]  # no CUDA here
+        if not graph:
+            assert m["graph_fallback"] == "--no-graph"
+        elif r["method"] == "full":
+            assert m["graph_fallback"] == "CUDA graphs need a CUDA device"
+        else:
+            assert "snapkv" in m["graph_fallback"] and "not capture-safe" in m["graph_fallback"]
