@@ -113,15 +113,21 @@ if triton is not None:
         tl.store(LSE + row, lse, mask=rows < GROUP)
 
     @triton.jit
-    def _combine_kernel(OP, LSE, OUT, n_splits, so_b, so_h, HQ: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+    def _combine_kernel(OP, LSE, OUT, n_splits, so_b, so_h, HQ: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                        CH: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // HQ, bh % HQ
-        p, d = tl.arange(0, P), tl.arange(0, D)
-        lse = tl.load(LSE + bh * n_splits + p, mask=p < n_splits, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, 0))  # empty splits weigh 0
-        o = tl.load(OP + (bh * n_splits + p)[:, None] * D + d[None, :], mask=(p < n_splits)[:, None], other=0.0)
-        out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-        tl.store(OUT + b * so_b + h * so_h + d, out.to(OUT.dtype.element_ty))
+        p, d, c = tl.arange(0, P), tl.arange(0, D), tl.arange(0, CH)
+        m = tl.max(tl.load(LSE + bh * n_splits + p, mask=p < n_splits, other=float("-inf")), 0)
+        acc = tl.zeros([D], tl.float32)
+        wsum = tl.sum(tl.zeros([CH], tl.float32), 0)
+        for start in range(0, n_splits, CH):  # CH splits at a time, so many splits do not spill registers
+            i = start + c
+            w = tl.exp2(tl.load(LSE + bh * n_splits + i, mask=i < n_splits, other=float("-inf")) - m)  # empty: 0
+            o = tl.load(OP + (bh * n_splits + i)[:, None] * D + d[None, :], mask=(i < n_splits)[:, None], other=0.0)
+            acc += tl.sum(o * w[:, None], 0)
+            wsum += tl.sum(w, 0)
+        tl.store(OUT + b * so_b + h * so_h + d, (acc / wsum).to(OUT.dtype.element_ty))
 
     @triton.jit
     def _append_kernel(K, V, KC, VC, SEEN, LIVE, sk_b, sk_h, skc_b, skc_t, skc_h, sinks, window,
@@ -149,12 +155,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def env_config() -> dict:
-    """Launch settings from KVBENCH_DECODE_CONFIG ("block_n=64,num_warps=4,num_stages=3,waves=4"), for sweeps."""
+    """Launch settings from KVBENCH_DECODE_CONFIG ("block_n=64,num_warps=4,num_stages=3,waves=8"), for sweeps."""
     text = os.environ.get("KVBENCH_DECODE_CONFIG", "")
     return {k: int(v) for k, v in (kv.split("=") for kv in text.split(",") if kv)}
 
 
-def plan_splits(B: int, Hkv: int, cap: int, device: torch.device, waves: int = 4, min_tokens: int = 256) -> int:
+def plan_splits(B: int, Hkv: int, cap: int, device: torch.device, waves: int = 8, min_tokens: int = 256) -> int:
     """Splits per (sequence, KV head): about `waves` programs per SM, no split shorter than min_tokens of the buffer.
     Fixed by the buffer's capacity, not the live length, so a captured graph keeps it."""
     want = -(-waves * _sm_count(device) // (B * Hkv))
@@ -176,7 +182,7 @@ class TritonDecoder:
         self.block_n = block_n or cfg.get("block_n", 64)
         self.num_warps = num_warps or cfg.get("num_warps", 4)
         self.num_stages = num_stages or cfg.get("num_stages", 3)
-        self.splits = splits or plan_splits(B, Hkv, cap, k.device, waves or cfg.get("waves", 4))
+        self.splits = splits or plan_splits(B, Hkv, cap, k.device, waves or cfg.get("waves", 8))
         self.op = torch.empty(B * n_heads * self.splits, D, dtype=torch.float32, device=k.device)
         self.lse = torch.empty(B * n_heads * self.splits, dtype=torch.float32, device=k.device)
         self.out = torch.empty(B, n_heads, 1, D, dtype=k.dtype, device=k.device)
@@ -195,7 +201,7 @@ class TritonDecoder:
             PRECISION="ieee" if exact else "tf32", num_warps=self.num_warps, num_stages=self.num_stages)
         _combine_kernel[(B * self.n_heads,)](
             self.op, self.lse, self.out, self.splits, self.out.stride(0), self.out.stride(1),
-            HQ=self.n_heads, D=D, P=triton.next_power_of_2(self.splits), num_warps=4)
+            HQ=self.n_heads, D=D, P=triton.next_power_of_2(self.splits), CH=16, num_warps=4)
         return self.out
 
 
