@@ -21,11 +21,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --fo
 (python3 -c "from kvbench.kernels import selfindex; selfindex.cuda_ops()" > "$O/selfindex_build.log" 2>&1 &)
 
 echo "== GPU tests ($(left) s left)" | tee -a "$LOG"
-timeout 100 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode.py tests/test_throughput_suite.py \
+timeout 85 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_graph_decode.py tests/test_throughput_suite.py \
   2>&1 | tail -25 | tee -a "$LOG"
 
 echo "== dense decode kernels ($(left) s left)" | tee -a "$LOG"
-timeout 60 python3 -m kvbench.kernels.dense_decode --sweep --json "$O/dense_decode.jsonl" 2>&1 | tail -32 | tee -a "$LOG"
+timeout 50 python3 -m kvbench.kernels.dense_decode --sweep --json "$O/dense_decode.jsonl" 2>&1 | tail -32 | tee -a "$LOG"
 PICK=$(python3 - "$O/dense_decode.jsonl" <<'PY'
 import json, sys
 try:

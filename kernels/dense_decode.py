@@ -394,9 +394,8 @@ def _main() -> None:
                 except Exception as e:
                     rows.append({"B": B, "T": T, "kernel": name, "error": str(e)[:300]})
             if args.sweep:
-                for bn, nw, ns, waves in ((32, 4, 3, 4), (64, 4, 2, 4), (64, 4, 4, 4), (64, 8, 3, 4), (128, 4, 2, 4),
-                                          (128, 8, 2, 4), (128, 8, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8),
-                                          (64, 4, 3, 16)):
+                for bn, nw, ns, waves in ((64, 4, 2, 8), (64, 4, 4, 8), (64, 8, 3, 8), (128, 4, 2, 8), (128, 8, 2, 8),
+                                          (64, 4, 3, 4), (64, 4, 3, 16)):
                     decs = [TritonDecoder(k, v, Hq, block_n=bn, num_warps=nw, num_stages=ns, waves=waves)
                             for k, v in zip(ks, vs)]
                     cands[f"triton:block_n={bn},num_warps={nw},num_stages={ns},waves={waves}"] = \
