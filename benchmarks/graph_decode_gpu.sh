@@ -11,11 +11,13 @@
 set -u
 T0=$(date +%s)
 left() { echo $(( ${BUDGET:-280} - ($(date +%s) - T0) )); }
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1  # the checkout's kvbench/ folder must not shadow the installed package
 GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
 O=${OUT:-results}/$GPU
 mkdir -p "$O"
 LOG=$O/log.txt
+python3 -c "import kvbench.kernels.dense_decode, kvbench.suites.throughput, kvbench; print('kvbench from', kvbench.__file__)" \
+  || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv 2>&1 | tee -a "$LOG"
 # selfindex's CUDA extension takes about a minute to compile: start it now, on the CPU, while the GPU works
 (python3 -c "from kvbench.kernels import selfindex; selfindex.cuda_ops()" > "$O/selfindex_build.log" 2>&1 &)
