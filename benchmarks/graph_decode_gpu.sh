@@ -8,6 +8,7 @@
 #    and decode eagerly with the reason recorded. One model load serves the three runs (throughput.run, as
 #    `kvbench run throughput` calls it).
 # Writes under $OUT/<gpu>/ (log.txt, dense_decode.jsonl, throughput.jsonl, provenance) and prints a table last.
+# Run from a checkout's root: `BUDGET=262 bash benchmarks/graph_decode_gpu.sh` (it installs kvbench itself).
 set -u
 T0=$(date +%s)
 left() { echo $(( ${BUDGET:-280} - ($(date +%s) - T0) )); }
@@ -16,6 +17,9 @@ GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].l
 O=${OUT:-results}/$GPU
 mkdir -p "$O"
 LOG=$O/log.txt
+# install with the interpreter that runs everything below: on the GPU image kvbench was not importable by python3 after
+# a bare `pip install .`; and an editable install let the checkout's kvbench/ folder (no kvbench.kernels) shadow it
+python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | grep -v "as the 'root' user"
 python3 -c "import kvbench.kernels.dense_decode, kvbench.suites.throughput, kvbench; print('kvbench from', kvbench.__file__)" \
   || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv 2>&1 | tee -a "$LOG"
