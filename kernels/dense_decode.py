@@ -344,16 +344,76 @@ class PinnedKV:
         return 2 * self.k.numel() * self.k.element_size() + counters
 
 
+SWEEP = ((64, 4, 2, 8), (64, 4, 4, 8), (64, 8, 3, 8), (128, 4, 2, 8), (128, 8, 2, 8), (64, 4, 3, 4), (64, 4, 3, 16))
+
+
+def _bench_candidates(q, ks, vs, live, T: int, sweep: bool) -> dict:
+    """name -> one closure per cache copy: SDPA-flash over the live view, each backend, and (sweep) Triton settings."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pinned = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
+
+    def sdpa(k, v):
+        kk, vv = k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2)
+
+        def f():
+            with sdpa_kernel(pinned):
+                return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
+        return f
+
+    Hq = q.shape[1]
+    cands: dict = {"sdpa-flash": [sdpa(k, v) for k, v in zip(ks, vs)]}
+    for name in ("flash-varlen", "triton-splitkv"):
+        try:
+            cands[name] = [functools.partial(DenseDecoder(k, v, Hq, backend=name), q, live) for k, v in zip(ks, vs)]
+        except Exception as e:  # recorded as this backend's row
+            cands[name] = e
+    for bn, nw, ns, waves in SWEEP if sweep else ():
+        decs = [TritonDecoder(k, v, Hq, block_n=bn, num_warps=nw, num_stages=ns, waves=waves) for k, v in zip(ks, vs)]
+        cands[f"triton:block_n={bn},num_warps={nw},num_stages={ns},waves={waves}"] = \
+            [functools.partial(d, q, live) for d in decs]
+    return cands
+
+
+def _bench_cell(B: int, T: int, dev: torch.device, bw: float, sweep: bool) -> list[dict]:
+    """Rows for one batch x context at Llama-3.1-8B's attention shape: time, GB/s, error, ratio to SDPA-flash."""
+    from kvbench.timing import bench, floor_us, l2_bytes
+
+    Hq, H, D = 32, 8, 128
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    nbytes = 2 * B * T * H * D * 2
+    copies = max(1, -(-3 * l2_bytes(dev) // nbytes))  # rotate copies to defeat L2 at small sizes
+    ks = [torch.randn(B, T + min(256, T), H, D, device=dev, dtype=dt) for _ in range(copies)]
+    vs = [torch.randn_like(k) for k in ks]
+    q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt)
+    live = torch.full((B,), T, dtype=torch.int32, device=dev)
+    want = decode_ref(q, ks[0], vs[0], live).float()
+    rows = []
+    for name, fns in _bench_candidates(q, ks, vs, live, T, sweep).items():
+        try:
+            if isinstance(fns, Exception):
+                raise fns
+            err = ((fns[0]().float() - want).norm() / want.norm()).item()
+            t = bench(fns, set_bytes=nbytes, graph=True, device=dev)
+            rows.append({"B": B, "T": T, "kernel": name, "us": t.median_us, "clock": t.clock,
+                         "gbs": nbytes / t.median_us / 1e3, "floor_us": floor_us(nbytes, bw), "rel_err": err})
+        except Exception as e:
+            rows.append({"B": B, "T": T, "kernel": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    base = next((r["us"] for r in rows if r["kernel"] == "sdpa-flash" and "us" in r), None)
+    for r in rows:
+        if "us" in r and base:
+            r["vs_sdpa_flash"] = r["us"] / base
+    return rows
+
+
 def _main() -> None:
     """Time the live-length decode kernels against SDPA-flash on the same cache at Llama-3.1-8B's attention shape
-    (32 query heads, 8 KV heads, head dim 128, bf16), with a parity check; --sweep adds Triton launch configurations.
-    Prints one JSON line per timing (--json FILE also writes them) and the fastest backend last."""
+    (32 query heads, 8 KV heads, head dim 128, bf16), with a parity check; --sweep adds Triton launch settings.
+    Prints one JSON line per timing (--json FILE also writes them), then a table."""
     import argparse
     import json
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from kvbench.timing import bench, copy_bandwidth, floor_us, l2_bytes
+    from kvbench.timing import copy_bandwidth
 
     ap = argparse.ArgumentParser(description=_main.__doc__)
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768])
@@ -362,71 +422,24 @@ def _main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cuda", help="cuda; or cpu under TRITON_INTERPRET=1 (a slow smoke test)")
     args = ap.parse_args()
-    dev, Hq, H, D = torch.device(args.device), 32, 8, 128
-    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
-    pinned = [SDPBackend.FLASH_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]
+    dev = torch.device(args.device)
     bw = copy_bandwidth(device=dev)["copy_gbs"]
     rows = []
     for B in args.batches:
         for T in args.contexts:
-            cap = T + min(256, T)
-            nbytes = 2 * B * T * H * D * 2
-            copies = max(1, -(-3 * l2_bytes(dev) // nbytes))  # rotate copies to defeat L2 at small sizes
-            ks = [torch.randn(B, cap, H, D, device=dev, dtype=dt) for _ in range(copies)]
-            vs = [torch.randn(B, cap, H, D, device=dev, dtype=dt) for _ in range(copies)]
-            q = torch.randn(B, Hq, 1, D, device=dev, dtype=dt)
-            live = torch.full((B,), T, dtype=torch.int32, device=dev)
-            want = decode_ref(q, ks[0], vs[0], live).float()
-
-            def sdpa(k, v):
-                kk, vv = k[:, :T].transpose(1, 2), v[:, :T].transpose(1, 2)
-
-                def f():
-                    with sdpa_kernel(pinned):
-                        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, enable_gqa=True)
-                return f
-
-            cands = {"sdpa-flash": [sdpa(k, v) for k, v in zip(ks, vs)]}
-            for name in ("flash-varlen", "triton-splitkv"):
-                try:
-                    decs = [DenseDecoder(k, v, Hq, backend=name) for k, v in zip(ks, vs)]
-                    cands[name] = [functools.partial(d, q, live) for d in decs]
-                except Exception as e:
-                    rows.append({"B": B, "T": T, "kernel": name, "error": str(e)[:300]})
-            if args.sweep:
-                for bn, nw, ns, waves in ((64, 4, 2, 8), (64, 4, 4, 8), (64, 8, 3, 8), (128, 4, 2, 8), (128, 8, 2, 8),
-                                          (64, 4, 3, 4), (64, 4, 3, 16)):
-                    decs = [TritonDecoder(k, v, Hq, block_n=bn, num_warps=nw, num_stages=ns, waves=waves)
-                            for k, v in zip(ks, vs)]
-                    cands[f"triton:block_n={bn},num_warps={nw},num_stages={ns},waves={waves}"] = \
-                        [functools.partial(d, q, live) for d in decs]
-            for name, fns in cands.items():
-                try:
-                    out = fns[0]().float()
-                    err = ((out - want).norm() / want.norm()).item()
-                    t = bench(fns, set_bytes=nbytes, graph=True, device=dev)
-                    rows.append({"B": B, "T": T, "kernel": name, "us": t.median_us, "clock": t.clock,
-                                 "gbs": nbytes / t.median_us / 1e3, "floor_us": floor_us(nbytes, bw),
-                                 "rel_err": err})
-                except Exception as e:
-                    rows.append({"B": B, "T": T, "kernel": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            base = next(r["us"] for r in rows if r["B"] == B and r["T"] == T and r["kernel"] == "sdpa-flash")
-            for r in rows:
-                if r["B"] == B and r["T"] == T and "us" in r:
-                    r["vs_sdpa_flash"] = r["us"] / base
-            del ks, vs
-            torch.cuda.empty_cache()
+            rows += _bench_cell(B, T, dev, bw, args.sweep)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     for r in rows:
         print(json.dumps(r))
     if args.json:
         with open(args.json, "w") as f:
-            for r in rows:
-                gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-                f.write(json.dumps({**r, "copy_gbs": bw, "gpu": gpu}) + "\n")
+            f.writelines(json.dumps({**r, "copy_gbs": bw, "gpu": gpu}) + "\n" for r in rows)
     print(f"{'B':>3} {'T':>6} {'kernel':<58} {'us':>9} {'x sdpa':>7} {'GB/s':>7} {'rel err':>8}")
     for r in rows:
         if "us" in r:
-            print(f"{r['B']:>3} {r['T']:>6} {r['kernel']:<58} {r['us']:>9.1f} {r['vs_sdpa_flash']:>7.3f} "
+            print(f"{r['B']:>3} {r['T']:>6} {r['kernel']:<58} {r['us']:>9.1f} {r.get('vs_sdpa_flash', 0):>7.3f} "
                   f"{r['gbs']:>7.0f} {r['rel_err']:>8.1e}")
         else:
             print(f"{r['B']:>3} {r['T']:>6} {r['kernel']:<58} {r['error'][:100]}")
