@@ -31,13 +31,13 @@ import typer
 
 from kvbench.api import KVBenchError, Method
 from kvbench.bridge import KVBenchCache, attach
+from kvbench.graph_decode import decode_run
 from kvbench.models import load_model, model_shape
 from kvbench.records import RecordWriter
 from kvbench.sweep import Cell, SweepResult, console, run_sweep
 from kvbench.suites.memory import (Q_TAIL, fill_synthetic, layer_specs, parse_size, parse_sizes, release,
                                    resolve_device, resolve_methods, search_max, write_run_provenance)
 from kvbench.telemetry import with_telemetry
-from kvbench.graph_decode import decode_run
 from kvbench.timing import copy_bandwidth, sync
 
 SUITE = "throughput"
