@@ -46,6 +46,7 @@ SUITES: dict[str, str] = {
     "memory": "kvbench.suites.memory",
     "kernels": "kvbench.suites.kernels",
     "throughput": "kvbench.suites.throughput",
+    "agreement": "kvbench.suites.agreement",
 }
 
 _UNSET: Any = dataclasses.MISSING
