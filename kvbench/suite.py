@@ -456,6 +456,12 @@ def _show(v: Any, fmt: str) -> str:
     return str(v)
 
 
+def measure_group(plan: Plan, cells: Sequence[Cell]) -> list[dict]:
+    """Measure `cells` of `plan` in this process (a worker: the plan and cells arrive pickled), its suite set up here;
+    one record per cell, for the caller to write."""
+    return list(get_suite(plan.suite).records(plan, cells))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the registry
 
