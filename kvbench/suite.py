@@ -354,13 +354,15 @@ class Suite:
             self.print_table(writer.path, cells)
         return result
 
-    def write_provenance(self, out: Path, plan: Plan, session: Any, **extra) -> None:
+    def write_provenance(self, out: Path, plan: Plan, session: Any = None, **extra) -> None:
+        """Append this run to `out/<name>.provenance.json`: the plan's methods and options, what the session measured
+        once (the suite's `provenance`; none without a session, e.g. on a driver whose workers measured), `extra`."""
         from kvbench.telemetry import write_provenance
 
         options = dict(methods=[m.label() for m in plan.methods], model=plan.model, quick=plan.quick,
                        **dataclasses.asdict(plan.options), **extra)
         options["device"] = plan.device
-        facts = self.provenance(session) if self.provenance is not None else {}
+        facts = self.provenance(session) if self.provenance is not None and session is not None else {}
         path = write_provenance(out, self.name, options, **facts)
         console.print(f"[dim]{self.name}: records in {out / (self.name + '.jsonl')}, provenance in {path}[/]")
 
