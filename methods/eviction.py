@@ -129,12 +129,8 @@ class StepEviction(Eviction):
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         return StepEvictionLayer(spec, self)
 
-    def step_budget(self, prompt_len: int) -> int:
-        """Tokens kept per KV head once the prompt (of prompt_len tokens) is known."""
-        raise NotImplementedError
-
-    def protected(self, budget: int) -> int:
-        """The most recent tokens never evicted (at least 1, at most the budget)."""
+    def step_budget(self, prompt_len: int) -> tuple[int, int]:
+        """(tokens kept per KV head, the most recent of them never evicted), fixed once the prompt is known."""
         raise NotImplementedError
 
     def rescore(self, old: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -155,13 +151,13 @@ class StepEvictionLayer(LayerCache):
         self.spec, self.method = spec, method
         self.k = self.v = self.pos = self.scores = None
         self.n = 0  # tokens seen
-        self.budget = 0
+        self.budget = self.recent = 0
         self.last_pos: torch.Tensor | None = None  # positions the last call attended
 
     def prefill(self, q, k, v):
         out = dense_attention(q, k, v, causal=True)  # the prompt attends in full
         T = k.shape[2]
-        self.budget = self.method.step_budget(T)
+        self.budget, self.recent = self.method.step_budget(T)
         self.k, self.v, self.n = k, v, T
         self.pos = torch.arange(T, device=k.device).expand(k.shape[0], k.shape[1], T).contiguous()
         self.last_pos = self.pos
@@ -182,7 +178,7 @@ class StepEvictionLayer(LayerCache):
         """Drop the lowest-scored tokens outside the protected recent ones until the budget holds."""
         N = self.k.shape[2]
         if N > self.budget:
-            last = min(self.method.protected(self.budget), self.budget)
+            last = min(self.recent, self.budget)
             idx = keep_top(scores[..., : N - last], self.budget, last)
             gather = idx[..., None].expand(-1, -1, -1, self.k.shape[3])
             self.k, self.v = self.k.gather(2, gather), self.v.gather(2, gather)
