@@ -1,6 +1,7 @@
 """Built-in methods, one file each. Importing this package registers them."""
 
 from kvbench.methods import adakv  # noqa: F401
+from kvbench.methods import doublesparse  # noqa: F401
 from kvbench.methods import full  # noqa: F401
 from kvbench.methods import h2o  # noqa: F401
 from kvbench.methods import kivi  # noqa: F401

@@ -79,6 +79,12 @@ def bound_weights(q: torch.Tensor, H: int) -> torch.Tensor:
     return torch.cat([qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)], -1)
 
 
+def attend_positions(q: torch.Tensor, kv: FullLayer, idx: torch.Tensor) -> torch.Tensor:
+    """Exact attention of q [B, Hq, 1, D] over the positions idx [B, Hkv, N] of a full cache."""
+    i = idx[..., None].expand(-1, -1, -1, q.shape[3])
+    return dense_attention(q, kv.keys().gather(2, i), kv.values().gather(2, i), causal=False)
+
+
 class QuestLayer(LayerCache):
     def __init__(self, spec: LayerSpec, m: Quest):
         from kvbench.kernels.score_triton import use_triton
@@ -155,9 +161,7 @@ class QuestLayer(LayerCache):
         return torch.cat([tokens, newest], -1)
 
     def attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Exact attention of q [B, Hq, 1, D] over the positions idx [B, Hkv, N]."""
-        i = idx[..., None].expand(-1, -1, -1, self.spec.head_dim)
-        return dense_attention(q, self.kv.keys().gather(2, i), self.kv.values().gather(2, i), causal=False)
+        return attend_positions(q, self.kv, idx)
 
     def nbytes(self) -> int:
         return 0 if self.meta is None else self.kv.nbytes() + self.meta.numel() * self.meta.element_size()
