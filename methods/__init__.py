@@ -6,6 +6,7 @@ from kvbench.methods import full  # noqa: F401
 from kvbench.methods import h2o  # noqa: F401
 from kvbench.methods import kivi  # noqa: F401
 from kvbench.methods import pyramidkv  # noqa: F401
+from kvbench.methods import qjl  # noqa: F401
 from kvbench.methods import quest  # noqa: F401
 from kvbench.methods import selfindex  # noqa: F401
 from kvbench.methods import snapkv  # noqa: F401
