@@ -103,7 +103,7 @@ def prompt_channels(q: torch.Tensor, k: torch.Tensor, r: int) -> torch.Tensor:
     heads of each KV head; q [B, Hq, Tq, D] (the last Tq positions), k [B, Hkv, T, D] -> top r channels [B, Hkv, r]."""
     B, Hq, Tq, D = q.shape
     H = k.shape[1]
-    qk = (q.float().view(B, H, Hq // H, Tq, D) * k[:, :, None, -Tq:].float()).abs().mean(3).sum(2)  # [B, Hkv, D]
+    qk = (q.float().reshape(B, H, Hq // H, Tq, D) * k[:, :, None, -Tq:].float()).abs().mean(3).sum(2)  # [B, Hkv, D]
     return qk.topk(r, dim=-1).indices
 
 
@@ -117,7 +117,7 @@ def label_weights(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """The query's heavy channels, summed over each KV head's query heads: [B, Hkv, r] fp32."""
     B, Hq, D = q.shape
     H = channels.shape[1]
-    return q.float().view(B, H, Hq // H, D).sum(2).gather(2, channels)
+    return q.float().reshape(B, H, Hq // H, D).sum(2).gather(2, channels)
 
 
 class DoubleSparseLayer(LayerCache):

@@ -104,7 +104,7 @@ def scores_ref(q: torch.Tensor, proj: torch.Tensor, signs: torch.Tensor, norms: 
     estimated q.k [B, Hq, Tq, N] fp32."""
     B, Hq, Tq, D = q.shape
     H, m = signs.shape[1], proj.shape[1]
-    qs = (q.float() @ proj).view(B, H, Hq // H * Tq, m)
+    qs = (q.float() @ proj).reshape(B, H, Hq // H * Tq, m)
     est = qs @ unpack_signs(signs).transpose(-1, -2) * (math.sqrt(math.pi / 2) / m) * norms.float()[:, :, None]
     return est.view(B, Hq, Tq, -1)
 
@@ -169,7 +169,7 @@ class QJLLayer(LayerCache):
         rk, rv = self.rk, self.rv
         if k_new is not None:
             rk, rv = torch.cat([rk, k_new], 2), torch.cat([rv, v_new], 2)
-        exact = q.float().view(B, H, -1, D) @ rk.float().transpose(-1, -2)  # [B, Hkv, g * Tq, M]
+        exact = q.float().reshape(B, H, -1, D) @ rk.float().transpose(-1, -2)  # [B, Hkv, g * Tq, M]
         M = rk.shape[2]
         causal = torch.arange(M, device=q.device) > torch.arange(M - Tq, M, device=q.device)[:, None]  # [Tq, M]
         exact = exact.view(B, Hq, Tq, M).masked_fill(causal, float("-inf"))

@@ -75,7 +75,7 @@ def page_bounds_ref(q: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 def bound_weights(q: torch.Tensor, H: int) -> torch.Tensor:
     """q [B, Hq, D] -> [B, H, 2D] fp32: the group's positive parts, then its negative parts."""
     B, Hq, D = q.shape
-    qg = q.float().view(B, H, Hq // H, D)
+    qg = q.float().reshape(B, H, Hq // H, D)
     return torch.cat([qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)], -1)
 
 
