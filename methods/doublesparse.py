@@ -11,12 +11,8 @@ from pathlib import Path
 import torch
 
 from kvbench.api import BUDGET_VALID, KVBenchError, LayerCache, LayerSpec, Method, budget_tokens, check_budget, param
-from kvbench.attention import dense_attention
-from kvbench.methods.full import FullLayer
-from kvbench.methods.quest import attend_positions
+from kvbench.methods.selection import GROW, SelectingLayer
 from kvbench.registry import register
-
-GROW = 256  # tokens of headroom, as `full` grows
 
 
 @register
@@ -120,20 +116,19 @@ def label_weights(q: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     return q.float().reshape(B, H, Hq // H, D).sum(2).gather(2, channels)
 
 
-class DoubleSparseLayer(LayerCache):
+class DoubleSparseLayer(SelectingLayer):
     def __init__(self, spec: LayerSpec, m: DoubleSparse):
-        from kvbench.kernels.score_triton import use_triton
-
-        self.spec, self.m = spec, m
+        super().__init__(spec, m)
         self.r = min(m.channels, spec.head_dim)
-        self.kv = FullLayer(spec, GROW)
         self.labels: torch.Tensor | None = None  # [B, Hkv, capacity, r] model dtype
         self.channels: torch.Tensor | None = None  # [B, Hkv, r] int64
-        self.triton = use_triton(m.name, m.impl, spec.device)
-        self.last_idx: torch.Tensor | None = None
 
-    def _append_labels(self, k: torch.Tensor) -> None:
-        """Labels of the new keys k [B, Hkv, T, D], written after the n - T stored ones."""
+    def summary(self) -> list[torch.Tensor]:
+        return [self.labels, self.channels]
+
+    def summarize(self, lo: int) -> None:
+        """Labels of the keys from position lo on."""
+        k = self.kv.keys()[:, :, lo:]
         B, H, T, _ = k.shape
         n = self.kv.n
         if self.labels is None or n > self.labels.shape[2]:
@@ -145,31 +140,18 @@ class DoubleSparseLayer(LayerCache):
         self.labels[:, :, n - T : n] = k.gather(3, self.channels[:, :, None].expand(-1, -1, T, -1))
 
     def prefill(self, q, k, v):
-        out = self.kv.prefill(q, k, v)
         if self.m.calibration:
             chosen = file_channels(self.m.calibration, self.spec, self.r).to(k.device)
             self.channels = chosen.expand(k.shape[0], -1, -1).contiguous()
         else:
             self.channels = prompt_channels(q, k, self.r)
-        self._append_labels(k)
-        self.last_idx = None
-        return out
+        return super().prefill(q, k, v)
 
     def n_select(self) -> int:
         return min(self.kv.n, budget_tokens(self.m.budget, self.kv.n))
 
-    def extend(self, q, k, v):
-        self.last_idx = None
-        if q.shape[2] > 1:  # a question chunk attends densely (causal within it)
-            out = self.kv.extend(q, k, v)
-            self._append_labels(k)
-            return out
-        self.kv._append(k, v)
-        self._append_labels(k)
-        if self.n_select() >= self.kv.n:  # everything fits the budget: full's path
-            return dense_attention(q, self.kv.keys(), self.kv.values(), causal=False)
-        self.last_idx = self.select(q[:, :, 0])
-        return self.attend(q, self.last_idx)
+    def sparse(self) -> bool:
+        return self.n_select() < self.kv.n
 
     def scores(self, q1: torch.Tensor) -> torch.Tensor:
         """Estimated q.k [B, Hkv, n] fp32 from the labels, for q1 [B, Hq, D]."""
@@ -183,35 +165,11 @@ class DoubleSparseLayer(LayerCache):
     def select(self, q1: torch.Tensor) -> torch.Tensor:
         return self.scores(q1).topk(self.n_select(), dim=-1).indices
 
-    def attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return attend_positions(q, self.kv, idx)
-
-    def nbytes(self) -> int:
-        if self.labels is None:
-            return 0
-        return self.kv.nbytes() + sum(t.numel() * t.element_size() for t in (self.labels, self.channels))
-
-    def seq_len(self) -> int:
-        return self.kv.n
-
-    def attended(self) -> torch.Tensor | None:
-        return self.last_idx
-
     def info(self):
         return {"impl": "triton" if self.triton else "torch", "selected": self.n_select(), "channels": self.r,
                 "calibration": self.m.calibration or "prompt"}
 
-    def decode_fns(self, q):
-        if self.n_select() >= self.kv.n:
-            return self.kv.decode_fns(q)
-        q1 = q[:, :, 0]
-        idx = self.select(q1)
-        return {"attention": lambda: self.attend(q, self.select(q1)), "score": lambda: self.scores(q1),
-                "attend": lambda: self.attend(q, idx)}
-
-    def decode_bytes(self) -> int:
-        if self.n_select() >= self.kv.n:
-            return self.kv.decode_bytes()
+    def sparse_bytes(self) -> int:
         B, H, D = self.labels.shape[0], self.spec.n_kv_heads, self.spec.head_dim
         es = self.labels.element_size()
         return B * H * (self.kv.n * self.r * es + self.n_select() * 2 * D * es)

@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.api import BUDGET_VALID, LayerCache, LayerSpec, Method, budget_tokens, check_budget, param
-from kvbench.attention import dense_attention
-from kvbench.methods.full import FullLayer
+from kvbench.methods.selection import GROW, SelectingLayer
 from kvbench.registry import register
-
-GROW = 256  # tokens of headroom, as `full` grows
 
 
 @register
@@ -49,7 +46,8 @@ class Quest(Method):
 
     name = "quest"
     family = "selection"
-    budget: float = param(1024.0, "tokens attended per decode step (fraction of the context if < 1)", valid=BUDGET_VALID)
+    budget: float = param(1024.0, "tokens attended per decode step (fraction of the context if < 1)",
+                          valid=BUDGET_VALID)
     page: int = param(16, "tokens per page", ge=1, le=1024)
     dense_layers: int = param(2, "first layers attended densely", ge=0)
     impl: str = param("auto", "page bounds: triton kernel, torch reference, or auto (triton on CUDA)",
@@ -79,24 +77,16 @@ def bound_weights(q: torch.Tensor, H: int) -> torch.Tensor:
     return torch.cat([qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)], -1)
 
 
-def attend_positions(q: torch.Tensor, kv: FullLayer, idx: torch.Tensor) -> torch.Tensor:
-    """Exact attention of q [B, Hq, 1, D] over the positions idx [B, Hkv, N] of a full cache."""
-    i = idx[..., None].expand(-1, -1, -1, q.shape[3])
-    return dense_attention(q, kv.keys().gather(2, i), kv.values().gather(2, i), causal=False)
-
-
-class QuestLayer(LayerCache):
+class QuestLayer(SelectingLayer):
     def __init__(self, spec: LayerSpec, m: Quest):
-        from kvbench.kernels.score_triton import use_triton
-
-        self.spec, self.m = spec, m
-        self.kv = FullLayer(spec, GROW)  # every key and value, as `full` stores them
+        super().__init__(spec, m)
         self.meta: torch.Tensor | None = None  # [B, Hkv, pages capacity, 2D]: per-page max, then min, model dtype
         self.dense = spec.layer_idx < m.dense_layers
-        self.triton = use_triton(m.name, m.impl, spec.device)
-        self.last_idx: torch.Tensor | None = None
 
-    def _update_meta(self, lo: int) -> None:
+    def summary(self) -> list[torch.Tensor]:
+        return [self.meta]
+
+    def summarize(self, lo: int) -> None:
         """Recompute the pages from the one holding position lo to the last."""
         n, page = self.kv.n, self.m.page
         P, p0 = -(-n // page), lo // page
@@ -122,27 +112,7 @@ class QuestLayer(LayerCache):
         P, K = self.n_pages()
         return not self.dense and K < P
 
-    def prefill(self, q, k, v):
-        out = self.kv.prefill(q, k, v)
-        self._update_meta(0)
-        self.last_idx = None
-        return out
-
-    def extend(self, q, k, v):
-        lo = self.kv.n
-        self.last_idx = None
-        if q.shape[2] > 1:  # a question chunk attends densely (causal within it)
-            out = self.kv.extend(q, k, v)
-            self._update_meta(lo)
-            return out
-        self.kv._append(k, v)
-        self._update_meta(lo)
-        if not self.sparse():  # a dense layer, or every page fits the budget: full's path
-            return dense_attention(q, self.kv.keys(), self.kv.values(), causal=False)
-        self.last_idx = self.select(q[:, :, 0])
-        return self.attend(q, self.last_idx)
-
-    def bounds(self, q1: torch.Tensor) -> torch.Tensor:
+    def scores(self, q1: torch.Tensor) -> torch.Tensor:
         """Page bounds [B, Hkv, P] fp32 for the query q1 [B, Hq, D]."""
         meta = self.meta[:, :, : self.n_pages()[0]]
         if self.triton:
@@ -155,39 +125,17 @@ class QuestLayer(LayerCache):
         """Token positions [B, Hkv, N] of the top pages for q1 [B, Hq, D], the newest page last."""
         P, K = self.n_pages()
         page = self.m.page
-        top = self.bounds(q1)[..., : P - 1].topk(K - 1, dim=-1).indices  # [B, Hkv, K - 1]
+        top = self.scores(q1)[..., : P - 1].topk(K - 1, dim=-1).indices  # [B, Hkv, K - 1]
         tokens = (top[..., None] * page + torch.arange(page, device=top.device)).flatten(2)
         newest = torch.arange((P - 1) * page, self.kv.n, device=top.device).expand(*top.shape[:2], -1)
         return torch.cat([tokens, newest], -1)
-
-    def attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return attend_positions(q, self.kv, idx)
-
-    def nbytes(self) -> int:
-        return 0 if self.meta is None else self.kv.nbytes() + self.meta.numel() * self.meta.element_size()
-
-    def seq_len(self) -> int:
-        return self.kv.n
-
-    def attended(self) -> torch.Tensor | None:
-        return self.last_idx
 
     def info(self):
         P, K = self.n_pages()
         return {"impl": "triton" if self.triton else "torch", "dense": not self.sparse(), "pages": P,
                 "pages_attended": P if not self.sparse() else K}
 
-    def decode_fns(self, q):
-        if not self.sparse():
-            return self.kv.decode_fns(q)
-        q1 = q[:, :, 0]
-        idx = self.select(q1)
-        return {"attention": lambda: self.attend(q, self.select(q1)), "score": lambda: self.bounds(q1),
-                "attend": lambda: self.attend(q, idx)}
-
-    def decode_bytes(self) -> int:
-        if not self.sparse():
-            return self.kv.decode_bytes()
+    def sparse_bytes(self) -> int:
         P, K = self.n_pages()
         B, H, D = self.meta.shape[0], self.spec.n_kv_heads, self.spec.head_dim
         es = self.meta.element_size()

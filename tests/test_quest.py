@@ -52,7 +52,8 @@ def test_bounds_selection_and_outputs_match_float64(hq, hkv, page, budget):
                                        bounds, atol=1e-4, rtol=1e-5)
             g = hq // hkv
             for h in range(hkv):
-                scores = torch.stack([(q1[b, j, 0].double() @ allk[b, h].double().T) for j in range(h * g, (h + 1) * g)])
+                heads = range(h * g, (h + 1) * g)
+                scores = torch.stack([(q1[b, j, 0].double() @ allk[b, h].double().T) for j in heads])
                 for p in range(P):  # an upper bound of the group's summed q.k on every token of the page
                     assert bounds[h, p] >= scores[:, p * page : (p + 1) * page].sum(0).max() - 1e-9
                 want_pages = set(bounds[h, : P - 1].topk(K - 1).indices.tolist()) | {P - 1}
@@ -86,8 +87,8 @@ def test_nbytes_is_the_layout_and_dense_layers_are_full():
 
 
 def test_bad_parameters_fail_on_construction():
-    for spec, name in [("quest:budget=0", "budget"), ("quest:page=0", "page"), ("quest:dense_layers=-1", "dense_layers"),
-                       ("quest:impl=cuda", "impl")]:
+    for spec, name in [("quest:budget=0", "budget"), ("quest:page=0", "page"),
+                       ("quest:dense_layers=-1", "dense_layers"), ("quest:impl=cuda", "impl")]:
         with pytest.raises(ParamError) as e:
             parse_method(spec)
         assert e.value.name == name

@@ -65,8 +65,8 @@ INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     from test_score_triton import check_kernels, check_methods
     torch.manual_seed(0)
-    worst = check_kernels("cpu", torch.float32, [(1, 4, 2, 70, 40, 64), (2, 3, 3, 5, 16, 128), (1, 8, 1, 130, 128, 256)],
-                          1e-4)
+    shapes = [(1, 4, 2, 70, 40, 64), (2, 3, 3, 5, 16, 128), (1, 8, 1, 130, 128, 256)]
+    worst = check_kernels("cpu", torch.float32, shapes, 1e-4)
     worst = max(worst, check_kernels("cpu", torch.bfloat16, [(1, 4, 2, 33, 64, 16)], 1e-4))
     check_methods("cpu", torch.float32, 8, 2, 32, 150, 6, 1e-2)
     print("max abs difference", worst)
