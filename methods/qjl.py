@@ -89,8 +89,8 @@ def sketch(D: int, m: int, seed: int, device) -> torch.Tensor:
 
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """x [..., m] -> uint8 [..., m / 8]: bit i of byte j is x[..., 8 j + i] > 0."""
-    bits = (x > 0).unflatten(-1, (-1, 8)).to(torch.uint8)
-    return (bits << torch.arange(8, device=x.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    bits = (x > 0).unflatten(-1, (-1, 8)).to(torch.int32)
+    return (bits << torch.arange(8, device=x.device, dtype=torch.int32)).sum(-1).to(torch.uint8)  # disjoint bits
 
 
 def unpack_signs(b: torch.Tensor) -> torch.Tensor:

@@ -67,16 +67,15 @@ def test_in_a_tiny_model(tiny, spec):
         assert cache.nbytes() < full_bytes, "the harsh setting holds fewer bytes than full"
 
 
-@pytest.mark.parametrize("spec", [s for _, s in CASES], ids=[i for i, _ in CASES])
-def test_one_layer_with_a_short_query_tail(spec):
+def one_layer(spec, device, dtype, B=2, Hq=9, H=3, D=64, T=200):
+    """One layer fed the suites' short query tail (4 queries), then decode closures and a step."""
     torch.manual_seed(0)
-    B, Hq, H, D, T = 2, 9, 3, 64, 200
-    layer = parse_method(spec).make_layer(LayerSpec(5, 30, Hq, H, D, torch.float32, torch.device("cpu")))
-    q, k, v = torch.randn(B, Hq, 4, D), torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    layer = parse_method(spec).make_layer(LayerSpec(5, 30, Hq, H, D, dtype, torch.device(device)))
+    q, k, v = (torch.randn(B, h, t, D, device=device).to(dtype) for h, t in ((Hq, 4), (H, T), (H, T)))
     out = layer.prefill(q, k, v)  # the kernel and memory suites' prefill: only the last 4 queries
     assert out.shape == (B, Hq, 4, D) and torch.isfinite(out).all()
     assert layer.nbytes() > 0 and layer.seq_len() == T
-    q1 = torch.randn(B, Hq, 1, D)
+    q1 = torch.randn(B, Hq, 1, D, device=device).to(dtype)
     for name, fn in layer.decode_fns(q1).items():
         if name == "attention":
             got = fn()  # [B, Hq, 1, D] or [B, Hq, D]
@@ -85,6 +84,18 @@ def test_one_layer_with_a_short_query_tail(spec):
             fn()
     floor = layer.decode_bytes()
     assert floor is None or 0 < floor <= layer.nbytes() + B * Hq * D * 4
-    out = layer.extend(q1, torch.randn(B, H, 1, D), torch.randn(B, H, 1, D))
-    assert out.shape == (B, Hq, 1, D) and torch.isfinite(out).all()
+    out = layer.extend(q1, *(torch.randn(B, H, 1, D, device=device).to(dtype) for _ in range(2)))
+    assert out.shape == (B, Hq, 1, D) and out.dtype == dtype and torch.isfinite(out).all()
     check_attended(layer, T + 1, B, H)
+
+
+@pytest.mark.parametrize("spec", [s for _, s in CASES], ids=[i for i, _ in CASES])
+def test_one_layer_with_a_short_query_tail(spec):
+    one_layer(spec, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", [s for _, s in CASES], ids=[i for i, _ in CASES])
+def test_one_layer_on_gpu(spec, dtype):
+    one_layer(spec, "cuda", dtype, B=2, Hq=32, H=8, D=128, T=3000)
