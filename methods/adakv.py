@@ -29,8 +29,8 @@ class AdaKV(SnapKV):
     per-head offsets, so what a head does not keep is not stored (kvpress masks evicted keys of a head-wise press in a
     full-size cache instead). Later tokens are appended to every head alike.
 
-    Where it differs, and why: the votes are snapkv's (GQA mean over the query heads of a KV head; the official GQA
-    branch does the same), so adakv differs from snapkv only in the allocation. The attention is a PyTorch varlen
+    Where it differs, and why: the votes are snapkv's (GQA mean over the query heads of a KV head), so adakv differs
+    from snapkv only in the allocation. The attention is a PyTorch varlen
     reference: each call pads the ragged prompt part to the longest head of the batch for one masked SDPA (a transient
     copy freed after the call); a varlen kernel would read the flat storage in place. When every head keeps the same
     number of tokens it takes `full`'s unmasked path.

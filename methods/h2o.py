@@ -21,9 +21,9 @@ class H2O(StepEviction):
     Based on H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language Models (Zhang et al.,
     NeurIPS 2023), https://arxiv.org/abs/2306.14048, and its code (github.com/FMInference/H2O). A token's score is the
     attention probability it has received, summed over every query since it entered, the prompt's included (fp32).
-    The budget is heavy + recent tokens, resolved against the prompt's length when given as fractions (the authors'
-    ratios do the same) and held from then on: the last `recent` tokens are always kept and after each call the
-    lowest-scored of the others are evicted until the budget holds (one per decode step).
+    The budget is heavy + recent tokens, resolved against the prompt's length when given as fractions (as the ratios
+    of the authors' real-drop code are) and held from then on: the last `recent` tokens are always kept and after each
+    call the lowest-scored of the others are evicted until the budget holds (one per decode step).
 
     Where it differs from the authors' code, and why: their models are multi-head, one score per head; with GQA the
     score of a KV head is the mean over the query heads that share it, so memory shrinks by the full factor. The prompt

@@ -22,9 +22,9 @@ class Quest(Method):
     https://arxiv.org/abs/2406.10774, and its code (github.com/mit-han-lab/Quest). For every page of `page` tokens the
     cache keeps the channel-wise max M and min m of its keys; a decode step's query q bounds the page's q.k by
     sum_i max(q_i M_i, q_i m_i), the top pages up to `budget` tokens are chosen, and the step attends exactly over
-    their tokens. The page holding the newest token is always chosen (its bound is still changing, as in the authors'
-    kernels). The first `dense_layers` layers attend densely, as in the paper. Nothing is freed: the full cache stays,
-    only reads are cut; the metadata adds 2 / page of the key bytes.
+    their tokens. The page holding the newest token is always chosen here (a partly filled page's bound changes with
+    every token). The first `dense_layers` layers attend densely, as in the paper. Nothing is freed: the full cache
+    stays, only reads are cut; the metadata adds 2 / page of the key bytes.
 
     Where it differs, and why: Quest's models are multi-head and select per head; with GQA one set of pages per KV
     head serves its query heads, ranked by the sum of their bounds (itself an upper bound of the sum of their q.k),
