@@ -70,7 +70,7 @@ def fake_suite(monkeypatch):
     ("methods = ['full']\ncolour = 'red'\n[suites.memory]\n", ["c.toml: colour", "unknown key", "valid top-level"]),
     ("methods = ['full']\n[suites.nosuch]\n", ["c.toml: suites.nosuch", "unknown suite 'nosuch'", "valid suites"]),
     ("methods = ['full']\n[suites.memory]\nmethods = ['full', 'nosuch:budget=0.1']\n",
-     ["c.toml: suites.memory.methods[1]", "unknown method 'nosuch'", "valid names: full"]),
+     ["c.toml: suites.memory.methods[1]", "unknown method 'nosuch'", "valid names: adakv, doublesparse, full,"]),
     ("methods = ['full:grow=0']\n[suites.memory]\n", ["c.toml: methods[0]", "'grow' = 0", ">= 1"]),
     ("methods = ['full:nope=3']\n[suites.memory]\n", ["methods[0]", "no parameter 'nope'"]),
     ("methods = [{name = 'full', grow = [1, 'x']}]\n[suites.memory]\n", ["methods[0]", "grow"]),
