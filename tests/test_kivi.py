@@ -92,6 +92,21 @@ def test_nbytes_is_the_layout_arithmetic(T, bits):
     assert layer.nbytes() == sum(t.numel() * t.element_size() for t in layer.kv.tensors())
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_chunked_quantization_packs_what_one_piece_packs(bits, monkeypatch):
+    """Prefill quantizes in chunks of tokens (bounded transient memory); the packed cache is the same."""
+    torch.manual_seed(7)
+    k, v = torch.randn(2, 2, 1000, 64), torch.randn(2, 2, 1000, 64)
+    whole = ref.PackedKV.empty(2, 2, 64, torch.float32, "cpu", bits, 32, 128)
+    whole.append(k, v)
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 2 * 2 * 64 * 96)  # 96 tokens a chunk: 10 chunks, a short last one
+    chunked = ref.PackedKV.empty(2, 2, 64, torch.float32, "cpu", bits, 32, 128)
+    chunked.append(k, v)
+    for name in ("kq", "ks", "km", "vq", "vs", "vm", "rk", "rv"):
+        rows = whole.nv if name in ("vq", "vs", "vm") else getattr(whole, name).shape[2]  # rows past nv are unset
+        assert torch.equal(getattr(whole, name)[:, :, :rows], getattr(chunked, name)[:, :, :rows]), name
+
+
 def test_decode_bytes_is_96_bytes_per_token_per_head_at_2_bits():
     layer = make("kivi", 32, 8, 128, torch.float16)
     T = 4096 + 64
