@@ -71,24 +71,10 @@ struct AttendParams {
   float scale;
 };
 
-constexpr int kFusedK = 256;        // the fused decode kernel selects at most this many tokens per (b, h)
-constexpr int kFusedChunk = 16384;  // and scores at most this many per block (their bins stay in shared memory)
-
-// The fused decode step (score, select, attend in one launch) for budgets up to kFusedK selected tokens.
-struct DecodeParams {
-  SelectParams s;                               // bins, hist, ctr[1..5] unused; idx receives the selection
-  AttendParams a;                               // part_o, part_ml, split, nsplit unused
-  uint32_t* cand;                               // workspace [B, H, max_blocks, kFusedK]
-  int* cand_n;                                  // workspace [B, H, max_blocks]
-  int max_blocks;                               // blocks per (b, h) the workspace holds
-  int ablate;                                   // benchmarking only: bit 0 scoring only, bit 1 no attention
-};
-
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);
 cudaError_t append(const AppendParams& p, DType dt, int head_dim, cudaStream_t stream);
 // nblocks <= 0: one full wave of score blocks, as many as fit on the GPU at once, split over the (b, h) pairs
 cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblocks, cudaStream_t stream);
 cudaError_t attend(const AttendParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream);
-cudaError_t decode(const DecodeParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream);
 
 }  // namespace si

@@ -159,7 +159,7 @@ si::AttendParams attend_params(const Tensor& q, const Tensor& fk, const Tensor& 
   return p;
 }
 
-// split path, scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
+// scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
 void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor bins,
                   Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks) {
   si::SelectParams p = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
@@ -172,7 +172,7 @@ void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64
      "score_select");
 }
 
-// split path, attention: out [B, Hq, D] over the valid full-precision slots and the k positions in idx
+// attention: out [B, Hq, D] over the valid full-precision slots and the k positions in idx
 void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, int64_t k, Opt signs, Opt kmag, Opt kscale,
             Opt vq, Opt vscale, Opt chmax, Opt mu, Opt kfull, Opt vfull, Tensor part_o, Tensor part_ml, Tensor ctr,
             Tensor out, int64_t split) {
@@ -187,28 +187,9 @@ void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, int64_t k, 
   ok(si::attend(p, dtype_of(q), D, kmag.has_value(), at::cuda::getCurrentCUDAStream()), "attend");
 }
 
-// fused path (1 <= k <= 256): score, select and attend in one launch
-void decode(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor fk, Tensor fv,
-            Tensor fpos, Opt kmag, Opt kscale, Opt vq, Opt vscale, Opt chmax, Opt mu, Opt kfull, Opt vfull,
-            Tensor ctr, Tensor cand, Tensor cand_n, Tensor idx, Tensor out, int64_t ablate) {
-  TORCH_CHECK(k >= 1 && k <= si::kFusedK, "the fused decode selects 1 to ", si::kFusedK, " tokens");
-  si::DecodeParams p{};
-  p.s = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
-  p.a = attend_params(q, fk, fv, fpos, idx, k, signs, kmag, kscale, vq, vscale, chmax, mu, kfull, vfull, ctr, out);
-  check(cand, "cand", at::kInt, 1);
-  check(cand_n, "cand_n", at::kInt, 1);
-  const int64_t bh = p.s.B * p.s.H;
-  p.max_blocks = static_cast<int>(cand_n.numel() / bh);
-  TORCH_CHECK(p.max_blocks >= 1 && cand.numel() >= cand_n.numel() * si::kFusedK, "candidate workspace too small");
-  p.cand = reinterpret_cast<uint32_t*>(cand.data_ptr()); p.cand_n = cand_n.data_ptr<int>();
-  p.ablate = static_cast<int>(ablate);
-  ok(si::decode(p, dtype_of(q), q.size(2), kmag.has_value(), at::cuda::getCurrentCUDAStream()), "decode");
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "centre, signs, 2-bit storage and codebook sums of a chunk");
   m.def("append", &append, "one decode step's append and window slide");
   m.def("score_select", &score_select, "LUT scoring and histogram top-k");
   m.def("attend", &attend, "split-KV sparse decode attention");
-  m.def("decode", &decode, "fused score, select and attend for small budgets");
 }
