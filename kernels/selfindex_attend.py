@@ -15,7 +15,8 @@ about 5 us). Here, per program (one KV head, one range of the list "full-precisi
   2+1 divides keys by is folded into the query once (q . (sign * mag * chmax) = (q * chmax) . (sign * mag));
 - all query heads of the KV head form the rows of one tensor-core dot (padded to 16), in fp16 for fp16 and bf16
   models alike (the scales are fp16), accumulating in fp32; the centred keys' missing q . mu is added per head;
-- each program writes its (o, lse) and kivi.py's combine kernel merges the parts, as flash-decoding does.
+- each program writes its (o, lse); the last of a (b, h) to finish merges them with a log-sum-exp, as
+  flash-decoding's combine does, in the same launch.
 
 16+1 reads the selected tokens' fp16/bf16 rows from kfull/vfull instead. The full-precision set is its own part (slots
 with fpos < 0 masked). bf16 keys and values enter the dots as fp16, as in kivi.py: exact for every bf16 value within
@@ -31,11 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kvbench.kernels.kivi import _codes, _kivi_combine_kernel
+from kvbench.kernels.kivi import _codes
 
 BLOCK_N = 64  # tokens per tile
+ATTEND_COUNTER = 7  # which of the workspace's counters per (b, h) counts finished parts (csrc/selfindex.h: 0-6 taken)
 MIN_SPLIT = 64  # selected tokens per program at least: fewer programs than that are not worth their partials
 PROGRAMS_PER_SM = 16  # the selection is cut into about this many programs per SM: short ones hide gather latency
+MAX_PARTS = 64  # but into no more parts per (b, h) than this: the last program merges them one block of 32 at a time
 
 
 @triton.jit
@@ -65,10 +68,10 @@ def _tile_softmax(q, k, v, s_bias, valid, m_i, l_i, acc):
 
 @triton.jit
 def _selfindex_attend_kernel(
-    Q, FK, FV, FPOS, IDX, SG, KM, KS, VQ, VS, CHMAX, MU, KF, VF, OP, LSE,
+    Q, FK, FV, FPOS, IDX, SG, KM, KS, VQ, VS, CHMAX, MU, KF, VF, OP, LSE, OUT, CTR,
     stride_qb, stride_qh, n_sel, kmax, cap, split, n_parts, qk_scale,
     H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, NC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     part = tl.program_id(1)
@@ -129,6 +132,47 @@ def _selfindex_attend_kernel(
     rows_out = (b * H * GROUP + heads).to(tl.int64) * n_parts + part
     tl.store(OP + rows_out[:, None] * D + offs_d[None, :], o, mask=head_ok[:, None])
     tl.store(LSE + rows_out, lse, mask=head_ok)
+    # the last program of this (b, h) to finish merges all its parts: one launch per step, not two (the host time of
+    # a Triton launch is what a decode step at batch 1 costs most)
+    tl.debug_barrier()  # every thread's partials are written before the release below
+    done = tl.atomic_add(CTR + bh * NC, 1, sem="acq_rel", scope="gpu")
+    if done == n_parts - 1:
+        _merge_parts(OP, LSE, OUT, (b * H * GROUP + h * GROUP).to(tl.int64), n_parts, GROUP, M, D)
+        tl.store(CTR + bh * NC, 0)  # every part has counted: ready for the next step
+
+
+@triton.jit
+def _merge_parts(OP, LSE, OUT, row0, n_parts, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
+    """out[row0 + i] = the log-sum-exp merge of the n_parts partial outputs of query head row0 + i (i < GROUP),
+    whose rows are (row0 + i) * n_parts + part. Rows are read 32 at a time whatever head they belong to; a one-hot
+    weight matrix sorts them into heads through a dot."""
+    RB: tl.constexpr = 32
+    offs_m = tl.arange(0, M)
+    offs_d = tl.arange(0, D)
+    n_rows = GROUP * n_parts
+    base = row0 * n_parts
+    mx = tl.full([M], float("-inf"), tl.float32)
+    for r0 in range(0, n_rows, RB):
+        r = r0 + tl.arange(0, RB)
+        lse = tl.load(LSE + base + r, mask=r < n_rows, other=float("-inf"), cache_modifier=".cg")
+        mine = (r // n_parts)[None, :] == offs_m[:, None]  # [M, RB]: row r belongs to head m
+        mx = tl.maximum(mx, tl.max(tl.where(mine, lse[None, :], float("-inf")), 1))
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    acc = tl.zeros([M, D], tl.float32)
+    wsum = tl.zeros([M], tl.float32)
+    for r0 in range(0, n_rows, RB):
+        r = r0 + tl.arange(0, RB)
+        ok = r < n_rows
+        lse = tl.load(LSE + base + r, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        mine = (r // n_parts)[None, :] == offs_m[:, None]
+        w = tl.where(mine, tl.exp2(lse[None, :] - mx[:, None]), 0.0)  # an empty part (lse -inf) weighs 0
+        o = tl.load(OP + (base + r)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0,
+                    cache_modifier=".cg")
+        acc += tl.dot(w, o, input_precision="ieee")
+        wsum += tl.sum(w, 1)
+    out = acc / tl.where(wsum == 0.0, 1.0, wsum)[:, None]
+    tl.store(OUT + (row0 + offs_m)[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=(offs_m < GROUP)[:, None])
 
 
 @functools.cache
@@ -140,11 +184,13 @@ def _sm_count(device: torch.device) -> int:
 
 def plan(n_sel: int, bh: int, device: torch.device, split: int | None = None) -> tuple[int, int]:
     """(split, n_parts): selected tokens per program, a multiple of BLOCK_N, and parts per (b, h) including the
-    full-precision one. About PROGRAMS_PER_SM programs per SM over the selection, at least MIN_SPLIT tokens each."""
+    full-precision one. About PROGRAMS_PER_SM programs per SM over the selection, at least MIN_SPLIT tokens each, at
+    most MAX_PARTS parts."""
     if n_sel == 0:
         return BLOCK_N, 1
     if split is None:
-        split = max(MIN_SPLIT, triton.cdiv(n_sel * bh, PROGRAMS_PER_SM * _sm_count(device)))
+        split = max(MIN_SPLIT, triton.cdiv(n_sel * bh, PROGRAMS_PER_SM * _sm_count(device)),
+                    triton.cdiv(n_sel, MAX_PARTS))
     split = triton.cdiv(split, BLOCK_N) * BLOCK_N
     return split, triton.cdiv(n_sel, split) + 1
 
@@ -167,7 +213,7 @@ def _rows(kv) -> list[torch.Tensor]:
 def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None) -> torch.Tensor:
     """Sparse decode attention of q [B, Hq, D] over the full-precision set of kv (a selfindex.IndexedKV) and the
     positions idx [B, H, K]: [B, Hq, D] in q's dtype. `split`: selected tokens per program (default: plan())."""
-    from kvbench.kernels.selfindex import Workspace
+    from kvbench.kernels.selfindex import N_COUNTERS, Workspace
 
     B, Hq, D = q.shape
     H, F = kv.fk.shape[1], kv.fk.shape[2]
@@ -175,16 +221,17 @@ def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None) -> 
         q = q.contiguous()
     n_sel = idx.shape[2]
     split, n_parts = plan(n_sel, B * H, q.device, split)
-    op, lse = Workspace.get(q.device).partials(B * Hq * n_parts, D)
+    ws = Workspace.get(q.device)
+    op, lse = ws.partials(B * Hq * n_parts, D)
+    _, _, ctr = ws.select_buffers(B * H, kv.cap)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     rows = _rows(kv)
     group = Hq // H
     _selfindex_attend_kernel[(B * H, n_parts)](
-        q, kv.fk, kv.fv, kv.fpos, idx if n_sel else op, *rows, op, lse,
+        q, kv.fk, kv.fv, kv.fpos, idx if n_sel else op, *rows, op, lse, out, ctr[ATTEND_COUNTER:],
         q.stride(0), q.stride(1), n_sel, max(1, n_sel), kv.cap, split, n_parts, D**-0.5 * math.log2(math.e),
         H=H, GROUP=group, M=max(16, triton.next_power_of_2(group)), D=D, F=F,
-        BLOCK_F=max(16, triton.next_power_of_2(F)), BLOCK_N=BLOCK_N, QUANT=kv.quantized, num_warps=4, num_stages=2,
+        BLOCK_F=max(16, triton.next_power_of_2(F)), BLOCK_N=BLOCK_N, QUANT=kv.quantized, NC=N_COUNTERS,
+        num_warps=4, num_stages=2,
     )
-    _kivi_combine_kernel[(B * Hq,)](op, lse, out, n_parts, out.stride(0), out.stride(1), HQ=Hq, D=D,
-                                    P=triton.next_power_of_2(n_parts), num_warps=4)
     return out

@@ -41,7 +41,8 @@ struct AppendParams {
 // Score every selectable token of [lo, hi) with the int8 LUT of the GQA-mean query, histogram the bins, and (last
 // block per (b, h)) find the threshold bin; then write the indices of the top k tokens.
 // Counters per (b, h): 0 blocks done, 1 threshold bin, 2 tokens strictly above it, 3 taken from the threshold bin,
-// 4 and 5 select cursors, 6 attention blocks done. All are zero between calls.
+// 4 and 5 select cursors, 6 attention blocks done (CUDA attend), 7 attention parts done (selfindex_attend.py). All
+// are zero between calls.
 struct SelectParams {
   const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
   const float* cb;                              // [B, H, G, 16, 4]
