@@ -1,7 +1,9 @@
-"""Self-indexing 1-bit VQ cache: the operations, each as a PyTorch reference and, on CUDA tensors, a CUDA kernel.
+"""Self-indexing 1-bit VQ cache: the operations, each as a PyTorch reference and, on CUDA tensors, a GPU kernel, and
+IndexedKV, the storage of one layer that runs each operation on one or the other.
 
-The references are the specification: every CUDA kernel in csrc/selfindex.cu is tested against the function of the
-same name here. Layouts (per batch b, KV head h; T = positions, D = head_dim, G = D/4 sign groups):
+The references are the specification: every CUDA kernel in csrc/selfindex.cu (pack, append, score-and-select) and the
+Triton attention in selfindex_attend.py is tested against the function of the same name here. Layouts (per batch b,
+KV head h; T = positions, D = head_dim, G = D/4 sign groups):
 
     signs   [B, Hkv, cap, D/8]  uint8   bit c of token t = (k_t,c - mu_c) > 0, at byte c//8, bit c%8; so the 4-bit
                                         code of group g (channels 4g..4g+3) is nibble g: low nibble of byte g//2 for
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 
@@ -199,7 +200,7 @@ def attend_ref(q: torch.Tensor, fk: torch.Tensor, fv: torch.Tensor, fvalid: torc
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# CUDA kernels (csrc/selfindex.cu), used by methods/selfindex.py on CUDA tensors
+# CUDA kernels (csrc/selfindex.cu) and the storage that runs them (or the references above)
 
 
 @functools.cache
@@ -210,11 +211,6 @@ def cuda_ops():
 
 
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
-# The sparse attention kernel: "triton" (selfindex_attend.py, rows gathered whole, tensor-core dots) or "cuda" (the
-# older shared-memory tile kernel in csrc/selfindex.cu, kept until the Triton one has been timed against it)
-ATTEND = os.environ.get("KVBENCH_SELFINDEX_ATTEND", "triton")
-
-
 class Workspace:
     """Scratch shared by every layer on one device (layers run one after another on one stream): the histogram and
     counters are zero between calls (the kernels reset them), the rest is overwritten every step. It is not part of
@@ -252,18 +248,6 @@ class Workspace:
             self.part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=self.device)
             self.part_ml = torch.empty(rows * 2, dtype=torch.float32, device=self.device)
         return self.part_o[: rows * head_dim].view(rows, head_dim), self.part_ml
-
-
-@functools.cache
-def sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def attend_split(n: int, bh: int, device) -> int:
-    """Tokens per block of the CUDA attention kernel, a multiple of the 32-token tile: at most 256 (a block walks its
-    tiles one after another, so long lists need many blocks), and at least two blocks per SM in all."""
-    per_bh = max(1, min(-(-n // 32), max(-(-2 * sm_count(device) // bh), -(-n // 256))))
-    return 32 * -(-(-(-n // per_bh)) // 32)
 
 
 class IndexedKV:
@@ -405,12 +389,10 @@ class IndexedKV:
 
     def attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Exact attention of q [B, Hq, D] over the full-precision set and the positions idx [B, H, K]: [B, Hq, D]."""
-        if self.cuda and ATTEND == "triton":
+        if self.cuda:
             from kvbench.kernels import selfindex_attend
 
             return selfindex_attend.attend(q, self, idx)
-        if self.cuda:
-            return self._attend_cuda(q, idx)
         B, Hq, D = q.shape
         H = self.fk.shape[1]
         i = idx.long()[..., None]
@@ -427,20 +409,6 @@ class IndexedKV:
             values = torch.gather(self.vfull, 2, i.expand(-1, -1, -1, D))
             bias = None
         return attend_ref(q, self.fk, self.fv, self.fpos >= 0, keys, values, bias).to(q.dtype)
-
-    def _attend_cuda(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        B, Hq, D = q.shape
-        H = self.fk.shape[1]
-        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-        n = self.fk.shape[2] + idx.shape[2]
-        split = attend_split(n, B * H, q.device)
-        ws = Workspace.get(q.device)
-        _, _, ctr = ws.select_buffers(B * H, self.cap)
-        part_o, part_ml = ws.partials(B * Hq * -(-n // split), D)
-        cuda_ops().attend(q, self.fk, self.fv, self.fpos, idx, idx.shape[2], self.signs, self.kmag, self.kscale,
-                          self.vq, self.vscale, self.chmax, self.mu, self.kfull, self.vfull, part_o, part_ml, ctr,
-                          out, split)
-        return out
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored position as keys/values [B, H, n, D] in the model dtype: exact where full precision is

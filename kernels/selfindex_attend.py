@@ -1,9 +1,13 @@
 """selfindex sparse decode attention in Triton: split-KV over the full-precision set and the selected tokens, rows
-gathered whole, dequantized in registers, tensor-core dots, a log-sum-exp combine.
+gathered whole, dequantized in registers, tensor-core dots, a log-sum-exp merge in the same launch.
 
-This replaces the CUDA attend kernel of csrc/selfindex.cu (staged tiles of 32 tokens in shared memory as floats,
-scalar FP32 dots: issue-bound on shared memory, 103 us at 32K x 8 and a 10% budget on an H200 where its bytes take
-about 5 us). Here, per program (one KV head, one range of the list "full-precision slots, then selected tokens"):
+It replaced a CUDA kernel (tiles of 32 tokens staged in shared memory as floats, scalar FP32 dots: issue-bound on
+shared memory). On an H200 (Llama-3.1-8B attention shape, bf16, CUDA graph over one warm copy, with the merge still a
+second kernel), 10% budget: 48.9 us against 104.7 at 32K x 8, 154.8 against 305.0 at 128K x 8; 160 tokens at 32K x 1:
+6.0 against 8.5. It is still about 10x its bytes (about 5 us at 32K x 8); cutting the selection into 64 to 448 tokens
+per program changed its time by under 10%, so it is not waiting on its tiles one after another; what bounds it
+(the unpacking's instructions, most likely) is not measured yet. Per program (one KV head, one range of the list
+"full-precision slots, then selected tokens"):
 
 - each tile of BLOCK_N selected tokens loads its positions, then every packed row of those tokens whole: the sign
   bits (D/32 words), the 2-bit key magnitudes and values (D/16 words each) and the (scale, zero) pairs of both. A row
@@ -25,17 +29,16 @@ fp16's range (fp16 has more mantissa), which holds for attention keys and values
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from kvbench.kernels.kivi import _codes
+from kvbench.kernels.kivi import _codes, _sm_count
 
 BLOCK_N = 64  # tokens per tile
-ATTEND_COUNTER = 7  # which of the workspace's counters per (b, h) counts finished parts (csrc/selfindex.h: 0-6 taken)
+ATTEND_COUNTER = 7  # the workspace counter per (b, h) that counts finished parts (csrc/selfindex.h: 0-5 are select's)
 MIN_SPLIT = 64  # selected tokens per program at least: fewer programs than that are not worth their partials
 PROGRAMS_PER_SM = 16  # the selection is cut into about this many programs per SM: short ones hide gather latency
 MAX_PARTS = 64  # but into no more parts per (b, h) than this: the last program merges them one block of 32 at a time
@@ -173,13 +176,6 @@ def _merge_parts(OP, LSE, OUT, row0, n_parts, GROUP: tl.constexpr, M: tl.constex
     out = acc / tl.where(wsum == 0.0, 1.0, wsum)[:, None]
     tl.store(OUT + (row0 + offs_m)[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=(offs_m < GROUP)[:, None])
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter on the CPU: a few parts are enough to exercise the combine
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def plan(n_sel: int, bh: int, device: torch.device, split: int | None = None) -> tuple[int, int]:

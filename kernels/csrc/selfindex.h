@@ -41,8 +41,7 @@ struct AppendParams {
 // Score every selectable token of [lo, hi) with the int8 LUT of the GQA-mean query, histogram the bins, and (last
 // block per (b, h)) find the threshold bin; then write the indices of the top k tokens.
 // Counters per (b, h): 0 blocks done, 1 threshold bin, 2 tokens strictly above it, 3 taken from the threshold bin,
-// 4 and 5 select cursors, 6 attention blocks done (CUDA attend), 7 attention parts done (selfindex_attend.py). All
-// are zero between calls.
+// 4 and 5 select cursors, 6 unused, 7 attention parts done (selfindex_attend.py). All are zero between calls.
 struct SelectParams {
   const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
   const float* cb;                              // [B, H, G, 16, 4]
@@ -55,27 +54,9 @@ struct SelectParams {
   int* idx; int kmax;                           // out [B, H, kmax]: positions of the selected tokens
 };
 
-// Split-KV decode attention of all query heads of a KV head over the full-precision set (slots with fpos >= 0) and
-// the k selected tokens, dequantized in shared memory (2+1) or read from fp16 K/V (16+1); log-sum-exp combine by
-// the last block of each (b, h).
-struct AttendParams {
-  const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
-  const void* fk; const void* fv; const int64_t* fpos; int F;
-  const int* idx; int kmax, k;
-  const uint8_t* signs; const uint8_t* kmag; const void* kscale; const uint8_t* vq; const void* vscale;
-  const float* chmax; const float* mu;          // 2+1
-  const void* kfull; const void* vfull;         // 16+1
-  int B, H, group, cap, split, nsplit;
-  float* part_o; float* part_ml;                // workspace [B, Hq, nsplit, D], [B, Hq, nsplit, 2]
-  int* ctr;                                     // the SelectParams counters (index 6 used)
-  void* out;                                    // [B, Hq, D] contiguous
-  float scale;
-};
-
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);
 cudaError_t append(const AppendParams& p, DType dt, int head_dim, cudaStream_t stream);
 // nblocks <= 0: one full wave of score blocks, as many as fit on the GPU at once, split over the (b, h) pairs
 cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblocks, cudaStream_t stream);
-cudaError_t attend(const AttendParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream);
 
 }  // namespace si
