@@ -3,16 +3,14 @@ float64 reference, the Triton kernel against the PyTorch reference (in Triton's 
 GPU), and the method inside a transformers model."""
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvbench import KVBenchError, LayerSpec, ParamError, parse_method
 from kvbench.kernels import kivi_ref as ref
+from interpreter import run_interpreted
 from oracles import naive_attention
 
 CPU = torch.device("cpu")
@@ -273,11 +271,7 @@ INTERPRETER_CHECK = textwrap.dedent("""
 def test_triton_kernel_matches_reference_in_the_interpreter():
     """The very kernel the GPU runs, executed by Triton's interpreter on small shapes (a subprocess, because
     TRITON_INTERPRET must be set before triton is imported)."""
-    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' on Linux)")
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], capture_output=True, text=True, env=env,
-                       timeout=900)
+    r = run_interpreted(INTERPRETER_CHECK)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "max abs difference" in r.stdout
 

@@ -1,17 +1,14 @@
 """The self-indexing cache's PyTorch reference: exactness where the budget covers everything, storage layout,
 selection quality on the embedded model's real keys, and the reference code's faults that ours must not have."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from kvbench import LayerSpec, ParamError, parse_method
 from kvbench.kernels import selfindex as ops
+from interpreter import run_interpreted
 from oracles import naive_attention, rand_kv
 
 
@@ -273,12 +270,8 @@ ATTEND_INTERPRETER_CHECK = textwrap.dedent("""
 
 def test_triton_attention_matches_reference_in_the_interpreter():
     """The Triton sparse attention the GPU runs (kernels/selfindex_attend.py), in Triton's interpreter on the CPU,
-    against the reference attention over the same selection: both settings, GQA 1/4, head_dim 32/64/128, several
+    against the reference attention over the same selection: both settings, GQA 1/4/8, head_dim 32/64/128, several
     parts per head (a subprocess: TRITON_INTERPRET must be set before triton is imported)."""
-    pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]' on Linux)")
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", ATTEND_INTERPRETER_CHECK], capture_output=True, text=True, env=env,
-                       timeout=900)
+    r = run_interpreted(ATTEND_INTERPRETER_CHECK)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "attend ok" in r.stdout
