@@ -138,34 +138,6 @@ def _online_softmax(q, k, v, valid, m_i, l_i, acc, qk_scale, PRECISION: tl.const
 
 
 @triton.jit
-def _group_query(Q, stride_qb, stride_qh, H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr):
-    """The program's KV head (b, h) = divmod(program_id(0), H) and its GROUP query heads as M rows [M, D] (padding
-    rows zero): (b, h, heads, head_ok, q). Shared with selfindex_attend.py."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
-    offs_m = tl.arange(0, M)
-    head_ok = offs_m < GROUP
-    heads = h * GROUP + offs_m
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + tl.arange(0, D)[None, :], mask=head_ok[:, None],
-                other=0.0)
-    return b, h, heads, head_ok, q
-
-
-@triton.jit
-def _store_part(OP, LSE, acc, l_i, m_i, b, heads, head_ok, part, n_parts, H: tl.constexpr, GROUP: tl.constexpr,
-                D: tl.constexpr):
-    """This part's normalized output and log2-sum-exp2 at row (b * H * GROUP + head) * n_parts + part; a part without
-    tokens has lse -inf and weighs nothing in the merge."""
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    rows_out = (b * H * GROUP + heads).to(tl.int64) * n_parts + part
-    tl.store(OP + rows_out[:, None] * D + tl.arange(0, D)[None, :], o, mask=head_ok[:, None])
-    tl.store(LSE + rows_out, lse, mask=head_ok)
-
-
-@triton.jit
 def _kivi_split_kernel(
     Q, KQ, KS, KM, VQ, VS, VM, RK, RV, KN, VN, OP, LSE,
     stride_qb, stride_qh, stride_nb, stride_nh,  # q [B, Hq, D] and the new token [B, H, D]
@@ -175,10 +147,16 @@ def _kivi_split_kernel(
     SPREAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    bh = tl.program_id(0)
     part = tl.program_id(1)
-    bh64 = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    offs_m = tl.arange(0, M)
     offs_d = tl.arange(0, D)
-    b, h, heads, head_ok, q = _group_query(Q, stride_qb, stride_qh, H, GROUP, M, D)
+    head_ok = offs_m < GROUP
+    heads = h * GROUP + offs_m
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=head_ok[:, None], other=0.0)
     q = q.to(DOT)
 
     m_i = tl.full([M], float("-inf"), tl.float32)
@@ -218,7 +196,13 @@ def _kivi_split_kernel(
             acc = acc * alpha[:, None] + p[:, None] * vn[None, :]
             m_i = m_new
 
-    _store_part(OP, LSE, acc, l_i, m_i, b, heads, head_ok, part, n_parts, H, GROUP, D)
+    # this part's normalized output and log2-sum-exp2; a part without tokens has lse -inf and weighs nothing
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    rows_out = (b * H * GROUP + heads).to(tl.int64) * n_parts + part
+    tl.store(OP + rows_out[:, None] * D + offs_d[None, :], o, mask=head_ok[:, None])
+    tl.store(LSE + rows_out, lse, mask=head_ok)
 
 
 @triton.jit

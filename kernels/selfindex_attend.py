@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvbench.kernels.kivi import _codes, _group_query, _sm_count, _store_part
+from kvbench.kernels.kivi import _codes, _sm_count
 
 BLOCK_N = 64  # tokens per tile
 ATTEND_COUNTER = 7  # the workspace counter per (b, h) that counts finished parts (csrc/selfindex.h: 0-5 are select's)
@@ -78,10 +78,15 @@ def _selfindex_attend_kernel(
 ):
     bh = tl.program_id(0)
     part = tl.program_id(1)
+    b = bh // H
+    h = bh % H
     bh64 = bh.to(tl.int64)
+    offs_m = tl.arange(0, M)
     offs_d = tl.arange(0, D)
-    b, h, heads, head_ok, q = _group_query(Q, stride_qb, stride_qh, H, GROUP, M, D)
-    q = q.to(tl.float32) * qk_scale
+    head_ok = offs_m < GROUP
+    heads = h * GROUP + offs_m
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=head_ok[:, None],
+                other=0.0).to(tl.float32) * qk_scale
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
@@ -123,7 +128,13 @@ def _selfindex_attend_kernel(
                 v = tl.load(VF + rows, mask=ok[:, None], other=0.0).to(tl.float16)
             m_i, l_i, acc = _tile_softmax(qq, k, v, bias, ok, m_i, l_i, acc)
 
-    _store_part(OP, LSE, acc, l_i, m_i, b, heads, head_ok, part, n_parts, H, GROUP, D)
+    # this part's normalized output and log2-sum-exp2; a part without tokens has lse -inf and weighs nothing
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    rows_out = (b * H * GROUP + heads).to(tl.int64) * n_parts + part
+    tl.store(OP + rows_out[:, None] * D + offs_d[None, :], o, mask=head_ok[:, None])
+    tl.store(LSE + rows_out, lse, mask=head_ok)
     # the last program of this (b, h) to finish merges all its parts: one launch per step, not two (the host time of
     # a Triton launch is what a decode step at batch 1 costs most)
     tl.debug_barrier()  # every thread's partials are written before the release below
