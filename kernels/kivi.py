@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvbench.kernels.kivi_ref import PackedKV, attention_ref
+from kvbench.kernels.kivi_ref import PackedKV
 
 
 def _fix_interpreter_for_numpy_2_4() -> None:
