@@ -12,15 +12,13 @@ import sys
 import torch
 
 from kvbench import LayerSpec, parse_method
-from kvbench.timing import bench, copy_bandwidth
-
-L2 = 50 * 2**20
+from kvbench.timing import bench, copy_bandwidth, l2_bytes
 
 
 def graph_us(make_fns, name, per_copy_bytes):
     """Median per call of fns[name] over enough cache copies to defeat L2, back to back in one CUDA graph
     (kvbench.timing's graph mode; with too few copies it flushes L2 and times eager calls instead)."""
-    n = max(1, min(8, -(-3 * L2 // max(per_copy_bytes, 1))))
+    n = max(1, min(16, -(-3 * l2_bytes() // max(per_copy_bytes, 1))))
     return bench([make_fns(i)[name] for i in range(n)], graph=True, set_bytes=per_copy_bytes).median_us
 
 
@@ -36,10 +34,12 @@ def prefill_breakdown(dev):
         q = torch.randn(B, 32, T, D, device=dev).bfloat16()
         spec = LayerSpec(15, 32, 32, 8, 128, torch.bfloat16, dev)
         t = {}
-        t["dense_prefill_attention"] = bench(lambda: attention.dense_attention(q, k, v, causal=True), rep_ms=300).median_us
+        t["dense_prefill_attention"] = bench(lambda: attention.dense_attention(q, k, v, causal=True),
+                                             rep_ms=300).median_us
         t["median_float_dim2"] = bench(lambda: k.float().median(dim=2)).median_us
         t["median_bf16_transposed"] = bench(lambda: k.transpose(2, 3).contiguous().median(dim=-1)).median_us
-        t["kthvalue_bf16_transposed"] = bench(lambda: k.transpose(2, 3).contiguous().kthvalue((T + 1) // 2, dim=-1)).median_us
+        t["kthvalue_bf16_transposed"] = bench(
+            lambda: k.transpose(2, 3).contiguous().kthvalue((T + 1) // 2, dim=-1)).median_us
         t["mean"] = bench(lambda: k.float().mean(2)).median_us
         mu = ops.centre_stats(k, "median")
         t["chmax"] = bench(lambda: (k.float() - mu[:, :, None]).abs().amax(2)).median_us
@@ -55,7 +55,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="4096,32768,131072")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--methods", default="selfindex:budget=160;selfindex:budget=0.075;selfindex:setting=16+1,budget=160")
+    ap.add_argument("--methods",
+                    default="selfindex:budget=160;selfindex:budget=0.075;selfindex:setting=16+1,budget=160")
     ap.add_argument("--out", default=None)
     ap.add_argument("--prefill", action="store_true")
     a = ap.parse_args()
@@ -67,13 +68,15 @@ def main():
         for B in map(int, a.batches.split(",")):
             spec = LayerSpec(15, 32, 32, 8, 128, torch.bfloat16, dev)
             g = torch.Generator(device=dev).manual_seed(0)
-            k = (torch.randn(B, 8, T, 128, device=dev, generator=g) + torch.randn(128, device=dev, generator=g)).bfloat16()
+            k = (torch.randn(B, 8, T, 128, device=dev, generator=g)
+                 + torch.randn(128, device=dev, generator=g)).bfloat16()
             v = torch.randn(B, 8, T, 128, device=dev, generator=g).bfloat16()
             q = torch.randn(B, 32, 1, 128, device=dev, generator=g).bfloat16()
             full = parse_method("full").make_layer(spec)
             full.prefill(q, k, v)
             fb = full.decode_bytes()
-            fulls = [full] + [parse_method("full").make_layer(spec) for _ in range(max(0, min(7, -(-3 * L2 // fb) - 1)))]
+            n_full = max(0, min(15, -(-3 * l2_bytes() // fb) - 1))
+            fulls = [full] + [parse_method("full").make_layer(spec) for _ in range(n_full)]
             for f in fulls[1:]:
                 f.prefill(q, k, v)
             t_full_eager = bench(full.decode_fns(q)["attention"]).median_us
@@ -88,18 +91,21 @@ def main():
                 eager = bench(fns["attention"]).median_us
                 nb = lay.decode_bytes()
                 copies = [lay]
-                for _ in range(max(0, min(7, -(-3 * L2 // nb) - 1))):
+                for _ in range(max(0, min(15, -(-3 * l2_bytes() // nb) - 1))):
                     c = parse_method(ms).make_layer(spec)
                     c.prefill(q, k, v)
                     copies.append(c)
                 st = {name: graph_us(lambda i: copies[i].decode_fns(q), name, nb) for name in fns}
                 row = dict(method=ms, T=T, B=B, full_us=t_full, full_floor_us=fb / bw / 1e3, floor_us=nb / bw / 1e3,
-                           speedup=t_full / st["attention"], prefill_ms=t0.elapsed_time(t1), **{f"{k}_us": v for k, v in st.items()},
+                           speedup=t_full / st["attention"], prefill_ms=t0.elapsed_time(t1),
+                           **{f"{k}_us": v for k, v in st.items()},
                            bytes_per_token=lay.nbytes() / (B * 8 * T))
                 row["eager_us"], row["full_eager_us"] = eager, t_full_eager
                 rows.append(row)
-                print(f"{ms:38s} T={T:6d} B={B:2d} graph: attn {st['attention']:7.1f}us (score+sel {st['score_select']:6.1f}, attend {st['attend']:6.1f}) "
-                      f"floor {row['floor_us']:6.1f} | full {t_full:7.1f} (floor {row['full_floor_us']:7.1f}) x{row['speedup']:5.1f} | eager {eager:6.1f} vs {t_full_eager:7.1f} | prefill+index {row['prefill_ms']:.1f}ms", flush=True)
+                print(f"{ms:38s} T={T:6d} B={B:2d} graph: attn {st['attention']:7.1f}us (score+sel "
+                      f"{st['score_select']:6.1f}, attend {st['attend']:6.1f}) floor {row['floor_us']:6.1f} | full "
+                      f"{t_full:7.1f} (floor {row['full_floor_us']:7.1f}) x{row['speedup']:5.1f} | eager {eager:6.1f} "
+                      f"vs {t_full_eager:7.1f} | prefill+index {row['prefill_ms']:.1f}ms", flush=True)
                 del lay, copies
             del k, v
             torch.cuda.empty_cache()

@@ -1,5 +1,6 @@
 """Run the self-indexing decode step a few times for Nsight Compute (development tool), e.g.
-    ncu --clock-control none --set basic -k regex:decode_kernel -c 2 python benchmarks/selfindex_ncu.py 32768 8 160"""
+    ncu --clock-control none --set basic -k regex:'score|select|attend' -c 3 \
+        python benchmarks/selfindex_ncu.py 32768 8 160"""
 import sys
 
 import torch

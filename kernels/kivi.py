@@ -25,9 +25,9 @@ Where it stands: compiled for sm_90 (Triton 3.6, 4 warps, 64-token tiles) the ma
 unpacked element (shift/mask/OR per pair of codes, HADD2 and HFMA2 per pair, scale reads, operand staging, moves). On
 an H100 (reports/data/h100, commit 424502a) it ran 1.1-1.4x faster than dense decode from 8K x 1 up, at about 4.6x
 its memory floor, with 4 bits as fast as 2: it is bound by instruction issue, not bytes. The register cap of 128
-(4 programs per SM instead of 3) came after that measurement; `python -m kvbench.kernels.kivi --sweep` times it.
+(4 programs per SM instead of 3) came after that measurement; `python benchmarks/kivi_dev.py --sweep` times it.
 
-Run `python -m kvbench.kernels.kivi` on a GPU for a parity check and a timing of kivi against full.
+`python benchmarks/kivi_dev.py` on a GPU runs a parity check and a timing of kivi against full.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvbench.kernels.kivi_ref import PackedKV, attention_ref
+from kvbench.kernels.kivi_ref import PackedKV
 
 
 def _fix_interpreter_for_numpy_2_4() -> None:
@@ -67,9 +67,9 @@ _fix_interpreter_for_numpy_2_4()
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
-    """[N, W] int32 words -> [N, D] codes as DOT (fp16 or fp32); channel c is bits [(c % E) * BITS, ...) of word
-    c // E."""
+def _codes(words, BITS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr, OUT: tl.constexpr):
+    """[N, W] int32 words -> [N, D] codes as OUT (int32, fp16 or fp32); channel c is bits [(c % E) * BITS, ...) of
+    word c // E. Also used by selfindex_attend.py."""
     x = words
     for _ in tl.static_range(SPREAD):  # log2(E) times: every word repeated E times along the row
         x = tl.interleave(x, x)
@@ -77,10 +77,12 @@ def _unpack(words, BITS: tl.constexpr, SPREAD: tl.constexpr, D: tl.constexpr, DO
     codes = (x >> shift[None, :]) & ((1 << BITS) - 1)
     # int -> float through the exponent bits, since I2F is a slow instruction: 0x6400 is 1024 as fp16 and
     # 0x4B000000 is 2^23 as fp32; OR-ing a code into the mantissa gives exactly 1024 + code (2^23 + code)
-    if DOT == tl.float16:
+    if OUT == tl.float16:
         return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-    else:
+    elif OUT == tl.float32:
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        return codes
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def _packed_keys(KQ, KS, KM, start, rows, ok, BITS: tl.constexpr, SPREAD: tl.con
     s = tl.load(KS + offs, mask=gok[:, None], other=0.0).to(DOT)
     m = tl.load(KM + offs, mask=gok[:, None], other=0.0).to(DOT)
     # one (scale, min) row per group of G tokens, broadcast over its tokens
-    codes = tl.reshape(_unpack(words, BITS, SPREAD, D, DOT), (NG, G, D))
+    codes = tl.reshape(_codes(words, BITS, SPREAD, D, DOT), (NG, G, D))
     return tl.reshape(codes * s[:, None, :] + m[:, None, :], (BLOCK_N, D))
 
 
@@ -111,7 +113,7 @@ def _packed_values(VQ, VS, VM, rows, ok, BITS: tl.constexpr, SPREAD: tl.constexp
     s = tl.load(VS + offs, mask=ok[:, None], other=0.0).to(DOT)
     m = tl.load(VM + offs, mask=ok[:, None], other=0.0).to(DOT)
     # one (scale, min) per group of G channels, broadcast over its channels
-    codes = tl.reshape(_unpack(words, BITS, SPREAD, D, DOT), (BLOCK_N, DG, G))
+    codes = tl.reshape(_codes(words, BITS, SPREAD, D, DOT), (BLOCK_N, DG, G))
     return tl.reshape(codes * s[:, :, None] + m[:, :, None], (BLOCK_N, D))
 
 
@@ -397,75 +399,3 @@ def decode_attention(q: torch.Tensor, kv: PackedKV, k_new: torch.Tensor | None =
     """q [B, Hq, 1, D] attends over the packed cache and then the new token k_new/v_new [B, H, 1, D] (not stored):
     the output [B, Hq, 1, D] of kivi_ref.attention_ref, computed on the packed words."""
     return Decoder(q, kv, **config)(k_new, v_new)
-
-
-def _main() -> None:
-    """Parity and a quick timing of KIVI decode attention against full (dense FlashAttention-class) decode, at
-    Llama-3.1-8B's attention shape (32 query heads, 8 KV heads, head dim 128). The real benchmark is `kvbench run
-    kernels`; this is the kernel author's check. --sweep also times a grid of launch configurations."""
-    import argparse
-    import itertools
-
-    from kvbench import LayerSpec, parse_method
-    from kvbench.timing import bench, copy_bandwidth, floor_us
-
-    ap = argparse.ArgumentParser(description=_main.__doc__)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--bits", type=int, default=2, choices=(2, 4))
-    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
-    ap.add_argument("--sweep", action="store_true", help="also time block_n x num_warps x num_stages x splits")
-    ap.add_argument("--device", default="cuda", help="cuda; or cpu under TRITON_INTERPRET=1 (slow: a smoke test)")
-    args = ap.parse_args()
-    dev, dtype = torch.device(args.device), {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)")
-    Hq, H, D = 32, 8, 128
-    spec = LayerSpec(0, 32, Hq, H, D, dtype, dev)
-    copy_gbs = copy_bandwidth(device=dev)["copy_gbs"]
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
-    print(f"{name} | torch {torch.__version__} | triton {triton.__version__} | "
-          f"copy {copy_gbs:.0f} GB/s | Hq {Hq}, Hkv {H}, D {D}, {args.dtype}, kivi {args.bits}-bit")
-    print(f"{'context':>8} {'batch':>5} {'full us':>9} {'kivi us':>9} {'speedup':>7} {'floor us':>8} {'GB/s':>6} "
-          f"{'split us':>8} {'combine':>7} {'max err':>8}")
-    for T, B in itertools.product(args.contexts, args.batches):
-        torch.manual_seed(0)
-        k = torch.randn(B, H, T, D, device=dev, dtype=dtype)
-        v = torch.randn(B, H, T, D, device=dev, dtype=dtype)
-        q = torch.randn(B, Hq, 1, D, device=dev, dtype=dtype)
-        full = parse_method("full").make_layer(spec)
-        full.prefill(q, k, v)
-        kivi = parse_method(f"kivi:bits={args.bits}").make_layer(spec)
-        kivi.prefill(q, k, v)
-        del k, v
-        dec = Decoder(q, kivi.kv)
-        err = (dec().float() - attention_ref(q, kivi.kv).float()).abs().max().item()
-        t_full = bench(full.decode_fns(q)["attention"], device=dev).median_us
-        t_kivi = bench(dec, device=dev).median_us
-        t_split = bench(dec.split, device=dev).median_us
-        t_comb = bench(dec.combine, device=dev).median_us
-        nbytes = kivi.decode_bytes()
-        print(f"{T:>8} {B:>5} {t_full:>9.1f} {t_kivi:>9.1f} {t_full / t_kivi:>6.2f}x "
-              f"{floor_us(nbytes, copy_gbs):>8.1f} {nbytes / t_kivi / 1e3:>6.0f} {t_split:>8.1f} {t_comb:>7.1f} "
-              f"{err:>8.1e}")
-        if args.sweep:
-            results = []
-            grid = itertools.product((64, 128), (4, 8), (2, 3), (None, 128), (None, 0.5, 2.0))
-            for bn, nw, ns, reg, sp in grid:
-                base = plan(kivi.kv, B, bn)[2] - 1
-                splits = None if sp is None else max(1, int(base * sp))
-                cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, maxnreg=reg, splits=splits)
-                try:
-                    d = Decoder(q, kivi.kv, **cfg)
-                    results.append((bench(d, device=dev).median_us, d.n_parts - 1, cfg))
-                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for this configuration
-                    print(f"    {cfg}: {type(e).__name__}: {str(e)[:80]}")
-            for t, s, cfg in sorted(results, key=lambda r: r[0])[:5]:
-                print(f"    {t:9.1f} us  {cfg} ({s} splits)")
-        del full, kivi, dec
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-
-
-if __name__ == "__main__":
-    _main()

@@ -33,6 +33,8 @@ GROW = 256
 # packed value rows are allocated in multiples of this, so every head's rows start 64-byte aligned and the kernel's
 # vector loads can be proven aligned (Triton specializes integer arguments divisible by 16)
 VALUE_ROWS = 16
+# elements (B x H x tokens x D) quantized at a time by pack_keys/pack_values: 2^27 elements, ~2.7 GB of intermediates
+CHUNK_ELEMENTS = 2**27
 
 
 def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,21 +193,32 @@ class PackedKV:
         cap = _capacity(self.vq.shape[2], nv, VALUE_ROWS)
         self.vq, self.vs, self.vm = _resized(self.vq, cap), _resized(self.vs, cap), _resized(self.vm, cap)
 
+    def _chunk(self, x: torch.Tensor) -> int:
+        """Tokens quantized at a time: about CHUNK_ELEMENTS elements, whole key groups. The quantizer's float and
+        int64 intermediates take ~20 bytes per element, so a 128K x 64 prefill in one piece needed 10x the memory of
+        the bf16 cache it compresses; in chunks its transient memory is a few GiB at most."""
+        B, H, _, D = x.shape
+        return max(self.group, CHUNK_ELEMENTS // (B * H * D) // self.group * self.group)
+
     def pack_keys(self, k: torch.Tensor, start: int) -> None:
         """Quantize keys k [B, H, N, D] of tokens start .. start + N - 1 (whole groups) into their reserved rows."""
-        G, end = self.group, start + k.shape[2]
-        words, scale, mn = quantize_keys(k, self.bits, G)
-        self.kq[:, :, start:end] = words
-        self.ks[:, :, start // G : end // G] = scale
-        self.km[:, :, start // G : end // G] = mn
+        G, step = self.group, self._chunk(k)
+        for i in range(0, k.shape[2], step):
+            a, b = start + i, start + min(k.shape[2], i + step)
+            words, scale, mn = quantize_keys(k[:, :, i : i + step], self.bits, G)
+            self.kq[:, :, a:b] = words
+            self.ks[:, :, a // G : b // G] = scale
+            self.km[:, :, a // G : b // G] = mn
 
     def pack_values(self, v: torch.Tensor, start: int) -> None:
         """Quantize values v [B, H, N, D] of tokens start .. start + N - 1 into their reserved rows."""
-        end = start + v.shape[2]
-        words, scale, mn = quantize_values(v, self.bits, self.group)
-        self.vq[:, :, start:end] = words
-        self.vs[:, :, start:end] = scale
-        self.vm[:, :, start:end] = mn
+        step = self._chunk(v)
+        for i in range(0, v.shape[2], step):
+            a, b = start + i, start + min(v.shape[2], i + step)
+            words, scale, mn = quantize_values(v[:, :, i : i + step], self.bits, self.group)
+            self.vq[:, :, a:b] = words
+            self.vs[:, :, a:b] = scale
+            self.vm[:, :, a:b] = mn
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write tokens n .. n + T - 1 (k, v [B, H, T, D]): quantize the keys of every completed block of R tokens and

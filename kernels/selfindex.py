@@ -1,7 +1,9 @@
-"""Self-indexing 1-bit VQ cache: the operations, each as a PyTorch reference and, on CUDA tensors, a CUDA kernel.
+"""Self-indexing 1-bit VQ cache: the operations, each as a PyTorch reference and, on CUDA tensors, a GPU kernel, and
+IndexedKV, the storage of one layer that runs each operation on one or the other.
 
-The references are the specification: every CUDA kernel in csrc/selfindex.cu is tested against the function of the
-same name here. Layouts (per batch b, KV head h; T = positions, D = head_dim, G = D/4 sign groups):
+The references are the specification: every CUDA kernel in csrc/selfindex.cu (pack, append, score-and-select) and the
+Triton attention in selfindex_attend.py is tested against the function of the same name here. Layouts (per batch b,
+KV head h; T = positions, D = head_dim, G = D/4 sign groups):
 
     signs   [B, Hkv, cap, D/8]  uint8   bit c of token t = (k_t,c - mu_c) > 0, at byte c//8, bit c%8; so the 4-bit
                                         code of group g (channels 4g..4g+3) is nibble g: low nibble of byte g//2 for
@@ -198,7 +200,7 @@ def attend_ref(q: torch.Tensor, fk: torch.Tensor, fv: torch.Tensor, fvalid: torc
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# CUDA kernels (csrc/selfindex.cu), used by methods/selfindex.py on CUDA tensors
+# CUDA kernels (csrc/selfindex.cu) and the storage that runs them (or the references above)
 
 
 @functools.cache
@@ -209,14 +211,6 @@ def cuda_ops():
 
 
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
-FUSED_K = 256  # the fused decode kernel serves steps that select 1..FUSED_K tokens (csrc/selfindex.h kFusedK)
-FUSED_CHUNK = 16384  # tokens a fused block scores at most
-# The fused one-launch kernel is exact (GPU parity tests) but slower than the split path on an H100: its single-block
-# tail (merge + attention) is latency-bound (2026-11-22: 65.7 vs 47.7 us at 32K x 8, 117 vs 101 us at 128K x 8,
-# benchmarks/selfindex_paths.py). Kept, tested and benchmarked; off by default.
-FUSED = False
-
-
 class Workspace:
     """Scratch shared by every layer on one device (layers run one after another on one stream): the histogram and
     counters are zero between calls (the kernels reset them), the rest is overwritten every step. It is not part of
@@ -226,13 +220,13 @@ class Workspace:
 
     def __init__(self, device):
         self.device = device
-        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = self.cand = self.cand_n = None
+        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = None
         self.bh = 0
 
     @classmethod
     def get(cls, device) -> "Workspace":
         device = torch.device(device)
-        if device.index is None:
+        if device.type == "cuda" and device.index is None:
             device = torch.device(device.type, torch.cuda.current_device())
         if device not in cls._per_device:
             cls._per_device[device] = cls(device)
@@ -248,29 +242,187 @@ class Workspace:
             self.bins = torch.empty(bh * stride, dtype=torch.int16, device=self.device)
         return self.bins, self.hist, self.ctr
 
-    def candidates(self, bh: int, n: int, device):
-        """Candidate buffers for the fused kernel: at most one block per 2048 tokens, and no more than a full GPU
-        (8 blocks of 256 threads per SM) unless a block would exceed FUSED_CHUNK tokens."""
-        blocks = max(-(-n // FUSED_CHUNK), min(-(-8 * sm_count(device) // bh), -(-n // 2048)), 1)
-        if self.cand_n is None or self.cand_n.numel() < bh * blocks:
-            self.cand_n = torch.empty(bh * blocks, dtype=torch.int32, device=self.device)
-            self.cand = torch.empty(bh * blocks * FUSED_K, dtype=torch.int32, device=self.device)
-        return self.cand[: bh * blocks * FUSED_K], self.cand_n[: bh * blocks]
-
     def partials(self, rows: int, head_dim: int):
+        """Split-KV partial outputs [rows, head_dim] and (m, l) or lse per row, float32."""
         if self.part_o is None or self.part_o.numel() < rows * head_dim:
             self.part_o = torch.empty(rows * head_dim, dtype=torch.float32, device=self.device)
             self.part_ml = torch.empty(rows * 2, dtype=torch.float32, device=self.device)
-        return self.part_o, self.part_ml
+        return self.part_o[: rows * head_dim].view(rows, head_dim), self.part_ml
 
 
-@functools.cache
-def sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+class IndexedKV:
+    """One layer's selfindex storage (the layouts above) and the operations on it, on CUDA kernels or on the
+    PyTorch reference, chosen once at construction (`cuda`).
 
+    Per-token buffers [B, H, cap, ...] are indexed by position and grow in steps; the full-precision set fk/fv
+    [B, H, F, D] holds F slots, fpos [B, H, F] the position in each (-1: empty); excl [B, H, cap/8] is the bitmap
+    of positions excluded from selection (the scored fixed tokens), or None."""
 
-def attend_split(n: int, bh: int, device) -> int:
-    """Tokens per attention block, a multiple of the 32-token tile: at most 256 (a block walks its tiles one after
-    another, so long lists need many blocks), and at least two blocks per SM in all when there is enough work."""
-    per_bh = max(1, min(-(-n // 32), max(-(-2 * sm_count(device) // bh), -(-n // 256))))
-    return 32 * -(-(-(-n // per_bh)) // 32)
+    def __init__(self, B: int, H: int, D: int, dtype: torch.dtype, device, *, quantized: bool, n_full: int,
+                 exclusions: bool, cuda: bool):
+        self.quantized, self.cuda, self.dtype, self.D = quantized, cuda, dtype, D
+        self.n = 0  # positions stored
+        self.cap = 0
+        self.signs = self.kmag = self.kscale = self.vq = self.vscale = self.kfull = self.vfull = None
+        self.mu = self.chmax = self.inv_chmax = self.cb = None
+        self.excl = torch.zeros(B, H, 0, dtype=torch.uint8, device=device) if exclusions else None
+        self.fk = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
+        self.fv = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
+        self.fpos = torch.full((B, H, n_full), -1, dtype=torch.int64, device=device)
+
+    PER_TOKEN = ("signs", "kmag", "kscale", "vq", "vscale", "kfull", "vfull")
+
+    def tensors(self) -> list[torch.Tensor]:
+        names = self.PER_TOKEN + ("mu", "chmax", "inv_chmax", "cb", "fk", "fv", "fpos", "excl")
+        return [t for t in (getattr(self, n) for n in names) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors()) if self.n else 0
+
+    def reserve(self, cap: int) -> None:
+        """Room for `cap` positions (at least), keeping what the first self.n hold; grows in steps of >= 1/8."""
+        if cap <= self.cap:
+            return
+        if self.cap:
+            cap = max(cap, self.cap + max(256, self.cap // 8))
+        B, H, _, D = self.fk.shape
+        shapes = {"signs": ((D // 8,), torch.uint8)}
+        if self.quantized:
+            shapes |= {"kmag": ((D // 4,), torch.uint8), "kscale": ((D // 32, 2), torch.float16),
+                       "vq": ((D // 4,), torch.uint8), "vscale": ((D // 32, 2), torch.float16)}
+        else:
+            shapes |= {"kfull": ((D,), self.dtype), "vfull": ((D,), self.dtype)}
+        for name, (tail, dtype) in shapes.items():
+            buf = torch.zeros(B, H, cap, *tail, dtype=dtype, device=self.fk.device)
+            old = getattr(self, name)
+            if old is not None and self.n:
+                buf[:, :, : self.n] = old[:, :, : self.n]
+            setattr(self, name, buf)
+        if self.excl is not None:
+            excl = torch.zeros(B, H, (cap + 7) // 8, dtype=torch.uint8, device=self.fk.device)
+            excl[:, :, : self.excl.shape[2]] = self.excl
+            self.excl = excl
+        self.cap = cap
+
+    def pack_prompt(self, k: torch.Tensor, v: torch.Tensor, centre: str, quant_lo: int, quant_hi: int) -> None:
+        """The prompt k, v [B, H, T, D]: per-channel centre (and max |k - mu| for 2+1), sign bits of every token,
+        2-bit storage of positions [quant_lo, quant_hi), the codebook. Transient memory: per sequence, not per batch."""
+        B, H, T, D = k.shape
+        self.mu = torch.cat([centre_stats(k[b : b + 1], centre) for b in range(B)])  # [B, H, D] float32
+        if self.quantized:
+            # max |k - mu| per channel sits at the channel's min or max: no float copy of k; identical to
+            # (k.float() - mu).abs().amax(2) since rounding is monotonic
+            lo_k, hi_k = torch.aminmax(k, dim=2)
+            self.chmax = torch.maximum(hi_k.float() - self.mu, self.mu - lo_k.float()).clamp_(min=1e-6)
+            self.inv_chmax = 1.0 / self.chmax
+        self.reserve(T)
+        if not self.quantized:
+            self.kfull[:, :, :T] = k
+            self.vfull[:, :, :T] = v
+        if self.cuda:
+            G = D // 4
+            sums = torch.zeros(B, H, G, 16, 4, device=k.device)
+            counts = torch.zeros(B, H, G, 16, dtype=torch.int32, device=k.device)
+            abs_sum = torch.zeros(B, H, G, device=k.device)
+            cuda_ops().pack(k, v, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq, self.vscale,
+                            sums, counts, abs_sum, 0, quant_lo, quant_hi)
+            self.cb = finish_codebook(sums, counts, abs_sum, T)
+        else:
+            signs, q2 = pack_ref(k, v, self.mu, self.inv_chmax)
+            self.signs[:, :, :T] = signs
+            if q2 is not None and quant_hi > quant_lo:
+                for name, t in zip(("kmag", "kscale", "vq", "vscale"), q2):
+                    getattr(self, name)[:, :, quant_lo:quant_hi] = t[:, :, quant_lo:quant_hi]
+            self.cb = codebook_ref(k, self.mu, signs)
+        self.n = T
+
+    def put_full(self, slots: torch.Tensor | slice, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Full-precision slots `slots` hold positions pos [B, H, n] (or [n]) with keys/values k, v [B, H, n, D]."""
+        self.fk[:, :, slots] = k
+        self.fv[:, :, slots] = v
+        self.fpos[:, :, slots] = pos
+
+    def exclude(self, pos: torch.Tensor) -> None:
+        """Mark positions pos [B, H, n] as never selected."""
+        bits = unpack_bits(self.excl).scatter_(2, pos, True)
+        self.excl = pack_bits(bits)
+
+    def append(self, k1: torch.Tensor, v1: torch.Tensor, slot: int, old: int) -> None:
+        """Append position n (k1, v1 [B, H, D]) into full-precision slot `slot`; the position `old` that held it
+        (-1: none) is stored in 2 bits from that slot (2+1)."""
+        p = self.n
+        self.reserve(p + 1)
+        old = old if self.quantized else -1
+        if self.cuda:
+            cuda_ops().append(k1, v1, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq,
+                              self.vscale, self.kfull, self.vfull, self.fk, self.fv, self.fpos, p, slot, old)
+        else:
+            signs, _ = pack_ref(k1[:, :, None], v1[:, :, None], self.mu, None)
+            self.signs[:, :, p] = signs[:, :, 0]
+            if not self.quantized:
+                self.kfull[:, :, p] = k1
+                self.vfull[:, :, p] = v1
+            elif old >= 0:
+                _, q2 = pack_ref(self.fk[:, :, slot, None], self.fv[:, :, slot, None], self.mu, self.inv_chmax)
+                for name, t in zip(("kmag", "kscale", "vq", "vscale"), q2):
+                    getattr(self, name)[:, :, old] = t[:, :, 0]
+            self.put_full(slot, p, k1, v1)
+        self.n = p + 1
+
+    def select(self, q: torch.Tensor, lo: int, hi: int, K: int) -> torch.Tensor:
+        """The K positions of [lo, hi) the GQA-mean of q [B, Hq, D] picks: [B, H, K] (int32 on CUDA, else int64)."""
+        B, Hq, D = q.shape
+        H = self.fk.shape[1]
+        if self.cuda:
+            idx = torch.empty(B, H, K, dtype=torch.int32, device=q.device)
+            if K:
+                bins, hist, ctr = Workspace.get(q.device).select_buffers(B * H, self.cap)
+                cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
+                                        0)  # 0 blocks: the launcher sizes one full wave
+            return idx
+        if K == 0:
+            return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
+        qm = q.float().reshape(B, H, Hq // H, D).mean(2)
+        excluded = unpack_bits(self.excl)[:, :, lo:hi] if self.excl is not None else None
+        bins = score_bins_ref(lut8_ref(qm, self.cb), self.signs[:, :, lo:hi], excluded)
+        return select_ref(bins, K) + lo
+
+    def attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Exact attention of q [B, Hq, D] over the full-precision set and the positions idx [B, H, K]: [B, Hq, D]."""
+        if self.cuda:
+            from kvbench.kernels import selfindex_attend
+
+            return selfindex_attend.attend(q, self, idx)
+        B, Hq, D = q.shape
+        H = self.fk.shape[1]
+        i = idx.long()[..., None]
+        if self.quantized:
+            sgn = unpack_bits(torch.gather(self.signs, 2, i.expand(-1, -1, -1, D // 8))).float() * 2 - 1
+            mag = dequant2(torch.gather(self.kmag, 2, i.expand(-1, -1, -1, D // 4)),
+                           torch.gather(self.kscale, 2, i[..., None].expand(-1, -1, -1, D // 32, 2)))
+            keys = sgn * mag * self.chmax[:, :, None]  # centred keys: their scores lack q . mu
+            values = dequant2(torch.gather(self.vq, 2, i.expand(-1, -1, -1, D // 4)),
+                              torch.gather(self.vscale, 2, i[..., None].expand(-1, -1, -1, D // 32, 2)))
+            bias = torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, H, Hq // H, D), self.mu).reshape(B, Hq)
+        else:
+            keys = torch.gather(self.kfull, 2, i.expand(-1, -1, -1, D))
+            values = torch.gather(self.vfull, 2, i.expand(-1, -1, -1, D))
+            bias = None
+        return attend_ref(q, self.fk, self.fv, self.fpos >= 0, keys, values, bias).to(q.dtype)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored position as keys/values [B, H, n, D] in the model dtype: exact where full precision is
+        kept, reconstructed from 2 bits elsewhere (2+1)."""
+        n, D, dt = self.n, self.D, self.dtype
+        if not self.quantized:
+            return self.kfull[:, :, :n], self.vfull[:, :, :n]
+        sgn = unpack_bits(self.signs[:, :, :n]).float() * 2 - 1
+        keys = (sgn * dequant2(self.kmag[:, :, :n], self.kscale[:, :, :n]) * self.chmax[:, :, None]
+                + self.mu[:, :, None]).to(dt)
+        values = dequant2(self.vq[:, :, :n], self.vscale[:, :, :n]).to(dt)
+        valid = self.fpos[0, 0] >= 0  # the full-precision set overrides (every (b, h) fills the same slots)
+        pos = self.fpos[:, :, valid]
+        idx = pos[..., None].expand(-1, -1, -1, D)
+        keys.scatter_(2, idx, self.fk[:, :, valid])
+        values.scatter_(2, idx, self.fv[:, :, valid])
+        return keys, values

@@ -17,8 +17,9 @@ Per layer and KV head the cache holds (kernels/selfindex.py has the exact layout
 
 A decode step appends the token, scores every selectable token with an 8-bit LUT over its sign codes (the GQA-mean
 query against the codebook), takes the top tokens per KV head, and attends exactly over the full-precision set and
-the selected tokens (dequantized on the fly in 2+1). On CUDA tensors the pack, score-and-select and sparse-attention
-steps run as CUDA kernels (kernels/csrc/selfindex.cu); elsewhere the PyTorch reference in kernels/selfindex.py runs.
+the selected tokens (dequantized on the fly in 2+1). kernels/selfindex.py's IndexedKV owns the storage and runs each
+step on CUDA tensors as a kernel (pack, append, score-and-select in kernels/csrc/selfindex.cu, the sparse attention in
+kernels/selfindex_attend.py) and elsewhere as the PyTorch reference of the same name.
 """
 
 from __future__ import annotations
@@ -90,68 +91,29 @@ class SelfIndex(Method):
 
 
 class SelfIndexLayer(LayerCache):
-    PER_TOKEN = ("signs", "kmag", "kscale", "vq", "vscale", "kfull", "vfull")  # buffers indexed by position
+    """The method's policy over an IndexedKV (kernels/selfindex.py, which owns the storage and runs each operation on
+    CUDA or the reference): which tokens are fixed, how the window slides, how many tokens a step selects."""
 
     def __init__(self, spec: LayerSpec, m: SelfIndex):
         self.spec, self.m = spec, m
-        self.quantized = m.setting == "2+1"
         self.base = m.sinks if m.fixed == "sinks" else 0  # first position that goes through the window ring
-        self.n = 0  # logical length
-        self.cap = 0  # positions the per-token buffers can hold
         self.n_fixed = 0  # fixed full-precision slots in use
-        self.kmag = self.kscale = self.vq = self.vscale = self.kfull = self.vfull = None
-        self.chmax = self.inv_chmax = self.excl = None
+        self.kv: ops.IndexedKV | None = None
         self.last_idx: torch.Tensor | None = None  # [B, Hkv, K] positions selected by the last step
 
-    # ---------------------------------------------------------------------------------------------------------
-    # storage
-
-    def _alloc(self, B: int, cap: int, device) -> None:
-        """(Re)allocate the per-token buffers for `cap` positions, keeping what the first self.n hold."""
-        H, D, dt = self.spec.n_kv_heads, self.spec.head_dim, self.spec.dtype
-        shapes = {"signs": ((D // 8,), torch.uint8)}
-        if self.quantized:
-            shapes |= {"kmag": ((D // 4,), torch.uint8), "kscale": ((D // 32, 2), torch.float16),
-                       "vq": ((D // 4,), torch.uint8), "vscale": ((D // 32, 2), torch.float16)}
-        else:
-            shapes |= {"kfull": ((D,), dt), "vfull": ((D,), dt)}
-        for name, (tail, dtype) in shapes.items():
-            buf = torch.zeros(B, H, cap, *tail, dtype=dtype, device=device)
-            old = getattr(self, name, None)
-            if old is not None and self.n:
-                buf[:, :, : self.n] = old[:, :, : self.n]
-            setattr(self, name, buf)
-        if self.m.fixed == "scored":
-            excl = torch.zeros(B, H, (cap + 7) // 8, dtype=torch.uint8, device=device)
-            if self.excl is not None:
-                excl[:, :, : self.excl.shape[2]] = self.excl
-            self.excl = excl
-        self.cap = cap
-
-    def _grow(self, need: int) -> None:
-        if need > self.cap:
-            self._alloc(self.signs.shape[0], max(need, self.cap + max(256, self.cap // 8)), self.signs.device)
-
-    def _buffers(self) -> list[torch.Tensor]:
-        names = self.PER_TOKEN + ("mu", "chmax", "inv_chmax", "cb", "fk", "fv", "fpos", "excl")
-        return [t for t in (getattr(self, n, None) for n in names) if t is not None]
-
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._buffers()) if self.n else 0
+        return self.kv.nbytes() if self.kv is not None else 0
 
     def seq_len(self) -> int:
-        return self.n
+        return self.kv.n if self.kv is not None else 0
 
     def attended(self) -> torch.Tensor | None:
         if self.last_idx is None:
             return None
-        fixed = self.fpos[:, :, self.fpos[0, 0] >= 0]  # every (b, h) fills the same slots
+        fpos = self.kv.fpos
+        fixed = fpos[:, :, fpos[0, 0] >= 0]  # every (b, h) fills the same slots
         return torch.cat([fixed, self.last_idx.long()], -1)
 
-    def _use_cuda(self, x: torch.Tensor) -> bool:
-        return x.is_cuda and self.m.impl == "auto"
-
-    # ---------------------------------------------------------------------------------------------------------
     # prefill: dense FlashAttention for the output, then the index
 
     def prefill(self, q, k, v):
@@ -159,55 +121,20 @@ class SelfIndexLayer(LayerCache):
         out = attention.dense_attention(q, k, v, causal=True)
         B, H, T, D = k.shape
         m = self.m
-        self.mu = ops.centre_stats(k, m.centre)  # [B, H, D] float32
-        if self.quantized:
-            # max |k - mu| per channel sits at the channel's min or max: no float copy of k (which would cap the
-            # batch that fits); identical to (k.float() - mu).abs().amax(2) since rounding is monotonic
-            lo_k, hi_k = torch.aminmax(k, dim=2)
-            self.chmax = torch.maximum(hi_k.float() - self.mu, self.mu - lo_k.float()).clamp_(min=1e-6)  # [B, H, D]
-            self.inv_chmax = 1.0 / self.chmax
-        self._alloc(B, T, k.device)
-        NF = m.sinks + m.window
-        self.fk = k.new_zeros(B, H, NF, D)
-        self.fv = v.new_zeros(B, H, NF, D)
-        self.fpos = torch.full((B, H, NF), -1, dtype=torch.int64, device=k.device)
-
+        self.kv = ops.IndexedKV(B, H, D, k.dtype, k.device, quantized=m.setting == "2+1", n_full=m.sinks + m.window,
+                                exclusions=m.fixed == "scored", cuda=k.is_cuda and m.impl == "auto")
         ring_lo = max(self.base, T - m.window)  # the prompt's last tokens start in the window ring
-        quant_lo, quant_hi = self.base, ring_lo  # the rest (past the fixed ones) is stored in 2 bits now
-        if self._use_cuda(k):
-            G = D // 4
-            sums = torch.zeros(B, H, G, 16, 4, device=k.device)
-            counts = torch.zeros(B, H, G, 16, dtype=torch.int32, device=k.device)
-            abs_sum = torch.zeros(B, H, G, device=k.device)
-            ops.cuda_ops().pack(k, v, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq,
-                                self.vscale, sums, counts, abs_sum, 0, quant_lo, quant_hi)
-            self.cb = ops.finish_codebook(sums, counts, abs_sum, T)
-        else:
-            signs, q2 = ops.pack_ref(k, v, self.mu, self.inv_chmax)
-            self.signs[:, :, :T] = signs
-            if q2 is not None and quant_hi > quant_lo:
-                for name, t in zip(("kmag", "kscale", "vq", "vscale"), q2):
-                    getattr(self, name)[:, :, quant_lo:quant_hi] = t[:, :, quant_lo:quant_hi]
-            self.cb = ops.codebook_ref(k, self.mu, signs)
-        if not self.quantized:
-            self.kfull[:, :, :T] = k
-            self.vfull[:, :, :T] = v
-
+        # the rest (past the fixed ones, below the ring) is stored in 2 bits now
+        self.kv.pack_prompt(k, v, m.centre, self.base, ring_lo)
         fixed_pos = torch.arange(min(m.sinks, T), device=k.device).expand(B, H, -1) if m.fixed == "sinks" \
             else self._scored_fixed(q, k, ring_lo)
         self.n_fixed = fixed_pos.shape[2]
         if self.n_fixed:
             idx = fixed_pos[..., None].expand(-1, -1, -1, D)
-            self.fk[:, :, : self.n_fixed] = torch.gather(k, 2, idx)
-            self.fv[:, :, : self.n_fixed] = torch.gather(v, 2, idx)
-            self.fpos[:, :, : self.n_fixed] = fixed_pos
+            self.kv.put_full(slice(0, self.n_fixed), fixed_pos, torch.gather(k, 2, idx), torch.gather(v, 2, idx))
         if ring_lo < T:  # the window ring: tokens below ring_lo are already quantized, nothing to evict
             pos = torch.arange(ring_lo, T, device=k.device)
-            slots = m.sinks + (pos - self.base) % m.window
-            self.fk[:, :, slots] = k[:, :, ring_lo:]
-            self.fv[:, :, slots] = v[:, :, ring_lo:]
-            self.fpos[:, :, slots] = pos
-        self.n = T
+            self.kv.put_full(m.sinks + (pos - self.base) % m.window, pos, k[:, :, ring_lo:], v[:, :, ring_lo:])
         self.last_idx = None
         return out
 
@@ -219,13 +146,12 @@ class SelfIndexLayer(LayerCache):
         if n == 0:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=k.device)
         ql = q[:, :, -1].float().reshape(B, H, -1, D)
-        p = torch.softmax(torch.einsum("bhgd,bhtd->bhgt", ql, k.float()) * D**-0.5, -1).mean(2)[..., :ring_lo]
-        pos = p.topk(n, dim=-1).indices
-        bits = torch.zeros(B, H, self.excl.shape[2] * 8, dtype=torch.bool, device=k.device)
-        self.excl = ops.pack_bits(bits.scatter_(2, pos, True))
+        pos = torch.cat([  # one sequence at a time: a float copy of one sequence's keys, not of the batch's
+            torch.softmax(torch.einsum("bhgd,bhtd->bhgt", ql[b : b + 1], k[b : b + 1].float()) * D**-0.5, -1)
+            .mean(2)[..., :ring_lo].topk(n, dim=-1).indices for b in range(B)])
+        self.kv.exclude(pos)
         return pos
 
-    # ---------------------------------------------------------------------------------------------------------
     # decode
 
     def extend(self, q, k, v):
@@ -234,7 +160,7 @@ class SelfIndexLayer(LayerCache):
         # a chunk (e.g. a question after the context): dense attention over everything the cache holds, dequantized,
         # as a prefill over a compressed cache would; top-k selection is how decode steps save time, and a question
         # encoded through it would steer every later selection with a worse query
-        keys, values = self._dequantized()
+        keys, values = self.kv.dequantized()
         out = attention.dense_attention(q, torch.cat([keys, k], 2), torch.cat([values, v], 2), causal=True)
         for i in range(k.shape[2]):
             self._append(k[:, :, i], v[:, :, i])
@@ -242,21 +168,7 @@ class SelfIndexLayer(LayerCache):
         return out
 
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every stored position as keys/values [B, H, n, D] in the model dtype: exact where full precision is
-        kept, reconstructed from 2 bits elsewhere (2+1)."""
-        n, D, dt = self.n, self.spec.head_dim, self.spec.dtype
-        if not self.quantized:
-            return self.kfull[:, :, :n], self.vfull[:, :, :n]
-        sgn = ops.unpack_bits(self.signs[:, :, :n]).float() * 2 - 1
-        keys = (sgn * ops.dequant2(self.kmag[:, :, :n], self.kscale[:, :, :n]) * self.chmax[:, :, None]
-                + self.mu[:, :, None]).to(dt)
-        values = ops.dequant2(self.vq[:, :, :n], self.vscale[:, :, :n]).to(dt)
-        valid = self.fpos[0, 0] >= 0  # the full-precision set overrides (every (b, h) fills the same slots)
-        pos = self.fpos[:, :, valid]
-        idx = pos[..., None].expand(-1, -1, -1, D)
-        keys.scatter_(2, idx, self.fk[:, :, valid])
-        values.scatter_(2, idx, self.fv[:, :, valid])
-        return keys, values
+        return self.kv.dequantized()
 
     def _step(self, q, k, v):
         # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]
@@ -272,116 +184,40 @@ class SelfIndexLayer(LayerCache):
 
     def _append(self, k1: torch.Tensor, v1: torch.Tensor) -> None:
         """Append one token, k1/v1 [B, H, D]; the token leaving the window is stored in 2 bits (2+1)."""
-        p = self.n
-        self._grow(p + 1)
+        p = self.kv.n
         slot, old = self._slot(p)
         if p < self.base:
             self.n_fixed += 1
-        if self._use_cuda(k1):
-            ops.cuda_ops().append(k1, v1, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq,
-                                  self.vscale, self.kfull, self.vfull, self.fk, self.fv, self.fpos, p, slot,
-                                  old if self.quantized else -1)
-        else:
-            signs, _ = ops.pack_ref(k1[:, :, None], v1[:, :, None], self.mu, None)
-            self.signs[:, :, p] = signs[:, :, 0]
-            if not self.quantized:
-                self.kfull[:, :, p] = k1
-                self.vfull[:, :, p] = v1
-            elif old >= 0:
-                _, q2 = ops.pack_ref(self.fk[:, :, slot, None], self.fv[:, :, slot, None], self.mu, self.inv_chmax)
-                for name, t in zip(("kmag", "kscale", "vq", "vscale"), q2):
-                    getattr(self, name)[:, :, old] = t[:, :, 0]
-            self.fk[:, :, slot] = k1
-            self.fv[:, :, slot] = v1
-            self.fpos[:, :, slot] = p
-        self.n = p + 1
+        self.kv.append(k1, v1, slot, old)
 
     def selectable(self) -> tuple[int, int]:
         """Positions [lo, hi) that decode steps choose from (quantized in 2+1, outside the window)."""
-        return self.base, max(self.base, self.n - self.m.window)
+        return self.base, max(self.base, self.kv.n - self.m.window)
 
     def n_fp(self) -> int:
         """Tokens in the full-precision set (known on the host: no device sync)."""
-        return self.n_fixed + min(self.m.window, max(0, self.n - self.base))
+        return self.n_fixed + min(self.m.window, max(0, self.kv.n - self.base))
 
     def n_select(self) -> int:
         """Tokens a decode step selects: the budget minus the full-precision set, at most what is selectable."""
         lo, hi = self.selectable()
         excluded = self.n_fixed if self.m.fixed == "scored" else 0  # scored fixed tokens sit inside [lo, hi)
-        return max(0, min(budget_tokens(self.m.budget, self.n) - self.n_fp(), hi - lo - excluded))
+        return max(0, min(budget_tokens(self.m.budget, self.kv.n) - self.n_fp(), hi - lo - excluded))
 
     def _attention(self, q: torch.Tensor) -> torch.Tensor:
         """Select, then attend: q [B, Hq, D] -> [B, Hq, D] in q's dtype, over the current state."""
-        K = self.n_select()
-        if self._use_cuda(q) and 0 < K <= ops.FUSED_K and ops.FUSED:  # one launch: csrc/selfindex.cu decode_kernel
-            B, Hq, D = q.shape
-            H = self.spec.n_kv_heads
-            lo, hi = self.selectable()
-            ws = ops.Workspace.get(q.device)
-            _, _, ctr = ws.select_buffers(B * H, self.cap)
-            cand, cand_n = ws.candidates(B * H, hi - lo, q.device)
-            idx = torch.empty(B, H, K, dtype=torch.int32, device=q.device)
-            out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-            ops.cuda_ops().decode(q, self.cb, self.signs, self.excl, lo, hi, K, self.fk, self.fv, self.fpos,
-                                  self.kmag, self.kscale, self.vq, self.vscale, self.chmax, self.mu, self.kfull,
-                                  self.vfull, ctr, cand, cand_n, idx, out, 0)
-            self.last_idx = idx
-            return out
         idx = self._select(q)
         self.last_idx = idx
         return self._attend(q, idx)
 
     def _select(self, q: torch.Tensor) -> torch.Tensor:
         """Positions [B, H, K] the GQA-mean query picks (int32 on CUDA, int64 on the reference path)."""
-        B, Hq, D = q.shape
-        H = self.spec.n_kv_heads
-        lo, hi = self.selectable()
-        K = self.n_select()
-        if self._use_cuda(q):
-            idx = torch.empty(B, H, K, dtype=torch.int32, device=q.device)
-            if K:
-                bins, hist, ctr = ops.Workspace.get(q.device).select_buffers(B * H, self.cap)
-                ops.cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
-                                            0)  # 0 blocks: the launcher sizes one full wave
-            return idx
-        if K == 0:
-            return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
-        qm = q.float().reshape(B, H, Hq // H, D).mean(2)
-        excluded = ops.unpack_bits(self.excl)[:, :, lo:hi] if self.excl is not None else None
-        bins = ops.score_bins_ref(ops.lut8_ref(qm, self.cb), self.signs[:, :, lo:hi], excluded)
-        return ops.select_ref(bins, K) + lo
+        return self.kv.select(q, *self.selectable(), self.n_select())
 
     def _attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Exact attention of q [B, Hq, D] over the full-precision set and the positions idx [B, H, K]."""
-        B, Hq, D = q.shape
-        H = self.spec.n_kv_heads
-        if self._use_cuda(q):
-            out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-            n = self.fk.shape[2] + idx.shape[2]
-            split = ops.attend_split(n, B * H, q.device)
-            ws = ops.Workspace.get(q.device)
-            _, _, ctr = ws.select_buffers(B * H, self.cap)
-            part_o, part_ml = ws.partials(B * Hq * -(-n // split), D)
-            ops.cuda_ops().attend(q, self.fk, self.fv, self.fpos, idx, idx.shape[2], self.signs, self.kmag,
-                                  self.kscale, self.vq, self.vscale, self.chmax, self.mu, self.kfull, self.vfull,
-                                  part_o, part_ml, ctr, out, split)
-            return out
-        i = idx.long()[..., None]
-        if self.quantized:
-            sgn = ops.unpack_bits(torch.gather(self.signs, 2, i.expand(-1, -1, -1, D // 8))).float() * 2 - 1
-            mag = ops.dequant2(torch.gather(self.kmag, 2, i.expand(-1, -1, -1, D // 4)),
-                               torch.gather(self.kscale, 2, i[..., None].expand(-1, -1, -1, D // 32, 2)))
-            keys = sgn * mag * self.chmax[:, :, None]  # centred keys: their scores lack q . mu
-            values = ops.dequant2(torch.gather(self.vq, 2, i.expand(-1, -1, -1, D // 4)),
-                                  torch.gather(self.vscale, 2, i[..., None].expand(-1, -1, -1, D // 32, 2)))
-            bias = torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, H, Hq // H, D), self.mu).reshape(B, Hq)
-        else:
-            keys = torch.gather(self.kfull, 2, i.expand(-1, -1, -1, D))
-            values = torch.gather(self.vfull, 2, i.expand(-1, -1, -1, D))
-            bias = None
-        return ops.attend_ref(q, self.fk, self.fv, self.fpos >= 0, keys, values, bias).to(q.dtype)
+        return self.kv.attend(q, idx)
 
-    # ---------------------------------------------------------------------------------------------------------
     # for the kernel suite
 
     def decode_fns(self, q):
@@ -392,13 +228,13 @@ class SelfIndexLayer(LayerCache):
 
     def decode_bytes(self) -> int:
         """Sign bits of every selectable token, the selected tokens' storage, the full-precision set, the codebook."""
-        B, H, D = self.signs.shape[0], self.spec.n_kv_heads, self.spec.head_dim
+        kv, D = self.kv, self.spec.head_dim
+        B, H = kv.fk.shape[:2]
         lo, hi = self.selectable()
-        es = self.fk.element_size()
-        per_selected = D // 8 + (D // 4 * 2 + D // 32 * 8 if self.quantized else 2 * D * es)
+        es = kv.fk.element_size()
+        per_selected = D // 8 + (D // 4 * 2 + D // 32 * 8 if kv.quantized else 2 * D * es)
         return B * H * ((hi - lo) * (D // 8) + self.n_select() * per_selected + self.n_fp() * 2 * D * es
-                        + self.cb[0, 0].numel() * 4)
+                        + kv.cb[0, 0].numel() * 4)
 
     def info(self):
-        return {"selected": self.n_select(), "full_precision": self.n_fp(), "impl": "cuda" if self.signs.is_cuda
-                and self.m.impl == "auto" else "torch"}
+        return {"selected": self.n_select(), "full_precision": self.n_fp(), "impl": "cuda" if self.kv.cuda else "torch"}

@@ -8,17 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.api import LayerCache, LayerSpec, Method, ParamError, budget_tokens, check_budget, param
-from kvbench.attention import dense_attention
-from kvbench.methods.full import FullLayer
+from kvbench.api import LayerSpec, ParamError, budget_tokens, check_budget, param
+from kvbench.methods.eviction import Eviction, group_probs, keep_top
 from kvbench.registry import register
-
-GROW = 256  # tokens of headroom for what is appended after prefill, as `full` grows
 
 
 @register
 @dataclass(frozen=True)
-class SnapKV(Method):
+class SnapKV(Eviction):
     """snapkv: the observation window's attention votes which earlier tokens each KV head keeps.
 
     Based on SnapKV: LLM Knows What You are Looking for Before Generation (Li et al., NeurIPS 2024),
@@ -40,7 +37,6 @@ class SnapKV(Method):
     """
 
     name = "snapkv"
-    family = "eviction"
     capacity: float = param(1024.0, "tokens kept per KV head, window included (fraction of the context if < 1)",
                             valid="a fraction of the context in (0, 1), or a whole number of tokens >= 1")
     window: int = param(32, "observation window: the last prompt queries that vote", ge=1)
@@ -55,79 +51,32 @@ class SnapKV(Method):
     def budget_fraction(self, context: int) -> float:
         return min(1.0, budget_tokens(self.capacity, context) / context)
 
-    def make_layer(self, spec: LayerSpec) -> LayerCache:
-        return SnapKVLayer(spec, self)
+    def prompt_capacity(self, T: int, spec: LayerSpec) -> int:
+        """Prompt tokens this layer keeps per KV head, the window included, for a T-token prompt."""
+        return min(budget_tokens(self.capacity, T), T)
 
-    def keep(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def keep(self, q: torch.Tensor, k: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
         """Positions to keep, sorted: q [B, Hq, Tq, D] are the last Tq prompt queries, k [B, Hkv, T, D] the prompt's
-        keys -> [B, Hkv, C] int64 with C = min(capacity, T)."""
-        B, Hq, Tq, D = q.shape
+        keys -> [B, Hkv, C] int64 with C = prompt_capacity(T)."""
+        B, Tq = q.shape[0], q.shape[2]
         H, T = k.shape[1], k.shape[2]
-        C = min(budget_tokens(self.capacity, T), T)
+        C = self.prompt_capacity(T, spec)
         w = min(self.window, Tq)
         if C == T or C <= w:  # everything fits, or no room beyond the window: keep the most recent C tokens
             return torch.arange(T - C, T, device=k.device).expand(B, H, C).contiguous()
-        votes = torch.stack([self.votes(q[b, :, Tq - w:], k[b]) for b in range(B)])  # [B, Hkv, T - w]
-        top = votes.topk(C - w, dim=-1).indices.sort(-1).values
-        window = torch.arange(T - w, T, device=k.device).expand(B, H, w)
-        return torch.cat([top, window], -1)
+        return keep_top(self.batch_votes(q, k), C, w)
+
+    def batch_votes(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """votes() for every sequence: q [B, Hq, Tq, D], k [B, Hkv, T, D] -> [B, Hkv, T - w]."""
+        w = min(self.window, q.shape[2])
+        return torch.stack([self.votes(q[b, :, q.shape[2] - w:], k[b]) for b in range(q.shape[0])])
 
     def votes(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q [Hq, w, D] the window's queries (the last w positions), k [Hkv, T, D] -> pooled votes [Hkv, T - w] for
         the earlier tokens. One sequence at a time keeps the fp32 scores [Hq, w, T] small."""
-        Hq, w, D = q.shape
-        H, T = k.shape[0], k.shape[1]
-        g = Hq // H
-        scores = q.float().reshape(H, g * w, D) @ k.float().transpose(1, 2) * D**-0.5  # [Hkv, g * w, T]
-        pos = torch.arange(T - w, T, device=k.device).repeat(g)  # the query of each row
-        scores.masked_fill_(torch.arange(T, device=k.device) > pos[:, None], float("-inf"))
-        votes = scores.softmax(-1)[..., : T - w].view(H, g, w, T - w).sum(2).mean(1)  # [Hkv, T - w]
+        w, T = q.shape[1], k.shape[1]
+        votes = group_probs(q, k)[..., : T - w].sum(1)  # [Hkv, T - w]
         pad = self.kernel // 2
         if self.pool == "max":
             return F.max_pool1d(votes[:, None], self.kernel, stride=1, padding=pad)[:, 0]
         return F.avg_pool1d(votes[:, None], self.kernel, stride=1, padding=pad)[:, 0]
-
-
-class SnapKVLayer(LayerCache):
-    def __init__(self, spec: LayerSpec, method: SnapKV):
-        self.spec, self.method = spec, method
-        self.kept: FullLayer | None = None  # the kept tokens (and later ones), stored and attended as `full` does
-        self.positions: torch.Tensor | None = None  # [B, Hkv, C] logical positions of the prompt tokens kept
-        self.prompt_len = 0
-
-    def prefill(self, q, k, v):
-        out = dense_attention(q, k, v, causal=True)  # prefill is dense: the model's output does not change
-        keep = self.method.keep(q, k)  # [B, Hkv, C]
-        idx = keep[..., None].expand(-1, -1, -1, k.shape[3])
-        self.kept = FullLayer(self.spec, GROW)
-        self.kept._append(k.gather(2, idx), v.gather(2, idx))
-        self.positions, self.prompt_len = keep, k.shape[2]
-        return out
-
-    def extend(self, q, k, v):
-        return self.kept.extend(q, k, v)  # appended after the kept tokens, attended densely (causal within chunks)
-
-    def nbytes(self) -> int:
-        if self.kept is None:
-            return 0
-        return self.kept.nbytes() + self.positions.numel() * self.positions.element_size()
-
-    def seq_len(self) -> int:
-        if self.kept is None:
-            return 0
-        return self.prompt_len + self.kept.seq_len() - self.positions.shape[-1]  # the prompt, then all that followed
-
-    def attended(self) -> torch.Tensor | None:
-        """The kept prompt positions, then every position after the prompt: [B, Hkv, N]."""
-        B, H, _ = self.positions.shape
-        later = torch.arange(self.prompt_len, self.seq_len(), device=self.positions.device).expand(B, H, -1)
-        return torch.cat([self.positions, later], -1)
-
-    def info(self):
-        return self.kept.info() if self.kept is not None else {}
-
-    def decode_fns(self, q):
-        return self.kept.decode_fns(q)
-
-    def decode_bytes(self) -> int:
-        return self.kept.decode_bytes()

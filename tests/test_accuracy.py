@@ -169,11 +169,10 @@ def test_bad_input_fails_before_anything_runs(tiny, tmp_path):
 
 
 def test_quick_profile_names_the_compared_methods_and_both_protocols():
-    labels = [label for label, _ in A._methods(A.DEFAULT_METHODS)]
+    plan = A.SUITE.plan(None, model="embedded", quick=True, device="cpu")
+    labels = [m.label() for m in plan.methods]
     assert [label.partition(":")[0] for label in labels] == ["full", "selfindex", "kivi", "snapkv"]
-    cells = A.build_cells(A._methods(A.DEFAULT_METHODS), "embedded", "float32", A.QUICK["tasks"], A.QUICK["lengths"],
-                          A.QUICK["depths"], A.QUICK["seeds"], A.QUICK["protocols"], haystack="noise", text=None,
-                          score_tokens=64)
+    cells = A.SUITE.cells(plan)
     assert {c.cell["protocol"] for c in cells} == {"query-aware", "query-agnostic"}
     snap = [c for c in cells if c.method.startswith("snapkv")][0]
     assert snap.params["capacity"] == 0.1

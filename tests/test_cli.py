@@ -22,7 +22,7 @@ def test_env_names_the_attention_backend():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["generate", "--method", "nosuch", "hi"], "valid names: full"),
+    (["generate", "--method", "nosuch", "hi"], "valid names: adakv, doublesparse, full,"),
     (["generate", "--method", "full:grow=0", "hi"], "'grow' = 0"),
     (["generate", "--method", "full:grow=x", "hi"], "grow"),
 ])

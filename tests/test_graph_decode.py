@@ -15,7 +15,7 @@ from kvbench import LayerSpec, parse_method
 from kvbench.api import ReservedRoomError
 from kvbench.graph_decode import decode_run, graph_decode, unsafe_reason
 from kvbench.kernels import dense_decode
-from kvbench.suites.throughput import decode, real_prefill
+from kvbench.decoding import decode, real_prefill
 from oracles import naive_attention
 
 CPU = torch.device("cpu")
@@ -240,14 +240,13 @@ def test_graph_run_records_mode_kernel_and_step_accounting():
 
 
 @pytest.mark.parametrize("graph", [True, False])
-def test_throughput_records_say_which_decode_mode_ran_and_why(graph, tmp_path, monkeypatch):
+def test_throughput_records_say_which_decode_mode_ran_and_why(graph, tmp_path):
     from kvbench.records import read_records
     from kvbench.suites import throughput
 
     model = tiny_model()
-    monkeypatch.setattr(throughput, "load_model", lambda *a, **k: (model, None))
-    throughput.run(["full", "snapkv"], tmp_path, model="tiny", contexts="64", batches="1", steps=2, warmup_steps=1,
-                   search=False, show_progress=False, graph=graph)
+    throughput.run(["full", "snapkv"], tmp_path, model="tiny", loaded=(model, None), contexts="64", batches="1",
+                   steps=2, warmup_steps=1, search=False, show_progress=False, graph=graph)
     records, _ = read_records([tmp_path / "throughput.jsonl"])
     assert len(records) == 2
     for r in records:

@@ -4,8 +4,9 @@ import torch
 from kvbench.api import KVBenchError
 from kvbench.records import read_records
 from kvbench.registry import available_methods
+from kvbench import synthetic
+from kvbench.sizes import parse_bytes, parse_size, parse_sizes, search_max
 from kvbench.suites import memory
-from kvbench.suites.memory import parse_bytes, parse_size, parse_sizes, search_max
 
 
 class FakeAllocator:
@@ -121,7 +122,7 @@ def test_max_context_and_batch_search_with_full_on_cpu(tmp_path):
                show_progress=False)
     recs = {r["cell"]["task"]: r for r in _check_valid(tmp_path / "memory.jsonl")}
     per_token = 30 * 2 * 3 * 64 * 4  # full, all layers
-    q_tail = 9 * memory.Q_TAIL * 64 * 4  # the last layer's query tail, held while it is built
+    q_tail = 9 * synthetic.Q_TAIL * 64 * 4  # the last layer's query tail, held while it is built
     # the last layer's inputs are counted before it is built: 29 layers held + 1 layer of inputs = 30 layers' worth
     want_ctx = (budget - q_tail) // per_token // 256 * 256
     assert recs["max_context"]["metrics"]["max_context"] == want_ctx == 768

@@ -41,11 +41,11 @@ def test_real_prefill_gives_the_first_token(tiny):
 
 @pytest.mark.slow  # every registered method's CPU reference through the model
 def test_tiny_grid_with_every_registered_method(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(throughput, "load_model", lambda *a, **k: (tiny, None))
     names = list(available_methods())
     # 64 x 1 fits the real-prefill limit, 64 x 2 does not: one cell of each fill
-    res = throughput.run(names, tmp_path, model="tiny", contexts="64", batches="1,2", prefill_tokens="64", steps=2,
-                         warmup_steps=1, max_batch=2, search_context="64", show_progress=False)
+    res = throughput.run(names, tmp_path, model="tiny", loaded=(tiny, None), contexts="64", batches="1,2",
+                         prefill_tokens="64", steps=2, warmup_steps=1, max_batch=2, search_context="64",
+                         show_progress=False)
     records = _records(tmp_path / "throughput.jsonl")
     assert res.ok == len(records) == 3 * len(names), [r["error"] for r in records if r["status"] != "ok"]
     for r in records:
@@ -68,7 +68,7 @@ def test_batch_search_stops_at_out_of_memory_and_keeps_the_best(tiny, monkeypatc
         return real(model, method, batch, context, **kw)
 
     monkeypatch.setattr(throughput, "synthetic_cache", limited)
-    r = Runner(tiny, fill="auto", prefill_tokens=64, warmup_steps=0, steps=2, q_tail=8, seed=0, search_limit=64)
+    r = Runner(tiny, warmup_steps=0, steps=2, q_tail=8, seed=0, search_limit=64)
     m = r.search(parse_method("full"), 32)
     assert m["max_batch"] == 5 and not m["reached_limit"]
     assert [p["n"] for p in m["probes"]] == [1, 2, 4, 8, 6, 5]
@@ -78,7 +78,6 @@ def test_batch_search_stops_at_out_of_memory_and_keeps_the_best(tiny, monkeypatc
 
 
 def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(throughput, "load_model", lambda *a, **k: (tiny, None))
     real = throughput.decode
 
     def fake(model, cache, next_ids, warmup, steps):
@@ -87,8 +86,8 @@ def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, mo
         return real(model, cache, next_ids, warmup, steps)
 
     monkeypatch.setattr(throughput, "decode", fake)
-    res = throughput.run(["full"], tmp_path, model="tiny", contexts="32", batches="1,2,3", steps=1, search=False,
-                         show_progress=False)
+    res = throughput.run(["full"], tmp_path, model="tiny", loaded=(tiny, None), contexts="32", batches="1,2,3",
+                         steps=1, search=False, show_progress=False)
     status = {r["cell"]["batch"]: r["status"] for r in _records(tmp_path / "throughput.jsonl")}
     assert status == {1: "ok", 2: "oom", 3: "ok"} and res.oom == 1
 

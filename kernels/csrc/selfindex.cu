@@ -1,4 +1,5 @@
-// Self-indexing 1-bit VQ cache kernels: pack, append, score-and-select, sparse split-KV decode attention.
+// Self-indexing 1-bit VQ cache kernels: pack, append, score-and-select. The sparse decode attention over the
+// selection is a Triton kernel (kernels/selfindex_attend.py).
 // Raw pointers only (no torch headers): nvcc compiles this file in seconds, and CI compiles it without a GPU.
 // Every kernel has a PyTorch reference of the same name in kernels/selfindex.py; tests/test_selfindex_kernels.py
 // checks one against the other.
@@ -220,8 +221,7 @@ __global__ void __launch_bounds__(32) append_kernel(AppendParams p) {
 
 // ------------------------------------------------------------------------------------------------------------------
 // Scoring: the GQA-mean query's LUT on chip (int8, one scale per (b, h), the arithmetic of lut8_ref), one thread per
-// token, a shared histogram of the bins. Used by the split path (score_kernel + select_kernel + attend_kernel, any
-// budget) and by the fused path (decode_kernel, budgets up to kFusedK selected tokens).
+// token, a shared histogram of the bins.
 
 constexpr int kSelThreads = 256;
 
@@ -372,7 +372,7 @@ __device__ __forceinline__ void place(bool gt, bool eq, int n_gt, int need_eq, i
   }
 }
 
-// ---- split path, any budget: scores to global bins, the last block of each (b, h) finds the threshold
+// ---- scores to global bins, the last block of each (b, h) finds the threshold
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   constexpr int G = D / 4;
@@ -409,18 +409,11 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   }
 }
 
-// tokens above the threshold bin all go in; ties in it fill what is left, in any order. 8 bins (16 bytes) a load.
-__global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
-  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
-  allow_dependents();
-  wait_for_predecessor();  // the score kernel's bins and threshold
-  int* ctr = p.ctr + bh * kCounters;
-  const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
-  const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
-  int* out = p.idx + static_cast<int64_t>(bh) * p.kmax;
-  const int t0 = p.lo + blockIdx.x * p.chunk;
-  const int t1 = min(p.hi, t0 + p.chunk);
-  for (int base = t0 & ~7; base < t1; base += 8 * blockDim.x) {  // warp-uniform trip count for the ballots
+// The 8 bins (16 bytes) of tokens t .. t+7 (kExcluded outside [t0, t1)) passed to fn(token, bin) one by one; the trip
+// count over [t0 & ~7, t1) is warp-uniform, as the ballots in place() need.
+template <typename Fn>
+__device__ __forceinline__ void for_each_bin(const uint16_t* bins, int t0, int t1, Fn fn) {
+  for (int base = t0 & ~7; base < t1; base += 8 * blockDim.x) {
     const int t = base + 8 * threadIdx.x;
     uint4 raw = make_uint4(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu);  // all kExcluded
     if (t < t1) raw = *reinterpret_cast<const uint4*>(bins + t);
@@ -428,374 +421,50 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       const int tt = t + u;
-      const int bin = (tt >= t0 && tt < t1) ? static_cast<int>(v[u]) : kExcluded;
-      place(bin != kExcluded && bin > thr, bin == thr, n_gt, need_eq, ctr + 4, [&](int slot) { out[slot] = tt; });
+      fn(tt, (tt >= t0 && tt < t1) ? static_cast<int>(v[u]) : kExcluded);
     }
   }
 }
 
-// ------------------------------------------------------------------------------------------------------------------
-// Sparse decode attention over the full-precision slots and a list of selected positions. Tiles of 32 tokens are
-// staged in shared memory as float: warp w stages channels [w D/NW, (w+1) D/NW) of every token (lane = token:
-// conflict-free rows), dequantizing 2+1 tokens on the way, while the next tile's raw bytes are in flight in registers.
-// Then warp w scores the tile for query heads w, w+NW, ... (lane = token) and accumulates P.V (lane = channels
-// lane + 32 i) with an online softmax.
-
-constexpr int kTile = 32;
-constexpr int kMaxGroup = 16;  // query heads per KV head
-
-template <int N>
-__device__ __forceinline__ uint64_t load_bytes(const uint8_t* ptr) {
-  if constexpr (N == 8) return *reinterpret_cast<const uint64_t*>(ptr);
-  else if constexpr (N == 4) return *reinterpret_cast<const uint32_t*>(ptr);
-  else if constexpr (N == 2) return *reinterpret_cast<const uint16_t*>(ptr);
-  else return *ptr;
-}
-
-// What one thread stages for one token: NCH channels of its key and value, raw.
-template <int NCH>
-struct Raw {
-  uint4 k[NCH / 8], v[NCH / 8];  // full-precision pieces (8 fp16/bf16 each)
-  uint64_t sg, km, vq;            // NCH sign bits, NCH 2-bit key magnitudes, NCH 2-bit values
-  __half2 ksz, vsz;               // (scale, zero) of the 32-channel group
-  int flag;                       // 0 masked, 1 plain key, 2 centred 2+1 key
-};
-
-template <typename T, int D, bool QUANT, int NCH>
-__device__ __forceinline__ void fetch(Raw<NCH>& r, const AttendParams& p, int bh, int j, int j_end, int c_lo,
-                                      const int* sel) {
-  r.flag = 0;
-  if (j >= j_end) return;
-  const uint4* ks;
-  const uint4* vs;
-  if (j < p.F) {
-    const int64_t slot = static_cast<int64_t>(bh) * p.F + j;
-    if (p.fpos[slot] < 0) return;
-    ks = reinterpret_cast<const uint4*>(static_cast<const T*>(p.fk) + slot * D + c_lo);
-    vs = reinterpret_cast<const uint4*>(static_cast<const T*>(p.fv) + slot * D + c_lo);
-  } else {
-    const int64_t tok = static_cast<int64_t>(bh) * p.cap + sel[j - p.F];
-    if (QUANT) {
-      r.flag = 2;
-      const int grp = c_lo / 32;
-      r.ksz = static_cast<const __half2*>(p.kscale)[tok * (D / 32) + grp];
-      r.vsz = static_cast<const __half2*>(p.vscale)[tok * (D / 32) + grp];
-      r.sg = load_bytes<NCH / 8>(p.signs + tok * (D / 8) + c_lo / 8);
-      r.km = load_bytes<NCH / 4>(p.kmag + tok * (D / 4) + c_lo / 4);
-      r.vq = load_bytes<NCH / 4>(p.vq + tok * (D / 4) + c_lo / 4);
-      return;
-    }
-    ks = reinterpret_cast<const uint4*>(static_cast<const T*>(p.kfull) + tok * D + c_lo);
-    vs = reinterpret_cast<const uint4*>(static_cast<const T*>(p.vfull) + tok * D + c_lo);
-  }
-  r.flag = 1;
-#pragma unroll
-  for (int i = 0; i < NCH / 8; ++i) {
-    r.k[i] = ks[i];
-    r.v[i] = vs[i];
-  }
-}
-
-template <typename T, int NCH>
-__device__ __forceinline__ void stage(const Raw<NCH>& r, float* kr, float* vr, const float* chm) {
-  if (r.flag == 1) {
-#pragma unroll
-    for (int i = 0; i < NCH / 8; ++i) {
-      const T* ke = reinterpret_cast<const T*>(&r.k[i]);
-      const T* ve = reinterpret_cast<const T*>(&r.v[i]);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        kr[8 * i + e] = Vec<T>::to(ke[e]);
-        vr[8 * i + e] = Vec<T>::to(ve[e]);
-      }
-    }
-  } else if (r.flag == 2) {
-    const float ks = __low2float(r.ksz), kz = __high2float(r.ksz);
-    const float vs = __low2float(r.vsz), vz = __high2float(r.vsz);
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) {
-      const float mag = (kz + ks * static_cast<float>((r.km >> (2 * c)) & 3)) * chm[c];
-      kr[c] = ((r.sg >> c) & 1) ? mag : -mag;
-      vr[c] = vz + vs * static_cast<float>((r.vq >> (2 * c)) & 3);
-    }
-  } else {  // a masked row still enters P.V with weight 0: it must not hold NaN garbage
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) {
-      kr[c] = 0.f;
-      vr[c] = 0.f;
-    }
-  }
-}
-
-template <int D>
-__host__ __device__ constexpr int attn_smem_floats(int group) {
-  return group * D + 2 * kTile * (D + 1) + D + 16 + kTile;  // q, K, V (rows padded: no bank conflicts), chmax, ...
-}
-
-// Tokens [j_begin, j_end) of the list "full-precision slots, then sel[]" for KV head (b, h). Leaves each warp's
-// online-softmax state (m, l, acc) for heads warp, warp + NW, ...
-template <typename T, int D, bool QUANT, int NW>
-struct TileAttention {
-  static constexpr int C = D / 32, NCH = D / NW, HPW = kMaxGroup / NW;
-  float m[HPW], l[HPW], acc[HPW][C];
-
-  __device__ void run(const AttendParams& p, int b, int h, int j_begin, int j_end, const int* sel, float* smem) {
-    const int bh = b * p.H + h, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    float* s_q = smem;
-    float* s_k = s_q + p.group * D;
-    float* s_v = s_k + kTile * (D + 1);
-    float* s_chm = s_v + kTile * (D + 1);
-    float* s_bias = s_chm + D;
-    int* s_flag = reinterpret_cast<int*>(s_bias + 16);
-    const int c_lo = warp * NCH;
-    Raw<NCH> next;
-    for (int i = tid; i < p.group * D; i += blockDim.x) {
-      const int hh = i / D, d = i % D;
-      const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h * p.group + hh) * p.q_sh + d;
-      s_q[i] = Vec<T>::to(*q) * p.scale;
-    }
-    if (QUANT)
-      for (int d = tid; d < D; d += blockDim.x) s_chm[d] = p.chmax[bh * D + d];
-    __syncthreads();
-    if (QUANT) {  // q . mu per head: the centred 2+1 keys lack it
-      for (int hh = warp; hh < p.group; hh += NW) {
-        float a = 0.f;
-        for (int d = lane; d < D; d += 32) a += s_q[hh * D + d] * p.mu[bh * D + d];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(kFull, a, o);
-        if (lane == 0) s_bias[hh] = a;
-      }
-    }
-    wait_for_predecessor();  // the selection (split path); a no-op in the fused kernel
-    fetch<T, D, QUANT, NCH>(next, p, bh, j_begin + lane, j_end, c_lo, sel);
-#pragma unroll
-    for (int r = 0; r < HPW; ++r) {
-      m[r] = -INFINITY;
-      l[r] = 0.f;
-#pragma unroll
-      for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
-    }
-    for (int tile = j_begin; tile < j_end; tile += kTile) {
-      stage<T, NCH>(next, s_k + lane * (D + 1) + c_lo, s_v + lane * (D + 1) + c_lo, s_chm + c_lo);
-      if (warp == 0) s_flag[lane] = next.flag;
-      if (tile + kTile < j_end) fetch<T, D, QUANT, NCH>(next, p, bh, tile + kTile + lane, j_end, c_lo, sel);
-      __syncthreads();
-#pragma unroll
-      for (int r = 0; r < HPW; ++r) {
-        const int hh = warp + r * NW;
-        if (hh >= p.group) break;
-        const int flag = s_flag[lane];
-        float s = -INFINITY;
-        if (flag) {
-          const float* qr = s_q + hh * D;
-          const float* kr = s_k + lane * (D + 1);
-          float a = 0.f;
-#pragma unroll 16
-          for (int d = 0; d < D; ++d) a += qr[d] * kr[d];
-          s = flag == 2 ? a + s_bias[hh] : a;
-        }
-        float tmax = s;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) tmax = fmaxf(tmax, __shfl_xor_sync(kFull, tmax, o));
-        const float m_new = fmaxf(m[r], tmax);
-        if (m_new == -INFINITY) continue;  // nothing attended yet
-        const float corr = __expf(m[r] - m_new);
-        const float pr = __expf(s - m_new);
-        float psum = pr;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) psum += __shfl_xor_sync(kFull, psum, o);
-        l[r] = l[r] * corr + psum;
-        m[r] = m_new;
-#pragma unroll
-        for (int c = 0; c < C; ++c) acc[r][c] *= corr;
-#pragma unroll 8
-        for (int t = 0; t < kTile; ++t) {
-          const float pt = __shfl_sync(kFull, pr, t);
-          const float* vr = s_v + t * (D + 1) + lane;
-#pragma unroll
-          for (int c = 0; c < C; ++c) acc[r][c] += pt * vr[32 * c];
-        }
-      }
-      __syncthreads();
-    }
-  }
-
-  __device__ void write_out(const AttendParams& p, int b, int h) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int r = 0; r < HPW; ++r) {
-      const int hh = warp + r * NW;
-      if (hh >= p.group) break;
-      T* o = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.H * p.group + h * p.group + hh) * D;
-#pragma unroll
-      for (int c = 0; c < C; ++c) o[lane + 32 * c] = Vec<T>::from(acc[r][c] / l[r]);
-    }
-  }
-};
-
-// ---- split path: one block per (split, h, b), 4 warps; several splits per (b, h) combine their log-sum-exp partials
-constexpr int kAttWarps = 4;
-
-template <typename T, int D, bool QUANT>
-__global__ void __launch_bounds__(kAttWarps * 32) attend_kernel(AttendParams p) {
-  constexpr int C = D / 32;
-  extern __shared__ float smem[];
-  __shared__ int s_last;
-  const int b = blockIdx.z, h = blockIdx.y, split = blockIdx.x, bh = b * p.H + h;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int j_begin = split * p.split;
-  const int j_end = min(p.F + p.k, j_begin + p.split);
-  TileAttention<T, D, QUANT, kAttWarps> att;
-  att.run(p, b, h, j_begin, j_end, p.idx + static_cast<int64_t>(bh) * p.kmax, smem);
-  if (p.nsplit == 1) {
-    att.write_out(p, b, h);
-    return;
-  }
-  const int hq0 = h * p.group;
-#pragma unroll
-  for (int r = 0; r < att.HPW; ++r) {
-    const int hh = warp + r * kAttWarps;
-    if (hh >= p.group) break;
-    const int64_t row = (static_cast<int64_t>(b) * p.H * p.group + hq0 + hh) * p.nsplit + split;
-#pragma unroll
-    for (int c = 0; c < C; ++c) p.part_o[row * D + lane + 32 * c] = att.acc[r][c];
-    if (lane == 0) {
-      p.part_ml[row * 2] = att.m[r];
-      p.part_ml[row * 2 + 1] = att.l[r];
-    }
-  }
-  __threadfence();
-  __syncthreads();
-  int* ctr = p.ctr + bh * kCounters + 6;
-  if (tid == 0) s_last = atomicAdd(ctr, 1) == p.nsplit - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  for (int hh = warp; hh < p.group; hh += kAttWarps) {
-    const int64_t row0 = (static_cast<int64_t>(b) * p.H * p.group + hq0 + hh) * p.nsplit;
-    float M = -INFINITY;
-    for (int s = 0; s < p.nsplit; ++s) M = fmaxf(M, __ldcg(&p.part_ml[(row0 + s) * 2]));
-    float L = 0.f, o[C];
-#pragma unroll
-    for (int c = 0; c < C; ++c) o[c] = 0.f;
-    for (int s = 0; s < p.nsplit; ++s) {
-      const float ms = __ldcg(&p.part_ml[(row0 + s) * 2]);
-      if (ms == -INFINITY) continue;
-      const float w = __expf(ms - M);
-      L += __ldcg(&p.part_ml[(row0 + s) * 2 + 1]) * w;
-#pragma unroll
-      for (int c = 0; c < C; ++c) o[c] += __ldcg(&p.part_o[(row0 + s) * D + lane + 32 * c]) * w;
-    }
-    T* out = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.H * p.group + hq0 + hh) * D;
-#pragma unroll
-    for (int c = 0; c < C; ++c) out[lane + 32 * c] = Vec<T>::from(o[c] / L);
-  }
-  if (tid == 0) *ctr = 0;
-}
-
-// ------------------------------------------------------------------------------------------------------------------
-// Fused path, budgets up to kFusedK selected tokens: one launch does the whole decode attention. Every block scores
-// up to kFusedChunk tokens into shared-memory bins and writes its local top-k candidates; the last block of each
-// (b, h) merges the candidates into the exact top-k (the union of local top-k sets holds a global one) and attends
-// over the full-precision set and the selection with all 8 warps. No bins round trip, no second launch, no combine.
-
-constexpr int kFusedThreads = 256;
-constexpr int kFusedWarps = kFusedThreads / 32;
-
-template <int D>
-__host__ __device__ constexpr int fused_smem_bytes() {
-  constexpr int G = D / 4;
-  constexpr int score_words = D + 2 * G * 16 + kNBins + kSelThreads + kSelThreads / 32 + kFusedChunk / 2;
-  constexpr int attn_words = attn_smem_floats<D>(kMaxGroup);
-  return 4 * ((score_words > attn_words ? score_words : attn_words) + 8 + kFusedK);
-}
-
-template <typename T, int D, bool QUANT>
-__global__ void __launch_bounds__(kFusedThreads, 4) decode_kernel(DecodeParams P) {  // 4 resident: 64 registers
-  constexpr int G = D / 4;
-  const SelectParams& p = P.s;
-  extern __shared__ float smem[];
-  // scoring region; the attention region overlays it once scoring is over
-  float* s_q = smem;
-  float* s_lut = s_q + D;
-  int* s_lut8 = reinterpret_cast<int*>(s_lut + G * 16);
-  int* s_hist = s_lut8 + G * 16;
-  int* s_scan = s_hist + kNBins;
-  float* s_red = reinterpret_cast<float*>(s_scan + kSelThreads);
-  uint16_t* s_bins = reinterpret_cast<uint16_t*>(s_red + kSelThreads / 32);
-  constexpr int region = (fused_smem_bytes<D>() / 4) - 8 - kFusedK;
-  int* s_misc = reinterpret_cast<int*>(smem + region);  // [0..2] threshold, [3..4] cursors, [5] last block
-  int* s_idx = s_misc + 8;                               // [kFusedK]
-  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h, tid = threadIdx.x;
-
-  for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
-  if (tid < 8) s_misc[tid] = 0;
-  build_lut<T, D>(p, b, h, s_q, s_lut, s_lut8, s_red);
+// Tokens above the threshold bin all go in; ties in it fill what is left, in any order. Two passes over the block's
+// bins (just written, so in L2): count, reserve the block's slots with one global atomic per kind, then place through
+// shared-memory cursors. One global atomic per warp and token group instead would serialize thousands of atomics on
+// the (b, h) counter (measured: 21 us of a 48 us score + select at 32K x 8, 10%, H200).
+__global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
+  __shared__ int s_cnt[2];
+  __shared__ int s_cursor[2];
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
+  allow_dependents();
+  if (threadIdx.x < 2) s_cnt[threadIdx.x] = 0;
+  wait_for_predecessor();  // the score kernel's bins and threshold
+  int* ctr = p.ctr + bh * kCounters;
+  const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
+  const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
+  int* out = p.idx + static_cast<int64_t>(bh) * p.kmax;
   const int t0 = p.lo + blockIdx.x * p.chunk;
   const int t1 = min(p.hi, t0 + p.chunk);
-  score_chunk<D>(p, bh, t0, t1, s_lut8, s_hist, s_bins);
-  __syncthreads();
-
-  // local top-k candidates of this chunk, packed (bin << 21 | position)
-  threshold([&](int bin) { return s_hist[bin]; }, p.k, s_scan, s_misc);
-  const int thr = s_misc[0], n_gt = s_misc[1], need_eq = s_misc[2];
-  uint32_t* cand = P.cand + (static_cast<int64_t>(bh) * gridDim.x + blockIdx.x) * kFusedK;
-  for (int base = t0; base < t1; base += blockDim.x) {  // warp-uniform trip count
-    const int tt = base + tid;
-    const int bin = tt < t1 ? static_cast<int>(s_bins[tt - t0]) : kExcluded;
-    place(bin != kExcluded && bin > thr, bin == thr, n_gt, need_eq, s_misc + 3,
-          [&](int slot) { cand[slot] = (static_cast<uint32_t>(bin) << 21) | static_cast<uint32_t>(tt); });
+  int n_above = 0, n_tied = 0;
+  for_each_bin(bins, t0, t1, [&](int, int bin) {
+    n_above += bin != kExcluded && bin > thr;
+    n_tied += bin == thr;
+  });
+  n_above = __reduce_add_sync(kFull, n_above);
+  n_tied = __reduce_add_sync(kFull, n_tied);
+  __syncthreads();  // s_cnt is zeroed
+  if ((threadIdx.x & 31) == 0) {
+    if (n_above) atomicAdd(&s_cnt[0], n_above);
+    if (n_tied) atomicAdd(&s_cnt[1], n_tied);
   }
   __syncthreads();
-  if (tid == 0) P.cand_n[bh * gridDim.x + blockIdx.x] = min(s_misc[3], n_gt) + min(s_misc[4], need_eq);
-  if (P.ablate & 1) return;  // benchmarking: scoring and local candidates only
-  __threadfence();
-  __syncthreads();
-  int* ctr = p.ctr + bh * kCounters;
-  if (tid == 0) s_misc[5] = atomicAdd(&ctr[0], 1) == static_cast<int>(gridDim.x) - 1;
-  __syncthreads();
-  if (!s_misc[5]) return;
-  __threadfence();
-
-  // last block of (b, h): the exact top-k among all candidates. One flat pass over every block's slots, so all the
-  // loads are in flight at once (a loop over blocks would pay one round trip per block).
-  for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
-  if (tid < 5) s_misc[tid] = 0;
-  int* s_n = s_scan;  // candidates per block, gridDim.x <= kSelThreads (checked at launch)
-  if (tid < static_cast<int>(gridDim.x)) s_n[tid] = __ldcg(&P.cand_n[bh * gridDim.x + tid]);
-  __syncthreads();
-  const uint32_t* all = P.cand + static_cast<int64_t>(bh) * gridDim.x * kFusedK;
-  const int slots = gridDim.x * kFusedK;
-  for (int f = tid; f < slots; f += blockDim.x)
-    if ((f % kFusedK) < s_n[f / kFusedK]) atomicAdd(&s_hist[__ldcg(&all[f]) >> 21], 1);
-  __syncthreads();
-  int* s_thr = s_misc;  // threshold() writes [0..2]; s_scan (= s_n) is free again after it
-  threshold([&](int bin) { return s_hist[bin]; }, p.k, s_scan + 0, s_thr);
-  const int gthr = s_thr[0], g_gt = s_thr[1], g_eq = s_thr[2];
-  // s_n was overwritten by threshold's scan: reload the counts into the (now free) histogram space
-  int* s_n2 = s_hist;
-  __syncthreads();
-  if (tid < static_cast<int>(gridDim.x)) s_n2[tid] = __ldcg(&P.cand_n[bh * gridDim.x + tid]);
-  __syncthreads();
-  int* out_idx = p.idx + static_cast<int64_t>(bh) * p.kmax;
-  for (int base = 0; base < slots; base += blockDim.x) {  // warp-uniform trip count
-    const int f = base + tid;
-    const bool live = f < slots && (f % kFusedK) < s_n2[f / kFusedK];
-    const uint32_t c = live ? __ldcg(&all[f]) : 0xffffffffu;
-    const int bin = live ? static_cast<int>(c >> 21) : kExcluded;
-    place(bin != kExcluded && bin > gthr, bin == gthr, g_gt, g_eq, s_misc + 3, [&](int slot) {
-      const int pos = static_cast<int>(c & 0x1fffff);
-      s_idx[slot] = pos;
-      out_idx[slot] = pos;
-    });
+  if (threadIdx.x == 0) {
+    s_cursor[0] = s_cnt[0] ? atomicAdd(&ctr[4], s_cnt[0]) : 0;
+    s_cursor[1] = s_cnt[1] ? atomicAdd(&ctr[5], s_cnt[1]) : 0;
   }
-  if (tid == 0) ctr[0] = 0;
   __syncthreads();
-  if (P.ablate & 2) return;  // benchmarking: no attention
-
-  TileAttention<T, D, QUANT, kFusedWarps> att;
-  att.run(P.a, b, h, 0, P.a.F + p.k, s_idx, smem);
-  att.write_out(P.a, b, h);
+  if (s_cnt[0] == 0 && (s_cnt[1] == 0 || s_cursor[1] >= need_eq)) return;  // nothing of this block is taken
+  for_each_bin(bins, t0, t1, [&](int tt, int bin) {
+    place(bin != kExcluded && bin > thr, bin == thr, n_gt, need_eq, s_cursor, [&](int slot) { out[slot] = tt; });
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -874,42 +543,6 @@ template <typename T, int D> struct SelectLaunch {
   }
 };
 
-template <typename T, int D> struct AttendLaunch {
-  static cudaError_t run(const AttendParams& p, bool quantized, cudaStream_t s) {
-    const size_t smem = sizeof(float) * attn_smem_floats<D>(p.group);
-    const dim3 grid(p.nsplit, p.H, p.B);
-    auto kern = quantized ? attend_kernel<T, D, true> : attend_kernel<T, D, false>;
-    if (smem > 48 * 1024) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-    }
-    return launch_dependent(kern, grid, dim3(kAttWarps * 32), smem, s, p);
-  }
-};
-
-template <typename T, int D> struct DecodeLaunch {
-  static cudaError_t run(DecodeParams P, bool quantized, int* nblocks_out, cudaStream_t s) {
-    constexpr size_t smem = fused_smem_bytes<D>();
-    auto kern = quantized ? decode_kernel<T, D, true> : decode_kernel<T, D, false>;
-    static bool configured[2] = {false, false};
-    if (!configured[quantized]) {
-      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (e != cudaSuccess) return e;
-      configured[quantized] = true;
-    }
-    SelectParams& p = P.s;
-    // >= 2048 tokens a block: fewer blocks, fewer candidates for the last block to merge
-    int nblocks = blocks_per_bh(reinterpret_cast<const void*>(kern), kFusedThreads, smem, max(p.hi - p.lo, 1),
-                                p.B * p.H, 2048, kFusedChunk);
-    if (nblocks > P.max_blocks || nblocks > kSelThreads) return cudaErrorInvalidValue;
-    chunk_grid(p, nblocks);
-    nblocks = max(nblocks, 1);
-    if (nblocks_out) *nblocks_out = nblocks;
-    kern<<<dim3(nblocks, p.H, p.B), kFusedThreads, smem, s>>>(P);
-    return cudaGetLastError();
-  }
-};
-
 }  // namespace
 
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream) {
@@ -921,13 +554,4 @@ cudaError_t append(const AppendParams& p, DType dt, int head_dim, cudaStream_t s
 cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblocks, cudaStream_t stream) {
   return dispatch<SelectLaunch>(dt, head_dim, p, nblocks, stream);
 }
-cudaError_t attend(const AttendParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream) {
-  if (p.group > kMaxGroup) return cudaErrorInvalidValue;
-  return dispatch<AttendLaunch>(dt, head_dim, p, quantized, stream);
-}
-cudaError_t decode(const DecodeParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream) {
-  if (p.a.group > kMaxGroup || p.s.k > kFusedK || p.s.k <= 0 || p.s.hi <= p.s.lo) return cudaErrorInvalidValue;
-  return dispatch<DecodeLaunch>(dt, head_dim, p, quantized, nullptr, stream);
-}
-
 }  // namespace si

@@ -41,7 +41,7 @@ struct AppendParams {
 // Score every selectable token of [lo, hi) with the int8 LUT of the GQA-mean query, histogram the bins, and (last
 // block per (b, h)) find the threshold bin; then write the indices of the top k tokens.
 // Counters per (b, h): 0 blocks done, 1 threshold bin, 2 tokens strictly above it, 3 taken from the threshold bin,
-// 4 and 5 select cursors, 6 attention blocks done. All are zero between calls.
+// 4 and 5 select cursors, 6 unused, 7 attention parts done (selfindex_attend.py). All are zero between calls.
 struct SelectParams {
   const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
   const float* cb;                              // [B, H, G, 16, 4]
@@ -54,41 +54,9 @@ struct SelectParams {
   int* idx; int kmax;                           // out [B, H, kmax]: positions of the selected tokens
 };
 
-// Split-KV decode attention of all query heads of a KV head over the full-precision set (slots with fpos >= 0) and
-// the k selected tokens, dequantized in shared memory (2+1) or read from fp16 K/V (16+1); log-sum-exp combine by
-// the last block of each (b, h).
-struct AttendParams {
-  const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
-  const void* fk; const void* fv; const int64_t* fpos; int F;
-  const int* idx; int kmax, k;
-  const uint8_t* signs; const uint8_t* kmag; const void* kscale; const uint8_t* vq; const void* vscale;
-  const float* chmax; const float* mu;          // 2+1
-  const void* kfull; const void* vfull;         // 16+1
-  int B, H, group, cap, split, nsplit;
-  float* part_o; float* part_ml;                // workspace [B, Hq, nsplit, D], [B, Hq, nsplit, 2]
-  int* ctr;                                     // the SelectParams counters (index 6 used)
-  void* out;                                    // [B, Hq, D] contiguous
-  float scale;
-};
-
-constexpr int kFusedK = 256;        // the fused decode kernel selects at most this many tokens per (b, h)
-constexpr int kFusedChunk = 16384;  // and scores at most this many per block (their bins stay in shared memory)
-
-// The fused decode step (score, select, attend in one launch) for budgets up to kFusedK selected tokens.
-struct DecodeParams {
-  SelectParams s;                               // bins, hist, ctr[1..5] unused; idx receives the selection
-  AttendParams a;                               // part_o, part_ml, split, nsplit unused
-  uint32_t* cand;                               // workspace [B, H, max_blocks, kFusedK]
-  int* cand_n;                                  // workspace [B, H, max_blocks]
-  int max_blocks;                               // blocks per (b, h) the workspace holds
-  int ablate;                                   // benchmarking only: bit 0 scoring only, bit 1 no attention
-};
-
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);
 cudaError_t append(const AppendParams& p, DType dt, int head_dim, cudaStream_t stream);
 // nblocks <= 0: one full wave of score blocks, as many as fit on the GPU at once, split over the (b, h) pairs
 cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblocks, cudaStream_t stream);
-cudaError_t attend(const AttendParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream);
-cudaError_t decode(const DecodeParams& p, DType dt, int head_dim, bool quantized, cudaStream_t stream);
 
 }  // namespace si

@@ -131,35 +131,7 @@ si::SelectParams select_params(const Tensor& q, const Tensor& cb, const Tensor& 
   return p;
 }
 
-si::AttendParams attend_params(const Tensor& q, const Tensor& fk, const Tensor& fv, const Tensor& fpos,
-                               const Tensor& idx, int64_t k, const Opt& signs, const Opt& kmag, const Opt& kscale,
-                               const Opt& vq, const Opt& vscale, const Opt& chmax, const Opt& mu, const Opt& kfull,
-                               const Opt& vfull, const Tensor& ctr, const Tensor& out) {
-  check_rows(q, "q", 3);
-  check(fk, "fk", q.scalar_type(), 4);
-  check(fv, "fv", q.scalar_type(), 4);
-  check(fpos, "fpos", at::kLong, 3);
-  check(idx, "idx", at::kInt, 3);
-  check(out, "out", q.scalar_type(), 3);
-  const int64_t B = fk.size(0), H = fk.size(1), F = fk.size(2), D = fk.size(3), Hq = q.size(1);
-  const bool quantized = kmag.has_value();
-  TORCH_CHECK(quantized ? (signs && kscale && vq && vscale && chmax && mu) : (kfull && vfull),
-              "attention needs the 2-bit buffers (2+1) or kfull/vfull (16+1)");
-  TORCH_CHECK(Hq % H == 0 && Hq / H <= 16, "GQA groups of up to 16 query heads per KV head are supported");
-  si::AttendParams p{};
-  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
-  p.fk = fk.data_ptr(); p.fv = fv.data_ptr(); p.fpos = fpos.data_ptr<int64_t>(); p.F = F;
-  p.idx = idx.data_ptr<int>(); p.kmax = idx.size(2); p.k = k;
-  p.signs = ptr<const uint8_t>(signs); p.kmag = ptr<const uint8_t>(kmag); p.kscale = ptr<const void>(kscale);
-  p.vq = ptr<const uint8_t>(vq); p.vscale = ptr<const void>(vscale);
-  p.chmax = ptr<const float>(chmax); p.mu = ptr<const float>(mu);
-  p.kfull = ptr<const void>(kfull); p.vfull = ptr<const void>(vfull);
-  p.B = B; p.H = H; p.group = Hq / H; p.cap = quantized ? kmag->size(2) : kfull->size(2);
-  p.ctr = ctr.data_ptr<int>(); p.out = out.data_ptr(); p.scale = 1.0f / std::sqrt(static_cast<float>(D));
-  return p;
-}
-
-// split path, scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
+// scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
 void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor bins,
                   Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks) {
   si::SelectParams p = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
@@ -172,43 +144,8 @@ void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64
      "score_select");
 }
 
-// split path, attention: out [B, Hq, D] over the valid full-precision slots and the k positions in idx
-void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, int64_t k, Opt signs, Opt kmag, Opt kscale,
-            Opt vq, Opt vscale, Opt chmax, Opt mu, Opt kfull, Opt vfull, Tensor part_o, Tensor part_ml, Tensor ctr,
-            Tensor out, int64_t split) {
-  si::AttendParams p = attend_params(q, fk, fv, fpos, idx, k, signs, kmag, kscale, vq, vscale, chmax, mu, kfull,
-                                     vfull, ctr, out);
-  TORCH_CHECK(split > 0 && split % 32 == 0, "split must be a positive multiple of 32");
-  const int64_t D = fk.size(3), nsplit = (p.F + k + split - 1) / split;
-  TORCH_CHECK(part_o.numel() >= p.B * q.size(1) * nsplit * D && part_ml.numel() >= p.B * q.size(1) * nsplit * 2,
-              "partials too small");
-  p.split = split; p.nsplit = nsplit;
-  p.part_o = part_o.data_ptr<float>(); p.part_ml = part_ml.data_ptr<float>();
-  ok(si::attend(p, dtype_of(q), D, kmag.has_value(), at::cuda::getCurrentCUDAStream()), "attend");
-}
-
-// fused path (1 <= k <= 256): score, select and attend in one launch
-void decode(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor fk, Tensor fv,
-            Tensor fpos, Opt kmag, Opt kscale, Opt vq, Opt vscale, Opt chmax, Opt mu, Opt kfull, Opt vfull,
-            Tensor ctr, Tensor cand, Tensor cand_n, Tensor idx, Tensor out, int64_t ablate) {
-  TORCH_CHECK(k >= 1 && k <= si::kFusedK, "the fused decode selects 1 to ", si::kFusedK, " tokens");
-  si::DecodeParams p{};
-  p.s = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
-  p.a = attend_params(q, fk, fv, fpos, idx, k, signs, kmag, kscale, vq, vscale, chmax, mu, kfull, vfull, ctr, out);
-  check(cand, "cand", at::kInt, 1);
-  check(cand_n, "cand_n", at::kInt, 1);
-  const int64_t bh = p.s.B * p.s.H;
-  p.max_blocks = static_cast<int>(cand_n.numel() / bh);
-  TORCH_CHECK(p.max_blocks >= 1 && cand.numel() >= cand_n.numel() * si::kFusedK, "candidate workspace too small");
-  p.cand = reinterpret_cast<uint32_t*>(cand.data_ptr()); p.cand_n = cand_n.data_ptr<int>();
-  p.ablate = static_cast<int>(ablate);
-  ok(si::decode(p, dtype_of(q), q.size(2), kmag.has_value(), at::cuda::getCurrentCUDAStream()), "decode");
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "centre, signs, 2-bit storage and codebook sums of a chunk");
   m.def("append", &append, "one decode step's append and window slide");
   m.def("score_select", &score_select, "LUT scoring and histogram top-k");
-  m.def("attend", &attend, "split-KV sparse decode attention");
-  m.def("decode", &decode, "fused score, select and attend for small budgets");
 }

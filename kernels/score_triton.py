@@ -1,0 +1,106 @@
+"""Triton scoring kernels of the methods that select tokens every decode step: quest's page bounds, doublesparse's
+label scores (both `rowdot`) and qjl's sign-sketch inner products (`sign_rowdot`).
+
+Each decode step of these methods reads a small summary of every token (quest: a page's min and max key; doublesparse:
+16 of 128 key channels; qjl: 256 sign bits), so the summary read is what their scoring costs; the kernels read each
+summary row once, in one pass over the tokens, and write one fp32 score per token (quest and doublesparse: per KV
+head; qjl: per query head, as its scores feed the softmax). Selection (torch.topk) and the exact attention over the
+selected tokens stay in PyTorch.
+
+Why Triton: its interpreter (TRITON_INTERPRET=1) runs these very kernels on the CPU, so CI checks them against the
+PyTorch references in the method files; the GPU tests check the same code at real shapes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kvbench.api import KVBenchError
+from kvbench.kernels.kivi import _fix_interpreter_for_numpy_2_4
+
+_fix_interpreter_for_numpy_2_4()  # kivi's fix for Triton 3.6's interpreter under numpy >= 2.4 (idempotent)
+
+BLOCK_N = 64  # tokens (or pages) per program
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(method: str, impl: str, device: torch.device) -> bool:
+    """Whether a method with impl "auto" / "triton" / "torch" runs these kernels on `device`; impl=triton where they
+    cannot run is a KVBenchError that says what to do."""
+    on_cuda = torch.device(device).type == "cuda"
+    if impl == "torch" or (impl == "auto" and not on_cuda):
+        return False
+    if not on_cuda and not interpreting():
+        raise KVBenchError(f"{method}:impl=triton runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); use "
+                           "impl=torch or auto")
+    return True
+
+
+@triton.jit
+def _rowdot_kernel(X, W, OUT, N, C, H, sxb, sxh, sxn, BLOCK: tl.constexpr, CP: tl.constexpr):
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, CP)
+    ok = (rows[:, None] < N) & (cols[None, :] < C)
+    b, h = bh // H, bh % H
+    x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(W + bh * C + cols, mask=cols < C, other=0.0)
+    tl.store(OUT + bh * N + rows, tl.sum(x * w[None, :], axis=1), mask=rows < N)
+
+
+def rowdot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out[b, h, n] = sum_c x[b, h, n, c] * w[b, h, c]: x [B, H, N, C] (any float dtype, last dim contiguous), w
+    [B, H, C] -> [B, H, N] fp32."""
+    B, H, N, C = x.shape
+    assert x.stride(3) == 1 and w.shape == (B, H, C)
+    w = w.float().contiguous()
+    out = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
+    if N:
+        _rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](x, w, out, N, C, H, x.stride(0), x.stride(1), x.stride(2),
+                                                        BLOCK=BLOCK_N, CP=triton.next_power_of_2(C))
+    return out
+
+
+@triton.jit
+def _sign_rowdot_kernel(BITS, W, SCALE, OUT, N, G, M, H, sbb, sbh, sbn, BLOCK: tl.constexpr, GP: tl.constexpr,
+                        MP: tl.constexpr):
+    bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = tl.arange(0, MP)
+    g = tl.arange(0, GP)
+    b, h = bh // H, bh % H
+    ok = (rows[:, None] < N) & (m[None, :] < M)
+    byte = tl.load(BITS + b * sbb + h * sbh + rows[:, None] * sbn + m[None, :] // 8, mask=ok, other=0).to(tl.int32)
+    sign = (((byte >> (m[None, :] % 8)) & 1) * 2 - 1).to(tl.float16)  # [BLOCK, MP]: +1 / -1, exact in fp16
+    sign = tl.where(ok, sign, 0.0)
+    qrow = (b * H + h) * G + g  # this KV head's query heads
+    w = tl.load(W + qrow[:, None] * M + m[None, :], mask=(g[:, None] < G) & (m[None, :] < M), other=0.0)
+    # tensor-core dot: the sketched queries in fp16 (relative error ~5e-4, far below the estimator's own), fp32 sums
+    dots = tl.dot(w.to(tl.float16), tl.trans(sign))  # [GP, BLOCK]
+    scale = tl.load(SCALE + bh * N + rows, mask=rows < N, other=0.0)
+    tl.store(OUT + qrow[:, None] * N + rows[None, :], dots * scale[None, :],
+             mask=(g[:, None] < G) & (rows[None, :] < N))
+
+
+def sign_rowdot(bits: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """out[b, j, n] = scale[b, h, n] * sum_m w[b, j, m] * s[b, h, n, m] for the query heads j of KV head h, where
+    s = +1 / -1 is bit m % 8 of byte m // 8 of bits[b, h, n]: bits [B, H, N, M / 8] uint8 (last dim contiguous),
+    w [B, Hq, M], scale [B, H, N] -> [B, Hq, N] fp32."""
+    B, H, N, nb = bits.shape
+    Hq, M = w.shape[1], w.shape[2]
+    assert bits.stride(3) == 1 and M == 8 * nb and Hq % H == 0
+    G = Hq // H
+    w, scale = w.float().contiguous(), scale.float().contiguous()
+    out = torch.empty(B, Hq, N, dtype=torch.float32, device=bits.device)
+    if N:
+        _sign_rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
+            bits, w, scale, out, N, G, M, H, bits.stride(0), bits.stride(1), bits.stride(2), BLOCK=BLOCK_N,
+            GP=max(16, triton.next_power_of_2(G)), MP=max(16, triton.next_power_of_2(M)))  # tl.dot wants >= 16
+    return out
