@@ -1,5 +1,6 @@
 """Run a grid of cells: one record per cell, a rerun skips finished cells, a failing or out-of-memory cell is recorded
-and the sweep goes on, and a rich progress bar says how long is left."""
+and the sweep goes on, and a progress display says how long is left (kvbench.console: a live bar on a terminal, a
+plain line at least every 30 s elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,10 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
-
+from kvbench.console import make_console, progress
 from kvbench.records import RecordWriter, cell_key, make_record, now_iso
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 @dataclass
@@ -71,12 +69,9 @@ def run_sweep(suite: str, cells: list[Cell], runner: Callable[[Cell], dict], wri
             result.already_done += 1
         else:
             todo.append(c)
-    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[now]}")]
-    with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
-        task = progress.add_task(description or suite, total=len(todo), now="")
+    with progress(console, description or suite, len(todo), enabled=show_progress) as bar:
         for c in todo:
-            progress.update(task, now=f"{c.method} {_short(c.cell)}")
+            bar.now(f"{c.method} {_short(c.cell)}")
             started, t0 = now_iso(), time.perf_counter()
             metrics, error, status = {}, None, "ok"
             try:
@@ -98,7 +93,7 @@ def run_sweep(suite: str, cells: list[Cell], runner: Callable[[Cell], dict], wri
             setattr(result, status, getattr(result, status) + 1)
             if status in ("failed", "oom"):
                 console.print(f"[yellow]{status}[/]: {c.method} {_short(c.cell)}: {error.splitlines()[0]}")
-            progress.advance(task)
+            bar.advance()
     return result
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.api import LayerCache, LayerSpec, Method, ParamError, budget_tokens, check_budget, param
+from kvbench.api import KVBenchError, LayerCache, LayerSpec, Method, ParamError, budget_tokens, check_budget, param
 from kvbench.attention import dense_attention
 from kvbench.methods.full import FullLayer
 from kvbench.registry import register
@@ -54,6 +54,14 @@ class SnapKV(Method):
 
     def budget_fraction(self, context: int) -> float:
         return min(1.0, budget_tokens(self.capacity, context) / context)
+
+    def check_context(self, context: int) -> None:
+        kept = min(budget_tokens(self.capacity, context), context)
+        if kept < context and kept <= self.window:  # keep() would fall back to the most recent tokens: no vote
+            raise KVBenchError(f"snapkv: capacity={self.capacity:g} keeps {kept} of this prompt's {context} tokens, "
+                               f"no more than its {self.window}-token observation window, so nothing is chosen by "
+                               f"votes; give a capacity above {self.window} tokens (e.g. capacity="
+                               f"{max(2 * self.window, 64)}) or a smaller window")
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         return SnapKVLayer(spec, self)
@@ -111,6 +119,9 @@ class SnapKVLayer(LayerCache):
         if self.kept is None:
             return 0
         return self.kept.nbytes() + self.positions.numel() * self.positions.element_size()
+
+    def live_nbytes(self) -> int:  # without the headroom the kept tokens' buffer grows by
+        return 0 if self.kept is None else self.nbytes() - self.kept.nbytes() + self.kept.live_nbytes()
 
     def seq_len(self) -> int:
         if self.kept is None:
