@@ -56,6 +56,7 @@ class Table:
     kernel_cell: tuple[int, int] | None = None
     thr_cell: tuple[int, int] | None = None
     acc_context: int | None = None
+    acc_cells: set | None = None  # the accuracy cells full measured: every row's score is over these (None: all)
     mem_context: int | None = None
     rows: dict[str, Row] = field(default_factory=dict)
 
@@ -111,6 +112,8 @@ def _table(machine: str, model: str, recs: list[dict]) -> Table:
     t.thr_cell = t.kernel_cell if t.kernel_cell in tc else pick_cell(tc)
     contexts = Counter(int(cell(r, "context")) for r in acc if isinstance(cell(r, "context"), (int, float)))
     t.acc_context = max(contexts, key=lambda c: (contexts[c], c)) if contexts else None
+    full_cells = {task_cell(r) for r in acc if r["method"] == "full" and cell(r, "context") == t.acc_context}
+    t.acc_cells = full_cells or None
     target = t.kernel_cell[0] if t.kernel_cell else t.acc_context
     t.mem_context = _nearest({int(cell(r, "context")) for r in mem if isinstance(cell(r, "context"), (int, float))},
                              target)
@@ -121,6 +124,11 @@ def _table(machine: str, model: str, recs: list[dict]) -> Table:
         row.ppl = (median(mine), len(mine)) if mine else None
     _ratios(t)
     return t
+
+
+def task_cell(r: dict) -> tuple:
+    """What makes two accuracy records the same test: task, context, depth, seed, protocol (not model or dtype)."""
+    return tuple(sorted((k, str(v)) for k, v in (r.get("cell") or {}).items() if k not in ("model", "dtype", "device")))
 
 
 def _at(recs: list[dict], label: str, cb: tuple[int, int] | None, value: str) -> list[dict]:
@@ -136,7 +144,8 @@ def _row(t: Table, label: str, ker, thr, fit, acc, mem) -> Row:
     row.family = method_family(mine[0])
     context = t.acc_context or (t.kernel_cell or (None,))[0] or t.mem_context
     row.budget = budget_fraction(mine[0], context) if context else None
-    a = [r for r in acc if r["method"] == label and cell(r, "context") == t.acc_context]
+    a = [r for r in acc if r["method"] == label and cell(r, "context") == t.acc_context
+         and (t.acc_cells is None or task_cell(r) in t.acc_cells)]
     for proto in sorted({str(cell(r, "protocol") or "-") for r in a}, key=lambda p: (p not in PROTOCOLS, p)):
         g = [metric(r, "score") for r in a if str(cell(r, "protocol") or "-") == proto]
         row.accuracy[proto] = (mean(g), len(g))
@@ -174,16 +183,23 @@ def _ratios(t: Table) -> None:
 # --- HTML ---------------------------------------------------------------------------------------------------------
 
 
-def times(x: float) -> str:
-    """A ratio: 17.3×, 4.52×, 0.0006× (a slower method's small ratio keeps its digits)."""
-    return f"{x:.1f}×" if x >= 10 else f"{x:.2f}×" if x >= 0.1 else f"{x:.2g}×"
+def times(x: float, below: str = "slower") -> str:
+    """A ratio against full: 17.3×, 4.52×, and below 1 inverted: 0.097 -> '10.3× slower' (or '× more' for bytes)."""
+    if x < 1:
+        return f"{1 / x:,.0f}× {below}" if x < 0.001 else f"{1 / x:.3g}× {below}"
+    return f"{x:.1f}×" if x >= 10 else f"{x:.2f}×"
 
 
-def _x(v: float | None, ref: float | None, invert: bool = False) -> str:
+def faster(x: float) -> str:
+    """'7.48× faster' or '10.3× slower'."""
+    return f"{times(x)} faster" if x >= 1 else times(x)
+
+
+def _x(v: float | None, ref: float | None, invert: bool = False, below: str = "slower") -> str:
     """' (4.52×)': full's value over this one (or this over full's), or ''."""
     if v is None or ref is None or v <= 0 or ref <= 0:
         return ""
-    return f" <span class='n'>({times(ref / v if not invert else v / ref)})</span>"
+    return f" <span class='n'>({times(ref / v if not invert else v / ref, below)})</span>"
 
 
 def percent(share: float | None) -> str:
@@ -212,14 +228,14 @@ def best_tradeoff(t: Table) -> str:
         if b.bpt and full and full.bpt:
             parts.append(f"{times(full.bpt / b.bpt)} fewer KV bytes per token")
         if b.speedup:
-            parts.append(f"decode attention {times(b.speedup)} full's speed at the reference cell")
+            parts.append(f"decode attention {faster(b.speedup)} at the reference cell")
         return (f"<b>{E(b.label)}</b>: " + ", ".join(parts) + ". <span class='n'>Rule: the most accurate method that "
                 "stores less than full.</span>")
     fast = [r for r in others if r.speedup]
     if fast:
         b = max(fast, key=lambda r: r.speedup)
         saving = f", {times(full.bpt / b.bpt)} fewer KV bytes per token" if b.bpt and full and full.bpt else ""
-        return (f"<b>{E(b.label)}</b>: decode attention {times(b.speedup)} full's speed at the reference cell{saving}. "
+        return (f"<b>{E(b.label)}</b>: decode attention {faster(b.speedup)} at the reference cell{saving}. "
                 "<span class='n'>No accuracy was measured on this machine and model: the rule here is the fastest "
                 "at the reference cell; its accuracy at the same setting, where measured, is in the CPU table.</span>")
     return "<span class='n'>not enough numbers here to name one.</span>"
@@ -262,7 +278,7 @@ def table_html(t: Table) -> str:
                        else "<td>–</td>")
         if any(x.bpt for x in t.rows.values()):
             note = " <span class='n'>from the accuracy cells</span>" if r.bpt_from == "accuracy" else ""
-            tds.append(f"<td><b>{_num(r.bpt)}</b>{_x(r.bpt, full.bpt if full else None)}{note}</td>")
+            tds.append(f"<td><b>{_num(r.bpt)}</b>{_x(r.bpt, full.bpt if full else None, below='more')}{note}</td>")
         if cols["time"]:
             sp = f" <span class='n'>({times(r.speedup)})</span>" if r.speedup and r.label != "full" else ""
             tds.append(f"<td><b>{_num(r.time_us, '{:,.1f} µs')}</b>{sp}</td>")
@@ -287,6 +303,9 @@ def _reference_text(t: Table) -> str:
         parts.append(f"throughput at {_cell_name(t.thr_cell)}")
     if t.acc_context:
         parts.append(f"accuracy at {short_num(t.acc_context)}-token prompts")
+        if t.acc_cells:
+            parts.append(f"every score over the {len(t.acc_cells)} cells full was scored on (the same tasks, depths "
+                         "and seeds)")
     elif any(r["suite"] != "accuracy" for r in t.records):
         parts.append("accuracy not measured on this machine and model")
     if t.mem_context:
@@ -301,7 +320,7 @@ def grid_html(t: Table) -> str:
     specs = (("kernels", "decode attention µs (× faster than full)", "time_us",
               lambda r: f"{short_num(cell(r, 'context'))}×{cell(r, 'batch')}", "speedup_vs_full"),
              ("throughput", "decode tokens/s", "decode_tok_s",
-              lambda r: f"{short_num(cell(r, 'context'))}×{cell(r, 'batch')}", None),
+              lambda r: f"{short_num(cell(r, 'context'))}×{cell(r, 'batch') or 'largest batch in memory'}", None),
              ("memory", "KV bytes per token", "bytes_per_token", lambda r: short_num(cell(r, "context") or 0), None),
              ("accuracy", "mean score (cells)", "score",
               lambda r: f"{cell(r, 'task')} · {cell(r, 'protocol') or '-'} · {short_num(cell(r, 'context') or 0)}",
@@ -323,7 +342,7 @@ def grid_html(t: Table) -> str:
                     continue
                 v = (mean if suite == "accuracy" else median)(metric(r, value) for r in g)
                 x = median(metric(r, extra) for r in g) if extra else None
-                text = (f"{v:.3f} ({len(g)})" if suite == "accuracy" else f"{v:,.1f}" if v < 1e4 else f"{v:,.0f}")
+                text = f"{v:.3f} ({len(g)})" if suite == "accuracy" else f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
                 tds.append(f"<td>{text}{f' <span class=n>({times(x)})</span>' if x else ''}</td>")
             body.append(f"<tr><th class='m'>{E(label)}</th>{''.join(tds)}</tr>")
         parts.append(f"<h4>{E(suite)}: {E(what)}</h4><div class='scroll'><table class='grid'><thead><tr><th>method"

@@ -8,6 +8,13 @@ import textwrap
 from pathlib import Path
 
 
+def install(pkg, site):
+    """pip-install the package folder `pkg` into `site`; the environment that sees it."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_entry_point_method_is_discovered(tmp_path):
     pkg = tmp_path / "src"
     (pkg / "kvbench_toy").mkdir(parents=True)
@@ -36,10 +43,7 @@ def test_entry_point_method_is_discovered(tmp_path):
             def make_layer(self, spec):
                 return FullLayer(spec, 256)
     '''))
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env = install(pkg, tmp_path / "site")
     r = subprocess.run([sys.executable, "-m", "kvbench.cli", "methods"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -71,10 +75,7 @@ def test_the_readme_plugin_package_installs_and_registers(tmp_path):
             def make_layer(self, spec):
                 return FullLayer(spec, 256)
     '''))
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(pkg)], check=True, capture_output=True, timeout=300)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    env = install(pkg, tmp_path / "site")
     r = subprocess.run([sys.executable, "-c", "import kvbench; print(kvbench.parse_method('mymethod:knob=2'))"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.stdout.strip() == "mymethod:knob=2", r.stderr

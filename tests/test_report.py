@@ -193,6 +193,18 @@ def test_a_row_holds_only_numbers_measured_at_its_own_setting():
     assert low.budget == pytest.approx(52 / 1024) and high.budget == pytest.approx(103 / 1024)
 
 
+def test_scores_are_over_the_cells_full_was_scored_on():
+    from kvbench.reports.summary import build_tables
+
+    def acc(m, task, score):
+        return rec("accuracy", m, {"model": "embedded", "task": task, "context": 1024, "depth": 0.5,
+                                   "protocol": "query-aware"}, {"score": score}, params={})
+    # the variant was also run on a harder task full never ran: that cell must not pull its mean down
+    (t,) = build_tables([acc("full", "passkey", 1.0), acc("selfindex", "passkey", 1.0),
+                         acc("selfindex", "niah_multikey", 0.0)])
+    assert t.rows["selfindex"].accuracy["query-aware"] == (1.0, 1)
+
+
 def test_best_tradeoff_is_named_by_the_stated_rule():
     from kvbench.reports.summary import best_tradeoff, build_tables
 
