@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
-
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import Progress
 
 WIDE = 240  # columns of a console that is not a terminal: wide enough for every table kvbench prints
 EVERY_S = 30.0  # seconds between progress lines when not on a terminal (the target is at most 60)
@@ -38,12 +34,12 @@ def duration(s: float) -> str:
 
 
 class PlainProgress:
-    """Progress as plain lines; `line()` is what each one says, `start()` begins the periodic thread."""
+    """Progress as plain lines, with the part of rich's Progress API a sweep uses (add_task, update, advance); `line()`
+    is what each line says. The periodic thread starts with the task and stops when the context ends."""
 
-    def __init__(self, console: Console, description: str, total: int, every: float = EVERY_S,
-                 clock=time.monotonic):
-        self.console, self.description, self.total, self.every, self.clock = console, description, total, every, clock
-        self.done, self.current, self.t0 = 0, "", clock()
+    def __init__(self, console: Console, every: float = EVERY_S, clock=time.monotonic):
+        self.console, self.every, self.clock = console, every, clock
+        self.description, self.total, self.done, self.current, self.t0 = "", 0, 0, "", clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -58,55 +54,37 @@ class PlainProgress:
     def emit(self) -> None:
         self.console.print(escape(self.line()), soft_wrap=True, highlight=False)
 
-    def now(self, text: str) -> None:
-        self.current = text
+    def add_task(self, description: str, total: int, now: str = "") -> int:
+        self.description, self.total, self.current, self.t0 = description, total, now, self.clock()
+        self.emit()
+        self._thread = threading.Thread(target=self._run, name="kvbench-progress", daemon=True)
+        self._thread.start()
+        return 0
 
-    def advance(self) -> None:
+    def update(self, task: int, now: str = "") -> None:
+        self.current = now
+
+    def advance(self, task: int) -> None:
         self.done += 1
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self.emit()
 
-    def start(self) -> None:
-        self.emit()
-        self._thread = threading.Thread(target=self._run, name="kvbench-progress", daemon=True)
-        self._thread.start()
+    def __enter__(self) -> "PlainProgress":
+        return self
 
-    def stop(self) -> None:
+    def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self.emit()
+            self.emit()
 
 
-class _RichProgress:
-    """The terminal's live bar, behind the same now()/advance() as PlainProgress."""
-
-    COLUMNS = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[now]}"))
-
-    def __init__(self, progress: Progress, task):
-        self.progress, self.task = progress, task
-
-    def now(self, text: str) -> None:
-        self.progress.update(self.task, now=escape(text))
-
-    def advance(self) -> None:
-        self.progress.advance(self.task)
-
-
-@contextmanager
-def progress(console: Console, description: str, total: int, enabled: bool = True,
-             every: float = EVERY_S) -> Iterator[PlainProgress | _RichProgress]:
-    """Progress over `total` cells: call now(text) as a cell starts and advance() when it ends."""
+def progress_display(console: Console, columns, enabled: bool = True,
+                     every: float | None = None) -> Progress | PlainProgress:
+    """What a sweep shows its progress with, used as rich's Progress (`with ... as p: t = p.add_task(...)`): rich's
+    live bar of `columns` on a terminal, plain lines elsewhere; nothing when not `enabled`."""
     if enabled and not console.is_terminal:
-        plain = PlainProgress(console, description, total, every)
-        plain.start()
-        try:
-            yield plain
-        finally:
-            plain.stop()
-        return
-    with Progress(*_RichProgress.COLUMNS, console=console, disable=not enabled, transient=False) as bar:
-        yield _RichProgress(bar, bar.add_task(description, total=total, now=""))
+        return PlainProgress(console, EVERY_S if every is None else every)
+    return Progress(*columns, console=console, disable=not enabled, transient=False)

@@ -1,6 +1,6 @@
 """Run a grid of cells: one record per cell, a rerun skips finished cells, a failing or out-of-memory cell is recorded
-and the sweep goes on, and a progress display says how long is left (kvbench.console: a live bar on a terminal, a
-plain line at least every 30 s elsewhere)."""
+and the sweep goes on, and a progress display says how long is left (kvbench.console: rich's live bar on a terminal,
+a plain line at least every 30 s elsewhere)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kvbench.console import make_console, progress
+from rich.progress import (BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
 from kvbench.records import RecordWriter, cell_key, make_record, now_iso
+from kvbench.console import make_console, progress_display  # noqa: I001 - kept apart from the lines above
 
 console = make_console(stderr=True)
 
@@ -69,9 +72,12 @@ def run_sweep(suite: str, cells: list[Cell], runner: Callable[[Cell], dict], wri
             result.already_done += 1
         else:
             todo.append(c)
-    with progress(console, description or suite, len(todo), enabled=show_progress) as bar:
+    columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[now]}")]
+    with progress_display(console, columns, enabled=show_progress) as progress:
+        task = progress.add_task(description or suite, total=len(todo), now="")
         for c in todo:
-            bar.now(f"{c.method} {_short(c.cell)}")
+            progress.update(task, now=f"{c.method} {_short(c.cell)}")
             started, t0 = now_iso(), time.perf_counter()
             metrics, error, status = {}, None, "ok"
             try:
@@ -93,7 +99,7 @@ def run_sweep(suite: str, cells: list[Cell], runner: Callable[[Cell], dict], wri
             setattr(result, status, getattr(result, status) + 1)
             if status in ("failed", "oom"):
                 console.print(f"[yellow]{status}[/]: {c.method} {_short(c.cell)}: {error.splitlines()[0]}")
-            bar.advance()
+            progress.advance(task)
     return result
 
 

@@ -1,4 +1,3 @@
-import functools
 import io
 import os
 import subprocess
@@ -76,11 +75,12 @@ def test_progress_off_a_terminal_is_a_plain_line_with_done_left_estimate_and_cur
 
     out = io.StringIO()
     now = [100.0]
-    p = PlainProgress(Console(file=out, width=240), "accuracy", 40, clock=lambda: now[0])
+    p = PlainProgress(Console(file=out, width=240), clock=lambda: now[0])
+    p.description, p.total = "accuracy", 40
     assert p.line() == "accuracy: 0/40 cells done, 40 left, estimate after the first cell (0s so far)"
     for _ in range(12):
-        p.advance()
-    p.now("selfindex task=passkey context=1024")
+        p.advance(0)
+    p.update(0, now="selfindex task=passkey context=1024")
     now[0] += 362
     assert p.line() == ("accuracy: 12/40 cells done, 28 left, about 14m 05s left (6m 02s so far); now: selfindex "
                         "task=passkey context=1024")
@@ -104,7 +104,6 @@ def test_a_sweep_off_a_terminal_prints_progress_while_a_long_cell_runs(tmp_path,
         return {"x": 1.0}
 
     cells = [sweep.Cell("m", {}, {"i": i}) for i in range(3)]
-    monkeypatch.setattr(sweep, "progress", functools.partial(sweep.progress, every=0.01))
     sweep.run_sweep("toy", cells, runner, RecordWriter(tmp_path / "toy.jsonl"))
     text = out.getvalue()
     assert printed.is_set() and "now: m i=1" in text
