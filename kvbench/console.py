@@ -4,13 +4,14 @@ On a terminal: rich's live progress bar. Elsewhere rich draws nothing until the 
 a non-terminal console is wide (tables are never truncated) and progress is a plain line at the start, at least every
 `every` seconds while cells run (a background thread, so one long cell still shows), and at the end:
 
-    accuracy: 12/40 cells done, 28 left, about 14m 30s left (6m 2s so far); now: selfindex task=passkey context=1024
+    accuracy: 12/40 cells done, 28 left, about 14m 05s left (6m 02s so far); now: selfindex task=passkey context=1024
 """
 
 from __future__ import annotations
 
 import threading
 import time
+
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress

@@ -321,7 +321,8 @@ def environment_html(records: list[dict], provenance: list[tuple[str, dict]]) ->
             for run in runs:
                 if not isinstance(run, dict):
                     continue
-                rows = "".join(f"<tr><th>{E(str(k))}</th><td>{E(v if isinstance(v, str) else json.dumps(v, default=str))}"
+                rows = "".join(f"<tr><th>{E(str(k))}</th>"
+                               f"<td>{E(v if isinstance(v, str) else json.dumps(v, default=str))}"
                                "</td></tr>" for k, v in run.items())
                 parts.append(f"<table class='kv'>{rows}</table>")
     else:
@@ -356,7 +357,8 @@ def records_html(records: list[dict]) -> str:
             f"<span id='shown'>{len(records)}</span> of {len(records)} records; click a column header to sort.</p>"
             "<div class='scroll tall'><table class='sortable' id='raw'><thead><tr><th>#</th><th>suite</th>"
             "<th>method</th><th>status</th><th>cell</th><th>metrics</th><th>error</th><th>machine</th><th>commit</th>"
-            "<th>started</th><th>s</th><th>file:line</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+            "<th>started</th><th>s</th><th>file:line</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table></div>")
 
 
 def _sources_line(recs: list[dict]) -> str:
@@ -364,7 +366,8 @@ def _sources_line(recs: list[dict]) -> str:
     if not recs:
         return ""
     by = Counter((origin(r), r["_source"].rpartition(":")[0]) for r in recs)
-    return "<p class='src'>records: " + "; ".join(f"{n} from {E(o)} ({E(f)})" for (o, f), n in sorted(by.items())) + "</p>"
+    return ("<p class='src'>records: " + "; ".join(f"{n} from {E(o)} ({E(f)})" for (o, f), n in sorted(by.items()))
+            + "</p>")
 
 
 # --- the page -------------------------------------------------------------------------------------------------------
@@ -454,11 +457,12 @@ table.grid td{white-space:nowrap;font-size:12px}
 table.env td{white-space:nowrap}table.env td.file,table.env td.wrap{white-space:normal;overflow-wrap:anywhere;
 min-width:160px;max-width:260px}
 tbody tr:nth-child(even){background:#fafbfc}
-.src{color:#6a737d;font-size:11.5px}sup.fn{color:#2456a6;font-weight:600;cursor:help}.n{color:#6a737d;font-size:12px}.none{color:#6a737d;font-style:italic}
+.src{color:#6a737d;font-size:11.5px}.n{color:#6a737d;font-size:12px}.none{color:#6a737d;font-style:italic}
 .warn{color:#9a3b00}.file{font-family:ui-monospace,monospace;font-size:11.5px;color:#555}
 .metrics{font-family:ui-monospace,monospace;font-size:11.5px;max-width:520px}
 .st{border-radius:10px;padding:1px 7px;font-size:12px;white-space:nowrap}.st-ok{background:#dcf5e3;color:#17612f}
-.st-failed{background:#fde2e1;color:#a11}.st-oom{background:#fdebd3;color:#8a4b00}.st-skipped{background:#eceef1;color:#555}
+.st-failed{background:#fde2e1;color:#a11}.st-oom{background:#fdebd3;color:#8a4b00}
+.st-skipped{background:#eceef1;color:#555}
 .scroll{overflow:auto;max-width:100%}.tall{max-height:640px}
 pre{white-space:pre-wrap;font-size:11.5px;margin:4px 0}details summary{cursor:pointer}
 #kv-errors{display:none;background:#fde2e1;color:#a11;padding:8px 24px}

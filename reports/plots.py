@@ -315,8 +315,8 @@ def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> 
         fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines",
                                  name=f"Pareto front ({protocol})", line=dict(dash="dash" if protocol !=
                                  "query-agnostic" else "dot", color="#888", shape="hv"), hoverinfo="skip"))
-    fig.update_xaxes(title="KV bytes per token (log)", type="log", **log_ticks((p[0] for pts in front_pts.values() for p in pts),
-                                                                             False))
+    fig.update_xaxes(title="KV bytes per token (log)", type="log",
+                     **log_ticks((p[0] for pts in front_pts.values() for p in pts), False))
     fig.update_yaxes(title="mean score", range=[-0.05, 1.08])
     return _layout(fig, f"Accuracy against KV bytes per token <sup>(bytes from {'; '.join(sources)}; "
                         f"circle: query-aware, diamond: query-agnostic)</sup>", 480)
@@ -542,7 +542,8 @@ def _panel_title(machine: str, key: str, value: Any, with_machine: bool) -> str:
 
 def kernel_time(kernels: list[dict], colors: dict[str, str], mode: str = "decode") -> go.Figure | None:
     """Decode-attention time against context per batch size, each method's bandwidth floor dotted beside it."""
-    recs = [r for r in kernels if str(cell(r, "mode") or "decode") == mode and r.get("status") in ("ok", "failed", "oom")]
+    recs = [r for r in kernels if str(cell(r, "mode") or "decode") == mode
+            and r.get("status") in ("ok", "failed", "oom")]
     if not any(metric(r, "time_us") is not None for r in ok(recs)):
         return None
     # one panel per batch size, and per machine when several: a CPU and a GPU time never share an axis
