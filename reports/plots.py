@@ -261,26 +261,40 @@ def _fail_trace(recs: list[dict], x: Callable[[dict], Any], y: Callable[[dict], 
 # --- accuracy -----------------------------------------------------------------------------------------------------
 
 
+def task_cell(r: dict) -> tuple:
+    """What makes two accuracy records the same test: task, context, depth, seed, protocol (not model or dtype)."""
+    return tuple(sorted((k, str(v)) for k, v in (r.get("cell") or {}).items() if k not in ("model", "dtype", "device")))
+
+
+def same_cells_as_full(scored: list[dict]) -> list[dict]:
+    """Per model, the scored records on the cells `full` was scored on too (all of them where full has none), so
+    every method's mean is over the same tests."""
+    out = []
+    for _, recs in _by(scored, model_of).items():
+        full = {task_cell(r) for r in recs if r["method"] == "full"}
+        out += [r for r in recs if not full or task_cell(r) in full]
+    return out
+
+
 def bytes_per_token_for(model: str, accuracy: list[dict], memory: list[dict]) -> tuple[dict[str, float], str]:
     """Median KV bytes per token per method label for one model: from the memory suite's records of that model (a
-    cache of exactly the context), else from the accuracy records themselves (the cache at the end of the cell).
-    Returns ({label: bytes}, where the numbers come from)."""
-    found: dict[str, dict[str, float]] = {}
+    cache of exactly the context) when it has any, else from the accuracy records themselves (the cache at the end
+    of the cell, decode headroom included). Never a mix: the two count different things. Returns ({label: bytes},
+    where the numbers come from)."""
     for recs, what in ((memory, "memory"), (accuracy, "accuracy")):
         vals: dict[str, list[float]] = defaultdict(list)
         for r in ok(recs):
             if model_of(r) == model and metric(r, "bytes_per_token") is not None:
                 vals[r["method"]].append(metric(r, "bytes_per_token"))
-        found[what] = {k: median(v) for k, v in vals.items()}
-    merged = {**found["accuracy"], **found["memory"]}
-    used = (["memory"] if found["memory"] else []) + (["accuracy"] if set(merged) - set(found["memory"]) else [])
-    return merged, (f"{' and '.join(used)} records of {model}" if merged else "")
+        if vals:
+            return {k: median(v) for k, v in vals.items()}, f"{what} records of {model}"
+    return {}, ""
 
 
 def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
     """Mean task score against KV bytes per token, one point per method and protocol; each protocol's Pareto front
     dashed (a method's score depends on the protocol, so one front across both would compare unlike things)."""
-    scored = [r for r in ok(accuracy) if metric(r, "score") is not None]
+    scored = same_cells_as_full([r for r in ok(accuracy) if metric(r, "score") is not None])
     if not scored:
         return None
     fig = go.Figure()

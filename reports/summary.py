@@ -19,7 +19,7 @@ from typing import Any
 
 from kvbench.records import machine_label
 from kvbench.reports.plots import (budget_fraction, cell, median, mean, method_family, method_of, metric, model_of, ok,
-                                   origins, short_commit, short_num)
+                                   origins, short_commit, short_num, task_cell)
 
 E = html.escape
 REFERENCE = (32768, 8)  # context x batch the speeds are read at when measured (a GPU's long-context decode)
@@ -124,11 +124,6 @@ def _table(machine: str, model: str, recs: list[dict]) -> Table:
         row.ppl = (median(mine), len(mine)) if mine else None
     _ratios(t)
     return t
-
-
-def task_cell(r: dict) -> tuple:
-    """What makes two accuracy records the same test: task, context, depth, seed, protocol (not model or dtype)."""
-    return tuple(sorted((k, str(v)) for k, v in (r.get("cell") or {}).items() if k not in ("model", "dtype", "device")))
 
 
 def _at(recs: list[dict], label: str, cb: tuple[int, int] | None, value: str) -> list[dict]:

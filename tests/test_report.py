@@ -411,6 +411,23 @@ def test_pareto_front_keeps_only_points_nothing_cheaper_beats():
     assert list(zip(front.x, front.y)) == [(50.0, 0.2), (100.0, 0.5), (200.0, 0.9)]
 
 
+def test_pareto_pairs_like_with_like():
+    from kvbench.reports import plots
+
+    def acc(m, task, score, bpt):
+        return rec("accuracy", m, {"model": "embedded", "task": task, "context": 1024, "protocol": "query-aware"},
+                   {"score": score, "bytes_per_token": bpt}, params={})
+    recs = [acc("full", "passkey", 1.0, 50000.0), acc("kivi", "passkey", 0.5, 26000.0),
+            acc("kivi", "niah_multikey", 0.0, 26000.0), acc("selfindex:fixed=scored", "passkey", 0.9, 9000.0)]
+    mem = [rec("memory", m, {"shape": "smollm2-135m", "context": 256, "batch": 1}, {"bytes_per_token": b}, params={})
+           for m, b in (("full", 46080.0), ("kivi", 26280.0))]
+    fig = plots.pareto(recs, mem, plots.palette(["full", "kivi", "selfindex:fixed=scored"]))
+    points = {t.name: (t.x[0], t.y[0]) for t in fig.data if "Pareto" not in t.name}
+    # kivi's mean is over the cell full ran (passkey), its bytes the memory suite's; the variant the memory suite
+    # did not measure has no point rather than an accuracy-cell byte count beside memory-suite ones
+    assert points == {"full (query-aware)": (46080.0, 1.0), "kivi (query-aware)": (26280.0, 0.5)}
+
+
 def test_kernel_chart_draws_floors_and_failed_cells():
     from kvbench.reports import plots
 
