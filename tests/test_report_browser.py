@@ -50,6 +50,9 @@ def page(tmp_path_factory):
                                                    "depth": 0.5, "protocol": "query-aware", "seed": 0},
                                 {"score": 1.0, "bytes_per_token": 99.0}, env={**CPU_ENV, "host": "<b>h</b>"}))
     more_methods(recs)
+    # the CPU now has memory records, which the Pareto chart takes its bytes from: one for the evil label too
+    recs["memory"].append(rec("memory", EVIL, {"shape": "smollm2-135m", "task": "hold", "context": 256, "batch": 1},
+                              {"bytes_per_token": 99.0}, params={}))
     write_records(d / "res", recs)
     (d / "res" / "bad.jsonl").write_text('{"schema": 1, "suite": "accuracy"\n')  # a problem: the page still works
     out, inp = build_report([d / "res"], d / "report.html")
