@@ -163,6 +163,9 @@ class Slot:
         return f"worker {self.index} ({w.get('node_ip', '?')}{gpu}, pid {w.get('pid', '?')})"
 
 
+_POOL: dict[int, Any] = {}  # slot -> its Ray actor: kept between the sweeps of one Ray session
+
+
 class Cluster:
     """The Ray cluster a sweep runs on: a local one started here over this machine's GPUs (or CPUs) and stopped on
     exit, or an existing one joined by address (left running). Inside an already connected Ray session (a notebook,
@@ -171,11 +174,14 @@ class Cluster:
     def __init__(self, address: str | None = None, workers: int | None = None, start_timeout_s: float = 300.0):
         if workers is not None and workers < 1:
             raise KVBenchError(f"--workers {workers}: need at least 1 worker")
-        self.address, self.workers, self.start_timeout_s = address or None, workers, start_timeout_s
+        # Ray's own convention: RAY_ADDRESS names the cluster to join when no address is given
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.workers, self.start_timeout_s = workers, start_timeout_s
         self.started = False  # True: this object started the cluster and stops it
         self.gpu = False
         self.slots = 0
-        self.pool: dict[int, Any] = {}  # slot -> its Ray actor, kept between the sweeps of one session
+        self.owner = False  # True: this object connected to Ray (started or joined), so it cleans up on exit
+        self.pool = _POOL
 
     def __enter__(self) -> "Cluster":
         ray = import_ray()
@@ -184,6 +190,7 @@ class Cluster:
                 self._start_local(ray)
             else:
                 self._join(ray)
+            self.owner = True
         resources = ray.cluster_resources()
         self.gpu = resources.get("GPU", 0) >= 1
         size = int(resources.get("GPU", 0)) if self.gpu else int(resources.get("CPU", 1))
@@ -213,14 +220,15 @@ class Cluster:
         console.print(f"[dim]ray: joined the cluster at {escape(self.address)}[/]")
 
     def __exit__(self, *exc) -> None:
+        if not self.owner:
+            return
         import ray
 
         for actor in self.pool.values():  # a joined cluster outlives this session; its workers do not
             ray.kill(actor, no_restart=True)
         self.pool.clear()
-        if self.started:
-            ray.shutdown()  # the local cluster's processes go with it
-            self.started = False
+        ray.shutdown()  # a cluster started here stops with it; a joined one is only disconnected
+        self.owner = False
 
     def describe(self) -> dict[str, Any]:
         return {"address": self.address or "local", "started_here": self.started, "gpu": self.gpu,
@@ -458,12 +466,11 @@ def plan_groups(sources: list[Source], cells: list[list[Cell]], writers: dict[st
 
 
 def run_sources(sources: Iterable[Source], out, cluster: Cluster, *, rerun: bool = False,
-                cell_timeout: float | None = None, show_progress: bool = True) -> list[SweepResult]:
+                cell_timeout: float | None = None, show_progress: bool = True) -> tuple[list[SweepResult], list[str]]:
     """Run every source's cells on the cluster (entered), writing `<out>/<suite>.jsonl` and its provenance as a
-    serial run does. Returns one SweepResult per source. Ctrl-C kills the workers and re-raises; records stay."""
+    serial run does. Returns one SweepResult per source and the errors of sources whose cells could not be listed
+    (their suite said why; the others still run). Ctrl-C kills the workers and re-raises; the records stay."""
     from pathlib import Path
-
-    from kvbench.telemetry import write_provenance
 
     ray, sources, out = import_ray(), list(sources), Path(out)
     writers = {s.suite: RecordWriter(out / f"{s.suite}.jsonl") for s in sources}
@@ -472,7 +479,7 @@ def run_sources(sources: Iterable[Source], out, cluster: Cluster, *, rerun: bool
         d = Dispatcher(ray, cluster, sources, [], writers, results, board, cell_timeout)
         try:
             d.start()
-            listed = ray.get([d.slots[0].actor.list_cells.remote(ref) for ref in d.refs])
+            listed, errors = _list_cells(ray, d, sources)
             groups = plan_groups(sources, listed, writers, rerun, results)
             d.queue.extend(groups)
             board.total = sum(len(g.cells) for g in groups)
@@ -484,13 +491,98 @@ def run_sources(sources: Iterable[Source], out, cluster: Cluster, *, rerun: bool
             console.print(f"[yellow]ray: interrupted; every record so far is in {escape(str(out))}: the same "
                           "command resumes from there[/]")
             raise
-        except ray.exceptions.RayTaskError as e:  # listing the cells failed: a suite's own error, said as it is
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, KVBenchError) else KVBenchError(f"ray: {_first_line(e)}")) from None
-    place = {**cluster.describe(), "retried": d.retried, "workers_used": sorted(
-        d.workers.values(), key=lambda w: (w["node_ip"], w["slot"], w["pid"]))}
-    for source in sources:
-        write_provenance(out, source.suite, source.options(), ray=place)
+    _write_provenance(out, sources, listed, cluster, d)
     if d.retried:
         console.print(f"ray: {d.retried} cell(s) retried after a worker fault")
-    return results
+    return results, errors
+
+
+def _list_cells(ray, d: Dispatcher, sources: list[Source]) -> tuple[list[list[Cell]], list[str]]:
+    """Every source's cells, listed on a worker: its device decides the suites' defaults, as it will measure them."""
+    refs = [d.slots[0].actor.list_cells.remote(ref) for ref in d.refs]
+    listed, errors = [], []
+    for source, ref in zip(sources, refs):
+        try:
+            listed.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as e:  # the suite's own error (bad option, unknown model): said as it is
+            cause = getattr(e, "cause", None) or e
+            errors.append(f"{source.suite}: {type(cause).__name__}: {_first_line(cause)}")
+            console.print(f"[red]ray: {escape(errors[-1])}[/]")
+            listed.append([])
+    return listed, errors
+
+
+def _write_provenance(out, sources: list[Source], listed: list[list[Cell]], cluster: Cluster, d: Dispatcher) -> None:
+    """`<suite>.provenance.json` as a serial run writes it, plus the cluster and every worker that made a record."""
+    from kvbench.telemetry import write_provenance
+
+    place = {**cluster.describe(), "retried": d.retried,
+             "workers_used": sorted(d.workers.values(), key=lambda w: (w["node_ip"], w["slot"], w["pid"]))}
+    for source, cells in zip(sources, listed):
+        if cells:
+            write_provenance(out, source.suite, source.options(), ray=place)
+
+
+class _Captured(Exception):
+    """Stops a suite's run() at its sweep, once its cells and runner are known."""
+
+
+@dataclass(frozen=True)
+class SuiteSource:
+    """A suite of kvbench.suites on one model: its run()'s cells and runner, captured where run() hands them to the
+    sweep (nothing is measured, no record is written), on whichever machine asks."""
+
+    suite: str
+    methods: tuple[str, ...]
+    model: str
+    quick: bool
+    extra: tuple[tuple[str, Any], ...] = ()  # the suite's options, as (name, value) pairs
+
+    def _capture(self, methods: list[str]) -> tuple[list[Cell], Callable[[Cell], dict]]:
+        import importlib
+        import tempfile
+
+        mod = importlib.import_module(f"kvbench.suites.{self.suite}")
+        got: dict[str, Any] = {}
+
+        def capture(suite, cells, runner, writer, **kw):
+            got.update(cells=cells, runner=runner)
+            raise _Captured
+
+        real = mod.run_sweep
+        mod.run_sweep = capture
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                mod.run(methods, scratch, model=self.model, quick=self.quick, show_progress=False, **dict(self.extra))
+        except _Captured:
+            pass
+        finally:
+            mod.run_sweep = real
+        return got["cells"], got["runner"]
+
+    def cells(self) -> list[Cell]:
+        return self._capture(list(self.methods))[0]
+
+    def open(self, method: str) -> Callable[[Cell], dict]:
+        return self._capture([method])[1]
+
+    def options(self) -> dict[str, Any]:
+        return {"methods": list(self.methods), "model": self.model, "quick": self.quick, **dict(self.extra)}
+
+
+def run_plans_on_ray(plans, out, *, address: str | None = None, workers: int | None = None,
+                     cell_timeout: float | None = None, rerun: bool = False) -> list[str]:
+    """`kvbench compare --ray`: every available suite x model of a comparison in one sweep over the cluster (so
+    suites run side by side); prints each one's summary and table as a serial run does. Returns the errors."""
+    import importlib
+
+    sources = [SuiteSource(p.name, tuple(p.methods), model, p.quick, tuple(sorted(p.options.items())))
+               for p in plans if p.available for model in p.models]
+    with Cluster(address, workers) as cluster:
+        results, errors = run_sources(sources, out, cluster, rerun=rerun, cell_timeout=cell_timeout)
+    for source, result in zip(sources, results):
+        table = getattr(importlib.import_module(f"kvbench.suites.{source.suite}"), "print_table", None)
+        if table is not None and result.records:
+            table(result.records)
+        console.print(f"compare: {source.suite} on {escape(source.model)} (ray): {result.summary()}")
+    return errors

@@ -229,13 +229,17 @@ def load_comparison(path: str | Path) -> Comparison:
 
 
 def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, include: list[Path] = (),
-                   rerun: bool = False) -> tuple[Path, list[str]]:
+                   rerun: bool = False, ray: dict | None = None) -> tuple[Path, list[str]]:
     """Run every suite of the comparison into `out`, then build the report. Returns (report path or None when plotly
-    is missing here, errors)."""
+    is missing here, errors). `ray`: run on a Ray cluster instead (kvbench.distributed.run_plans_on_ray's options)."""
     from kvbench.sweep import console
 
     errors: list[str] = []
-    for plan in comp.suites:
+    if ray is not None:
+        from kvbench.distributed import run_plans_on_ray
+
+        errors = run_plans_on_ray(comp.suites, out, rerun=rerun, **ray)
+    for plan in comp.suites if ray is None else []:
         if not plan.available:
             console.print(f"[yellow]compare: suite '{plan.name}' skipped: {escape(plan.missing_reason)}[/]")
             continue
@@ -286,6 +290,15 @@ def command(
     check: bool = typer.Option(False, help="Only check the file and print the plan; run nothing."),
     only: list[str] = typer.Option([], "--only", help="Run only these suites of the file, repeatable (e.g. --only "
                                                       "kernels); the report still includes every record in --out."),
+    ray: bool = typer.Option(False, "--ray", help="Spread the cells over a Ray cluster: a local one over this "
+                                                  "machine's GPUs (or CPUs), or --ray-address's (README: Run on a "
+                                                  "cluster)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (host:port of its "
+                                                                          "head node; implies --ray)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --ray: at most this many workers "
+                                                                          "(default one per GPU, else per CPU core)."),
+    cell_timeout: Optional[float] = typer.Option(None, "--cell-timeout", min=1, help="With --ray: a cell running "
+                                                 "longer (seconds) fails its worker; the cell is retried once."),
 ):
     """Run several suites over methods, parameters and models from one TOML file, then build the HTML report."""
     from kvbench.sweep import console
@@ -305,7 +318,8 @@ def command(
                       + (" (quick)" if plan.quick else "") + (f"; {opts}" if opts else "")) + state)
     if check:
         return
-    path, errors = run_comparison(comp, out, report=report, include=include, rerun=rerun)
+    on_ray = dict(address=ray_address, workers=workers, cell_timeout=cell_timeout) if ray or ray_address else None
+    path, errors = run_comparison(comp, out, report=report, include=include, rerun=rerun, ray=on_ray)
     if errors:
         raise KVBenchError(f"{len(errors)} suite run(s) failed: {' | '.join(errors)}; the report was still built: "
                            f"{path}")

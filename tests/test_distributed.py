@@ -4,6 +4,7 @@ retried once on the other worker. One cluster is shared by the whole module (Ray
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,7 +54,7 @@ def serial(source, out):
 
 def test_cells_spread_over_both_workers_with_the_serial_runs_records(cluster, tmp_path):
     source = FakeSource(methods=("a", "b", "c", "d"), per_method=3, work_s=0.3)
-    (result,) = run_sources([source], tmp_path / "ray", cluster, show_progress=False)
+    (result,), _ = run_sources([source], tmp_path / "ray", cluster, show_progress=False)
     assert (result.ok, result.failed, result.oom) == (12, 0, 0)
     got = records(tmp_path / "ray" / "fake.jsonl")
     want = serial(source, tmp_path / "serial")
@@ -74,17 +75,17 @@ def test_cells_spread_over_both_workers_with_the_serial_runs_records(cluster, tm
 def test_a_rerun_dispatches_nothing_and_rerun_measures_again(cluster, tmp_path):
     source = FakeSource(per_method=2)
     run_sources([source], tmp_path, cluster, show_progress=False)
-    (again,) = run_sources([source], tmp_path, cluster, show_progress=False)
+    (again,), _ = run_sources([source], tmp_path, cluster, show_progress=False)
     assert (again.ok, again.already_done) == (0, 6)
     assert len(records(tmp_path / "fake.jsonl")) == 6
-    (forced,) = run_sources([source], tmp_path, cluster, rerun=True, show_progress=False)
+    (forced,), _ = run_sources([source], tmp_path, cluster, rerun=True, show_progress=False)
     assert forced.ok == 6 and len(records(tmp_path / "fake.jsonl")) == 12
 
 
 def test_a_killed_worker_loses_no_record_and_its_cell_is_retried_on_the_other(cluster, tmp_path):
     source = FakeSource(methods=("a", "b", "c"), per_method=3, work_s=0.3, trap="kill",
                         trap_once=str(tmp_path / "killed-once"))
-    (result,) = run_sources([source], tmp_path / "out", cluster, show_progress=False)
+    (result,), _ = run_sources([source], tmp_path / "out", cluster, show_progress=False)
     recs = records(tmp_path / "out" / "fake.jsonl")
     failed = [r for r in recs if r["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["method"] == "b" and failed[0]["cell"]["i"] == 0
@@ -99,7 +100,7 @@ def test_a_killed_worker_loses_no_record_and_its_cell_is_retried_on_the_other(cl
 
 def test_a_hung_cell_times_out_is_retried_once_and_the_sweep_goes_on(cluster, tmp_path):
     source = FakeSource(methods=("a", "b"), per_method=2, trap="hang")  # hangs every time it runs
-    (result,) = run_sources([source], tmp_path, cluster, cell_timeout=2.0, show_progress=False)
+    (result,), _ = run_sources([source], tmp_path, cluster, cell_timeout=2.0, show_progress=False)
     recs = records(tmp_path / "fake.jsonl")
     hung = [r for r in recs if r["method"] == "b" and r["cell"]["i"] == 0]
     assert [r["status"] for r in hung] == ["failed", "failed"]
@@ -124,5 +125,27 @@ def test_ctrl_c_keeps_every_record_written_and_a_rerun_finishes_the_rest(cluster
         run_sources([source], tmp_path, cluster, show_progress=False)
     monkeypatch.setattr(RecordWriter, "append", real_append)
     assert len(records(tmp_path / "fake.jsonl")) == 2
-    (rest,) = run_sources([source], tmp_path, cluster, show_progress=False)
+    (rest,), _ = run_sources([source], tmp_path, cluster, show_progress=False)
     assert (rest.already_done, rest.ok) == (2, 4) and len(records(tmp_path / "fake.jsonl")) == 6
+
+
+def test_compare_ray_runs_the_quick_memory_and_kernel_suites_with_the_serial_runs_cells(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvbench.cli import app
+
+    small = Path(__file__).parent / "data" / "ray-small.toml"
+    runner = CliRunner()
+    serial_run = runner.invoke(app, ["compare", str(small), "--out", str(tmp_path / "serial")])
+    assert serial_run.exit_code == 0, serial_run.output
+    on_ray = runner.invoke(app, ["compare", str(small), "--ray", "--out", str(tmp_path / "ray")])
+    assert on_ray.exit_code == 0, on_ray.output
+    for suite in ("memory", "kernels"):
+        got, want = records(tmp_path / "ray" / f"{suite}.jsonl"), records(tmp_path / "serial" / f"{suite}.jsonl")
+        assert keys(got) == keys(want) and len(got) == len(want) and got
+        assert {r["status"] for r in got} == {"ok"}
+        assert {r["env"]["worker"]["node_id"] for r in got} == {ray.nodes()[0]["NodeID"]}
+        assert all(r["env"]["worker"]["pid"] for r in got)
+    # resume: the same command again dispatches nothing
+    again = runner.invoke(app, ["compare", str(small), "--ray", "--out", str(tmp_path / "ray")])
+    assert again.exit_code == 0 and "0 ok" in again.output and "already done" in again.output
