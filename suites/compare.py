@@ -297,8 +297,8 @@ def command(
                                                                           "head node; implies --ray)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --ray: at most this many workers "
                                                                           "(default one per GPU, else per CPU core)."),
-    cell_timeout: Optional[float] = typer.Option(None, "--cell-timeout", min=1, help="With --ray: a cell running "
-                                                 "longer (seconds) fails its worker; the cell is retried once."),
+    cell_timeout: float = typer.Option(3600.0, "--cell-timeout", min=1, help="With --ray: a cell running longer "
+                                       "(seconds) fails its worker, which is replaced; the cell is retried once."),
 ):
     """Run several suites over methods, parameters and models from one TOML file, then build the HTML report."""
     from kvbench.sweep import console
