@@ -569,20 +569,28 @@ class SuiteSource:
     def options(self) -> dict[str, Any]:
         return {"methods": list(self.methods), "model": self.model, "quick": self.quick, **dict(self.extra)}
 
+    def show(self, records: list[dict]) -> None:
+        """The suite's table of these records."""
+        import importlib
 
-def run_plans_on_ray(plans, out, *, address: str | None = None, workers: int | None = None,
-                     cell_timeout: float | None = None, rerun: bool = False) -> list[str]:
-    """`kvbench compare --ray`: every available suite x model of a comparison in one sweep over the cluster (so
-    suites run side by side); prints each one's summary and table as a serial run does. Returns the errors."""
-    import importlib
+        importlib.import_module(f"kvbench.suites.{self.suite}").print_table(records)
 
-    sources = [SuiteSource(p.name, tuple(p.methods), model, p.quick, tuple(sorted(p.options.items())))
-               for p in plans if p.available for model in p.models]
+
+def run_on_ray(sources: list[Source], out, *, address: str | None = None, workers: int | None = None,
+               cell_timeout: float | None = None, rerun: bool = False) -> list[str]:
+    """The `--ray` of `kvbench compare` and `kvbench run`: the sources in one sweep over a cluster (so suites run side
+    by side), then each one's table and summary as a serial run prints them. Returns the errors."""
     with Cluster(address, workers) as cluster:
         results, errors = run_sources(sources, out, cluster, rerun=rerun, cell_timeout=cell_timeout)
     for source, result in zip(sources, results):
-        table = getattr(importlib.import_module(f"kvbench.suites.{source.suite}"), "print_table", None)
-        if table is not None and result.records:
-            table(result.records)
-        console.print(f"compare: {source.suite} on {escape(source.model)} (ray): {result.summary()}")
+        if result.records:
+            source.show(result.records)
+        console.print(f"{source.suite} on {escape(source.model)} (ray): {result.summary()}")
     return errors
+
+
+def run_plans_on_ray(plans, out, **ray_options) -> list[str]:
+    """`kvbench compare --ray`: every available suite x model of a comparison's plans."""
+    sources = [SuiteSource(p.name, tuple(p.methods), model, p.quick, tuple(sorted(p.options.items())))
+               for p in plans if p.available for model in p.models]
+    return run_on_ray(sources, out, **ray_options)
