@@ -22,24 +22,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-
-class KVBenchError(Exception):
-    """An error a user can fix: the CLI prints its message, without a traceback, and exits non-zero."""
-
-
-class ParamError(KVBenchError, ValueError):
-    def __init__(self, method: str, name: str, value: Any, valid: str):
-        self.method, self.name, self.value, self.valid = method, name, value, valid
-        super().__init__(f"method '{method}': parameter '{name}' = {value!r} is invalid; valid: {valid}")
-
-
-class UnknownMethodError(KVBenchError, KeyError):
-    def __init__(self, name: str, known: list[str]):
-        self.name, self.known = name, known
-        super().__init__(name)
-
-    def __str__(self) -> str:
-        return f"unknown method '{self.name}'; valid names: {', '.join(self.known)}"
+from kvbench.errors import KVBenchError, ParamError, UnknownMethodError  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

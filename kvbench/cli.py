@@ -4,7 +4,6 @@ traceback, and exit with code 2."""
 from __future__ import annotations
 
 import functools
-import importlib
 import sys
 import time
 from typing import Optional
@@ -14,7 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvbench.api import KVBenchError
+from kvbench.errors import KVBenchError
+from kvbench.reports.cli import command as report_command
+from kvbench.suite import all_suites
+from kvbench.suites.compare import command as compare_command
 
 app = typer.Typer(help="Measure what KV-cache compression methods cost and save: accuracy, memory, kernel time and "
                        "decode throughput, into HTML reports.", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -142,21 +144,10 @@ def generate_cmd(
                       + (f" | {', '.join(f'{k}={v}' for k, v in info.items())}" if info else "") + "[/]")
 
 
-def _register_optional(target: typer.Typer, module: str, name: str) -> None:
-    """Add `module.command` as `name` if that module exists (suites and reports live in their own files)."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return
-        raise
-    target.command(name)(friendly(mod.command))
-
-
-for _suite in ("accuracy", "memory", "kernels", "throughput"):
-    _register_optional(run_app, f"kvbench.suites.{_suite}", _suite)
-_register_optional(app, "kvbench.reports.cli", "report")
-_register_optional(app, "kvbench.suites.compare", "compare")
+for _suite in all_suites().values():  # `kvbench run <suite>`, each generated from its declaration (kvbench/suite.py)
+    run_app.command(_suite.name, help=_suite.help)(friendly(_suite.command()))
+app.command("report")(friendly(report_command))
+app.command("compare")(friendly(compare_command))
 
 
 def main() -> None:  # pragma: no cover

@@ -1,10 +1,7 @@
 """Results records: one JSON object per line, one line per sweep cell.
 
-Top-level keys: schema, suite, method, params, cell, status (ok | failed | oom | skipped), error, metrics, env,
-started_at, duration_s. Metric names shared across suites (design.md): accuracy `score`, `ppl`, `topk_recall`,
-`attn_mass`, `out_rel_err`; memory `nbytes`, `bytes_per_token`, `allocated_bytes`, `peak_bytes`, `nvml_used_bytes`,
-`max_context`, `max_batch`; kernels `time_us`, `floor_us`, `bandwidth_gbs`, `speedup_vs_full`, `stage_us`;
-throughput `ttft_s`, `decode_tok_s`, `latency_ms`, `batch`.
+Top-level keys: schema, suite, method, method_family, params, cell, status (ok | failed | oom | skipped), error,
+metrics, env, started_at, duration_s. The metric names shared across suites are defined in kvbench/metrics.py.
 """
 
 from __future__ import annotations
@@ -20,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
+
+from kvbench.metrics import METHOD_FAMILY
 
 SCHEMA = 1
 STATUSES = ("ok", "failed", "oom", "skipped")
@@ -105,11 +104,13 @@ def _clean(x: Any) -> Any:
 
 
 def make_record(suite: str, method: str, params: dict, cell: dict, status: str, metrics: dict | None = None,
-                error: str | None = None, started_at: str | None = None, duration_s: float | None = None) -> dict:
+                error: str | None = None, started_at: str | None = None, duration_s: float | None = None, *,
+                family: str | None = None) -> dict:
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
     return _clean({
-        "schema": SCHEMA, "suite": suite, "method": method, "params": params, "cell": cell, "status": status,
+        "schema": SCHEMA, "suite": suite, "method": method, METHOD_FAMILY: family, "params": params, "cell": cell,
+        "status": status,
         "error": error, "metrics": metrics or {}, "env": environment(), "started_at": started_at or now_iso(),
         "duration_s": duration_s,
     })

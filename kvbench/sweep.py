@@ -3,7 +3,6 @@ and the sweep goes on, and a rich progress bar says how long is left."""
 
 from __future__ import annotations
 
-import gc
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from kvbench.device import free_memory
+from kvbench.metrics import BUDGET_FRACTION
 from kvbench.records import RecordWriter, cell_key, make_record, now_iso
 
 console = Console(stderr=True)
@@ -25,7 +26,12 @@ class Cell:
     method: str  # the method's label, e.g. "selfindex:budget=0.1"
     params: dict[str, Any]
     cell: dict[str, Any]
-    context: Any = field(default=None, repr=False)  # whatever the runner needs (method object, model, ...)
+    parsed: Any = field(default=None, repr=False)  # the Method itself (or an Unavailable one, recorded as failed)
+
+    @classmethod
+    def of(cls, method: Any, cell: dict[str, Any]) -> "Cell":
+        """The cell of `method` (a Method, or anything with label() and params()) on the configuration `cell`."""
+        return cls(method.label(), method.params(), cell, method)
 
 
 class Skip(Exception):
@@ -38,14 +44,6 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @dataclass
 class SweepResult:
     ok: int = 0
@@ -55,49 +53,70 @@ class SweepResult:
     already_done: int = 0
     records: list[dict] = field(default_factory=list)
 
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        setattr(self, record["status"], getattr(self, record["status"]) + 1)
+
     def summary(self) -> str:
         return (f"{self.ok} ok, {self.failed} failed, {self.oom} out of memory, {self.skipped} skipped, "
                 f"{self.already_done} already done")
 
 
+def pending(suite: str, cells: list[Cell], writer: RecordWriter, rerun: bool = False) -> list[Cell]:
+    """The cells the records in `writer` do not have yet (all of them with rerun)."""
+    done = set() if rerun else writer.done()
+    return [c for c in cells if cell_key(suite, c.method, c.cell) not in done]
+
+
+def measure_cell(suite: str, c: Cell, runner: Callable[[Cell], dict]) -> dict:
+    """Run `runner(c) -> metrics` and return the cell's record; every failure becomes a record, never an exception."""
+    started, t0 = now_iso(), time.perf_counter()
+    metrics, error, status = {}, None, "ok"
+    try:
+        metrics = runner(c) or {}
+    except KeyboardInterrupt:
+        raise
+    except Skip as e:
+        status, error = "skipped", str(e)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a record; the sweep goes on
+        status = "oom" if is_oom(e) else "failed"
+        error = f"{type(e).__name__}: {e}"
+        if status == "failed":
+            error += "\n" + "".join(traceback.format_exception(e)[-4:])
+        free_memory()
+    family, fraction = method_facts(c)
+    if fraction is not None:
+        metrics = {**metrics, BUDGET_FRACTION: fraction}
+    return make_record(suite, c.method, c.params, c.cell, status, metrics, error, started,
+                       round(time.perf_counter() - t0, 3), family=family)
+
+
+def method_facts(c: Cell) -> tuple[str | None, float | None]:
+    """What the report needs from the method itself: its family and, where the cell has a context, the share of it
+    that one decode step attends."""
+    family = getattr(c.parsed, "family", None)
+    context = c.cell.get("context")
+    if family is None or not isinstance(context, int) or context < 1:
+        return family, None
+    return family, float(c.parsed.budget_fraction(context))
+
+
 def run_sweep(suite: str, cells: list[Cell], runner: Callable[[Cell], dict], writer: RecordWriter,
               description: str | None = None, rerun: bool = False, show_progress: bool = True) -> SweepResult:
     """Run `runner(cell) -> metrics` for every cell not done yet and append one record per cell."""
-    done = set() if rerun else writer.done()
-    result = SweepResult()
-    todo = []
-    for c in cells:
-        if cell_key(suite, c.method, c.cell) in done:
-            result.already_done += 1
-        else:
-            todo.append(c)
+    todo = pending(suite, cells, writer, rerun)
+    result = SweepResult(already_done=len(cells) - len(todo))
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[now]}")]
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
         task = progress.add_task(description or suite, total=len(todo), now="")
         for c in todo:
             progress.update(task, now=f"{c.method} {_short(c.cell)}")
-            started, t0 = now_iso(), time.perf_counter()
-            metrics, error, status = {}, None, "ok"
-            try:
-                metrics = runner(c) or {}
-            except KeyboardInterrupt:
-                raise
-            except Skip as e:
-                status, error = "skipped", str(e)
-            except Exception as e:  # noqa: BLE001 - every failure becomes a record; the sweep goes on
-                status = "oom" if is_oom(e) else "failed"
-                error = f"{type(e).__name__}: {e}"
-                if status == "failed":
-                    error += "\n" + "".join(traceback.format_exception(e)[-4:])
-                free_memory()
-            rec = make_record(suite, c.method, c.params, c.cell, status, metrics, error, started,
-                              round(time.perf_counter() - t0, 3))
+            rec = measure_cell(suite, c, runner)
             writer.append(rec)
-            result.records.append(rec)
-            setattr(result, status, getattr(result, status) + 1)
-            if status in ("failed", "oom"):
-                console.print(f"[yellow]{status}[/]: {c.method} {_short(c.cell)}: {error.splitlines()[0]}")
+            result.add(rec)
+            if rec["status"] in ("failed", "oom"):
+                console.print(f"[yellow]{rec['status']}[/]: {c.method} {_short(c.cell)}: {rec['error'].splitlines()[0]}")
             progress.advance(task)
     return result
 

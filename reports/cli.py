@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kvbench.api import KVBenchError
+from kvbench.errors import KVBenchError
 
 console = Console(stderr=True)
 

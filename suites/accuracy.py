@@ -26,29 +26,104 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-import typer
-
-from kvbench.api import KVBenchError, Method, UnknownMethodError
-from kvbench.bridge import attach
-from kvbench.models import load_model, resolve_dtype
-from kvbench.records import RecordWriter, cell_key, read_records
-from kvbench.registry import parse_method
+from kvbench.errors import KVBenchError
+from kvbench.metrics import BYTES_PER_TOKEN, PPL, SCORE
+from kvbench.sizes import parse_sizes
+from kvbench.suite import METHOD, Column, Options, Plan, Suite, option
 from kvbench.suites import tasks as T
-from kvbench.suites.fidelity import Fidelity
-from kvbench.sweep import Cell, SweepResult, console, run_sweep
-from kvbench.telemetry import write_provenance
-from kvbench.timing import sync
+from kvbench.sweep import Cell
 
-SUITE = "accuracy"
-DEFAULT_METHODS = ["full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1"]
-DEFAULT = dict(tasks=["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "ppl"],
-               lengths=[1024, 2048, 4096], depths=[0.1, 0.3, 0.5, 0.7, 0.9], seeds=[0, 1, 2],
-               protocols=list(T.PROTOCOLS))
-QUICK = dict(tasks=["passkey", "niah_single", "niah_multikey", "ppl"], lengths=[1024], depths=[0.2, 0.5, 0.8],
-             seeds=[0, 1], protocols=list(T.PROTOCOLS))
+if TYPE_CHECKING:
+    from kvbench.api import Method
+
+DEFAULT_METHODS = ("full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1")
+
+
+def _list(value, kind, flag: str) -> list:
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        return [kind(x.strip()) if isinstance(x, str) else kind(x) for x in items if str(x).strip()]
+    except ValueError:
+        raise KVBenchError(f"{flag}: '{value}' is not a comma-separated list of {kind.__name__} values") from None
+
+
+def _tasks(value, flag: str) -> list[str]:
+    tasks = _list(value, str, flag)
+    for t in tasks:
+        if t.startswith("file:"):
+            T.parse_file_task(t)
+        elif t not in T.TASKS:
+            raise KVBenchError(f"unknown task '{t}'; valid: {', '.join(T.task_names())}")
+    return tasks
+
+
+def _lengths(value, flag: str) -> list[int]:
+    lengths = parse_sizes(value, flag)
+    if any(n < 16 for n in lengths):
+        raise KVBenchError(f"context lengths must be at least 16 tokens, got {lengths}")
+    return lengths
+
+
+def _depths(value, flag: str) -> list[float]:
+    depths = _list(value, float, flag)
+    for d in depths:
+        if not 0 <= d <= 1:
+            raise KVBenchError(f"depth {d} is outside [0, 1]; depths are fractions of the context, e.g. 0.1,0.5,0.9")
+    return depths
+
+
+def _seeds(value, flag: str) -> list[int]:
+    """'0,1,2', '0-4' or a list of ints, all >= 0."""
+    if not isinstance(value, str):
+        seeds = _list(value, int, flag)
+    else:
+        seeds = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            lo, dash, hi = part.partition("-")
+            try:
+                seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(part)]
+            except ValueError:
+                raise KVBenchError(f"{flag} '{value}': use e.g. 0,1,2 or 0-4") from None
+    if any(s < 0 for s in seeds):
+        raise KVBenchError(f"seeds must be >= 0, got {seeds}")
+    return seeds
+
+
+def _protocols(value, flag: str) -> list[str]:
+    items = _list(value, str, flag)
+    items = list(T.PROTOCOLS) if items == ["both"] else items
+    for p in items:
+        if p not in T.PROTOCOLS:
+            raise KVBenchError(f"unknown protocol '{p}'; valid: {', '.join(T.PROTOCOLS)}, both")
+    return items
+
+
+def _text(value, flag: str) -> str:
+    if not Path(value).is_file():
+        raise KVBenchError(f"{flag} {value}: no such file; give a UTF-8 text file for the ppl task")
+    return str(value)
+
+
+@dataclass
+class AccuracyOptions(Options):
+    tasks: list[str] = option("Comma-separated tasks: " + ", ".join(T.task_names()) + ".", parse=_tasks,
+                              default="passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,ppl",
+                              quick="passkey,niah_single,niah_multikey,ppl")
+    lengths: list[int] = option("Prompt lengths in tokens, e.g. 1K,4K.", parse=_lengths, default="1K,2K,4K",
+                                quick="1K")
+    depths: list[float] = option("Needle depths, fractions of the context, e.g. 0.1,0.5,0.9.", parse=_depths,
+                                 default="0.1,0.3,0.5,0.7,0.9", quick="0.2,0.5,0.8")
+    protocols: list[str] = option("query-aware, query-agnostic or both.", "both", parse=_protocols)
+    seeds: list[int] = option("Instance seeds, e.g. 0,1,2 or 0-9; for file: tasks, line numbers from 0.",
+                              parse=_seeds, default="0,1,2", quick="0,1")
+    haystack: str = option("Haystack of the niah tasks: noise (RULER's repeated sentences) or docs (CPython's "
+                           "documentation text).", "noise", choices=T.HAYSTACKS)
+    text: Optional[str] = option("Text file for the ppl task (default: CPython's pydoc_data topics).", parse=_text)
+    score_tokens: int = option("ppl: tokens scored one decode step at a time after the prefix.", 64, min=1)
+    fidelity: bool = option("Measure attention fidelity against the full cache at each decode step (costs a shadow "
+                            "full cache).", True)
 
 
 @dataclass
@@ -74,6 +149,10 @@ def eos_ids(model, tok) -> set[int]:
 def run_instance(model, tok, cache, inst: T.Instance, protocol: str) -> Outcome:
     """Feed one instance through the model with `cache`: prefill (whole prompt, or context then question chunk),
     then greedy decoding, or, for ppl, scoring the last tokens one decode step at a time."""
+    import torch
+
+    from kvbench.timing import sync
+
     dev = model.device
     ids = torch.tensor([inst.ids], device=dev)
     o = Outcome()
@@ -119,17 +198,20 @@ def run_instance(model, tok, cache, inst: T.Instance, protocol: str) -> Outcome:
 
 def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True) -> dict[str, Any]:
     """One cell: run `method` on `inst` under `protocol`; returns the record's metrics."""
+    from kvbench.bridge import attach
+    from kvbench.suites.fidelity import Fidelity
+
     wrapped = Fidelity(inner=method) if fidelity else method
     cache = attach(model, wrapped)
     o = run_instance(model, tok, cache, inst, protocol)
     m: dict[str, Any] = {}
     if inst.score_tokens:
-        m["ppl"] = math.exp(o.nll / inst.score_tokens)
+        m[PPL] = math.exp(o.nll / inst.score_tokens)
         m["nll"] = o.nll / inst.score_tokens
         m["scored_tokens"] = inst.score_tokens
     else:
         pred = o.prediction.lstrip("\n").split("\n")[0] if T.first_line_only(inst) else o.prediction
-        m["score"] = inst.score(pred)
+        m[SCORE] = inst.score(pred)
         m["prediction"] = o.prediction
         m["expected"] = inst.answers
         m["metric"] = inst.metric
@@ -137,7 +219,7 @@ def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fideli
     nbytes = cache.nbytes()
     m.update(prompt_tokens=len(inst.ids), new_tokens=o.new_tokens, prefill_s=round(o.prefill_s, 4),
              decode_s=round(o.decode_s, 4), nbytes=nbytes, seq_len=seq,
-             bytes_per_token=nbytes / seq if seq else None, **o.extra)
+             **{BYTES_PER_TOKEN: nbytes / seq if seq else None}, **o.extra)
     for k in ("context_tokens", "depth", "needle_token", "truncated_tokens", "offset", "dataset", "format"):
         if k in inst.info:
             m[k] = inst.info[k]
@@ -150,225 +232,89 @@ def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fideli
     return m
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the sweep
+def cells(plan: Plan) -> list[Cell]:
+    """The grid, instance-major: every method and protocol of one task instance run one after the other (ppl once,
+    query-agnostic: it has no question)."""
+    from kvbench.models import resolve_dtype
 
-
-def _methods(specs: list[str]) -> list[tuple[str, Method | UnknownMethodError]]:
-    """Parse every spec before anything runs. A bad parameter or spec syntax is an error now; a name no method is
-    registered under becomes failed records (the method may not be installed yet), with a warning."""
-    out, seen = [], set()
-    for spec in specs:
-        try:
-            m: Method | UnknownMethodError = parse_method(spec)
-            label = m.label()
-        except UnknownMethodError as e:
-            m, label = e, spec.strip()
-            console.print(f"[yellow]accuracy: {e}; its cells will be recorded as failed[/]")
-        if label not in seen:
-            seen.add(label)
-            out.append((label, m))
-    if not out:
-        raise KVBenchError("no methods given; use e.g. --methods full --methods selfindex:budget=0.1")
+    o = plan.options
+    dtype = plan.loaded[0].dtype if plan.loaded is not None else resolve_dtype(o.dtype, plan.torch_device)
+    out = []
+    for task in o.tasks:
+        for length in o.lengths:
+            for depth in (o.depths if task in T.DEPTH_TASKS else [None]):
+                for seed in o.seeds:
+                    base = dict(model=plan.model, dtype=str(dtype).removeprefix("torch."), task=task, context=length,
+                                depth=depth, seed=seed)
+                    if task.startswith("niah"):
+                        base["haystack"] = o.haystack
+                    if task == "ppl":
+                        base.update(text=o.text or "pydoc_data.topics", score_tokens=o.score_tokens)
+                    out += [Cell.of(m, {**base, "protocol": p}) for m in plan.methods
+                            for p in ([T.QUERY_AGNOSTIC] if task == "ppl" else o.protocols)]
     return out
 
 
-def _check(tasks: list[str], depths: list[float], protocols: list[str], lengths: list[int], seeds: list[int]):
-    for t in tasks:
-        if t.startswith("file:"):
-            T.parse_file_task(t)
-        elif t not in T.TASKS:
-            raise KVBenchError(f"unknown task '{t}'; valid: {', '.join(T.task_names())}")
-    for d in depths:
-        if not 0 <= d <= 1:
-            raise KVBenchError(f"depth {d} is outside [0, 1]; depths are fractions of the context, e.g. 0.1,0.5,0.9")
-    for p in protocols:
-        if p not in T.PROTOCOLS:
-            raise KVBenchError(f"unknown protocol '{p}'; valid: {', '.join(T.PROTOCOLS)}, both")
-    if any(n < 16 for n in lengths):
-        raise KVBenchError(f"context lengths must be at least 16 tokens, got {lengths}")
-    if any(s < 0 for s in seeds):
-        raise KVBenchError(f"seeds must be >= 0, got {seeds}")
+class Session:
+    """The model and tokenizer (loaded once per process) and the task instances built so far."""
 
+    def __init__(self, plan: Plan):
+        from kvbench.models import load_model
+        from kvbench.sweep import console
 
-def build_cells(methods, model_name: str, dtype: str, tasks, lengths, depths, seeds, protocols, *, haystack: str,
-                text: str | None, score_tokens: int) -> list[Cell]:
-    """The grid, instance-major: every method and protocol of one task instance run one after the other."""
-    cells = []
-    for task in tasks:
-        task_depths = depths if task in T.DEPTH_TASKS else [None]
-        task_protocols = [T.QUERY_AGNOSTIC] if task == "ppl" else protocols
-        for length in lengths:
-            for depth in task_depths:
-                for seed in seeds:
-                    base = dict(model=model_name, dtype=dtype, task=task, context=length, depth=depth, seed=seed)
-                    if task.startswith("niah"):
-                        base["haystack"] = haystack
-                    if task == "ppl":
-                        base.update(text=text or "pydoc_data.topics", score_tokens=score_tokens)
-                    for label, m in methods:
-                        params = m.params() if isinstance(m, Method) else {}
-                        for p in task_protocols:
-                            cells.append(Cell(label, params, {**base, "protocol": p}, context=m))
-    return cells
-
-
-def run(methods: list[str], out: Path, *, model: str = "embedded", quick: bool = False,
-        tasks: list[str] | str | None = None, lengths: list[int] | str | None = None,
-        depths: list[float] | str | None = None, seeds: list[int] | str | None = None,
-        protocols: list[str] | str | None = None, haystack: str = "noise", text: str | Path | None = None,
-        score_tokens: int = 64, device: str | None = None, dtype: str = "auto", fidelity: bool = True,
-        rerun: bool = False, show_progress: bool = True, loaded: tuple | None = None) -> SweepResult:
-    """Run the accuracy grid and append one record per cell to `out/accuracy.jsonl`.
-
-    `tasks`, `lengths`, `depths`, `seeds`, `protocols` take lists or comma-separated text; anything not given comes
-    from the quick profile (`quick=True`) or the full default grid. `loaded=(model, tokenizer)` reuses a model
-    already in memory (tests); `model` then only names it in the records. Options are named, with no catch-all, so
-    `kvbench compare` can check a TOML file's keys against them before anything runs."""
-    from kvbench.suites.memory import parse_sizes, resolve_device
-
-    profile = QUICK if quick else DEFAULT
-    tasks = _list(tasks, str) or profile["tasks"]
-    lengths = (parse_sizes(lengths, "--lengths") if lengths else None) or profile["lengths"]
-    depths = _list(depths, float) or profile["depths"]
-    seeds = _seeds(seeds) or profile["seeds"]
-    protocols = _protocols(protocols) or profile["protocols"]
-    if haystack not in T.HAYSTACKS:
-        raise KVBenchError(f"unknown haystack '{haystack}'; valid: {', '.join(T.HAYSTACKS)}")
-    if text is not None and not Path(text).is_file():
-        raise KVBenchError(f"--text {text}: no such file; give a UTF-8 text file for the ppl task")
-    if score_tokens < 1:
-        raise KVBenchError(f"--score-tokens must be >= 1, got {score_tokens}")
-    _check(tasks, depths, protocols, lengths, seeds)
-    parsed = _methods(list(methods) if methods else DEFAULT_METHODS)
-
-    dev = torch.device(loaded[0].device) if loaded else resolve_device(device)
-    dt = loaded[0].dtype if loaded else resolve_dtype(dtype, dev)
-    cells = build_cells(parsed, model, str(dt).removeprefix("torch."), tasks, lengths, depths, seeds, protocols,
-                        haystack=haystack, text=None if text is None else str(text), score_tokens=score_tokens)
-    out = Path(out)
-    writer = RecordWriter(out / f"{SUITE}.jsonl")
-    done = set() if rerun else writer.done()
-    pending = [c for c in cells if cell_key(SUITE, c.method, c.cell) not in done]
-    state: dict[str, Any] = {"instances": {}}
-    if pending:
+        self.options, loaded = plan.options, plan.loaded
         if loaded is None:
-            with console.status(f"loading {model} ..."):
-                loaded = load_model(model, device=dev, dtype=dt)
-        if loaded[1] is None:
-            raise KVBenchError(f"model '{model}' has no tokenizer (synthetic models have random weights); the "
+            with console.status(f"loading {plan.model} ..."):
+                loaded = load_model(plan.model, device=plan.torch_device, dtype=plan.options.dtype)
+        self.model, self.tok = loaded
+        if self.tok is None:
+            raise KVBenchError(f"model '{plan.model}' has no tokenizer (synthetic models have random weights); the "
                                "accuracy suite needs a real model, e.g. --model embedded")
-        write_provenance(out, SUITE, dict(methods=[lbl for lbl, _ in parsed], model=model, quick=quick, tasks=tasks,
-                                          lengths=lengths, depths=depths, seeds=seeds, protocols=protocols,
-                                          haystack=haystack, text=None if text is None else str(text),
-                                          score_tokens=score_tokens, device=str(dev), dtype=str(dt),
-                                          fidelity=fidelity, rerun=rerun))
-    mdl, tok = loaded if loaded else (None, None)
+        self.instances: dict[tuple, T.Instance] = {}
 
-    def runner(c: Cell) -> dict[str, Any]:
-        if isinstance(c.context, Exception):
-            raise c.context
-        cl = c.cell
-        key = (cl["task"], cl["context"], cl["depth"], cl["seed"])
-        if key not in state["instances"]:
-            state["instances"][key] = T.make_instance(tok, cl["task"], cl["context"], cl["depth"], cl["seed"],
-                                                      haystack=haystack, text=cl.get("text") if text else None,
-                                                      score_tokens=score_tokens)
-        return evaluate(mdl, tok, c.context, state["instances"][key], cl["protocol"], fidelity=fidelity)
-
-    result = run_sweep(SUITE, cells, runner, writer, description="accuracy", rerun=rerun,
-                       show_progress=show_progress)
-    if show_progress:
-        summarize(writer.path, {cell_key(SUITE, c.method, c.cell) for c in cells})
-    return result
+    def instance(self, c: dict) -> T.Instance:
+        key = (c["task"], c["context"], c["depth"], c["seed"])
+        if key not in self.instances:
+            self.instances[key] = T.make_instance(self.tok, c["task"], c["context"], c["depth"], c["seed"],
+                                                  haystack=self.options.haystack, text=self.options.text,
+                                                  score_tokens=self.options.score_tokens)
+        return self.instances[key]
 
 
-def _list(value, kind) -> list:
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    try:
-        return [kind(x.strip()) if isinstance(x, str) else kind(x) for x in items if str(x).strip()]
-    except ValueError:
-        raise KVBenchError(f"'{value}' is not a comma-separated list of {kind.__name__} values") from None
+def measure(s: Session, cell: Cell) -> dict[str, Any]:
+    return evaluate(s.model, s.tok, cell.parsed, s.instance(cell.cell), cell.cell["protocol"],
+                    fidelity=s.options.fidelity)
 
 
-def _seeds(value) -> list[int]:
-    """'0,1,2', '0-4' or a list of ints."""
-    if isinstance(value, str):
-        out = []
-        for part in filter(None, (p.strip() for p in value.split(","))):
-            lo, dash, hi = part.partition("-")
-            try:
-                out += list(range(int(lo), int(hi) + 1)) if dash else [int(part)]
-            except ValueError:
-                raise KVBenchError(f"--seeds '{value}': use e.g. 0,1,2 or 0-4") from None
-        return out
-    return _list(value, int)
-
-
-def _protocols(value) -> list[str]:
-    items = _list(value, str)
-    if items == ["both"]:
-        return list(T.PROTOCOLS)
-    return items
-
-
-def summarize(path: Path, keys: set[str]) -> None:
-    """Print the mean score (and median ppl) per method and protocol over the cells in `keys`, from every record in
-    `path` (a rerun's record replaces the older one)."""
-    from rich.table import Table
-
-    recs, _ = read_records([path]) if Path(path).exists() else ([], [])
-    latest = {k: r for r in recs if (k := cell_key(SUITE, r["method"], r["cell"])) in keys}
+def summary_rows(records: list[dict]) -> list[dict]:
+    """One row per method and protocol: the mean score, the median ppl, the failed cells."""
     groups: dict[tuple[str, str], list[dict]] = {}
-    for r in latest.values():
+    for r in records:
         groups.setdefault((r["method"], str(r["cell"].get("protocol", "-"))), []).append(r)
-    table = Table(title="accuracy", title_justify="left")
-    for col in ("method", "protocol", "mean score", "scored cells", "ppl (median)", "failed"):
-        table.add_column(col)
+    rows = []
     for (method, proto), g in sorted(groups.items()):
         good = [r["metrics"] for r in g if r["status"] == "ok"]
-        scores = [m["score"] for m in good if m.get("score") is not None]
-        ppls = [m["ppl"] for m in good if m.get("ppl") is not None]
-        table.add_row(method, proto, f"{sum(scores) / len(scores):.3f}" if scores else "-", str(len(scores)),
-                      f"{statistics.median(ppls):.2f}" if ppls else "-",
-                      str(sum(r["status"] in ("failed", "oom") for r in g)))
-    console.print(table)
+        scores = [m[SCORE] for m in good if m.get(SCORE) is not None]
+        ppls = [m[PPL] for m in good if m.get(PPL) is not None]
+        rows.append(dict(method=method, protocol=proto, score=sum(scores) / len(scores) if scores else None,
+                         scored=len(scores), ppl=statistics.median(ppls) if ppls else None,
+                         failed=sum(r["status"] in ("failed", "oom") for r in g)))
+    return rows
 
 
-def command(
-    methods: Optional[list[str]] = typer.Option(None, "--methods", "-m", help="Method specs, repeatable or space-"
-                                                "separated: full, selfindex:budget=0.1, kivi:bits=4, ... (default: "
-                                                + " ".join(DEFAULT_METHODS) + ")."),
-    model: str = typer.Option("embedded", help="embedded, a Hugging Face id or a local path (needs a tokenizer)."),
-    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks: " + ", ".join(T.task_names())
-                                        + f" (default: {','.join(DEFAULT['tasks'])}; quick: "
-                                          f"{','.join(QUICK['tasks'])})."),
-    lengths: Optional[str] = typer.Option(None, help="Prompt lengths in tokens, e.g. 1K,4K (default 1K,2K,4K; "
-                                                     "quick 1K)."),
-    depths: Optional[str] = typer.Option(None, help="Needle depths, fractions of the context, e.g. 0.1,0.5,0.9 "
-                                                    "(default 0.1,0.3,0.5,0.7,0.9; quick 0.2,0.5,0.8)."),
-    protocols: Optional[str] = typer.Option(None, help="query-aware, query-agnostic or both (default both)."),
-    seeds: Optional[str] = typer.Option(None, help="Instance seeds, e.g. 0,1,2 or 0-9; for file: tasks, line "
-                                                   "numbers from 0 (default 0,1,2; quick 0,1)."),
-    haystack: str = typer.Option("noise", help="Haystack of the niah tasks: noise (RULER's repeated sentences) or "
-                                               "docs (CPython's documentation text)."),
-    text: Optional[Path] = typer.Option(None, help="Text file for the ppl task (default: CPython's pydoc_data "
-                                                   "topics)."),
-    score_tokens: int = typer.Option(64, help="ppl: tokens scored one decode step at a time after the prefix."),
-    out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder for accuracy.jsonl and its provenance."),
-    quick: bool = typer.Option(False, help="The quick profile: about 10 minutes on a 2-core CPU."),
-    rerun: bool = typer.Option(False, help="Run cells again even if out/accuracy.jsonl already has them."),
-    fidelity: bool = typer.Option(True, help="Measure attention fidelity against the full cache at each decode "
-                                             "step (costs a shadow full cache)."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
-):
-    """Task scores (passkey, RULER-style needles, variable tracking, LongBench/RULER files), perplexity and attention
-    fidelity of each method inside a real model, query-aware and query-agnostic."""
-    specs = [s for m in (methods or []) for s in m.split()]
-    result = run(specs, out, model=model, quick=quick, tasks=tasks, lengths=lengths, depths=depths, seeds=seeds,
-                 protocols=protocols, haystack=haystack, text=text, score_tokens=score_tokens, device=device,
-                 dtype=dtype, fidelity=fidelity, rerun=rerun)
-    console.print(f"accuracy: {result.summary()}; records in {Path(out) / (SUITE + '.jsonl')}")
+SUITE = Suite(
+    name="accuracy",
+    help="Task scores (passkey, RULER-style needles, variable tracking, LongBench/RULER files), perplexity and "
+         "attention fidelity of each method inside a real model, query-aware and query-agnostic.",
+    options=AccuracyOptions, cells=cells, setup=Session, measure=measure,
+    rows=summary_rows,
+    columns=(METHOD, Column("protocol", lambda r: r["protocol"], left=True), Column("mean score", lambda r: r["score"],
+             ".3f"), Column("scored cells", lambda r: r["scored"]), Column("ppl (median)", lambda r: r["ppl"], ".2f"),
+             Column("failed", lambda r: r["failed"])),
+    report=("pareto", "budget", "needle", "fidelity"),
+    model="embedded",
+    model_help="embedded, a Hugging Face id or a local path (needs a tokenizer).",
+    methods=DEFAULT_METHODS,
+    allow_unknown_methods=True,
+    telemetry_s=None,
+)

@@ -18,14 +18,15 @@ Format:
 
     [suites.accuracy]                         # one table per suite to run, run in file order
     methods = ["full", "kivi:bits=2"]         # optional: this suite's own methods
-    tasks = "passkey"                         # any other key goes to kvbench.suites.accuracy.run(...) as keyword
+    tasks = "passkey"                         # any other key is an option of the suite (`kvbench run accuracy --help`)
 
 A method is a spec string, `name` or `name:key=value,...` (as on the command line; "all" = every registered method
 with its defaults), or an inline table whose list values expand to one method per combination:
 
     methods = ["full", {name = "selfindex", budget = [0.05, 0.1], setting = "2+1"}]
 
-Each suite's module exposes `run(methods, out, *, model, quick, **options)` (the suite contract) and writes
+Suites and their options come from their declarations (kvbench/suite.py): a key is checked against the suite's
+options, its value against the option's type, choices and parser, before anything runs. Each suite writes
 `<out>/<suite>.jsonl`; the report is built from the record files in `out` (provenance JSON beside them included) plus
 `include`. `--only NAME` runs one suite of the file (e.g. to keep each command short) and still reports them all.
 A suite named in the file whose module is not in this kvbench yet is reported and skipped; a suite that fails while
@@ -34,8 +35,6 @@ running is reported, the others still run and the report is still built, and the
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import itertools
 import sys
 import traceback
@@ -46,14 +45,14 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from kvbench.api import KVBenchError
+from kvbench.errors import KVBenchError
+from kvbench.suite import SUITES, SuiteMissing, get_suite
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-KNOWN_SUITES = ("accuracy", "memory", "kernels", "throughput")
 TOP_KEYS = {"title": str, "methods": list, "model": str, "models": list, "quick": bool, "include": list, "out": str,
             "suites": dict}
 SUITE_KEYS = {"methods", "model", "models", "quick"}  # the contract's own arguments; the rest are options
@@ -149,17 +148,26 @@ def _models(path: Path, key: str, table: dict, default: list[str]) -> list[str]:
     return default
 
 
-def _suite_module(name: str):
-    """The suite's module, or None with the reason when this kvbench does not have it."""
+def _suite(name: str):
+    """The suite's declaration, or None with the reason when this kvbench does not have its module."""
     try:
-        mod = importlib.import_module(f"kvbench.suites.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"kvbench.suites.{name}":
-            return None, f"kvbench.suites.{name} does not exist in this kvbench yet"
-        raise
-    if not callable(getattr(mod, "run", None)):
-        return None, f"kvbench.suites.{name} has no run() function (the suite contract)"
-    return mod, ""
+        return get_suite(name), ""
+    except SuiteMissing as e:
+        return None, str(e)
+
+
+def _check_options(path: Path, key: str, suite, options: dict) -> None:
+    """Every option of a [suites.<name>] table against the suite's declaration: its name, type and value."""
+    names = [f.name for f in suite.option_fields()]
+    for k, v in options.items():
+        if k not in names:
+            raise _fail(path, f"{key}.{k}", f"the {suite.name} suite has no option '{k}'",
+                        f"its options: {', '.join(names) or 'none'} (see `kvbench run {suite.name} --help`; "
+                        "TOML keys use underscores)")
+        try:
+            suite.check_options({k: v})
+        except KVBenchError as e:
+            raise _fail(path, f"{key}.{k}", str(e), f"see `kvbench run {suite.name} --help`") from None
 
 
 def load_comparison(path: str | Path) -> Comparison:
@@ -185,7 +193,7 @@ def load_comparison(path: str | Path) -> Comparison:
     suites = data.get("suites")
     if not suites:
         raise _fail(path, "suites", "no suite to run",
-                    f"add a table such as [suites.accuracy]; valid suites: {', '.join(KNOWN_SUITES)}")
+                    f"add a table such as [suites.accuracy]; valid suites: {', '.join(SUITES)}")
     default_methods = expand_methods(path, "methods", data["methods"]) if "methods" in data else None
     default_models = _models(path, "", data, ["embedded"])
     default_quick = data.get("quick", False)
@@ -194,9 +202,9 @@ def load_comparison(path: str | Path) -> Comparison:
         key = f"suites.{name}"
         if not isinstance(table, dict):
             raise _fail(path, key, "must be a table", f"write [suites.{name}] followed by its keys")
-        mod, why = _suite_module(name)
-        if mod is None and name not in KNOWN_SUITES:
-            raise _fail(path, key, f"unknown suite '{name}'", f"valid suites: {', '.join(KNOWN_SUITES)}")
+        if name not in SUITES:
+            raise _fail(path, key, f"unknown suite '{name}'", f"valid suites: {', '.join(SUITES)}")
+        suite, why = _suite(name)
         if "methods" in table:
             methods = expand_methods(path, f"{key}.methods", table["methods"])
         elif default_methods is not None:
@@ -208,18 +216,10 @@ def load_comparison(path: str | Path) -> Comparison:
         if not isinstance(quick, bool):
             raise _fail(path, f"{key}.quick", "must be true or false", "write quick = true")
         options = {k: v for k, v in table.items() if k not in SUITE_KEYS}
-        if mod is not None:
-            params = inspect.signature(mod.run).parameters
-            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-            accepted = [p for p in params if p not in ("methods", "out", "model", "quick")
-                        and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
-            for k in options:
-                if not takes_any and k not in accepted:
-                    raise _fail(path, f"{key}.{k}", f"the {name} suite has no option '{k}'",
-                                f"its options: {', '.join(accepted) or 'none'} (see `kvbench run {name} --help`; "
-                                "TOML keys use underscores)")
+        if suite is not None:
+            _check_options(path, key, suite, options)
         plans.append(SuitePlan(name, methods, _models(path, f"{key}.", table, default_models), quick, options,
-                               mod is not None, why))
+                               suite is not None, why))
     if not all(isinstance(p, (str, Path)) for p in data.get("include", [])):
         raise _fail(path, "include", "must be a list of paths", 'write include = ["reports/data"]')
     # relative to the comparison file, so a file means the same wherever it is run from
@@ -243,15 +243,12 @@ def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, i
         if not plan.available:
             console.print(f"[yellow]compare: suite '{plan.name}' skipped: {escape(plan.missing_reason)}[/]")
             continue
-        mod, _ = _suite_module(plan.name)
-        extra = dict(plan.options)
-        if rerun and "rerun" in inspect.signature(mod.run).parameters:
-            extra["rerun"] = True
+        suite = get_suite(plan.name)
         for model in plan.models:
             console.rule(f"[bold]{plan.name}[/] · {escape(model)} · {len(plan.methods)} method(s)"
                          + (" · quick" if plan.quick else ""))
             try:
-                result = mod.run(list(plan.methods), out, model=model, quick=plan.quick, **extra)
+                result = suite.run(list(plan.methods), out, model=model, quick=plan.quick, rerun=rerun, **plan.options)
                 console.print(f"compare: {plan.name} on {escape(model)}: {result.summary()}")
             except KVBenchError as e:
                 errors.append(f"{plan.name} on {model}: {e}")

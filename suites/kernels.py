@@ -21,28 +21,53 @@ by the method's. `--spread` measures every cell's attention twice and records ho
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-import typer
+from kvbench.errors import KVBenchError
+from kvbench.metrics import BANDWIDTH_GBS, FLOOR_US, SPEEDUP_VS_FULL, STAGE_US, TIME_US
+from kvbench.sizes import parse_size, parse_sizes
+from kvbench.suite import METHOD, Column, Plan, Suite, SyntheticOptions, cell_value, metric, option
+from kvbench.sweep import Cell, console
 
-from kvbench.api import KVBenchError, LayerCache, LayerSpec, Method
-from kvbench.models import Shape, resolve_dtype
-from kvbench.records import RecordWriter
-from kvbench.registry import parse_method
-from kvbench.sweep import Cell, SweepResult, console, run_sweep
-from kvbench.suites.memory import (Q_TAIL, parse_size, parse_sizes, release, resolve_device, resolve_methods,
-                                   resolve_shape, synthetic_kv, write_run_provenance)
-from kvbench.telemetry import with_telemetry
-from kvbench.timing import Timing, bench, copy_bandwidth, floor_us, l2_bytes, matmul_tflops, spread_pct
+if TYPE_CHECKING:
+    import torch
 
-SUITE = "kernels"
+    from kvbench.api import LayerCache, LayerSpec, Method
+    from kvbench.models import Shape
+    from kvbench.timing import Timing
+
 MAX_COPIES = 16  # rotation copies at most; small cells need ~10 at 4K x batch 1 to exceed 3x an H100's L2
 EXTEND_MAX_CALLS = 100  # timing extend() grows the cache; keep the growth small next to the context
+FULL = "full"  # the reference every cell's time is divided by
+
+
+@dataclass
+class KernelOptions(SyntheticOptions):
+    contexts: list[int] = option("Contexts, e.g. 4K,32K,128K.", parse=parse_sizes, cpu="256,1K",
+                                 gpu="4K,8K,16K,32K,64K,128K", quick_cpu="256", quick_gpu="4K,32K")
+    batches: list[int] = option("Decode batch sizes, e.g. 1,8.", parse=parse_sizes, cpu="1,2", gpu="1,2,4,8,16,32,64",
+                                quick_cpu="1", quick_gpu="1,8")
+    mode: str = option("decode (one step's attention), prefill (full-length queries, against full's prefill), or "
+                       "both.", "decode", choices=("decode", "prefill", "both"))
+    prefill_batches: list[int] = option("Batch sizes of the prefill cells.", "1", parse=parse_sizes)
+    prefill_max_tokens: int = option("Skip prefill cells above this batch x context.", parse=parse_size, cpu="1K",
+                                     gpu="128K")
+    l2: str = option("How L2 is kept from holding the inputs: flush (read 256 MB before each call) or rotate (cycle "
+                     "through copies of the cache, > 3x L2 in all).", "flush", choices=("flush", "rotate"))
+    warmup_ms: float = option("Warm-up budget per timing.", cpu=5.0, gpu=25.0, min=0)
+    rep_ms: float = option("Timed-calls budget per timing.", cpu=30.0, gpu=100.0, min=0)
+    spread: bool = option("Time every cell's attention twice and record the spread of the two medians (measurement "
+                          "quality; target < 5%).", False)
+    layer: Optional[int] = option("Layer index the caches are built for (default: the middle).", min=0)
+    graph: bool = option("GPU decode: time back-to-back steps captured in a CUDA graph (over cache copies that defeat "
+                         "L2), as serving engines run decode; --no-graph times single eager calls, CPU launch gaps "
+                         "included.", True)
 
 
 def _spec(shape: Shape, layer: int, dtype: torch.dtype, device: torch.device) -> LayerSpec:
+    from kvbench.api import LayerSpec
+
     return LayerSpec(layer, shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.head_dim, dtype, device)
 
 
@@ -54,6 +79,11 @@ def _step_bytes(cache: LayerCache) -> tuple[int, str]:
 def build_copies(method: Method, spec: LayerSpec, batch: int, context: int, *, rotate: bool, q_tail: int,
                  seed: int) -> list[LayerCache]:
     """One prefilled cache, or (rotate) enough copies from the same inputs that cycling through them exceeds 3x L2."""
+    import torch
+
+    from kvbench.synthetic import synthetic_kv
+    from kvbench.timing import l2_bytes
+
     gen = torch.Generator(device=spec.device).manual_seed(seed)
     k, v = synthetic_kv(batch, spec.n_kv_heads, context, spec.head_dim, spec.dtype, spec.device, gen)
     q = torch.randn(batch, spec.n_heads, min(q_tail, context), spec.head_dim, generator=gen, device=spec.device,
@@ -77,6 +107,10 @@ def build_copies(method: Method, spec: LayerSpec, batch: int, context: int, *, r
 
 def measure_decode(method: Method, spec: LayerSpec, batch: int, context: int, *, l2: str, bench_kw: dict,
                    spread: bool, q_tail: int, seed: int, graph: bool = False) -> dict[str, Any]:
+    import torch
+
+    from kvbench.timing import bench, spread_pct
+
     copies = build_copies(method, spec, batch, context, rotate=l2 == "rotate" or graph, q_tail=q_tail, seed=seed)
     step_bytes, bytes_from = _step_bytes(copies[0])
     m: dict[str, Any] = {"decode_bytes": step_bytes, "bytes_from": bytes_from, "nbytes": copies[0].nbytes(),
@@ -109,6 +143,11 @@ def measure_decode(method: Method, spec: LayerSpec, batch: int, context: int, *,
 
 def measure_prefill(method: Method, spec: LayerSpec, batch: int, context: int, *, l2: str, bench_kw: dict,
                     spread: bool, seed: int) -> dict[str, Any]:
+    import torch
+
+    from kvbench.synthetic import synthetic_kv
+    from kvbench.timing import bench, spread_pct
+
     gen = torch.Generator(device=spec.device).manual_seed(seed)
     k, v = synthetic_kv(batch, spec.n_kv_heads, context, spec.head_dim, spec.dtype, spec.device, gen)
     q = torch.randn(batch, spec.n_heads, context, spec.head_dim, generator=gen, device=spec.device, dtype=spec.dtype)
@@ -143,189 +182,163 @@ def measure_prefill(method: Method, spec: LayerSpec, batch: int, context: int, *
     return m
 
 
+def cells(plan: Plan) -> list[Cell]:
+    """Mode-major, then context, batch, and method with full first (its time is every cell's reference)."""
+    from kvbench.models import resolve_dtype
+    from kvbench.synthetic import resolve_shape
+
+    o, dev = plan.options, plan.torch_device
+    shape_name, shape = resolve_shape(plan.model, dev)
+    base = {"model": shape_name, "dtype": str(resolve_dtype(o.dtype, dev)).removeprefix("torch."), "device": dev.type,
+            "layer": layer_index(o.layer, shape_name, shape), "timing": "cuda-graph" if o.graph and plan.gpu else "eager"}
+    ordered = sorted(plan.methods, key=lambda m: m.label() != FULL)
+    out: list[Cell] = []
+    for md in modes(o.mode):
+        for c in o.contexts:
+            batches = o.batches if md == "decode" else [b for b in o.prefill_batches if b * c <= o.prefill_max_tokens]
+            out += [Cell.of(m, {**base, "mode": md, "context": c, "batch": b}) for b in batches for m in ordered]
+    if "prefill" in modes(o.mode) and not any(c.cell["mode"] == "prefill" for c in out):
+        console.print(f"[yellow]kernels: no prefill cell has batch x context <= {o.prefill_max_tokens}; raise "
+                      "--prefill-max-tokens")
+    return out
+
+
+def modes(mode: str) -> list[str]:
+    return ["decode", "prefill"] if mode == "both" else [mode]
+
+
+def layer_index(layer: int | None, shape_name: str, shape: Shape) -> int:
+    idx = shape.n_layers // 2 if layer is None else layer
+    if not 0 <= idx < shape.n_layers:
+        raise KVBenchError(f"--layer {layer} is invalid; valid: 0..{shape.n_layers - 1} for {shape_name}")
+    return idx
+
+
+class Session:
+    """What a kernels run measures once: the copy bandwidth (every decode floor), the matmul rate (prefill floors),
+    and full's time per (mode, context, batch), the reference of every other method's cell."""
+
+    def __init__(self, plan: Plan):
+        from kvbench.models import resolve_dtype
+        from kvbench.synthetic import resolve_shape
+        from kvbench.timing import copy_bandwidth, matmul_tflops
+
+        o, dev = plan.options, plan.torch_device
+        self.plan, self.device = plan, dev
+        shape_name, shape = resolve_shape(plan.model, dev)
+        self.spec = _spec(shape, layer_index(o.layer, shape_name, shape), resolve_dtype(o.dtype, dev), dev)
+        self.bench_kw = dict(warmup_ms=o.warmup_ms, rep_ms=o.rep_ms, device=dev)
+        console.print("[dim]kernels: measuring copy bandwidth ...[/]")
+        self.bandwidth = copy_bandwidth(device=dev, warmup_ms=o.warmup_ms, rep_ms=o.rep_ms)
+        self.copy_gbs = self.bandwidth["copy_gbs"]
+        console.print(f"[dim]kernels: copy bandwidth {self.copy_gbs:,.0f} GB/s "
+                      f"({self.bandwidth['copy_bytes'] / 2**20:.0f} MiB copies)[/]")
+        self.matmul: dict[str, Any] = {}
+        if "prefill" in modes(o.mode):
+            self.matmul = matmul_tflops(device=dev, warmup_ms=o.warmup_ms, rep_ms=o.rep_ms)
+            console.print(f"[dim]kernels: matmul {self.matmul['matmul_tflops']:.3g} TFLOP/s "
+                          f"({self.matmul['matmul_dtype']}, n={self.matmul['matmul_n']})[/]")
+        self.reference: dict[tuple, float | None] = {}  # (mode, context, batch) -> full's median in this process
+
+    def time(self, method: Method, mode: str, context: int, batch: int) -> dict[str, Any]:
+        o = self.plan.options
+        if mode == "decode":
+            return measure_decode(method, self.spec, batch, context, l2=o.l2, bench_kw=self.bench_kw, spread=o.spread,
+                                  q_tail=o.q_tail, seed=o.seed, graph=o.graph and self.plan.gpu)
+        return measure_prefill(method, self.spec, batch, context, l2=o.l2, bench_kw=self.bench_kw, spread=o.spread,
+                               seed=o.seed)
+
+    def full_time(self, key: tuple) -> float | None:
+        """full's time on this cell: from its own cell when this process ran it, else measured now."""
+        import torch
+
+        from kvbench.device import release
+        from kvbench.registry import parse_method
+
+        if key not in self.reference:
+            try:
+                self.reference[key] = self.time(parse_method(FULL), *key)[TIME_US]
+            except torch.OutOfMemoryError:
+                self.reference[key] = None
+            release(self.device)
+        return self.reference[key]
+
+
+def measure(s: Session, cell: Cell) -> dict[str, Any]:
+    """One cell's time, its floor and its speed-up over full on the same cell."""
+    import torch
+
+    from kvbench.device import release
+
+    method, key = cell.parsed, (cell.cell["mode"], cell.cell["context"], cell.cell["batch"])
+    is_ref = method.label() == FULL
+    if not is_ref:
+        s.full_time(key)
+    release(s.device)
+    try:
+        m = s.time(method, *key)
+    except torch.OutOfMemoryError:
+        if is_ref:
+            s.reference[key] = None  # the others' cells need not try full again
+        raise
+    release(s.device)
+    if is_ref:
+        s.reference[key] = m[TIME_US]
+    ref = s.reference.get(key)
+    m["full_time_us"] = ref
+    m[SPEEDUP_VS_FULL] = ref / m[TIME_US] if ref else None
+    m.update(prefill_floor(m, ref, s) if key[0] == "prefill" else decode_floor(m, s))
+    m["copy_gbs"] = s.copy_gbs
+    return m
+
+
+def decode_floor(m: dict, s: Session) -> dict[str, Any]:
+    from kvbench.timing import floor_us
+
+    floor = floor_us(m["decode_bytes"], s.copy_gbs)
+    return {FLOOR_US: floor, BANDWIDTH_GBS: m["decode_bytes"] / (m[TIME_US] * 1e-6) / 1e9,
+            "floor_fraction": floor / m[TIME_US]}
+
+
+def prefill_floor(m: dict, ref: float | None, s: Session) -> dict[str, Any]:
+    """Prefill is compute-bound: its floor is the larger of its flops at the measured matmul rate and its bytes at the
+    measured copy bandwidth."""
+    from kvbench.timing import floor_us
+
+    rate = s.matmul["matmul_tflops"]
+    compute = m["prefill_flops"] / (rate * 1e12) * 1e6
+    memory = floor_us(m["prefill_bytes"], s.copy_gbs)
+    floor = max(compute, memory)
+    return {"overhead_pct": (m[TIME_US] / ref - 1) * 100 if ref else None, "floor_compute_us": compute,
+            "floor_memory_us": memory, FLOOR_US: floor, "floor_kind": "compute" if compute >= memory else "memory",
+            "tflops": m["prefill_flops"] / (m[TIME_US] * 1e-6) / 1e12, "matmul_tflops": rate,
+            "floor_fraction": floor / m[TIME_US]}
+
+
 def _timing_metrics(t: Timing) -> dict[str, Any]:
     return {"time_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us, "min_us": t.min_us,
             "n_repeat": t.n_repeat, "n_warmup": t.n_warmup, "clock": t.clock, "l2": t.l2}
-
-
-def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = False, contexts: str | None = None,
-        batches: str | None = None, mode: str = "decode", prefill_batches: str | None = None,
-        prefill_max_tokens: str | None = None, l2: str = "flush", warmup_ms: float | None = None,
-        rep_ms: float | None = None, spread: bool = False, layer: int | None = None, device: str | None = None,
-        dtype: str = "auto", q_tail: int = Q_TAIL, seed: int = 0, rerun: bool = False,
-        show_progress: bool = True, graph: bool = True) -> SweepResult:
-    """Run the kernel suite; writes `out/kernels.jsonl` and `out/kernels.provenance.json`, prints a table."""
-    if mode not in ("decode", "prefill", "both"):
-        raise KVBenchError(f"--mode '{mode}' is invalid; valid: decode, prefill, both")
-    if l2 not in ("flush", "rotate"):
-        raise KVBenchError(f"--l2 '{l2}' is invalid; valid: flush (evict L2 before each call), rotate (cycle copies)")
-    ms = resolve_methods(methods)
-    dev = resolve_device(device)
-    shape_name, shape = resolve_shape(model, dev)
-    dt = resolve_dtype(dtype, dev)
-    gpu = dev.type == "cuda"
-    ctxs = parse_sizes(contexts or (("4K,32K" if quick else "4K,8K,16K,32K,64K,128K") if gpu else
-                                    ("256" if quick else "256,1K")), "--contexts")
-    bs = parse_sizes(batches or (("1,8" if quick else "1,2,4,8,16,32,64") if gpu else ("1" if quick else "1,2")),
-                     "--batches")
-    pbs = parse_sizes(prefill_batches or "1", "--prefill-batches")
-    p_max = parse_size(prefill_max_tokens or ("128K" if gpu else "1K"), "--prefill-max-tokens")
-    layer_idx = shape.n_layers // 2 if layer is None else layer
-    if not 0 <= layer_idx < shape.n_layers:
-        raise KVBenchError(f"--layer {layer} is invalid; valid: 0..{shape.n_layers - 1} for {shape_name}")
-    bench_kw = dict(warmup_ms=warmup_ms if warmup_ms is not None else (25.0 if gpu else 5.0),
-                    rep_ms=rep_ms if rep_ms is not None else (100.0 if gpu else 30.0), device=dev)
-    full = parse_method("full")
-    ordered = sorted(ms, key=lambda m: m.label() != full.label())  # full first: its time is every cell's reference
-    spec = _spec(shape, layer_idx, dt, dev)
-
-    base = {"model": shape_name, "dtype": str(dt).removeprefix("torch."), "device": dev.type, "layer": layer_idx,
-            "timing": "cuda-graph" if graph and gpu else "eager"}
-    cells: list[Cell] = []
-    modes = ["decode", "prefill"] if mode == "both" else [mode]
-    for md in modes:
-        for c in ctxs:
-            for b in (bs if md == "decode" else [b for b in pbs if b * c <= p_max]):
-                for m in ordered:
-                    cells.append(Cell(m.label(), m.params(), {**base, "mode": md, "context": c, "batch": b}, m))
-    if "prefill" in modes and not any(c.cell["mode"] == "prefill" for c in cells):
-        console.print(f"[yellow]kernels: no prefill cell has batch x context <= {p_max}; raise --prefill-max-tokens")
-
-    console.print("[dim]kernels: measuring copy bandwidth ...[/]")
-    bw = copy_bandwidth(device=dev, warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
-    copy_gbs = bw["copy_gbs"]
-    console.print(f"[dim]kernels: copy bandwidth {copy_gbs:,.0f} GB/s ({bw['copy_bytes'] / 2**20:.0f} MiB copies)[/]")
-    mm = {}
-    if "prefill" in modes:
-        mm = matmul_tflops(device=dev, warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
-        console.print(f"[dim]kernels: matmul {mm['matmul_tflops']:.3g} TFLOP/s ({mm['matmul_dtype']}, "
-                      f"n={mm['matmul_n']})[/]")
-    reference: dict[tuple, float | None] = {}  # (mode, context, batch) -> full's median in this run
-
-    def measure(method: Method, md: str, c: int, b: int) -> dict[str, Any]:
-        if md == "decode":
-            return measure_decode(method, spec, b, c, l2=l2, bench_kw=bench_kw, spread=spread, q_tail=q_tail,
-                                  seed=seed, graph=graph and gpu)
-        return measure_prefill(method, spec, b, c, l2=l2, bench_kw=bench_kw, spread=spread, seed=seed)
-
-    def runner(cell: Cell) -> dict:
-        method: Method = cell.context
-        md, c, b = cell.cell["mode"], cell.cell["context"], cell.cell["batch"]
-        key = (md, c, b)
-        is_ref = method.label() == full.label()
-        if not is_ref and key not in reference:  # full's own cell was not run in this run: measure it now
-            try:
-                reference[key] = measure(full, md, c, b)["time_us"]
-            except torch.OutOfMemoryError:
-                reference[key] = None
-            release(dev)
-        release(dev)
-        try:
-            m = measure(method, md, c, b)
-        except torch.OutOfMemoryError:
-            if is_ref:
-                reference[key] = None  # the others' cells need not try full again
-            raise
-        release(dev)
-        if is_ref:
-            reference[key] = m["time_us"]
-        ref = reference.get(key)
-        m["full_time_us"] = ref
-        m["speedup_vs_full"] = ref / m["time_us"] if ref else None
-        if md == "prefill":
-            m["overhead_pct"] = (m["time_us"] / ref - 1) * 100 if ref else None
-            # compute-bound: the floor is the larger of its flops at the measured matmul rate and its bytes at the
-            # measured copy bandwidth
-            compute = m["prefill_flops"] / (mm["matmul_tflops"] * 1e12) * 1e6
-            memory = floor_us(m["prefill_bytes"], copy_gbs)
-            m.update(floor_compute_us=compute, floor_memory_us=memory, floor_us=max(compute, memory),
-                     floor_kind="compute" if compute >= memory else "memory",
-                     tflops=m["prefill_flops"] / (m["time_us"] * 1e-6) / 1e12, matmul_tflops=mm["matmul_tflops"])
-            m["floor_fraction"] = m["floor_us"] / m["time_us"]
-        else:
-            m["floor_us"] = floor_us(m["decode_bytes"], copy_gbs)
-            m["bandwidth_gbs"] = m["decode_bytes"] / (m["time_us"] * 1e-6) / 1e9
-            m["floor_fraction"] = m["floor_us"] / m["time_us"]
-        m["copy_gbs"] = copy_gbs
-        return m
-
-    out = Path(out)
-    writer = RecordWriter(out / f"{SUITE}.jsonl")
-    options = dict(model=shape_name, contexts=ctxs, batches=bs, mode=mode, prefill_batches=pbs,
-                   prefill_max_tokens=p_max, l2=l2, spread=spread, layer=layer_idx, device=str(dev), dtype=str(dt),
-                   q_tail=q_tail, seed=seed, quick=quick, methods=[m.label() for m in ordered], graph=graph and gpu,
-                   warmup_ms=bench_kw["warmup_ms"], rep_ms=bench_kw["rep_ms"])
-    # sample NVML every 100 ms here (50 ms elsewhere): the sampler thread must not disturb the timed launches
-    result = run_sweep(SUITE, cells, with_telemetry(runner, interval_s=0.1), writer, description="kernels", rerun=rerun,
-                       show_progress=show_progress)
-    write_run_provenance(out, SUITE, options, copy_bandwidth={k: v for k, v in bw.items() if k != "copy_timing"},
-                         matmul=mm or None)
-    print_table(result.records)
-    return result
-
-
-def print_table(records: list[dict]) -> None:
-    from rich.table import Table
-
-    t = Table(title="kernels (medians, us)", title_justify="left")
-    cols = ("method", "mode", "ctx", "B", "time_us", "floor_us", "GB/s", "vs full", "spread%")
-    for col in cols:
-        t.add_column(col, justify="left" if col in ("method", "mode") else "right")
-    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-    for r in records:
-        m, c = r["metrics"], r["cell"]
-        if r["status"] != "ok":
-            t.add_row(r["method"], c["mode"], _k(c["context"]), str(c["batch"]), r["status"], "", "", "", "")
-            continue
-        t.add_row(r["method"], c["mode"], _k(c["context"]), str(c["batch"]), fmt(m.get("time_us"), ",.1f"),
-                  fmt(m.get("floor_us"), ",.1f"), fmt(m.get("bandwidth_gbs"), ",.0f"),
-                  fmt(m.get("speedup_vs_full"), ".2f") + ("x" if m.get("speedup_vs_full") else ""),
-                  fmt(m.get("spread_pct"), ".1f"))
-    console.print(t)
 
 
 def _k(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def command(
-    methods: list[str] = typer.Option(["all"], "--methods", "-m", help="Method specs, repeatable: full, "
-                                      "selfindex:budget=0.1, ... ('all': every registered method). full is always "
-                                      "measured: it is the reference."),
-    out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder for kernels.jsonl and its provenance."),
-    model: str = typer.Option("auto", help="Attention shape: auto (llama-3.1-8b on GPU, the embedded model's on "
-                                           "CPU), embedded, a kvbench.models.SHAPES name, or a Hugging Face id."),
-    quick: bool = typer.Option(False, help="A small grid (GPU: 4K,32K x 1,8) for a fast check."),
-    contexts: Optional[str] = typer.Option(None, help="Contexts, e.g. 4K,32K,128K (default GPU 4K..128K in "
-                                                      "powers of 2; CPU 256,1K)."),
-    batches: Optional[str] = typer.Option(None, help="Decode batch sizes, e.g. 1,8 (default GPU 1..64 in powers "
-                                                     "of 2; CPU 1,2)."),
-    mode: str = typer.Option("decode", help="decode (one step's attention), prefill (full-length queries, "
-                                            "against full's prefill), or both."),
-    prefill_batches: Optional[str] = typer.Option(None, help="Batch sizes of the prefill cells (default 1)."),
-    prefill_max_tokens: Optional[str] = typer.Option(None, help="Skip prefill cells above this batch x context "
-                                                                "(default GPU 128K, CPU 1K)."),
-    l2: str = typer.Option("flush", help="How L2 is kept from holding the inputs: flush (read 256 MB before each "
-                                         "call) or rotate (cycle through copies of the cache, > 3x L2 in all)."),
-    warmup_ms: Optional[float] = typer.Option(None, help="Warm-up budget per timing (default GPU 25, CPU 5)."),
-    rep_ms: Optional[float] = typer.Option(None, help="Timed-calls budget per timing (default GPU 100, CPU 30)."),
-    spread: bool = typer.Option(False, help="Time every cell's attention twice and record the spread of the two "
-                                            "medians (measurement quality; target < 5%)."),
-    layer: Optional[int] = typer.Option(None, help="Layer index the caches are built for (default: the middle)."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
-    q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill (the last "
-                                                   "positions; 32 for window-based methods such as SnapKV)."),
-    seed: int = typer.Option(0, help="Seed of the synthetic tensors."),
-    rerun: bool = typer.Option(False, help="Measure cells again even if out/kernels.jsonl already has them."),
-    graph: bool = typer.Option(True, help="GPU decode: time back-to-back steps captured in a CUDA graph (over "
-                                          "cache copies that defeat L2), as serving engines run decode; --no-graph "
-                                          "times single eager calls, CPU launch gaps included."),
-):
-    """Decode-attention (and prefill) time per method over contexts x batches, each next to its bandwidth floor and
-    full's time on the same cell."""
-    result = run(methods, out, model=model, quick=quick, contexts=contexts, batches=batches, mode=mode,
-                 prefill_batches=prefill_batches, prefill_max_tokens=prefill_max_tokens, l2=l2, warmup_ms=warmup_ms,
-                 rep_ms=rep_ms, spread=spread, layer=layer, device=device, dtype=dtype, q_tail=q_tail, seed=seed,
-                 rerun=rerun, graph=graph)
-    console.print(f"kernels: {result.summary()}")
+SUITE = Suite(
+    name="kernels",
+    help="Decode-attention (and prefill) time per method over contexts x batches, each next to its bandwidth floor "
+         "and full's time on the same cell. full is always measured: it is the reference.",
+    options=KernelOptions, cells=cells, setup=Session, measure=measure,
+    # NVML every 100 ms here (50 ms elsewhere): the sampler thread must not disturb the timed launches
+    telemetry_s=0.1,
+    provenance=lambda s: {"copy_bandwidth": {k: v for k, v in s.bandwidth.items() if k != "copy_timing"},
+                          "matmul": s.matmul or None},
+    columns=(METHOD, Column("mode", cell_value("mode"), left=True), Column("ctx", lambda r: _k(r["cell"]["context"])),
+             Column("B", cell_value("batch")),
+             Column("time_us", lambda r: r["metrics"].get(TIME_US) if r["status"] == "ok" else r["status"], ",.1f"),
+             Column("floor_us", metric(FLOOR_US), ",.1f"), Column("GB/s", metric(BANDWIDTH_GBS), ",.0f"),
+             Column("vs full", metric(SPEEDUP_VS_FULL), ".2f"), Column("spread%", metric("spread_pct"), ".1f")),
+    report=("kernels", "prefill"),
+    model_help="Attention shape: auto (llama-3.1-8b on GPU, the embedded model's on CPU), embedded, a "
+               "kvbench.models.SHAPES name, or a Hugging Face id.",
+)

@@ -47,7 +47,7 @@ from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any, Callable
 
-from kvbench.api import KVBenchError
+from kvbench.errors import KVBenchError
 
 # RULER's "noise" haystack (and the passkey test's filler), one sentence per item so prompts fit tightly
 NOISE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]

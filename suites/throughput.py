@@ -23,34 +23,97 @@ from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-import typer
+from kvbench.metrics import BATCH, DECODE_TOK_S, LATENCY_MS, MAX_BATCH, TTFT_S
+from kvbench.sizes import parse_size, parse_sizes, search_max
+from kvbench.suite import METHOD, STATUS, Column, Plan, Suite, SyntheticOptions, cell_value, metric, option
+from kvbench.sweep import Cell
 
-from kvbench.api import KVBenchError, Method
-from kvbench.bridge import KVBenchCache, attach
-from kvbench.models import load_model, model_shape
-from kvbench.records import RecordWriter
-from kvbench.sweep import Cell, SweepResult, console, run_sweep
-from kvbench.suites.memory import (Q_TAIL, fill_synthetic, layer_specs, parse_size, parse_sizes, release,
-                                   resolve_device, resolve_methods, search_max, write_run_provenance)
-from kvbench.telemetry import with_telemetry
-from kvbench.timing import sync
+if TYPE_CHECKING:
+    import torch
 
-SUITE = "throughput"
+    from kvbench.api import Method
+    from kvbench.bridge import KVBenchCache
+
 WARMUP_PROMPT = 128  # tokens of the warm-up prefill that precedes the first timed one (kernels load, JIT builds)
 TTFT_BUDGET_S = 10.0  # repeat a TTFT measurement (up to 3 times) while it costs less than this
 
 
+@dataclass
+class ThroughputOptions(SyntheticOptions):
+    contexts: list[int] = option("Contexts, e.g. 4K,32K.", parse=parse_sizes, cpu="256,1K", gpu="4K,32K",
+                                 quick_cpu="256", quick_gpu="32K")
+    batches: list[int] = option("Batch sizes, e.g. 1,8,32.", parse=parse_sizes, cpu="1,2", gpu="1,8,32",
+                                quick_cpu="1", quick_gpu="1,8")
+    fill: str = option("How the cache is filled before decoding: prefill (real prompt), synthetic (synthetic k/v per "
+                       "layer), or auto (prefill up to --prefill-tokens).", "auto",
+                       choices=("auto", "prefill", "synthetic"))
+    prefill_tokens: int = option("auto fill: real prefill up to this batch x context.", parse=parse_size, cpu="2K",
+                                 gpu="32K")
+    steps: int = option("Timed decode steps per cell.", cpu=4, gpu=16, quick_cpu=2, min=1)
+    warmup_steps: int = option("Untimed decode steps first.", cpu=1, gpu=3, min=0)
+    search: bool = option("Also grow the batch until out of memory and record the best throughput.", True)
+    search_context: int = option("Context of the batch search.", parse=parse_size, cpu="256", gpu="32K")
+    max_batch: int = option("Upper end of the batch search.", cpu=4, gpu=1024, quick_cpu=2, min=1)
+
+
+def model_name(plan: Plan) -> str:
+    return ("synthetic:llama-3.1-8b" if plan.gpu else "embedded") if plan.model == "auto" else plan.model
+
+
+def resolve_fill(fill: str, prefill_tokens: int, batch: int, context: int) -> str:
+    if fill != "auto":
+        return fill
+    return "prefill" if batch * context <= prefill_tokens else "synthetic"
+
+
+def cells(plan: Plan) -> list[Cell]:
+    """Per method: a decode cell per context x batch, then (with search) the largest batch at the search context."""
+    from kvbench.models import resolve_dtype
+
+    o = plan.options
+    dtype = plan.loaded[0].dtype if plan.loaded is not None else resolve_dtype(o.dtype, plan.torch_device)
+    base = {"model": model_name(plan), "dtype": str(dtype).removeprefix("torch."), "device": plan.torch_device.type}
+    out: list[Cell] = []
+    for m in plan.methods:
+        out += [Cell.of(m, {**base, "task": "decode", "context": c, "batch": b,
+                            "fill": resolve_fill(o.fill, o.prefill_tokens, b, c)}) for c in o.contexts for b in o.batches]
+        if o.search:
+            out.append(Cell.of(m, {**base, "task": "max_batch", "context": o.search_context, "fill": "synthetic"}))
+    return out
+
+
+def setup(plan: Plan) -> Runner:
+    """Load the model (once per process) and hold it in a Runner."""
+    from kvbench.models import load_model
+    from kvbench.sweep import console
+
+    o = plan.options
+    if plan.loaded is not None:
+        model = plan.loaded[0]
+    else:
+        with console.status(f"loading {model_name(plan)} ..."):
+            model, _ = load_model(model_name(plan), device=plan.torch_device, dtype=o.dtype)
+    return Runner(model, fill=o.fill, prefill_tokens=o.prefill_tokens, warmup_steps=o.warmup_steps, steps=o.steps,
+                  q_tail=o.q_tail, seed=o.seed, search_limit=o.max_batch)
+
+
 def random_ids(model, batch: int, tokens: int, gen: torch.Generator) -> torch.Tensor:
+    import torch
+
     vocab = model.config.get_text_config().vocab_size
     return torch.randint(0, vocab, (batch, tokens), generator=gen, device=gen.device).to(model.device)
 
 
 def real_prefill(model, method: Method, ids: torch.Tensor) -> tuple[KVBenchCache, torch.Tensor, float]:
     """Prompt ids [B, T] through the model; returns (cache, next token ids [B, 1], seconds to the first token)."""
+    import torch
+
+    from kvbench.bridge import attach
+    from kvbench.timing import sync
+
     cache = attach(model, method)
     sync(model.device)
     t0 = time.perf_counter()
@@ -63,6 +126,12 @@ def real_prefill(model, method: Method, ids: torch.Tensor) -> tuple[KVBenchCache
 
 def synthetic_cache(model, method: Method, batch: int, context: int, *, q_tail: int, seed: int) -> KVBenchCache:
     """A KVBenchCache whose every layer holds `context` synthetic tokens, built layer by layer (no activations)."""
+    import torch
+
+    from kvbench.bridge import attach
+    from kvbench.models import model_shape
+    from kvbench.synthetic import fill_synthetic, layer_specs
+
     shape = model_shape(model)
     cache = attach(model, method)
     dummy = torch.empty(batch, shape.n_kv_heads, 1, shape.head_dim, dtype=model.dtype, device=model.device)
@@ -76,6 +145,10 @@ def synthetic_cache(model, method: Method, batch: int, context: int, *, q_tail: 
 
 def decode(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, steps: int) -> list[float]:
     """Greedy decode steps of the whole model; returns the seconds of each timed step (warm-up steps excluded)."""
+    import torch
+
+    from kvbench.timing import sync
+
     pos = cache.get_seq_length()
     times = []
     with torch.inference_mode():
@@ -103,6 +176,8 @@ class Runner:
 
     def __init__(self, model, *, fill: str, prefill_tokens: int, warmup_steps: int, steps: int, q_tail: int,
                  seed: int, search_limit: int):
+        import torch
+
         self.model, self.fill, self.prefill_tokens = model, fill, prefill_tokens
         self.warmup_steps, self.steps, self.q_tail, self.seed = warmup_steps, steps, q_tail, seed
         self.search_limit = search_limit
@@ -111,13 +186,10 @@ class Runner:
         self.device = model.device
         self.gen = torch.Generator(device=model.device).manual_seed(seed)
 
-    def resolve_fill(self, batch: int, context: int) -> str:
-        if self.fill != "auto":
-            return self.fill
-        return "prefill" if batch * context <= self.prefill_tokens else "synthetic"
-
     def warm_up(self, method: Method) -> None:
         """A short real prefill and a few decode steps: kernels load and JIT builds happen here, untimed."""
+        from kvbench.device import release
+
         if method.label() in self.warm:
             return
         cache, nxt, _ = real_prefill(self.model, method, random_ids(self.model, 1, WARMUP_PROMPT, self.gen))
@@ -128,6 +200,8 @@ class Runner:
 
     def measure_ttft(self, method: Method, batch: int, context: int) -> tuple[dict, KVBenchCache, torch.Tensor]:
         """Median of up to 3 real prefills (fewer when one is slow); returns the facts and the last run's cache."""
+        from kvbench.device import release
+
         runs, cache, nxt = [], None, None
         while len(runs) < 3 and (not runs or sum(runs) + runs[-1] < TTFT_BUDGET_S):
             cache = nxt = None
@@ -138,7 +212,11 @@ class Runner:
         return {"ttft_s": statistics.median(runs), "ttft_batch": batch, "ttft_runs": len(runs)}, cache, nxt
 
     def cell(self, cell: Cell) -> dict[str, Any]:
-        c, method = cell.cell, cell.context
+        import torch
+
+        from kvbench.device import release
+
+        c, method = cell.cell, cell.parsed
         if c["task"] == "max_batch":
             return self.search(method, c["context"])
         batch, context = c["batch"], c["context"]
@@ -170,6 +248,10 @@ class Runner:
         return m
 
     def ttft_at_batch_1(self, method: Method, context: int) -> dict[str, Any]:
+        import torch
+
+        from kvbench.device import release
+
         key = (method.label(), context)
         if key not in self.ttft:
             try:
@@ -182,6 +264,10 @@ class Runner:
         return dict(self.ttft[key])
 
     def search(self, method: Method, context: int) -> dict[str, Any]:
+        import torch
+
+        from kvbench.device import release
+
         self.warm_up(method)
         steps = max(2, self.steps // 4)
 
@@ -211,100 +297,19 @@ class Runner:
                 "probes": trail}
 
 
-def run(methods: list[str], out: Path, *, model: str = "auto", quick: bool = False, contexts: str | None = None,
-        batches: str | None = None, fill: str = "auto", prefill_tokens: str | None = None, steps: int | None = None,
-        warmup_steps: int | None = None, search: bool = True, search_context: str | None = None,
-        max_batch: int | None = None, device: str | None = None, dtype: str = "auto", q_tail: int = Q_TAIL,
-        seed: int = 0, rerun: bool = False, show_progress: bool = True) -> SweepResult:
-    """Run the throughput suite; writes `out/throughput.jsonl` and `out/throughput.provenance.json`."""
-    if fill not in ("auto", "prefill", "synthetic"):
-        raise KVBenchError(f"--fill '{fill}' is invalid; valid: auto, prefill, synthetic")
-    ms = resolve_methods(methods)
-    dev = resolve_device(device)
-    gpu = dev.type == "cuda"
-    model_name = ("synthetic:llama-3.1-8b" if gpu else "embedded") if model == "auto" else model
-    ctxs = parse_sizes(contexts or (("32K" if quick else "4K,32K") if gpu else ("256" if quick else "256,1K")),
-                       "--contexts")
-    bs = parse_sizes(batches or (("1,8" if quick else "1,8,32") if gpu else ("1" if quick else "1,2")), "--batches")
-    p_tokens = parse_size(prefill_tokens or ("32K" if gpu else "2K"), "--prefill-tokens")
-    n_steps = steps or (16 if gpu else (2 if quick else 4))
-    n_warm = warmup_steps if warmup_steps is not None else (3 if gpu else 1)
-    s_ctx = parse_size(search_context or ("32K" if gpu else "256"), "--search-context")
-    limit = max_batch or (1024 if gpu else (2 if quick else 4))
-    with console.status(f"loading {model_name} ..."):
-        mdl, _ = load_model(model_name, device=dev, dtype=dtype)
-    runner = Runner(mdl, fill=fill, prefill_tokens=p_tokens, warmup_steps=n_warm, steps=n_steps, q_tail=q_tail,
-                    seed=seed, search_limit=limit)
-    base = {"model": model_name, "dtype": str(mdl.dtype).removeprefix("torch."), "device": dev.type}
-    cells: list[Cell] = []
-    for m in ms:
-        for c in ctxs:
-            for b in bs:
-                cells.append(Cell(m.label(), m.params(), {**base, "task": "decode", "context": c, "batch": b,
-                                                           "fill": runner.resolve_fill(b, c)}, m))
-        if search:
-            cells.append(Cell(m.label(), m.params(), {**base, "task": "max_batch", "context": s_ctx,
-                                                       "fill": "synthetic"}, m))
-    out = Path(out)
-    writer = RecordWriter(out / f"{SUITE}.jsonl")
-    options = dict(model=model_name, contexts=ctxs, batches=bs, fill=fill, prefill_tokens=p_tokens, steps=n_steps,
-                   warmup_steps=n_warm, search=search, search_context=s_ctx, max_batch=limit, device=str(dev),
-                   dtype=str(mdl.dtype), q_tail=q_tail, seed=seed, quick=quick, methods=[m.label() for m in ms])
-    result = run_sweep(SUITE, cells, with_telemetry(runner.cell), writer, description="throughput", rerun=rerun,
-                       show_progress=show_progress)
-    write_run_provenance(out, SUITE, options, load_s=round(getattr(mdl, "kvbench_load_s", 0.0), 2))
-    print_table(result.records)
-    return result
-
-
-def print_table(records: list[dict]) -> None:
-    from rich.table import Table
-
-    t = Table(title="throughput", title_justify="left")
-    for col in ("method", "task", "ctx", "B", "fill", "status", "TTFT s", "tok/s", "ms/step", "cache GiB", "max B"):
-        t.add_column(col, justify="left" if col in ("method", "task", "fill", "status") else "right")
-    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-    for r in records:
-        m, c = r["metrics"], r["cell"]
-        t.add_row(r["method"], c["task"], str(c["context"]), str(m.get("batch", c.get("batch", "-"))), c["fill"],
-                  r["status"], fmt(m.get("ttft_s"), ".3f"), fmt(m.get("decode_tok_s"), ",.1f"),
-                  fmt(m.get("latency_ms"), ".2f"),
-                  fmt(None if m.get("cache_bytes") is None else m["cache_bytes"] / 2**30, ".2f"),
-                  fmt(m.get("max_batch"), "d"))
-    console.print(t)
-
-
-def command(
-    methods: list[str] = typer.Option(["all"], "--methods", "-m", help="Method specs, repeatable: full, "
-                                      "selfindex:budget=0.1, ... ('all': every registered method)."),
-    out: Path = typer.Option(Path("results"), "--out", "-o", help="Folder for throughput.jsonl and its provenance."),
-    model: str = typer.Option("auto", help="auto (synthetic:llama-3.1-8b on GPU, embedded on CPU), embedded, "
-                                           "synthetic:<arch>, a Hugging Face id or a local path."),
-    quick: bool = typer.Option(False, help="A small grid for a fast check."),
-    contexts: Optional[str] = typer.Option(None, help="Contexts, e.g. 4K,32K (default GPU 4K,32K; CPU 256,1K)."),
-    batches: Optional[str] = typer.Option(None, help="Batch sizes, e.g. 1,8,32 (default GPU 1,8,32; CPU 1,2)."),
-    fill: str = typer.Option("auto", help="How the cache is filled before decoding: prefill (real prompt), synthetic "
-                                          "(synthetic k/v per layer), or auto (prefill up to --prefill-tokens)."),
-    prefill_tokens: Optional[str] = typer.Option(None, help="auto fill: real prefill up to this batch x context "
-                                                            "(default GPU 32K, CPU 2K)."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Timed decode steps per cell (default GPU 16, CPU 4)."),
-    warmup_steps: Optional[int] = typer.Option(None, min=0, help="Untimed decode steps first (default GPU 3, CPU 1)."),
-    search: bool = typer.Option(True, help="Also grow the batch until out of memory and record the best throughput."),
-    search_context: Optional[str] = typer.Option(None, help="Context of the batch search (default GPU 32K, "
-                                                            "CPU 256)."),
-    max_batch: Optional[int] = typer.Option(None, min=1, help="Upper end of the batch search (default GPU 1024, "
-                                                              "CPU 4, quick 2)."),
-    device: Optional[str] = typer.Option(None, help="cuda or cpu (default: cuda when present)."),
-    dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
-    q_tail: int = typer.Option(Q_TAIL, min=1, help="Prefill queries per layer in a synthetic fill (the last "
-                                                   "positions; 32 for window-based methods such as SnapKV)."),
-    seed: int = typer.Option(0, help="Seed of prompts and synthetic tensors."),
-    rerun: bool = typer.Option(False, help="Measure cells again even if out/throughput.jsonl already has them."),
-):
-    """End-to-end decode throughput, per-token latency and time to first token of a real model through each method's
-    cache, and the largest batch (and best throughput) each method fits in device memory."""
-    result = run(methods, out, model=model, quick=quick, contexts=contexts, batches=batches, fill=fill,
-                 prefill_tokens=prefill_tokens, steps=steps, warmup_steps=warmup_steps, search=search,
-                 search_context=search_context, max_batch=max_batch, device=device, dtype=dtype, q_tail=q_tail,
-                 seed=seed, rerun=rerun)
-    console.print(f"throughput: {result.summary()}")
+SUITE = Suite(
+    name="throughput",
+    help="End-to-end decode throughput, per-token latency and time to first token of a real model through each "
+         "method's cache, and the largest batch (and best throughput) each method fits in device memory.",
+    options=ThroughputOptions, cells=cells, setup=setup, measure=lambda runner, cell: runner.cell(cell),
+    provenance=lambda runner: {"load_s": round(getattr(runner.model, "kvbench_load_s", 0.0), 2)},
+    columns=(METHOD, Column("task", cell_value("task"), left=True), Column("ctx", cell_value("context")),
+             Column("B", lambda r: r["metrics"].get(BATCH, r["cell"].get("batch"))),
+             Column("fill", cell_value("fill"), left=True), STATUS, Column("TTFT s", metric(TTFT_S), ".3f"),
+             Column("tok/s", metric(DECODE_TOK_S), ",.1f"), Column("ms/step", metric(LATENCY_MS), ".2f"),
+             Column("cache GiB", metric("cache_bytes", 2**30), ".2f"), Column("max B", metric(MAX_BATCH), "d")),
+    report=("throughput",),
+    model="auto",
+    model_help="auto (synthetic:llama-3.1-8b on GPU, embedded on CPU), embedded, synthetic:<arch>, a Hugging Face id "
+               "or a local path.",
+)

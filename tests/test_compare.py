@@ -4,16 +4,19 @@ fix), the suites named run through the suite contract, and the report is built f
 import importlib.util
 import sys
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from kvbench.api import KVBenchError
+from kvbench import suite
 from kvbench.cli import app
 from kvbench.records import RecordWriter
 from kvbench.suites import compare
 from kvbench.suites.compare import load_comparison, run_comparison
+from kvbench.suite import Options, Suite, option
 from kvbench.sweep import Cell, run_sweep
 
 runner = CliRunner()
@@ -32,24 +35,33 @@ def write(tmp_path, text, name="c.toml"):
     return p
 
 
+@dataclass
+class FakeOptions(Options):
+    contexts: str = option("comma-separated contexts", "256")
+    explode: bool = option("fail the run", False)
+
+
 @pytest.fixture
 def fake_suite(monkeypatch):
-    """A suite module that follows the contract: run(methods, out, *, model, quick, **options) -> SweepResult."""
+    """A declared suite (registered as "fake") whose run writes accuracy-like records to fake.jsonl."""
     calls = []
 
-    def run(methods, out, *, model="embedded", quick=False, contexts="256", explode=False, show_progress=True):
-        calls.append(dict(methods=methods, model=model, quick=quick, contexts=contexts))
-        if explode:
-            raise RuntimeError("the suite broke")
-        cells = [Cell(m, {}, {"model": model, "task": "passkey", "context": int(c), "depth": 0.5,
-                              "protocol": "query-aware", "seed": 0}) for m in methods for c in contexts.split(",")]
-        return run_sweep("accuracy", cells, lambda c: {"score": 1.0, "bytes_per_token": 100.0},
-                         RecordWriter(Path(out) / "fake.jsonl"), show_progress=False)
+    class FakeSuite(Suite):
+        def run(self, methods, out, *, model="embedded", quick=False, rerun=False, show_progress=True, contexts="256",
+                explode=False):
+            calls.append(dict(methods=methods, model=model, quick=quick, contexts=contexts))
+            if explode:
+                raise RuntimeError("the suite broke")
+            cells = [Cell(m, {}, {"model": model, "task": "passkey", "context": int(c), "depth": 0.5,
+                                  "protocol": "query-aware", "seed": 0}) for m in methods for c in contexts.split(",")]
+            return run_sweep("accuracy", cells, lambda c: {"score": 1.0, "bytes_per_token": 100.0},
+                             RecordWriter(Path(out) / "fake.jsonl"), rerun=rerun, show_progress=False)
 
     mod = types.ModuleType("kvbench.suites.fake")
-    mod.run = run
+    mod.SUITE = FakeSuite("fake", "a fake suite", FakeOptions, cells=lambda plan: [], measure=lambda s, c: {})
     monkeypatch.setitem(sys.modules, "kvbench.suites.fake", mod)
-    monkeypatch.setattr(compare, "KNOWN_SUITES", compare.KNOWN_SUITES + ("fake", "notyet"))
+    monkeypatch.setitem(suite.SUITES, "fake", "kvbench.suites.fake")
+    monkeypatch.setitem(suite.SUITES, "notyet", "kvbench.suites.notyet")
     return calls
 
 

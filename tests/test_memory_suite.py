@@ -4,8 +4,9 @@ import torch
 from kvbench.api import KVBenchError
 from kvbench.records import read_records
 from kvbench.registry import available_methods
+from kvbench import synthetic
+from kvbench.sizes import parse_bytes, parse_size, parse_sizes, search_max
 from kvbench.suites import memory
-from kvbench.suites.memory import parse_bytes, parse_size, parse_sizes, search_max
 
 
 class FakeAllocator:
@@ -92,7 +93,7 @@ def _check_valid(path):
 @pytest.mark.slow  # every registered method's CPU reference prefill, 30 layers each
 def test_tiny_grid_on_cpu_with_every_registered_method(tmp_path):
     names = list(available_methods())
-    res = memory.run(names, tmp_path, contexts="64", batches="1,2", search=False, show_progress=False)
+    res = memory.SUITE.run(names, tmp_path, contexts="64", batches="1,2", search=False, show_progress=False)
     records = _check_valid(tmp_path / "memory.jsonl")
     assert len(records) == len(names) * 2 and res.ok == len(records), [r["error"] for r in records]
     for r in records:
@@ -108,7 +109,7 @@ def test_tiny_grid_on_cpu_with_every_registered_method(tmp_path):
 
 def test_over_budget_cell_is_recorded_as_oom_and_the_run_goes_on(tmp_path):
     # 4 MiB: 64 tokens of full fit (2.8 MiB), 128 do not (5.6 MiB)
-    res = memory.run(["full"], tmp_path, contexts="64,128,80", search=False, budget="4M", show_progress=False)
+    res = memory.SUITE.run(["full"], tmp_path, contexts="64,128,80", search=False, budget="4M", show_progress=False)
     by_ctx = {r["cell"]["context"]: r for r in _check_valid(tmp_path / "memory.jsonl")}
     assert by_ctx[64]["status"] == "ok" and by_ctx[80]["status"] == "ok"
     assert by_ctx[128]["status"] == "oom" and "budget" in by_ctx[128]["error"]
@@ -117,11 +118,11 @@ def test_over_budget_cell_is_recorded_as_oom_and_the_run_goes_on(tmp_path):
 
 def test_max_context_and_batch_search_with_full_on_cpu(tmp_path):
     budget = 40 * 2**20
-    memory.run(["full"], tmp_path, contexts="64", search=True, budget=budget, search_context="256", max_batch=64,
+    memory.SUITE.run(["full"], tmp_path, contexts="64", search=True, budget=budget, search_context="256", max_batch=64,
                show_progress=False)
     recs = {r["cell"]["task"]: r for r in _check_valid(tmp_path / "memory.jsonl")}
     per_token = 30 * 2 * 3 * 64 * 4  # full, all layers
-    q_tail = 9 * memory.Q_TAIL * 64 * 4  # the last layer's query tail, held while it is built
+    q_tail = 9 * synthetic.Q_TAIL * 64 * 4  # the last layer's query tail, held while it is built
     # the last layer's inputs are counted before it is built: 29 layers held + 1 layer of inputs = 30 layers' worth
     want_ctx = (budget - q_tail) // per_token // 256 * 256
     assert recs["max_context"]["metrics"]["max_context"] == want_ctx == 768
@@ -140,7 +141,7 @@ def test_cli_rejects_a_bad_size_in_one_line(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_memory_views_side_by_side(tmp_path):
-    memory.run(["full"], tmp_path, contexts="4K", search=False, show_progress=False)
+    memory.SUITE.run(["full"], tmp_path, contexts="4K", search=False, show_progress=False)
     (r,) = _check_valid(tmp_path / "memory.jsonl")
     m = r["metrics"]
     assert r["status"] == "ok"

@@ -41,10 +41,9 @@ def test_real_prefill_gives_the_first_token(tiny):
 
 @pytest.mark.slow  # every registered method's CPU reference through the model
 def test_tiny_grid_with_every_registered_method(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(throughput, "load_model", lambda *a, **k: (tiny, None))
     names = list(available_methods())
     # 64 x 1 fits the real-prefill limit, 64 x 2 does not: one cell of each fill
-    res = throughput.run(names, tmp_path, model="tiny", contexts="64", batches="1,2", prefill_tokens="64", steps=2,
+    res = throughput.SUITE.run(names, tmp_path, model="tiny", loaded=(tiny, None), contexts="64", batches="1,2", prefill_tokens="64", steps=2,
                          warmup_steps=1, max_batch=2, search_context="64", show_progress=False)
     records = _records(tmp_path / "throughput.jsonl")
     assert res.ok == len(records) == 3 * len(names), [r["error"] for r in records if r["status"] != "ok"]
@@ -78,7 +77,6 @@ def test_batch_search_stops_at_out_of_memory_and_keeps_the_best(tiny, monkeypatc
 
 
 def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(throughput, "load_model", lambda *a, **k: (tiny, None))
     real = throughput.decode
 
     def fake(model, cache, next_ids, warmup, steps):
@@ -87,7 +85,7 @@ def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, mo
         return real(model, cache, next_ids, warmup, steps)
 
     monkeypatch.setattr(throughput, "decode", fake)
-    res = throughput.run(["full"], tmp_path, model="tiny", contexts="32", batches="1,2,3", steps=1, search=False,
+    res = throughput.SUITE.run(["full"], tmp_path, model="tiny", loaded=(tiny, None), contexts="32", batches="1,2,3", steps=1, search=False,
                          show_progress=False)
     status = {r["cell"]["batch"]: r["status"] for r in _records(tmp_path / "throughput.jsonl")}
     assert status == {1: "ok", 2: "oom", 3: "ok"} and res.oom == 1
@@ -95,7 +93,7 @@ def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, mo
 
 @pytest.mark.slow
 def test_embedded_model_on_cpu(tmp_path):
-    res = throughput.run(["full"], tmp_path, model="embedded", contexts="128", batches="1", steps=2, warmup_steps=1,
+    res = throughput.SUITE.run(["full"], tmp_path, model="embedded", contexts="128", batches="1", steps=2, warmup_steps=1,
                          search=False, show_progress=False)
     (r,) = _records(tmp_path / "throughput.jsonl")
     assert res.ok == 1 and r["cell"]["model"] == "embedded" and r["cell"]["fill"] == "prefill"
@@ -104,7 +102,7 @@ def test_embedded_model_on_cpu(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_throughput_small(tmp_path):
-    res = throughput.run(["full"], tmp_path, model="synthetic:smollm2-135m", contexts="1K", batches="1,4",
+    res = throughput.SUITE.run(["full"], tmp_path, model="synthetic:smollm2-135m", contexts="1K", batches="1,4",
                          prefill_tokens="1K", steps=4, max_batch=8, show_progress=False)
     records = _records(tmp_path / "throughput.jsonl")
     assert res.ok == len(records) == 3, [r["error"] for r in records]
