@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
 from kvbench.api import KVBenchError
-from kvbench.records import RecordWriter, cell_key, environment, make_record, now_iso
-from kvbench.sweep import Cell, Skip, SweepResult, console, free_memory, is_oom
+from kvbench.records import RecordWriter, cell_key, environment, make_record
+from kvbench.device import free_memory
+from kvbench.metrics import BUDGET_FRACTION
+from kvbench.sweep import Cell, SweepResult, console, measure_cell, method_facts
 
 INSTALL_HINT = 'pip install -e ".[ray]"'
 POLL_S = 0.25  # how often the driver looks at timeouts and refreshes the per-worker status
@@ -45,6 +47,7 @@ class Source(Protocol):
     rebuilds them from the same description and measures the ones it is sent."""
 
     suite: str
+    model: str
 
     def cells(self) -> list[Cell]:
         """Every cell of the suite, without measuring anything."""
@@ -55,6 +58,9 @@ class Source(Protocol):
     def options(self) -> dict[str, Any]:
         """What the provenance file records about this run."""
 
+    def show(self, out: Path, records: list[dict]) -> None:
+        """Print the table of these records (after a run)."""
+
 
 def import_ray():
     try:
@@ -63,25 +69,6 @@ def import_ray():
         raise KVBenchError(f"--ray needs Ray, which is not installed here; install it with {INSTALL_HINT} (or pip "
                            "install ray) and run again") from None
     return ray
-
-
-def measure_cell(suite: str, cell: Cell, runner: Callable[[], Callable[[Cell], dict]]) -> dict:
-    """One cell's record, as a serial sweep makes it: `runner()` gives the group's runner (building it may fail too,
-    which then fails the cell)."""
-    started, t0 = now_iso(), time.perf_counter()
-    metrics, error, status = {}, None, "ok"
-    try:
-        metrics = runner()(cell) or {}
-    except Skip as e:
-        status, error = "skipped", str(e)
-    except Exception as e:  # noqa: BLE001 - every failure becomes a record; the sweep goes on
-        status = "oom" if is_oom(e) else "failed"
-        error = f"{type(e).__name__}: {e}"
-        if status == "failed":
-            error += "\n" + "".join(traceback.format_exception(e)[-4:])
-        free_memory()
-    return make_record(suite, cell.method, cell.params, cell.cell, status, metrics, error, started,
-                       round(time.perf_counter() - t0, 3))
 
 
 class Worker:
@@ -103,13 +90,20 @@ class Worker:
                 "host": environment().get("host"), "gpu_ids": gpus, "pid": os.getpid(), "actor_id": ctx.get_actor_id()}
         return {**environment(), "worker": info}
 
-    def release(self) -> None:
+    def release(self, everything: bool = False) -> dict[str, dict]:
+        """Let go of the group (and with `everything` the sessions too, returning their provenance facts)."""
         self.runner, self.cells, self.group = None, {}, None
+        facts = {}
+        if everything:
+            _SESSIONS.clear()
+            facts = {k: {**v, "actor_id": self.where()["worker"]["actor_id"]} for k, v in _FACTS.items()}
+            _FACTS.clear()
         free_memory()
+        return facts
 
-    def list_cells(self, source: Source) -> list[Cell]:
-        """The source's cells as this worker's machine sees them (its device decides a suite's defaults)."""
-        return [Cell(c.method, c.params, c.cell) for c in source.cells()]
+    def list_cells(self, source: Source) -> tuple[list[Cell], dict[str, Any]]:
+        """The source's cells and options as this worker's machine sees them (its device picks a suite's defaults)."""
+        return [Cell(c.method, c.params, c.cell) for c in source.cells()], source.options()
 
     def measure(self, source: Source, group: str, method: str, key: str) -> dict:
         if group != self.group:
@@ -117,7 +111,7 @@ class Worker:
             self.group = group
             self.cells = {cell_key(source.suite, c.method, c.cell): c for c in source.cells() if c.method == method}
         cell = self.cells[key]  # the worker's own Cell: its context (method object, ...) was built here
-        record = measure_cell(source.suite, cell, lambda: self._runner(source, method))
+        record = measure_cell(source.suite, cell, lambda c: self._runner(source, method)(c))
         record["env"] = self.where()
         return record
 
@@ -299,9 +293,14 @@ class Dispatcher:
         for s in self.slots:
             self.board.worker(s, "idle")
 
-    def finish(self) -> None:
-        """Each worker lets go of its last group (model, caches) but stays up for the next sweep."""
-        self.ray.get([s.actor.release.remote() for s in self.slots])
+    def finish(self) -> dict[str, list[dict]]:
+        """Each worker lets go of its sessions (models, caches) but stays up for the next sweep; returns their
+        provenance facts by source, one entry per worker that started the source."""
+        facts: dict[str, list[dict]] = {}
+        for per_worker in self.ray.get([s.actor.release.remote(everything=True) for s in self.slots]):
+            for key, f in per_worker.items():
+                facts.setdefault(key, []).append(f)
+        return facts
 
     def run(self) -> None:
         """Until every queued cell has a record (start() first)."""
@@ -381,8 +380,10 @@ class Dispatcher:
     def _fault_record(self, slot: Slot, group: Group, cell: Cell, status: str, reason: str) -> dict:
         """The record of a cell whose worker failed it, with that worker's environment."""
         started = time.time() - (time.monotonic() - slot.since)
-        record = make_record(self.sources[group.source].suite, cell.method, cell.params, cell.cell, status, {},
-                             reason, _iso(started), round(time.monotonic() - slot.since, 3))
+        family, fraction = method_facts(Cell(cell.method, cell.params, cell.cell, _parsed(cell.method)))
+        record = make_record(self.sources[group.source].suite, cell.method, cell.params, cell.cell, status,
+                             {} if fraction is None else {BUDGET_FRACTION: fraction}, reason, _iso(started),
+                             round(time.monotonic() - slot.since, 3), family=family)
         record["env"] = slot.env
         return record
 
@@ -436,6 +437,16 @@ class Dispatcher:
                             f"{escape(_short(record['cell']))}: {escape(_first_line(record.get('error')))}")
 
 
+def _parsed(label: str) -> Any:
+    """The method a label names, for a record the driver writes itself; None where this kvbench has no such method."""
+    from kvbench.registry import parse_method
+
+    try:
+        return parse_method(label)
+    except Exception:  # noqa: BLE001 - an unknown or plugin method: the record goes without its family
+        return None
+
+
 def _first_line(x: Any) -> str:
     return (str(x).strip().splitlines() or [""])[0][:200]
 
@@ -470,8 +481,6 @@ def run_sources(sources: Iterable[Source], out, cluster: Cluster, *, rerun: bool
     """Run every source's cells on the cluster (entered), writing `<out>/<suite>.jsonl` and its provenance as a
     serial run does. Returns one SweepResult per source and the errors of sources whose cells could not be listed
     (their suite said why; the others still run). Ctrl-C kills the workers and re-raises; the records stay."""
-    from pathlib import Path
-
     ray, sources, out = import_ray(), list(sources), Path(out)
     writers = {s.suite: RecordWriter(out / f"{s.suite}.jsonl") for s in sources}
     results = [SweepResult() for _ in sources]
@@ -479,58 +488,64 @@ def run_sources(sources: Iterable[Source], out, cluster: Cluster, *, rerun: bool
         d = Dispatcher(ray, cluster, sources, [], writers, results, board, cell_timeout)
         try:
             d.start()
-            listed, errors = _list_cells(ray, d, sources)
+            listed, options, errors = _list_cells(ray, d, sources)
             groups = plan_groups(sources, listed, writers, rerun, results)
             d.queue.extend(groups)
             board.total = sum(len(g.cells) for g in groups)
             board.progress.update(board.all, total=board.total)
             d.run()
-            d.finish()
+            facts = d.finish()
         except KeyboardInterrupt:
             d.stop()
             console.print(f"[yellow]ray: interrupted; every record so far is in {escape(str(out))}: the same "
                           "command resumes from there[/]")
             raise
-    _write_provenance(out, sources, listed, cluster, d)
+    _write_provenance(out, sources, options, facts, cluster, d)
     if d.retried:
         console.print(f"ray: {d.retried} cell(s) retried after a worker fault")
     return results, errors
 
 
-def _list_cells(ray, d: Dispatcher, sources: list[Source]) -> tuple[list[list[Cell]], list[str]]:
-    """Every source's cells, listed on a worker: its device decides the suites' defaults, as it will measure them."""
+def _list_cells(ray, d: Dispatcher, sources: list[Source]) -> tuple[list[list[Cell]], list[dict | None], list[str]]:
+    """Every source's cells and options, listed on a worker: its device picks the suites' defaults, as it will
+    measure them. A source whose suite refuses (a bad option, an unknown model) is an error; the others go on."""
     refs = [d.slots[0].actor.list_cells.remote(ref) for ref in d.refs]
-    listed, errors = [], []
+    listed, options, errors = [], [], []
     for source, ref in zip(sources, refs):
         try:
-            listed.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as e:  # the suite's own error (bad option, unknown model): said as it is
+            cells, opts = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # the suite's own error, said as it is
             cause = getattr(e, "cause", None) or e
             errors.append(f"{source.suite}: {type(cause).__name__}: {_first_line(cause)}")
             console.print(f"[red]ray: {escape(errors[-1])}[/]")
-            listed.append([])
-    return listed, errors
+            cells, opts = [], None
+        listed.append(cells)
+        options.append(opts)
+    return listed, options, errors
 
 
-def _write_provenance(out, sources: list[Source], listed: list[list[Cell]], cluster: Cluster, d: Dispatcher) -> None:
-    """`<suite>.provenance.json` as a serial run writes it, plus the cluster and every worker that made a record."""
+def _write_provenance(out, sources: list[Source], options: list[dict | None], facts: dict[str, list[dict]],
+                      cluster: Cluster, d: Dispatcher) -> None:
+    """`<suite>.provenance.json` as a serial run writes it, plus the cluster, every worker that made a record, and
+    each worker's session facts (e.g. the copy bandwidth the kernel suite measured on its GPU)."""
     from kvbench.telemetry import write_provenance
 
-    place = {**cluster.describe(), "retried": d.retried,
-             "workers_used": sorted(d.workers.values(), key=lambda w: (w["node_ip"], w["slot"], w["pid"]))}
-    for source, cells in zip(sources, listed):
-        if cells:
-            write_provenance(out, source.suite, source.options(), ray=place)
+    workers = sorted(d.workers.values(), key=lambda w: (w["node_ip"], w["slot"], w["pid"]))
+    for source, opts in zip(sources, options):
+        if opts is not None:
+            place = {**cluster.describe(), "retried": d.retried, "workers_used": workers,
+                     "session_facts": facts.get(repr(source), [])}
+            write_provenance(out, source.suite, opts, ray=place)
 
 
-class _Captured(Exception):
-    """Stops a suite's run() at its sweep, once its cells and runner are known."""
+_SESSIONS: dict[str, Any] = {}  # in a worker: the session (model load, budget, ...) of the source it measures now
+_FACTS: dict[str, dict] = {}  # in a worker: each source's session facts for the provenance, until the driver asks
 
 
 @dataclass(frozen=True)
 class SuiteSource:
-    """A suite of kvbench.suites on one model: its run()'s cells and runner, captured where run() hands them to the
-    sweep (nothing is measured, no record is written), on whichever machine asks."""
+    """A declared suite (kvbench/suite.py) on one model: planned, listed and started where it is asked, so a
+    worker's own device picks the suite's defaults, as it does for a serial run there."""
 
     suite: str
     methods: tuple[str, ...]
@@ -538,42 +553,42 @@ class SuiteSource:
     quick: bool
     extra: tuple[tuple[str, Any], ...] = ()  # the suite's options, as (name, value) pairs
 
-    def _capture(self, methods: list[str]) -> tuple[list[Cell], Callable[[Cell], dict]]:
-        import importlib
-        import tempfile
+    def plan(self):
+        from kvbench.suite import get_suite
 
-        mod = importlib.import_module(f"kvbench.suites.{self.suite}")
-        got: dict[str, Any] = {}
-
-        def capture(suite, cells, runner, writer, **kw):
-            got.update(cells=cells, runner=runner)
-            raise _Captured
-
-        real = mod.run_sweep
-        mod.run_sweep = capture
-        try:
-            with tempfile.TemporaryDirectory() as scratch:
-                mod.run(methods, scratch, model=self.model, quick=self.quick, show_progress=False, **dict(self.extra))
-        except _Captured:
-            pass
-        finally:
-            mod.run_sweep = real
-        return got["cells"], got["runner"]
+        return get_suite(self.suite).plan(list(self.methods), model=self.model, quick=self.quick, **dict(self.extra))
 
     def cells(self) -> list[Cell]:
-        return self._capture(list(self.methods))[0]
+        from kvbench.suite import get_suite
+
+        return get_suite(self.suite).cells(self.plan())
 
     def open(self, method: str) -> Callable[[Cell], dict]:
-        return self._capture([method])[1]
+        """The suite's runner; its session is started once per worker for all the groups of this source it gets."""
+        from kvbench.suite import get_suite
+
+        suite, key = get_suite(self.suite), repr(self)
+        if key not in _SESSIONS:
+            _SESSIONS.clear()  # the previous source's model goes before this one's loads
+            free_memory()
+            _SESSIONS[key] = suite.start(self.plan())
+            _FACTS[key] = suite.provenance(_SESSIONS[key]) if suite.provenance is not None else {}
+        return suite.runner(_SESSIONS[key])
 
     def options(self) -> dict[str, Any]:
-        return {"methods": list(self.methods), "model": self.model, "quick": self.quick, **dict(self.extra)}
+        """What a serial run's provenance records of its options (as planned here)."""
+        import dataclasses
 
-    def show(self, records: list[dict]) -> None:
-        """The suite's table of these records."""
-        import importlib
+        plan = self.plan()
+        return {"methods": [m.label() for m in plan.methods], "model": plan.model, "quick": plan.quick,
+                **dataclasses.asdict(plan.options), "device": plan.device}
 
-        importlib.import_module(f"kvbench.suites.{self.suite}").print_table(records)
+    def show(self, out, records: list[dict]) -> None:
+        """The suite's table of these records, as a serial run prints it."""
+        from kvbench.suite import get_suite
+
+        cells = [Cell(r["method"], r["params"], r["cell"]) for r in records]
+        get_suite(self.suite).print_table(out / f"{self.suite}.jsonl", cells)
 
 
 def run_on_ray(sources: list[Source], out, *, address: str | None = None, workers: int | None = None,
@@ -584,7 +599,7 @@ def run_on_ray(sources: list[Source], out, *, address: str | None = None, worker
         results, errors = run_sources(sources, out, cluster, rerun=rerun, cell_timeout=cell_timeout)
     for source, result in zip(sources, results):
         if result.records:
-            source.show(result.records)
+            source.show(Path(out), result.records)
         console.print(f"{source.suite} on {escape(source.model)} (ray): {result.summary()}")
     return errors
 
@@ -594,3 +609,38 @@ def run_plans_on_ray(plans, out, **ray_options) -> list[str]:
     sources = [SuiteSource(p.name, tuple(p.methods), model, p.quick, tuple(sorted(p.options.items())))
                for p in plans if p.available for model in p.models]
     return run_on_ray(sources, out, **ray_options)
+
+
+def run_suite_on_ray(suite, methods: list[str] | None, out, *, model: str, quick: bool, rerun: bool,
+                     on_ray: dict, **options) -> None:
+    """`kvbench run SUITE --ray`: one suite's cells over the cluster."""
+    given = tuple(sorted((k, v) for k, v in options.items() if v is not None))
+    source = SuiteSource(suite.name, tuple(methods or suite.methods), model, quick, given)
+    source.plan()  # a bad option or method fails here, before a cluster starts
+    errors = run_on_ray([source], out, rerun=rerun, **on_ray)
+    if errors:
+        raise KVBenchError(" | ".join(errors))
+
+
+def cli_options() -> list[tuple[str, Any, Any]]:
+    """The `--ray` options of the commands that run cells: (name, annotation, typer.Option)."""
+    import typer
+
+    return [
+        ("ray", bool, typer.Option(False, "--ray", help="Spread the cells over a Ray cluster: a local one over this "
+                                   "machine's GPUs (or CPU cores), or --ray-address's (README: Run on a cluster).")),
+        ("ray_address", Optional[str], typer.Option(None, "--ray-address", help="Join the Ray cluster whose head "
+                                                    "node is at HOST:PORT (implies --ray).")),
+        ("workers", Optional[int], typer.Option(None, "--workers", min=1, help="With --ray: at most this many workers "
+                                                "(default: one per GPU, else one per CPU core).")),
+        ("cell_timeout", float, typer.Option(3600.0, "--cell-timeout", min=1, help="With --ray: a cell running longer "
+                                             "(seconds) fails its worker, which is replaced; the cell is retried "
+                                             "once.")),
+    ]
+
+
+def take_cli_options(kw: dict[str, Any]) -> dict[str, Any] | None:
+    """Pop the `--ray` options from a command's arguments: run_on_ray's options, or None for a serial run."""
+    ray, address = kw.pop("ray"), kw.pop("ray_address")
+    options = {"address": address, "workers": kw.pop("workers"), "cell_timeout": kw.pop("cell_timeout")}
+    return options if ray or address else None

@@ -45,6 +45,7 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
+from kvbench.distributed import cli_options, take_cli_options
 from kvbench.errors import KVBenchError
 from kvbench.suite import SUITES, SuiteMissing, get_suite
 
@@ -274,6 +275,9 @@ def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, i
     return path, errors
 
 
+_RAY = {name: option for name, _, option in cli_options()}  # --ray and its options, as `kvbench run` has them
+
+
 def command(
     file: Optional[Path] = typer.Argument(None, help="Comparison TOML file (format: comparisons/README.md). Default: "
                                                      "the quick CPU comparison, comparisons/quick-cpu.toml."),
@@ -287,15 +291,10 @@ def command(
     check: bool = typer.Option(False, help="Only check the file and print the plan; run nothing."),
     only: list[str] = typer.Option([], "--only", help="Run only these suites of the file, repeatable (e.g. --only "
                                                       "kernels); the report still includes every record in --out."),
-    ray: bool = typer.Option(False, "--ray", help="Spread the cells over a Ray cluster: a local one over this "
-                                                  "machine's GPUs (or CPUs), or --ray-address's (README: Run on a "
-                                                  "cluster)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Join this Ray cluster (host:port of its "
-                                                                          "head node; implies --ray)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="With --ray: at most this many workers "
-                                                                          "(default one per GPU, else per CPU core)."),
-    cell_timeout: float = typer.Option(3600.0, "--cell-timeout", min=1, help="With --ray: a cell running longer "
-                                       "(seconds) fails its worker, which is replaced; the cell is retried once."),
+    ray: bool = _RAY["ray"],
+    ray_address: Optional[str] = _RAY["ray_address"],
+    workers: Optional[int] = _RAY["workers"],
+    cell_timeout: float = _RAY["cell_timeout"],
 ):
     """Run several suites over methods, parameters and models from one TOML file, then build the HTML report."""
     from kvbench.sweep import console
@@ -315,7 +314,7 @@ def command(
                       + (" (quick)" if plan.quick else "") + (f"; {opts}" if opts else "")) + state)
     if check:
         return
-    on_ray = dict(address=ray_address, workers=workers, cell_timeout=cell_timeout) if ray or ray_address else None
+    on_ray = take_cli_options(dict(ray=ray, ray_address=ray_address, workers=workers, cell_timeout=cell_timeout))
     path, errors = run_comparison(comp, out, report=report, include=include, rerun=rerun, ray=on_ray)
     if errors:
         raise KVBenchError(f"{len(errors)} suite run(s) failed: {' | '.join(errors)}; the report was still built: "

@@ -17,6 +17,7 @@ class FakeSource:
     hangs (trap "hang") while the file `trap_once` does not exist yet (it is created first), or always (no file)."""
 
     suite: str = "fake"
+    model: str = "fake"
     methods: tuple[str, ...] = ("a", "b", "c")
     per_method: int = 2
     work_s: float = 0.05
@@ -25,7 +26,7 @@ class FakeSource:
     trap_once: str | None = None
 
     def cells(self) -> list[Cell]:
-        return [Cell(m, {"p": 1}, {"model": "fake", "i": i}, context=f"{m}-built-here")
+        return [Cell(m, {"p": 1}, {"model": "fake", "i": i}, parsed=f"{m}-built-here")
                 for m in self.methods for i in range(self.per_method)]
 
     def open(self, method: str):
@@ -37,7 +38,7 @@ class FakeSource:
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)
             time.sleep(self.work_s)
-            return {"value": cell.cell["i"], "context": cell.context, "loaded_by": loaded["pid"]}
+            return {"value": cell.cell["i"], "parsed": cell.parsed, "loaded_by": loaded["pid"]}
 
         return runner
 

@@ -60,7 +60,7 @@ def test_cells_spread_over_both_workers_with_the_serial_runs_records(cluster, tm
     want = serial(source, tmp_path / "serial")
     assert keys(got) == keys(want)
     for r in got:  # measured on the worker, with the worker's own cell context, by one load per group
-        assert r["metrics"]["context"] == f"{r['method']}-built-here"
+        assert r["metrics"]["parsed"] == f"{r['method']}-built-here"
         w = r["env"]["worker"]
         assert r["metrics"]["loaded_by"] == w["pid"] and w["node_id"] and w["node_ip"] and w["gpu_ids"] == []
         assert r["env"]["host"] and r["env"]["torch"]
@@ -151,3 +151,23 @@ def test_compare_ray_runs_the_quick_memory_and_kernel_suites_with_the_serial_run
     summary = " ".join(again.output.split())  # rich's line wrapping undone
     assert again.exit_code == 0 and "memory on embedded (ray): 0 ok, 0 failed, 0 out of memory, 0 skipped, 6 already" \
         " done" in summary
+
+
+def test_run_suite_ray_measures_the_cells_of_a_serial_run(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvbench.cli import app
+
+    args = ["run", "memory", "--quick", "--no-search", "-m", "full", "-m", "streaming:window=60"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "serial")]).exit_code == 0
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "ray"), "--ray", "--cell-timeout", "600"])
+    assert r.exit_code == 0, r.output
+    got, want = records(tmp_path / "ray" / "memory.jsonl"), records(tmp_path / "serial" / "memory.jsonl")
+    assert keys(got) == keys(want) and len(got) == 2
+
+    def held(recs):  # what a method holds is deterministic: the same on a worker as in the serial run
+        return sorted((r["method"], r["method_family"], r["metrics"]["nbytes"], r["metrics"]["budget_fraction"])
+                      for r in recs)
+
+    assert held(got) == held(want)
