@@ -1,9 +1,11 @@
 """distributed: spread sweeps over a Ray cluster; the records come back to one writer on the driver.
 
-    kvbench compare comparisons/quick-cpu.toml --ray            # a local Ray cluster over this machine's GPUs or CPUs
-    kvbench compare comparisons/h100.toml --ray 10.0.0.5:6379   # join an existing cluster (`ray start --head`)
+    kvbench compare comparisons/quick-cpu.toml --ray    # a local Ray cluster over this machine's GPUs or CPU cores
+    kvbench compare comparisons/h100.toml --ray-address 10.0.0.5:6379   # join a running cluster (`ray start --head`)
+    kvbench run kernels --quick --ray                   # one suite
 
-The unit of work is a group: the cells of one suite x model x method, which share a model load and a method build.
+The unit of work is a group: the cells of one suite x model x method, which share a model load and a method build
+(a worker keeps a suite's session, e.g. its loaded model, for every group of that suite and model it is given).
 Each worker is a Ray actor holding one GPU (`num_gpus=1`; one CPU where the cluster has no GPU) and measures one cell
 per call, so every record reaches the driver as soon as its cell is done. The driver is the only writer: it appends
 each record to `<out>/<suite>.jsonl` exactly as a serial run does, so the report, resume (cells already in the file
@@ -32,10 +34,10 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from kvbench.api import KVBenchError
-from kvbench.records import RecordWriter, cell_key, environment, make_record
 from kvbench.device import free_memory
+from kvbench.errors import KVBenchError
 from kvbench.metrics import BUDGET_FRACTION
+from kvbench.records import RecordWriter, cell_key, environment, make_record
 from kvbench.sweep import Cell, SweepResult, console, measure_cell, method_facts
 
 INSTALL_HINT = 'pip install -e ".[ray]"'
@@ -72,7 +74,7 @@ def import_ray():
 
 
 class Worker:
-    """A Ray actor's body: measures cells of one group at a time, keeping the group's runner between its cells."""
+    """A Ray actor's body: measures the cells of one group at a time, keeping the group's runner between them."""
 
     def __init__(self, slot: int):
         self.slot = slot
@@ -107,10 +109,10 @@ class Worker:
 
     def measure(self, source: Source, group: str, method: str, key: str) -> dict:
         if group != self.group:
-            self.release()  # the previous group's model and caches go before the next group's load
+            self.release()  # the previous group's runner and caches go (a source's session stays: SuiteSource)
             self.group = group
             self.cells = {cell_key(source.suite, c.method, c.cell): c for c in source.cells() if c.method == method}
-        cell = self.cells[key]  # the worker's own Cell: its context (method object, ...) was built here
+        cell = self.cells[key]  # the worker's own Cell: its parsed method was built here
         record = measure_cell(source.suite, cell, lambda c: self._runner(source, method)(c))
         record["env"] = self.where()
         return record
@@ -208,7 +210,7 @@ class Cluster:
         try:
             ray.init(address=self.address, log_to_driver=False)
         except Exception as e:  # noqa: BLE001 - any failure to connect is the user's address or cluster
-            raise KVBenchError(f"--ray {self.address}: cannot join a Ray cluster there ({type(e).__name__}: "
+            raise KVBenchError(f"--ray-address {self.address}: cannot join a Ray cluster there ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else 'no detail'}); give the head node's "
                                "host:port as `ray status` shows it, or no address for a local cluster") from None
         console.print(f"[dim]ray: joined the cluster at {escape(self.address)}[/]")
@@ -285,6 +287,8 @@ class Dispatcher:
     def start(self) -> None:
         """The cluster's workers, kept from an earlier sweep of this session or started now."""
         pool = self.cluster.pool
+        for i in [i for i in pool if i >= self.cluster.slots]:  # an earlier sweep had more workers
+            self.ray.kill(pool.pop(i), no_restart=True)
         for i in range(self.cluster.slots):
             pool.setdefault(i, self.actor_class.remote(i))
         envs = self.ray.get([pool[i].where.remote() for i in range(self.cluster.slots)],
