@@ -358,8 +358,9 @@ class Dispatcher:
         try:
             record = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as e:  # the worker lives; kvbench's own code raised outside a cell
-            self._write(group, self._fault_record(slot, group, cell, "failed", f"{type(e.cause).__name__}: "
-                                                  f"{e.cause}"), slot)
+            cause = getattr(e, "cause", None) or e
+            self._write(group, self._fault_record(slot, group, cell, "failed", f"{type(cause).__name__}: "
+                                                  f"{_first_line(cause)}"), slot)
             return
         except self.ray.exceptions.RayError as e:  # the worker process died
             oom = isinstance(e, self.ray.exceptions.OutOfMemoryError) or "out of memory" in str(e).lower()
@@ -374,7 +375,7 @@ class Dispatcher:
         if self.cell_timeout is None:
             return
         now = time.monotonic()
-        for s in self.slots:
+        for s in list(self.slots):  # a slot whose worker cannot be started again leaves the list
             if s.ref is not None and now - s.since > self.cell_timeout:
                 group, cell = s.group, s.cell
                 s.ref = s.cell = None
@@ -428,9 +429,7 @@ class Dispatcher:
     def _write(self, group: Group, record: dict, slot: Slot, quiet: bool = False) -> None:
         """The one writer: append to the suite's JSONL file, count, show."""
         self.writers[record["suite"]].append(record)
-        result = self.results[group.source]
-        result.records.append(record)
-        setattr(result, record["status"], getattr(result, record["status"]) + 1)
+        self.results[group.source].add(record)
         worker = (record.get("env") or {}).get("worker")
         if worker:
             self.workers[worker["actor_id"]] = worker

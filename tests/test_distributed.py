@@ -10,11 +10,10 @@ import pytest
 
 import distributed_fakes
 from distributed_fakes import FakeSource
-from kvbench.api import KVBenchError
+from kvbench.errors import KVBenchError
 from kvbench.distributed import Cluster, import_ray, run_sources
 from kvbench.records import RecordWriter, cell_key, read_records
 from kvbench.sweep import run_sweep
-
 
 try:
     import ray
