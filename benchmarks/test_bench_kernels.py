@@ -20,8 +20,8 @@ import torch
 from kvbench.models import SHAPES
 from kvbench.records import _clean
 from kvbench.registry import available_methods, parse_method
-from kvbench.suites.kernels import _spec, _step_bytes, build_copies
-from kvbench.suites.memory import Q_TAIL
+from kvbench.cache_timing import build_copies, bytes_per_step, layer_spec
+from kvbench.synthetic import Q_TAIL
 from kvbench.timing import bench, copy_bandwidth, floor_us
 
 pytest.importorskip("pytest_benchmark", reason="pip install pytest-benchmark (a kvbench dependency)")
@@ -42,13 +42,13 @@ def copy_gbs() -> float:
 def test_decode_attention(benchmark, method, context, batch, copy_gbs):
     m = parse_method(method)
     shape = SHAPES[SHAPE]
-    spec = _spec(shape, shape.n_layers // 2, torch.bfloat16, torch.device("cuda"))
+    spec = layer_spec(shape, shape.n_layers // 2, torch.bfloat16, torch.device("cuda"))
     copies = build_copies(m, spec, batch, context, rotate=True, q_tail=Q_TAIL, seed=0)
     q = torch.randn(batch, spec.n_heads, 1, spec.head_dim, device="cuda", dtype=spec.dtype)
     fns = [c.decode_fns(q).get("attention") for c in copies]
     if fns[0] is None:
         pytest.skip(f"{method} has no decode_fns; the kernel suite times its extend() instead")
-    step_bytes, _ = _step_bytes(copies[0])
+    step_bytes, _ = bytes_per_step(copies[0])
     t = bench(fns, flush=True)  # the suite's number: events, L2 evicted before each call
     k = max(1, math.ceil(1000.0 / t.median_us))
 

@@ -46,6 +46,7 @@ SUITES: dict[str, str] = {
     "memory": "kvbench.suites.memory",
     "kernels": "kvbench.suites.kernels",
     "throughput": "kvbench.suites.throughput",
+    "agreement": "kvbench.suites.agreement",
 }
 
 _UNSET: Any = dataclasses.MISSING
@@ -461,6 +462,12 @@ def _show(v: Any, fmt: str) -> str:
     if isinstance(v, (int, float)) and not isinstance(v, bool) and fmt:
         return format(v, fmt)
     return str(v)
+
+
+def measure_group(plan: Plan, cells: Sequence[Cell]) -> list[dict]:
+    """Measure `cells` of `plan` in this process (a worker: the plan and cells arrive pickled), its suite set up here;
+    one record per cell, for the caller to write."""
+    return list(get_suite(plan.suite).records(plan, cells))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def run_sweep(suite: str, cells: list[Cell], runner: Callable[[Cell], dict], wri
             writer.append(rec)
             result.add(rec)
             if rec["status"] in ("failed", "oom"):
-                console.print(f"[yellow]{rec['status']}[/]: {c.method} {_short(c.cell)}: {rec['error'].splitlines()[0]}")
+                first_line = rec["error"].splitlines()[0]
+                console.print(f"[yellow]{rec['status']}[/]: {c.method} {_short(c.cell)}: {first_line}")
             progress.advance(task)
     return result
 

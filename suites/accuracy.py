@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from kvbench.decoding import run_instance
 from kvbench.errors import KVBenchError
 from kvbench.metrics import BYTES_PER_TOKEN, PPL, SCORE
 from kvbench.sizes import parse_sizes
@@ -126,76 +126,6 @@ class AccuracyOptions(Options):
                             "full cache).", True)
 
 
-@dataclass
-class Outcome:
-    """What one pass of a prompt through a model and a cache gave."""
-
-    prediction: str = ""
-    new_tokens: int = 0
-    nll: float | None = None
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def eos_ids(model, tok) -> set[int]:
-    ids = set()
-    for e in (getattr(model.generation_config, "eos_token_id", None), getattr(tok, "eos_token_id", None)):
-        if e is not None:
-            ids.update(e if isinstance(e, (list, tuple)) else [e])
-    return ids
-
-
-def run_instance(model, tok, cache, inst: T.Instance, protocol: str) -> Outcome:
-    """Feed one instance through the model with `cache`: prefill (whole prompt, or context then question chunk),
-    then greedy decoding, or, for ppl, scoring the last tokens one decode step at a time."""
-    import torch
-
-    from kvbench.timing import sync
-
-    dev = model.device
-    ids = torch.tensor([inst.ids], device=dev)
-    o = Outcome()
-    with torch.inference_mode():
-        sync(dev)
-        t0 = time.perf_counter()
-        if inst.score_tokens or (protocol == T.QUERY_AGNOSTIC and 0 < inst.split < len(inst.ids)):
-            out = model(ids[:, : inst.split], past_key_values=cache, logits_to_keep=1)
-            sync(dev)
-            o.extra["context_prefill_s"] = round(time.perf_counter() - t0, 4)
-            if not inst.score_tokens:  # the question arrives after the context was compressed: one extend chunk
-                out = model(ids[:, inst.split:], past_key_values=cache, logits_to_keep=1)
-        else:
-            out = model(ids, past_key_values=cache, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
-        sync(dev)
-        t1 = time.perf_counter()
-        o.prefill_s = t1 - t0
-        if inst.score_tokens:
-            targets = inst.ids[inst.split:]
-            nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device: no sync per token
-            for i, target in enumerate(targets):
-                nll -= torch.log_softmax(logits, -1)[0, target].double()
-                if i + 1 < len(targets):  # decode step: feed this token, predict the next
-                    logits = model(ids[:, inst.split + i: inst.split + i + 1], past_key_values=cache).logits[:, -1]
-                    logits = logits.float()
-            o.nll, o.new_tokens = float(nll), len(targets) - 1
-        else:
-            stop, toks = eos_ids(model, tok), []
-            for _ in range(inst.max_new_tokens):
-                nxt = int(logits.argmax(-1))
-                toks.append(nxt)
-                if nxt in stop or len(toks) == inst.max_new_tokens:
-                    break  # like generate(): the last token is never fed back
-                step = torch.tensor([[nxt]], device=dev)
-                logits = model(step, past_key_values=cache).logits[:, -1].float()
-            o.prediction = tok.decode(toks, skip_special_tokens=True)
-            o.new_tokens = len(toks)
-        sync(dev)
-        o.decode_s = time.perf_counter() - t1
-    return o
-
-
 def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True) -> dict[str, Any]:
     """One cell: run `method` on `inst` under `protocol`; returns the record's metrics."""
     from kvbench.bridge import attach
@@ -203,7 +133,7 @@ def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fideli
 
     wrapped = Fidelity(inner=method) if fidelity else method
     cache = attach(model, wrapped)
-    o = run_instance(model, tok, cache, inst, protocol)
+    o = run_instance(model, tok, cache, inst, question_chunk=protocol == T.QUERY_AGNOSTIC)
     m: dict[str, Any] = {}
     if inst.score_tokens:
         m[PPL] = math.exp(o.nll / inst.score_tokens)
@@ -318,3 +248,4 @@ SUITE = Suite(
     allow_unknown_methods=True,
     telemetry_s=None,
 )
+run = SUITE.run

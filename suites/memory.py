@@ -203,3 +203,4 @@ SUITE = Suite(
     model_help="Attention shape: auto (llama-3.1-8b on GPU, the embedded model's on CPU), embedded, a "
                "kvbench.models.SHAPES name, or a Hugging Face id.",
 )
+run = SUITE.run

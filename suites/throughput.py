@@ -22,10 +22,10 @@ than full, which is the point of compressing.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from kvbench.decoding import decode, decode_metrics, random_ids, real_prefill, synthetic_cache
 from kvbench.metrics import BATCH, DECODE_TOK_S, LATENCY_MS, MAX_BATCH, TTFT_S
 from kvbench.sizes import parse_size, parse_sizes, search_max
 from kvbench.suite import METHOD, STATUS, Column, Plan, Suite, SyntheticOptions, cell_value, metric, option
@@ -79,7 +79,8 @@ def cells(plan: Plan) -> list[Cell]:
     out: list[Cell] = []
     for m in plan.methods:
         out += [Cell.of(m, {**base, "task": "decode", "context": c, "batch": b,
-                            "fill": resolve_fill(o.fill, o.prefill_tokens, b, c)}) for c in o.contexts for b in o.batches]
+                            "fill": resolve_fill(o.fill, o.prefill_tokens, b, c)})
+                for c in o.contexts for b in o.batches]
         if o.search:
             out.append(Cell.of(m, {**base, "task": "max_batch", "context": o.search_context, "fill": "synthetic"}))
     return out
@@ -98,77 +99,6 @@ def setup(plan: Plan) -> Runner:
             model, _ = load_model(model_name(plan), device=plan.torch_device, dtype=o.dtype)
     return Runner(model, fill=o.fill, prefill_tokens=o.prefill_tokens, warmup_steps=o.warmup_steps, steps=o.steps,
                   q_tail=o.q_tail, seed=o.seed, search_limit=o.max_batch)
-
-
-def random_ids(model, batch: int, tokens: int, gen: torch.Generator) -> torch.Tensor:
-    import torch
-
-    vocab = model.config.get_text_config().vocab_size
-    return torch.randint(0, vocab, (batch, tokens), generator=gen, device=gen.device).to(model.device)
-
-
-def real_prefill(model, method: Method, ids: torch.Tensor) -> tuple[KVBenchCache, torch.Tensor, float]:
-    """Prompt ids [B, T] through the model; returns (cache, next token ids [B, 1], seconds to the first token)."""
-    import torch
-
-    from kvbench.bridge import attach
-    from kvbench.timing import sync
-
-    cache = attach(model, method)
-    sync(model.device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    sync(model.device)
-    return cache, nxt, time.perf_counter() - t0
-
-
-def synthetic_cache(model, method: Method, batch: int, context: int, *, q_tail: int, seed: int) -> KVBenchCache:
-    """A KVBenchCache whose every layer holds `context` synthetic tokens, built layer by layer (no activations)."""
-    import torch
-
-    from kvbench.bridge import attach
-    from kvbench.models import model_shape
-    from kvbench.synthetic import fill_synthetic, layer_specs
-
-    shape = model_shape(model)
-    cache = attach(model, method)
-    dummy = torch.empty(batch, shape.n_kv_heads, 1, shape.head_dim, dtype=model.dtype, device=model.device)
-    for layer in cache.layers:  # makes each layer's LayerCache exactly as the first update() would
-        layer.lazy_initialization(dummy, dummy)
-    specs = layer_specs(shape, model.dtype, model.device)
-    with torch.inference_mode():
-        fill_synthetic([layer.cache for layer in cache.layers], specs, batch, context, q_tail=q_tail, seed=seed)
-    return cache
-
-
-def decode(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, steps: int) -> list[float]:
-    """Greedy decode steps of the whole model; returns the seconds of each timed step (warm-up steps excluded)."""
-    import torch
-
-    from kvbench.timing import sync
-
-    pos = cache.get_seq_length()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + steps):
-            position_ids = torch.full((next_ids.shape[0], 1), pos, dtype=torch.long, device=model.device)
-            sync(model.device)
-            t0 = time.perf_counter()
-            out = model(input_ids=next_ids, past_key_values=cache, position_ids=position_ids, use_cache=True,
-                        logits_to_keep=1)
-            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            sync(model.device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-            pos += 1
-    return times
-
-
-def decode_metrics(times: list[float], batch: int) -> dict[str, Any]:
-    return {"decode_tok_s": batch * len(times) / sum(times), "latency_ms": statistics.median(times) * 1e3,
-            "latency_p90_ms": sorted(times)[int(0.9 * (len(times) - 1))] * 1e3, "steps": len(times)}
 
 
 class Runner:
@@ -313,3 +243,4 @@ SUITE = Suite(
     model_help="auto (synthetic:llama-3.1-8b on GPU, embedded on CPU), embedded, synthetic:<arch>, a Hugging Face id "
                "or a local path.",
 )
+run = SUITE.run

@@ -34,7 +34,7 @@ def tiny():
 
 
 def test_tiny_sweep_writes_records_and_skips_them_on_rerun(tiny, tmp_path):
-    res = A.SUITE.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
+    res = A.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
     assert (res.ok, res.failed) == (10, 0)  # per method: passkey and niah_single x 2 protocols, ppl once
     recs, problems = read_records([tmp_path / "accuracy.jsonl"])
     assert not problems and len(recs) == 10
@@ -59,10 +59,10 @@ def test_tiny_sweep_writes_records_and_skips_them_on_rerun(tiny, tmp_path):
         ("passkey", "query-aware"), ("passkey", "query-agnostic"), ("niah_single", "query-aware"),
         ("niah_single", "query-agnostic"), ("ppl", "query-agnostic")}
 
-    again = A.SUITE.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
+    again = A.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
     assert (again.ok, again.already_done) == (0, 10)
     assert len((tmp_path / "accuracy.jsonl").read_text().splitlines()) == 10
-    forced = A.SUITE.run(["full"], tmp_path, model="tiny", loaded=tiny, rerun=True, **{**GRID, "tasks": "passkey"})
+    forced = A.run(["full"], tmp_path, model="tiny", loaded=tiny, rerun=True, **{**GRID, "tasks": "passkey"})
     assert forced.ok == 2
 
 
@@ -81,7 +81,7 @@ class Exploding(Method):
 
 
 def test_failing_cells_are_recorded_and_the_sweep_goes_on(tiny, tmp_path):
-    res = A.SUITE.run(["nosuchmethod:x=1", Exploding(), "full"], tmp_path, model="tiny", loaded=tiny,
+    res = A.run(["nosuchmethod:x=1", Exploding(), "full"], tmp_path, model="tiny", loaded=tiny,
                 **{**GRID, "tasks": "passkey"})
     assert (res.ok, res.failed) == (2, 4)
     recs, _ = read_records([tmp_path / "accuracy.jsonl"])
@@ -89,7 +89,7 @@ def test_failing_cells_are_recorded_and_the_sweep_goes_on(tiny, tmp_path):
     assert "unknown method 'nosuchmethod'" in by[("nosuchmethod:x=1", "query-aware")]["error"]
     assert "boom in extend" in by[("explode", "query-agnostic")]["error"]
     assert by[("full", "query-aware")]["status"] == "ok"
-    again = A.SUITE.run(["nosuchmethod:x=1", Exploding(), "full"], tmp_path, model="tiny", loaded=tiny,
+    again = A.run(["nosuchmethod:x=1", Exploding(), "full"], tmp_path, model="tiny", loaded=tiny,
                   **{**GRID, "tasks": "passkey"})
     assert (again.failed, again.already_done) == (4, 2)  # failed cells are tried again, finished ones skipped
 
@@ -105,11 +105,11 @@ def strip_timing(rec):
 
 def test_same_seed_gives_the_same_records(tiny, tmp_path):
     grid = {**GRID, "tasks": "niah_multikey,vt,ppl", "seeds": "4"}
-    a = A.SUITE.run(["full", DropTop()], tmp_path / "a", model="tiny", loaded=tiny, **grid)
-    b = A.SUITE.run(["full", DropTop()], tmp_path / "b", model="tiny", loaded=tiny, **grid)
+    a = A.run(["full", DropTop()], tmp_path / "a", model="tiny", loaded=tiny, **grid)
+    b = A.run(["full", DropTop()], tmp_path / "b", model="tiny", loaded=tiny, **grid)
     assert len(a.records) == len(b.records) == 10
     assert [strip_timing(r) for r in a.records] == [strip_timing(r) for r in b.records]
-    c = A.SUITE.run(["full"], tmp_path / "c", model="tiny", loaded=tiny, **{**grid, "seeds": "5"})
+    c = A.run(["full"], tmp_path / "c", model="tiny", loaded=tiny, **{**grid, "seeds": "5"})
     assert {json.dumps(r["metrics"]["expected"]) for r in c.records if "expected" in r["metrics"]} != {
         json.dumps(r["metrics"]["expected"]) for r in a.records if "expected" in r["metrics"]}
 
@@ -159,12 +159,12 @@ def test_protocols_feed_the_cache_as_they_say(tiny):
 
 def test_bad_input_fails_before_anything_runs(tiny, tmp_path):
     with pytest.raises(ParamError, match="'grow' = 0"):
-        A.SUITE.run(["full:grow=0"], tmp_path, loaded=tiny, **GRID)
+        A.run(["full:grow=0"], tmp_path, loaded=tiny, **GRID)
     for bad, match in [(dict(tasks="passkey,nosuch"), "unknown task 'nosuch'"), (dict(depths="0.5,1.5"), "depth 1.5"),
                        (dict(protocols="sideways"), "unknown protocol"), (dict(seeds="a-b"), "--seeds"),
                        (dict(haystack="hay"), "unknown haystack"), (dict(lengths="8"), "at least 16")]:
         with pytest.raises(KVBenchError, match=match):
-            A.SUITE.run(["full"], tmp_path, loaded=tiny, **{**GRID, **bad})
+            A.run(["full"], tmp_path, loaded=tiny, **{**GRID, **bad})
     assert not (tmp_path / "accuracy.jsonl").exists()
 
 
@@ -202,7 +202,7 @@ def test_cli_runs_a_local_model(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_embedded_model_finds_the_pass_key_with_the_full_cache(embedded, tmp_path):
-    res = A.SUITE.run(["full"], tmp_path, model="embedded", loaded=embedded, tasks="passkey", lengths="1K",
+    res = A.run(["full"], tmp_path, model="embedded", loaded=embedded, tasks="passkey", lengths="1K",
                 depths="0.5", seeds="0,1,2", protocols="both", show_progress=False)
     assert res.ok == 6
     for r in res.records:
@@ -222,7 +222,7 @@ def test_gpu_bf16_sweep_of_the_compared_methods(tmp_path):
                       eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
-    res = A.SUITE.run(A.DEFAULT_METHODS, tmp_path, model="tiny", loaded=(model, tok), tasks="passkey,ppl", lengths="2K",
+    res = A.run(A.DEFAULT_METHODS, tmp_path, model="tiny", loaded=(model, tok), tasks="passkey,ppl", lengths="2K",
                 depths="0.5", seeds="0", protocols="both", score_tokens=32, show_progress=False)
     assert (res.ok, res.failed, res.oom) == (12, 0, 0), [r["error"] for r in res.records if r["error"]]
     for r in res.records:

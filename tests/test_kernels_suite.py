@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from kvbench.api import LayerCache, LayerSpec, Method
+from kvbench import cache_timing
 from kvbench.records import read_records
 from kvbench.registry import available_methods, parse_method
 from kvbench.suites import kernels
@@ -19,7 +20,7 @@ def _records(path):
 @pytest.mark.slow  # every registered method's CPU reference, decode and prefill
 def test_tiny_grid_on_cpu_with_every_registered_method(tmp_path):
     names = list(available_methods())
-    res = kernels.SUITE.run(names, tmp_path, contexts="64,128", batches="1,2", mode="both", show_progress=False, **FAST)
+    res = kernels.run(names, tmp_path, contexts="64,128", batches="1,2", mode="both", show_progress=False, **FAST)
     records = _records(tmp_path / "kernels.jsonl")
     decode = [r for r in records if r["cell"]["mode"] == "decode"]
     prefill = [r for r in records if r["cell"]["mode"] == "prefill"]
@@ -47,7 +48,7 @@ def test_full_reference_is_measured_when_full_is_not_asked_for(tmp_path, monkeyp
         return real(method, *a, **k)
 
     monkeypatch.setattr(kernels, "measure_decode", spy)
-    kernels.SUITE.run(["full:grow=8"], tmp_path, contexts="64", batches="1", spread=True, show_progress=False, **FAST)
+    kernels.run(["full:grow=8"], tmp_path, contexts="64", batches="1", spread=True, show_progress=False, **FAST)
     (r,) = _records(tmp_path / "kernels.jsonl")
     assert seen == ["full", "full:grow=8"]  # the reference first, then the method
     m = r["metrics"]
@@ -64,11 +65,11 @@ def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypa
         return real(method, spec, batch, context, **kw)
 
     monkeypatch.setattr(kernels, "measure_decode", fake)
-    res = kernels.SUITE.run(["full"], tmp_path, contexts="64", batches="1,2,4", show_progress=False, **FAST)
+    res = kernels.run(["full"], tmp_path, contexts="64", batches="1,2,4", show_progress=False, **FAST)
     status = {r["cell"]["batch"]: r["status"] for r in _records(tmp_path / "kernels.jsonl")}
     assert status == {1: "ok", 2: "oom", 4: "ok"} and res.oom == 1
     # a rerun skips what is done (oom included) and measures nothing again
-    res2 = kernels.SUITE.run(["full"], tmp_path, contexts="64", batches="1,2,4", show_progress=False, **FAST)
+    res2 = kernels.run(["full"], tmp_path, contexts="64", batches="1,2,4", show_progress=False, **FAST)
     assert res2.already_done == 3 and res2.ok == 0
 
 
@@ -91,21 +92,21 @@ def test_method_without_decode_fns_times_extend_and_says_so():
     m = measure_decode(_NoHooks(), spec, 1, 64, l2="flush", bench_kw=dict(FAST, device=spec.device), spread=False,
                        q_tail=8, seed=0)
     assert m["timed"] == "extend" and m["bytes_from"] == "nbytes" and m["time_us"] > 0
-    assert 0 < m["context_growth"] <= kernels.EXTEND_MAX_CALLS + 1
+    assert 0 < m["context_growth"] <= cache_timing.EXTEND_MAX_CALLS + 1
 
 
 def test_bad_mode_fails_before_any_work(tmp_path):
     from kvbench.api import KVBenchError
 
     with pytest.raises(KVBenchError, match="--mode"):
-        kernels.SUITE.run(["full"], tmp_path, mode="sideways")
+        kernels.run(["full"], tmp_path, mode="sideways")
     assert not (tmp_path / "kernels.jsonl").exists()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("l2, graph", [("flush", False), ("rotate", False), ("rotate", True)])
 def test_gpu_kernel_cells_sit_next_to_their_floor(tmp_path, l2, graph):
-    kernels.SUITE.run(["full"], tmp_path, contexts="4K", batches="1,4", mode="both", l2=l2, spread=True,
+    kernels.run(["full"], tmp_path, contexts="4K", batches="1,4", mode="both", l2=l2, spread=True,
                 show_progress=False, graph=graph)
     for r in _records(tmp_path / "kernels.jsonl"):
         assert r["status"] == "ok", r["error"]

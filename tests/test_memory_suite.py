@@ -93,7 +93,7 @@ def _check_valid(path):
 @pytest.mark.slow  # every registered method's CPU reference prefill, 30 layers each
 def test_tiny_grid_on_cpu_with_every_registered_method(tmp_path):
     names = list(available_methods())
-    res = memory.SUITE.run(names, tmp_path, contexts="64", batches="1,2", search=False, show_progress=False)
+    res = memory.run(names, tmp_path, contexts="64", batches="1,2", search=False, show_progress=False)
     records = _check_valid(tmp_path / "memory.jsonl")
     assert len(records) == len(names) * 2 and res.ok == len(records), [r["error"] for r in records]
     for r in records:
@@ -109,7 +109,7 @@ def test_tiny_grid_on_cpu_with_every_registered_method(tmp_path):
 
 def test_over_budget_cell_is_recorded_as_oom_and_the_run_goes_on(tmp_path):
     # 4 MiB: 64 tokens of full fit (2.8 MiB), 128 do not (5.6 MiB)
-    res = memory.SUITE.run(["full"], tmp_path, contexts="64,128,80", search=False, budget="4M", show_progress=False)
+    res = memory.run(["full"], tmp_path, contexts="64,128,80", search=False, budget="4M", show_progress=False)
     by_ctx = {r["cell"]["context"]: r for r in _check_valid(tmp_path / "memory.jsonl")}
     assert by_ctx[64]["status"] == "ok" and by_ctx[80]["status"] == "ok"
     assert by_ctx[128]["status"] == "oom" and "budget" in by_ctx[128]["error"]
@@ -118,7 +118,7 @@ def test_over_budget_cell_is_recorded_as_oom_and_the_run_goes_on(tmp_path):
 
 def test_max_context_and_batch_search_with_full_on_cpu(tmp_path):
     budget = 40 * 2**20
-    memory.SUITE.run(["full"], tmp_path, contexts="64", search=True, budget=budget, search_context="256", max_batch=64,
+    memory.run(["full"], tmp_path, contexts="64", search=True, budget=budget, search_context="256", max_batch=64,
                show_progress=False)
     recs = {r["cell"]["task"]: r for r in _check_valid(tmp_path / "memory.jsonl")}
     per_token = 30 * 2 * 3 * 64 * 4  # full, all layers
@@ -141,7 +141,7 @@ def test_cli_rejects_a_bad_size_in_one_line(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_memory_views_side_by_side(tmp_path):
-    memory.SUITE.run(["full"], tmp_path, contexts="4K", search=False, show_progress=False)
+    memory.run(["full"], tmp_path, contexts="4K", search=False, show_progress=False)
     (r,) = _check_valid(tmp_path / "memory.jsonl")
     m = r["metrics"]
     assert r["status"] == "ok"

@@ -43,8 +43,9 @@ def test_real_prefill_gives_the_first_token(tiny):
 def test_tiny_grid_with_every_registered_method(tiny, tmp_path, monkeypatch):
     names = list(available_methods())
     # 64 x 1 fits the real-prefill limit, 64 x 2 does not: one cell of each fill
-    res = throughput.SUITE.run(names, tmp_path, model="tiny", loaded=(tiny, None), contexts="64", batches="1,2", prefill_tokens="64", steps=2,
-                         warmup_steps=1, max_batch=2, search_context="64", show_progress=False)
+    res = throughput.run(names, tmp_path, model="tiny", loaded=(tiny, None), contexts="64", batches="1,2",
+                         prefill_tokens="64", steps=2, warmup_steps=1, max_batch=2, search_context="64",
+                         show_progress=False)
     records = _records(tmp_path / "throughput.jsonl")
     assert res.ok == len(records) == 3 * len(names), [r["error"] for r in records if r["status"] != "ok"]
     for r in records:
@@ -85,15 +86,15 @@ def test_out_of_memory_cell_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, mo
         return real(model, cache, next_ids, warmup, steps)
 
     monkeypatch.setattr(throughput, "decode", fake)
-    res = throughput.SUITE.run(["full"], tmp_path, model="tiny", loaded=(tiny, None), contexts="32", batches="1,2,3", steps=1, search=False,
-                         show_progress=False)
+    res = throughput.run(["full"], tmp_path, model="tiny", loaded=(tiny, None), contexts="32", batches="1,2,3",
+                         steps=1, search=False, show_progress=False)
     status = {r["cell"]["batch"]: r["status"] for r in _records(tmp_path / "throughput.jsonl")}
     assert status == {1: "ok", 2: "oom", 3: "ok"} and res.oom == 1
 
 
 @pytest.mark.slow
 def test_embedded_model_on_cpu(tmp_path):
-    res = throughput.SUITE.run(["full"], tmp_path, model="embedded", contexts="128", batches="1", steps=2, warmup_steps=1,
+    res = throughput.run(["full"], tmp_path, model="embedded", contexts="128", batches="1", steps=2, warmup_steps=1,
                          search=False, show_progress=False)
     (r,) = _records(tmp_path / "throughput.jsonl")
     assert res.ok == 1 and r["cell"]["model"] == "embedded" and r["cell"]["fill"] == "prefill"
@@ -102,7 +103,7 @@ def test_embedded_model_on_cpu(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_throughput_small(tmp_path):
-    res = throughput.SUITE.run(["full"], tmp_path, model="synthetic:smollm2-135m", contexts="1K", batches="1,4",
+    res = throughput.run(["full"], tmp_path, model="synthetic:smollm2-135m", contexts="1K", batches="1,4",
                          prefill_tokens="1K", steps=4, max_batch=8, show_progress=False)
     records = _records(tmp_path / "throughput.jsonl")
     assert res.ok == len(records) == 3, [r["error"] for r in records]
