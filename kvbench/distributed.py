@@ -207,6 +207,7 @@ class Cluster:
                       f"{f'{gpus} GPU(s)' if gpus else f'{workers} CPU core(s)'}[/]")
 
     def _join(self, ray) -> None:
+        _check_reachable(self.address)
         try:
             ray.init(address=self.address, log_to_driver=False)
         except Exception as e:  # noqa: BLE001 - any failure to connect is the user's address or cluster
@@ -229,6 +230,21 @@ class Cluster:
     def describe(self) -> dict[str, Any]:
         return {"address": self.address or "local", "started_here": self.started, "gpu": self.gpu,
                 "workers": self.slots}
+
+
+def _check_reachable(address: str) -> None:
+    """A head node's HOST:PORT that answers no connection fails at once (Ray itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return  # ray://..., "auto": Ray's own forms, left to Ray
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as e:
+        raise KVBenchError(f"--ray-address {address}: nothing answers there ({e.strerror or type(e).__name__}); "
+                           "give the head node's HOST:PORT as `ray status` on it shows (`ray start --head` prints "
+                           "it), or leave --ray-address out for a local cluster") from None
 
 
 class Board:

@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import distributed_fakes
 from distributed_fakes import FakeSource
-from kvbench.errors import KVBenchError
+from kvbench.cli import app
 from kvbench.distributed import Cluster, import_ray, run_sources
+from kvbench.errors import KVBenchError
 from kvbench.records import RecordWriter, cell_key, read_records
 from kvbench.sweep import run_sweep
 
@@ -23,16 +25,23 @@ needs_ray = pytest.mark.skipif(ray is None, reason="the Ray tests need the ray e
 
 
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch, tmp_path):
-    from typer.testing import CliRunner
-
-    from kvbench.cli import app
-
     monkeypatch.setitem(sys.modules, "ray", None)  # import fails, as where the extra is not installed
     with pytest.raises(KVBenchError, match=r'pip install -e "\.\[ray\]"'):
         import_ray()
     r = CliRunner().invoke(app, ["run", "memory", "--quick", "-m", "full", "--ray", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "--ray needs Ray" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "memory.jsonl").exists()
+
+
+@needs_ray
+def test_an_address_where_no_cluster_answers_fails_at_once_with_the_fix():
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    r = CliRunner().invoke(app, ["run", "memory", "--quick", "-m", "full", "--ray-address", f"127.0.0.1:{port}"])
+    assert r.exit_code == 2 and "nothing answers there" in r.output and "ray start --head" in r.output
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +155,6 @@ def test_ctrl_c_keeps_every_record_written_and_a_rerun_finishes_the_rest(cluster
 
 @needs_ray
 def test_compare_ray_runs_the_quick_memory_and_kernel_suites_with_the_serial_runs_cells(cluster, tmp_path):
-    from typer.testing import CliRunner
-
-    from kvbench.cli import app
-
     small = Path(__file__).parent / "data" / "ray-small.toml"
     runner = CliRunner()
     serial_run = runner.invoke(app, ["compare", str(small), "--out", str(tmp_path / "serial")])
@@ -171,10 +176,6 @@ def test_compare_ray_runs_the_quick_memory_and_kernel_suites_with_the_serial_run
 
 @needs_ray
 def test_run_suite_ray_measures_the_cells_of_a_serial_run(cluster, tmp_path):
-    from typer.testing import CliRunner
-
-    from kvbench.cli import app
-
     args = ["run", "memory", "--quick", "--no-search", "-m", "full", "-m", "streaming:window=60"]
     runner = CliRunner()
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "serial")]).exit_code == 0
