@@ -50,7 +50,7 @@ SUITES: dict[str, str] = {
 }
 
 _UNSET: Any = dataclasses.MISSING
-_PROFILES = ("quick_gpu", "quick_cpu", "quick", "gpu", "cpu", "default")
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -119,9 +119,8 @@ def check_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
         kind = _plain_type(hint)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if kind in (bool, int, float, str) and (not isinstance(value, kind) or (kind is not bool and
-                                                                                 isinstance(value, bool))):
-            raise KVBenchError(f"{flag}: {value!r} is not a {kind.__name__}")
+        if kind in _KINDS and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+            raise KVBenchError(f"{flag}: {value!r} must be {_KINDS[kind]}")
     if meta["choices"] and value not in meta["choices"]:
         raise KVBenchError(f"{flag}: unknown {f.name.replace('_', ' ')} '{value}'; valid: {', '.join(meta['choices'])}")
     if meta["min"] is not None and value < meta["min"]:
@@ -167,10 +166,12 @@ def resolve_methods(specs: Sequence[Any], *, allow_unknown: bool = False) -> lis
                 raise
             console.print(f"[yellow]{e}; its cells will be recorded as failed[/]")
             out.append(Unavailable(spec.strip(), str(e)))
-    unique = list({m.label(): m for m in reversed(out)}.values())[::-1]  # the first of each label, in order
+    unique: dict[str, Any] = {}
+    for m in out:  # the first method of each label, in the order given
+        unique.setdefault(m.label(), m)
     if not unique:
         raise KVBenchError("no methods given; use e.g. --methods full --methods selfindex:budget=0.1")
-    return unique
+    return list(unique.values())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -353,13 +354,15 @@ class Suite:
             self.print_table(writer.path, cells)
         return result
 
-    def write_provenance(self, out: Path, plan: Plan, session: Any, **extra) -> None:
+    def write_provenance(self, out: Path, plan: Plan, session: Any = None, **extra) -> None:
+        """Append this run to `out/<name>.provenance.json`: the plan's methods and options, what the session measured
+        once (the suite's `provenance`; none without a session, e.g. on a driver whose workers measured), `extra`."""
         from kvbench.telemetry import write_provenance
 
         options = dict(methods=[m.label() for m in plan.methods], model=plan.model, quick=plan.quick,
                        **dataclasses.asdict(plan.options), **extra)
         options["device"] = plan.device
-        facts = self.provenance(session) if self.provenance is not None else {}
+        facts = self.provenance(session) if self.provenance is not None and session is not None else {}
         path = write_provenance(out, self.name, options, **facts)
         console.print(f"[dim]{self.name}: records in {out / (self.name + '.jsonl')}, provenance in {path}[/]")
 
@@ -411,8 +414,11 @@ class Suite:
                 False, help=f"Measure cells again even if out/{self.name}.jsonl already has them.")),
         ]
         hints = typing.get_type_hints(self.options)
+        inherited = {f.name for base in self.options.__mro__[1:] if dataclasses.is_dataclass(base)
+                     for f in dataclasses.fields(base)}
+        fields = sorted(self.option_fields(), key=lambda f: f.name in inherited)  # the suite's own options first
         params += [P(f.name, P.KEYWORD_ONLY, annotation=_cli_type(f, hints[f.name]), default=_cli_option(f))
-                   for f in self.option_fields()]
+                   for f in fields]
         params += [P(name, P.KEYWORD_ONLY, annotation=kind, default=opt)
                    for name, kind, opt in distributed.cli_options()]
         command.__signature__ = inspect.Signature(params)

@@ -1,5 +1,6 @@
 """Run a grid of cells: one record per cell, a rerun skips finished cells, a failing or out-of-memory cell is recorded
-and the sweep goes on, and a rich progress bar says how long is left."""
+and the sweep goes on, and a rich progress bar says how long is left. `measure_cell` turns one cell into its record
+(the part a worker process runs); `run_sweep` adds the skipping, the writing and the progress."""
 
 from __future__ import annotations
 

@@ -3,34 +3,13 @@
     kvbench compare                               # the quick CPU comparison: comparisons/quick-cpu.toml
     kvbench compare comparisons/h100.toml --out results/h100 --include reports/data
 
-The file (parsed with tomllib on Python 3.11+, tomli on 3.10) is checked whole before anything runs: a TOML syntax
-error, an unknown key or suite, an unknown method, a bad parameter or an option the suite does not take fails at
-once with a message naming the file, the key and the fix.
-
-Format:
-
-    title = "kvbench: quick CPU comparison"   # optional: the report's title
-    methods = ["full", "selfindex:budget=0.1"] # methods for every suite (a suite may override)
-    model = "embedded"                        # model for every suite; or models = ["a", "b"] to run each
-    quick = true                              # each suite's quick profile (default false)
-    include = ["../reports/data"]             # optional: more record files/folders for the report, relative to the file
-    out = "results"                           # optional: where records go (--out overrides; default results/)
-
-    [suites.accuracy]                         # one table per suite to run, run in file order
-    methods = ["full", "kivi:bits=2"]         # optional: this suite's own methods
-    tasks = "passkey"                         # any other key is an option of the suite (`kvbench run accuracy --help`)
-
-A method is a spec string, `name` or `name:key=value,...` (as on the command line; "all" = every registered method
-with its defaults), or an inline table whose list values expand to one method per combination:
-
-    methods = ["full", {name = "selfindex", budget = [0.05, 0.1], setting = "2+1"}]
-
-Suites and their options come from their declarations (kvbench/suite.py): a key is checked against the suite's
-options, its value against the option's type, choices and parser, before anything runs. Each suite writes
-`<out>/<suite>.jsonl`; the report is built from the record files in `out` (provenance JSON beside them included) plus
-`include`. `--only NAME` runs one suite of the file (e.g. to keep each command short) and still reports them all.
-A suite named in the file whose module is not in this kvbench yet is reported and skipped; a suite that fails while
-running is reported, the others still run and the report is still built, and the command then exits non-zero.
+The format is in comparisons/README.md. The file (tomllib on Python 3.11+, tomli on 3.10) is checked whole before
+anything runs: a TOML syntax error, an unknown key or suite, an unknown method, a bad parameter, or an option the
+suite does not declare or whose value its declaration refuses (kvbench/suite.py) fails at once with a message naming
+the file, the key and the fix. Each suite writes `<out>/<suite>.jsonl`; the report is built from the record files in
+`out` (provenance JSON beside them included) plus `include`. `--only NAME` runs one suite of the file and still
+reports them all. A suite that fails while running is reported, the others still run and the report is still built,
+and the command then exits non-zero.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def test_a_comparison_file_checks_its_options(tmp_path):
     f.write_text("methods = ['full']\n[suites.agreement]\ncontexts = '64'\nsteps = 2\n")
     (plan,) = load_comparison(f).suites
     assert plan.name == "agreement" and plan.options == {"contexts": "64", "steps": 2}
-    for bad, needle in [("steps = 'x'", "--steps: 'x' is not a int"), ("steps = 0", "below its minimum"),
+    for bad, needle in [("steps = 'x'", "--steps: 'x' must be a whole number"), ("steps = 0", "below its minimum"),
                         ("colour = 1", "has no option 'colour'")]:
         f.write_text(f"methods = ['full']\n[suites.agreement]\n{bad}\n")
         with pytest.raises(KVBenchError, match=needle) as e:

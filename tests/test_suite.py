@@ -46,7 +46,8 @@ def test_defaults_follow_the_device_and_the_profile(gpu, quick, contexts, steps)
 
 def test_options_are_checked_by_name_type_choice_and_minimum():
     kernels = get_suite("kernels")
-    for bad, needle in [({"colour": 1}, "has no option 'colour'"), ({"spread": "yes"}, "--spread: 'yes' is not a bool"),
+    for bad, needle in [({"colour": 1}, "has no option 'colour'"),
+                        ({"spread": "yes"}, "--spread: 'yes' must be true or false"),
                         ({"mode": "sideways"}, "unknown mode 'sideways'"), ({"layer": -1}, "below its minimum"),
                         ({"contexts": "4Q"}, "--contexts: '4Q' is not a size")]:
         with pytest.raises(KVBenchError, match=needle):
