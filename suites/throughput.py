@@ -97,18 +97,17 @@ def setup(plan: Plan) -> Runner:
     else:
         with console.status(f"loading {model_name(plan)} ..."):
             model, _ = load_model(model_name(plan), device=plan.torch_device, dtype=o.dtype)
-    return Runner(model, fill=o.fill, prefill_tokens=o.prefill_tokens, warmup_steps=o.warmup_steps, steps=o.steps,
-                  q_tail=o.q_tail, seed=o.seed, search_limit=o.max_batch)
+    return Runner(model, warmup_steps=o.warmup_steps, steps=o.steps, q_tail=o.q_tail, seed=o.seed,
+                  search_limit=o.max_batch)
 
 
 class Runner:
-    """Holds the model and what is measured once per run (warm-ups, batch-1 TTFTs)."""
+    """The throughput suite's session: the model, and what is measured once per process (warm-ups, batch-1 TTFTs)."""
 
-    def __init__(self, model, *, fill: str, prefill_tokens: int, warmup_steps: int, steps: int, q_tail: int,
-                 seed: int, search_limit: int):
+    def __init__(self, model, *, warmup_steps: int, steps: int, q_tail: int, seed: int, search_limit: int):
         import torch
 
-        self.model, self.fill, self.prefill_tokens = model, fill, prefill_tokens
+        self.model = model
         self.warmup_steps, self.steps, self.q_tail, self.seed = warmup_steps, steps, q_tail, seed
         self.search_limit = search_limit
         self.warm: set[str] = set()

@@ -68,7 +68,7 @@ def test_batch_search_stops_at_out_of_memory_and_keeps_the_best(tiny, monkeypatc
         return real(model, method, batch, context, **kw)
 
     monkeypatch.setattr(throughput, "synthetic_cache", limited)
-    r = Runner(tiny, fill="auto", prefill_tokens=64, warmup_steps=0, steps=2, q_tail=8, seed=0, search_limit=64)
+    r = Runner(tiny, warmup_steps=0, steps=2, q_tail=8, seed=0, search_limit=64)
     m = r.search(parse_method("full"), 32)
     assert m["max_batch"] == 5 and not m["reached_limit"]
     assert [p["n"] for p in m["probes"]] == [1, 2, 4, 8, 6, 5]
