@@ -104,6 +104,11 @@ class LayerCache(ABC):
     def seq_len(self) -> int:
         """Logical tokens seen so far (evicted ones included), so RoPE positions stay right."""
 
+    def live_nbytes(self) -> int:
+        """Bytes that hold the tokens seen, without preallocated headroom (default: nbytes()). `kvbench generate`
+        shows it per token, apart from the bytes reserved."""
+        return self.nbytes()
+
     def attended(self) -> torch.Tensor | None:
         """Logical positions the last extend() attended, [B, Hkv, N] int64; None when it attends every token."""
         return None
@@ -146,6 +151,13 @@ def _valid_text(meta: dict) -> str:
         if meta.get(key) is not None:
             parts.append(f"{sym} {meta[key]}")
     return " and ".join(parts) if parts else "any"
+
+
+def format_value(v: Any) -> str:
+    """A parameter value as a spec writes it: 160.0 -> '160', 0.1 -> '0.1', True -> 'True'."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return str(v)
 
 
 def is_fraction(budget: float) -> bool:
@@ -217,6 +229,10 @@ class Method:
     def validate(self) -> None:
         """Checks that span several parameters; raise ParamError."""
 
+    def check_context(self, context: int) -> None:
+        """Refuse (KVBenchError) a setting that cannot work on a `context`-token prompt, before a model runs on it,
+        e.g. a capacity below the observation window. Default: every context works."""
+
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         raise NotImplementedError
 
@@ -234,10 +250,16 @@ class Method:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def label(self) -> str:
-        """'name' or 'name:key=value,...' with the parameters that differ from their defaults."""
-        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+        """'name' or 'name:key=value,...' with the parameters that differ from their defaults; a whole-number float
+        prints as an integer (budget=160, not 160.0), so a label reads as the spec a user writes."""
+        changed = [f"{f.name}={format_value(getattr(self, f.name))}" for f in dataclasses.fields(self)
                    if getattr(self, f.name) != f.default]
         return self.name + (":" + ",".join(changed) if changed else "")
+
+    def spec(self) -> str:
+        """'name:key=value,...' with every parameter, defaults included: what a plan shows a user."""
+        return self.name + "".join((":" if i == 0 else ",") + f"{f.name}={format_value(getattr(self, f.name))}"
+                                   for i, f in enumerate(dataclasses.fields(self)))
 
     def __str__(self) -> str:
         return self.label()

@@ -9,7 +9,6 @@ import time
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -17,19 +16,26 @@ from kvbench.errors import KVBenchError
 from kvbench.reports.cli import command as report_command
 from kvbench.suite import all_suites
 from kvbench.suites.compare import command as compare_command
+from kvbench.console import make_console
 
+# rich_markup_mode=None: click's plain help, which wraps the help text and never cuts an option name (rich's option
+# table truncates names such as --prefill-max-tokens at 80 columns)
 app = typer.Typer(help="Measure what KV-cache compression methods cost and save: accuracy, memory, kernel time and "
                        "decode throughput, into HTML reports.", no_args_is_help=True, pretty_exceptions_enable=False,
-                  add_completion=False)
+                  add_completion=False, rich_markup_mode=None)
 run_app = typer.Typer(help="Run one suite over methods x parameters x cells, appending JSONL records.",
-                      no_args_is_help=True)
+                      no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(run_app, name="run")
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()  # not a terminal (CI, | tee): wide, so tables are not cut to 80 columns
+err_console = make_console(stderr=True)
+
+
+INTERRUPTED = ("interrupted (Ctrl-C): the cells that finished are kept in the records; run the same command again "
+               "to resume")
 
 
 def friendly(fn):
-    """Turn user-fixable errors into one clear line and exit code 2."""
+    """Turn user-fixable errors into one clear line and exit code 2, and Ctrl-C into a word and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -39,6 +45,9 @@ def friendly(fn):
             # soft_wrap: one line however long; escape: a message may hold [brackets] that are not markup
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print(f"[yellow]{INTERRUPTED}[/]", soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -47,8 +56,9 @@ def friendly(fn):
 @friendly
 def methods_cmd():
     """List every registered method with its parameters, defaults and valid ranges."""
-    from kvbench.registry import available_methods, plugin_errors
+    from kvbench.registry import _load, available_methods, plugin_errors
 
+    _load(quiet=True)  # the failures are listed below, once
     for name, cls in available_methods().items():
         doc = (cls.__doc__ or "").strip().splitlines()
         title = doc[0] if doc else ""
@@ -61,7 +71,8 @@ def methods_cmd():
             table.add_row("-", "-", "-", "-", "no parameters")
         console.print(table)
     for name, err in plugin_errors.items():
-        err_console.print(f"[yellow]plugin '{name}' failed to load:[/] {err}")
+        err_console.print(f"[yellow]method plugin '{escape(name)}' failed to load:[/] {escape(err)}; fix or reinstall "
+                          "the package that provides it", soft_wrap=True)
 
 
 @app.command("env")
@@ -115,6 +126,9 @@ def generate_cmd(
     from kvbench.registry import parse_method
 
     m = parse_method(method)  # validates before any model loads
+    from kvbench.models import check_model_name
+
+    check_model_name(model)
     import torch
 
     from kvbench.bridge import attach
@@ -129,6 +143,7 @@ def generate_cmd(
     else:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
+    m.check_context(ids.shape[1])  # e.g. a capacity below the observation window: refused before the model runs
     ids = ids.to(mdl.device)
     cache = attach(mdl, m)
     t0 = time.perf_counter()
@@ -138,10 +153,19 @@ def generate_cmd(
     dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
     console.print(tok.decode(new, skip_special_tokens=True))
-    info = cache.layer_caches()[0].info() if cache.layer_caches() else {}
-    err_console.print(f"[dim]{m.label()} on {mdl.device} | {ids.shape[1]} prompt + {len(new)} new tokens in "
-                      f"{dt:.2f} s | cache {cache.nbytes() / 2**20:.2f} MiB for {cache.get_seq_length()} tokens"
-                      + (f" | {', '.join(f'{k}={v}' for k, v in info.items())}" if info else "") + "[/]")
+    err_console.print(f"[dim]{escape(m.label())} on {mdl.device} | {ids.shape[1]} prompt + {len(new)} new tokens in "
+                      f"{dt:.2f} s | {escape(cache_line(cache))}[/]", soft_wrap=True)
+
+
+def cache_line(cache) -> str:
+    """The cache's live bytes per token (what holds the tokens seen) apart from the bytes it has reserved
+    (preallocated headroom included), and what its first layer says about itself."""
+    layers = cache.layer_caches()
+    live, reserved, n = sum(c.live_nbytes() for c in layers), cache.nbytes(), cache.get_seq_length()
+    info = layers[0].info() if layers else {}
+    return (f"cache {live / max(n, 1):,.0f} B/token live ({live / 2**20:.2f} MiB for {n} tokens), "
+            f"{reserved / 2**20:.2f} MiB reserved" + (" (headroom included)" if reserved > live else "")
+            + (f" | {', '.join(f'{k}={v}' for k, v in info.items())}" if info else ""))
 
 
 for _suite in all_suites().values():  # `kvbench run <suite>`, each generated from its declaration (kvbench/suite.py)
@@ -151,7 +175,11 @@ app.command("compare")(friendly(compare_command))
 
 
 def main() -> None:  # pragma: no cover
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except KeyboardInterrupt:  # before a command started (e.g. while importing)
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

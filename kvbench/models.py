@@ -122,18 +122,38 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def synthetic_config(name: str):
-    from transformers import AutoConfig
-
+def synthetic_shape(name: str) -> Shape:
     key = name.removeprefix("synthetic:")
     if key not in SHAPES:
         raise KVBenchError(f"unknown synthetic architecture '{key}'; valid: {', '.join(SHAPES)}")
-    cfg = dict(SHAPES[key].config)
+    return SHAPES[key]
+
+
+def synthetic_config(name: str):
+    from transformers import AutoConfig
+
+    cfg = dict(synthetic_shape(name).config)
     return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a Hugging Face id ("org/name"): it starts with / . or ~, or has more than one /."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_model_name(name: str) -> None:
+    """Refuse what cannot be a model before anything is loaded or written: a synthetic architecture not in SHAPES,
+    or a local path that does not exist (from_pretrained would answer with a Hugging Face repo-id message)."""
+    if name.startswith("synthetic:"):
+        synthetic_shape(name)
+    elif name not in EMBEDDED_NAMES and looks_like_path(name) and not Path(name).expanduser().exists():
+        raise KVBenchError(f"--model {name}: no such path; give an existing model folder, a Hugging Face id "
+                           "(org/name), 'embedded', or synthetic:<arch>")
 
 
 def load_model(name: str = "embedded", device: str | torch.device | None = None, dtype=None):
     """Load (model, tokenizer). Synthetic models have random weights and tokenizer None."""
+    check_model_name(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -148,7 +168,8 @@ def load_model(name: str = "embedded", device: str | torch.device | None = None,
             model = AutoModelForCausalLM.from_config(config, dtype=dt)
         tok = None
     else:
-        path = embedded_path() if name in EMBEDDED_NAMES else name
+        path = embedded_path() if name in EMBEDDED_NAMES else str(Path(name).expanduser()) if looks_like_path(name) \
+            else name
         try:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)

@@ -125,8 +125,7 @@ class RecordWriter:
     """Appends records to a JSONL file, one atomic write per line, and knows which cells are already done."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(path)  # its folder is made by the first append: a run that stops first leaves nothing
 
     def done(self, statuses: Iterable[str] = ("ok", "oom", "skipped")) -> set[str]:
         """Keys of cells that finished (a failed cell is retried on a rerun)."""
@@ -136,6 +135,7 @@ class RecordWriter:
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, sort_keys=False, default=str) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)  # one write on an O_APPEND descriptor: the line lands whole or not at all

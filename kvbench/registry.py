@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import typing
-import warnings
 
 from kvbench.api import KVBenchError, Method, ParamError, UnknownMethodError
 
@@ -14,8 +14,10 @@ ENTRY_POINT_GROUP = "kvbench.methods"
 
 _REGISTRY: dict[str, type[Method]] = {}
 _loaded = False
-# entry points that failed to load: name -> error text, shown by `kvbench methods`
+# entry points that failed to load: name -> "module:attr: ErrorType: message", shown by `kvbench methods` and by
+# get_method() when that name is asked for
 plugin_errors: dict[str, str] = {}
+log = logging.getLogger("kvbench")
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -29,7 +31,9 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _load() -> None:
+def _load(quiet: bool = False) -> None:
+    """Import the built-in methods and the plugins, once. A plugin that fails is logged once (one plain line on
+    stderr), unless `quiet` (`kvbench methods` lists the failures itself)."""
     global _loaded
     if _loaded:
         return
@@ -39,8 +43,10 @@ def _load() -> None:
         try:
             obj = ep.load()
         except Exception as e:  # a broken plugin must not take the built-in methods down with it
-            plugin_errors[ep.name] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"kvbench: method plugin '{ep.name}' ({ep.value}) failed to load: {e}", stacklevel=2)
+            plugin_errors[ep.name] = f"{ep.value}: {type(e).__name__}: {e}"
+            if not quiet:  # one plain line per process (not a warning with this file's path): the others still work
+                log.warning(f"kvbench: method plugin '{ep.name}' failed to load ({plugin_errors[ep.name]}); the "
+                            "other methods work; `kvbench methods` lists it")
             continue
         if isinstance(obj, type) and issubclass(obj, Method) and obj.name not in _REGISTRY:
             register(obj)
@@ -54,6 +60,9 @@ def available_methods() -> dict[str, type[Method]]:
 
 def get_method(name: str) -> type[Method]:
     all_methods = available_methods()
+    if name not in all_methods and name in plugin_errors:
+        raise KVBenchError(f"method '{name}' is a plugin that failed to load: {plugin_errors[name]}; fix or reinstall "
+                           "the package that provides it (`kvbench methods` lists the plugins that failed)")
     if name not in all_methods:
         raise UnknownMethodError(name, list(all_methods))
     return all_methods[name]

@@ -387,8 +387,14 @@ class Suite:
         """The typer command `kvbench run <name>`, generated from the declaration."""
         import typer
 
+        from kvbench import distributed
+
         def command(**kw) -> None:
             specs = [s for m in (kw.pop("methods") or []) for s in m.split()]
+            on_ray = distributed.take_cli_options(kw)
+            if on_ray is not None:  # --ray: the same cells over a Ray cluster (kvbench/distributed.py)
+                return distributed.run_suite_on_ray(self, specs or None, kw.pop("out"), model=kw.pop("model"),
+                                                    quick=kw.pop("quick"), rerun=kw.pop("rerun"), on_ray=on_ray, **kw)
             result = self.run(specs or None, kw.pop("out"), model=kw.pop("model"), quick=kw.pop("quick"),
                               rerun=kw.pop("rerun"), **kw)
             console.print(f"{self.name}: {result.summary()}")
@@ -413,6 +419,8 @@ class Suite:
         fields = sorted(self.option_fields(), key=lambda f: f.name in inherited)  # the suite's own options first
         params += [P(f.name, P.KEYWORD_ONLY, annotation=_cli_type(f, hints[f.name]), default=_cli_option(f))
                    for f in fields]
+        params += [P(name, P.KEYWORD_ONLY, annotation=kind, default=opt)
+                   for name, kind, opt in distributed.cli_options()]
         command.__signature__ = inspect.Signature(params)
         command.__doc__ = self.help
         command.__name__ = f"{self.name}_command"

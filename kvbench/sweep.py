@@ -1,6 +1,7 @@
 """Run a grid of cells: one record per cell, a rerun skips finished cells, a failing or out-of-memory cell is recorded
-and the sweep goes on, and a rich progress bar says how long is left. `measure_cell` turns one cell into its record
-(the part a worker process runs); `run_sweep` adds the skipping, the writing and the progress."""
+and the sweep goes on, and a progress display says how long is left (kvbench.console: rich's live bar on a terminal,
+a plain line at least every 30 s elsewhere). `measure_cell` turns one cell into its record (the part a worker process
+runs); `run_sweep` adds the skipping, the writing and the progress."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
 from kvbench.device import free_memory
 from kvbench.metrics import BUDGET_FRACTION
 from kvbench.records import RecordWriter, cell_key, make_record, now_iso
+from kvbench.console import make_console, progress_display  # noqa: I001 - kept apart from the lines above
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 @dataclass
@@ -109,7 +110,7 @@ def run_sweep(suite: str, cells: list[Cell], runner: Callable[[Cell], dict], wri
     result = SweepResult(already_done=len(cells) - len(todo))
     columns = [SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[now]}")]
-    with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
+    with progress_display(console, columns, enabled=show_progress) as progress:
         task = progress.add_task(description or suite, total=len(todo), now="")
         for c in todo:
             progress.update(task, now=f"{c.method} {_short(c.cell)}")

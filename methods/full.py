@@ -105,6 +105,10 @@ class FullLayer(LayerCache):
             return 0
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def live_nbytes(self) -> int:
+        """The bytes of the n tokens held, without the headroom nbytes() counts."""
+        return 0 if self.k is None else 2 * self.k[:, : self.n].numel() * self.k.element_size()
+
     def seq_len(self) -> int:
         return self.n
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.api import LayerSpec, ParamError, budget_tokens, check_budget, param
+from kvbench.api import KVBenchError, LayerSpec, ParamError, budget_tokens, check_budget, param
 from kvbench.methods.eviction import Eviction, group_probs, keep_top
 from kvbench.registry import register
 
@@ -54,6 +54,14 @@ class SnapKV(Eviction):
     def prompt_capacity(self, T: int, spec: LayerSpec) -> int:
         """Prompt tokens this layer keeps per KV head, the window included, for a T-token prompt."""
         return min(budget_tokens(self.capacity, T), T)
+
+    def check_context(self, context: int) -> None:
+        kept = min(budget_tokens(self.capacity, context), context)
+        if kept < context and kept <= self.window:  # keep() would fall back to the most recent tokens: no vote
+            raise KVBenchError(f"snapkv: capacity={self.capacity:g} keeps {kept} of this prompt's {context} tokens, "
+                               f"no more than its {self.window}-token observation window, so nothing is chosen by "
+                               f"votes; give a capacity above {self.window} tokens (e.g. capacity="
+                               f"{max(2 * self.window, 64)}) or a smaller window")
 
     def keep(self, q: torch.Tensor, k: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
         """Positions to keep, sorted: q [B, Hq, Tq, D] are the last Tq prompt queries, k [B, Hkv, T, D] the prompt's

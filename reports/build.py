@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import html
 import json
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,14 @@ from typing import Any, Iterable
 from plotly.offline import get_plotlyjs
 from plotly.utils import PlotlyJSONEncoder
 
+from kvbench.api import KVBenchError
 from kvbench.records import Problem, machine_label, now_iso, read_records
 from kvbench.reports import plots
-from kvbench.reports.plots import bad, cell, first_line, mean, median, metric, model_of, ok, origin, origins
+from kvbench.reports.plots import bad, first_line, origin
+from kvbench.reports.summary import summary_html
 
 SECTIONS = [  # id, title, the command that produces its records
-    ("summary", "Summary", "kvbench compare"),
+    ("summary", "Summary: which method, at what cost, with what saving", "kvbench compare"),
     ("pareto", "Accuracy against KV bytes per token", "kvbench run accuracy --quick  (plus kvbench run memory)"),
     ("budget", "Accuracy against budget", "kvbench run accuracy --quick"),
     ("needle", "Needle heat map", "kvbench run accuracy  (needle/passkey tasks over depths and lengths)"),
@@ -76,7 +79,7 @@ def collect(paths: Iterable[str | Path]) -> Inputs:
     inp = Inputs()
     jsonl: list[Path] = []
     json_files: list[Path] = []
-    for p in map(Path, paths):
+    for p in map(clean_path, paths):
         if p.is_dir():
             jsonl += sorted(p.rglob("*.jsonl"))
             json_files += sorted(p.rglob("*.json"))
@@ -111,6 +114,9 @@ def collect(paths: Iterable[str | Path]) -> Inputs:
         for k in ("cell", "params", "metrics", "env"):
             if r.get(k) is None:
                 r[k] = {}
+        label = plots.canonical(r["method"])  # 'selfindex:budget=160.0' (older commits) is 'selfindex:budget=160'
+        if label != r["method"]:
+            r["method_recorded"], r["method"] = r["method"], label
         inp.records.append(r)
     for f in dict.fromkeys(json_files):
         try:
@@ -127,9 +133,33 @@ def collect(paths: Iterable[str | Path]) -> Inputs:
     return inp
 
 
-def build_report(paths: Iterable[str | Path], out: str | Path, title: str | None = None) -> tuple[Path, Inputs]:
-    """Read `paths` and write the report to `out`. Returns the path written and what was read."""
+def clean_path(p: str | Path) -> Path:
+    """A path as a footer should show it: `comparisons/../reports/data` is `reports/data`, relative to the working
+    folder when inside it, else absolute."""
+    full = Path(os.path.abspath(os.path.expanduser(str(p))))
+    try:
+        return full.relative_to(Path.cwd())
+    except ValueError:
+        return full
+
+
+class NoRecords(KVBenchError):
+    """The inputs hold no record: a report of nothing would only hide the mistake."""
+
+
+def build_report(paths: Iterable[str | Path], out: str | Path, title: str | None = None,
+                 require_records: bool = False) -> tuple[Path, Inputs]:
+    """Read `paths` and write the report to `out`. Returns the path written and what was read. With
+    `require_records`, inputs that hold no record raise NoRecords (naming the files and their first problem) and
+    nothing is written."""
+    paths = list(paths)
     inp = collect(paths)
+    if require_records and not inp.records:
+        first = f"; first problem: {inp.problems[0].file}:{inp.problems[0].line}: {inp.problems[0].reason}" \
+            if inp.problems else ""
+        raise NoRecords(f"no records in {', '.join(str(clean_path(p)) for p in paths)} ({len(inp.files)} .jsonl "
+                        f"file(s) read, {len(inp.problems)} problem(s){first}); pass the folder a suite wrote, e.g. "
+                        "`kvbench report results/`")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(inp, title or "kvbench report"), encoding="utf-8")
@@ -180,30 +210,6 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _per_machine(recs: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Records grouped by machine, GPUs first: numbers from different machines are never mixed in one figure."""
-    return sorted(plots._by(recs, lambda r: machine_label(r.get("env"))).items(),
-                  key=lambda kv: (kv[0].startswith("CPU"), kv[0]))
-
-
-class _Footnotes:
-    """Letters for the machine @ commit each summary number came from, listed under the table."""
-
-    def __init__(self):
-        self.letters: dict[str, str] = {}
-
-    def __call__(self, recs: Iterable[dict]) -> str:
-        tags = []
-        for o in sorted({origin(r) for r in recs}):
-            tags.append(self.letters.setdefault(o, chr(ord("A") + len(self.letters)) if len(self.letters) < 26
-                                                else str(len(self.letters) + 1)))
-        return f'<sup class="fn" title="{E(", ".join(sorted({origin(r) for r in recs})))}">{",".join(tags)}</sup>'
-
-    def legend(self) -> str:
-        return ("<p class='src'>Where each number comes from: " + "; ".join(
-            f"<sup class='fn'>{k}</sup> {E(o)}" for o, k in self.letters.items()) + "</p>") if self.letters else ""
-
-
 def _none(section: str) -> str:
     cmd = next(c for s, _, c in SECTIONS if s == section)
     return f'<p class="none">no records for this section; produce them with <code>{E(cmd)}</code></p>'
@@ -216,95 +222,13 @@ def _by_suite(records: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def _ratio_vs_full(recs: list[dict], key: str, invert: bool = False) -> dict[str, list[tuple[float, dict]]]:
-    """metric(full) / metric(method) (or the inverse) for cells that match full's: same suite, model, context, batch,
-    machine. {label: [(ratio, record), ...]}."""
-    def where(r):
-        return (r["suite"], model_of(r), cell(r, "context"), cell(r, "batch"), machine_label(r.get("env")))
-
-    full = defaultdict(list)
-    for r in ok(recs):
-        if r["method"] == "full" and metric(r, key):
-            full[where(r)].append(metric(r, key))
-    out: dict[str, list[tuple[float, dict]]] = defaultdict(list)
-    for r in ok(recs):
-        v, f = metric(r, key), median(full.get(where(r), []))
-        if v and f:
-            out[r["method"]].append(((v / f) if invert else (f / v), r))
-    return out
-
-
-def summary_table(records: list[dict]) -> str:
-    if not records:
+def summary_section(records: list[dict]) -> str:
+    body = summary_html(records)
+    if not body:
         return _none("summary")
-    suites = _by_suite(records)
-    acc, mem, ker, thr = (suites.get(s, []) for s in ("accuracy", "memory", "kernels", "throughput"))
-    labels = sorted({r["method"] for r in records}, key=lambda s: (s != "full", s))
-    # bytes per token per model: the memory suite's (what a cache of exactly the context holds), else what the
-    # accuracy suite's caches held at the end of a cell (decode headroom included)
-    mem_models = {model_of(r) for r in ok(mem) if metric(r, "bytes_per_token")}
-    bpt_src = [r for r in ok(mem) if metric(r, "bytes_per_token")] + [
-        r for r in ok(acc) if metric(r, "bytes_per_token") and model_of(r) not in mem_models]
-    ratios = _ratio_vs_full(bpt_src, "bytes_per_token")
-    _src = _Footnotes()
-    rows = []
-    for label in labels:
-        cells_html = []
-        # accuracy: mean score per protocol (and perplexity when measured)
-        mine = [r for r in ok(acc) if r["method"] == label]
-        parts = []
-        for proto in sorted({str(cell(r, "protocol") or "-") for r in mine}):
-            g = [r for r in mine if str(cell(r, "protocol") or "-") == proto and metric(r, "score") is not None]
-            if g:
-                parts.append(f"{E(proto)}: <b>{mean(metric(r, 'score') for r in g):.3f}</b> "
-                             f"<span class='n'>(n={len(g)})</span>")
-        ppl = [r for r in mine if metric(r, "ppl") is not None]
-        if ppl:
-            parts.append(f"ppl <b>{median(metric(r, 'ppl') for r in ppl):.2f}</b>")
-        cells_html.append("<br>".join(parts) + " " + _src(mine) if parts else "–")
-        # bytes per token, per model
-        g = [r for r in bpt_src if r["method"] == label]
-        cells_html.append("<br>".join(
-            f"<b>{_fmt(median(metric(r, 'bytes_per_token') for r in gg))}</b> <span class='n'>{E(m)}</span> {_src(gg)}"
-            for m, gg in sorted(plots._by(g, model_of).items())) if g else "–")
-        # compression vs full
-        rs = ratios.get(label, [])
-        cells_html.append("<br>".join(
-            f"<b>{median(x for x, _ in g):.2f}×</b> <span class='n'>{E(m)}</span> {_src(r for _, r in g)}"
-            for m, g in sorted(plots._by(rs, lambda xr: model_of(xr[1])).items())) if rs else "–")
-        # decode-attention speed-up vs full, per machine: at the longest context (largest batch there), and the range
-        kd = [r for r in ok(ker) if r["method"] == label and str(cell(r, "mode") or "decode") == "decode"
-              and metric(r, "speedup_vs_full") is not None]
-        lines = []
-        for _, g in _per_machine(kd) if label != "full" else []:
-            top = max(g, key=lambda r: (cell(r, "context") or 0, cell(r, "batch") or 0))
-            sp = [metric(r, "speedup_vs_full") for r in g]
-            lines.append(f"<b>{metric(top, 'speedup_vs_full'):.2f}×</b> {_src([top])} at "
-                         f"{E(_fmt(cell(top, 'context')))} tokens × batch {E(_fmt(cell(top, 'batch')))}"
-                         + (f"<br><span class='n'>range {min(sp):.2f}–{max(sp):.2f}× over {len(sp)} cells</span>"
-                            if len(sp) > 1 else ""))
-        cells_html.append(f"baseline {_src(kd)}" if label == "full" and kd else "<br>".join(lines) or "–")
-        # end-to-end decode throughput, per machine: the best cell
-        tg = [r for r in ok(thr) if r["method"] == label and metric(r, "decode_tok_s") is not None]
-        lines = []
-        for _, g in _per_machine(tg):
-            best = max(g, key=lambda r: metric(r, "decode_tok_s"))
-            ttft = [metric(r, "ttft_s") for r in g if metric(r, "ttft_s") is not None]
-            lines.append(f"<b>{metric(best, 'decode_tok_s'):,.1f}</b> tok/s {_src([best])} at batch "
-                         f"{E(_fmt(cell(best, 'batch') or metric(best, 'batch')))}, context "
-                         f"{E(_fmt(cell(best, 'context')))}"
-                         + (f"<br><span class='n'>TTFT median {median(ttft):.3g} s</span>" if ttft else ""))
-        cells_html.append("<br>".join(lines) or "–")
-        counts = Counter(r["status"] for r in records if r["method"] == label)
-        status = " ".join(f'<span class="st st-{s}">{counts[s]} {s}</span>' for s in ("ok", "failed", "oom", "skipped")
-                          if counts[s])
-        rows.append(f"<tr><th class='m'>{E(label)}</th>" + "".join(f"<td>{c}</td>" for c in cells_html)
-                    + f"<td>{status}</td></tr>")
-    head = ("<tr><th>method</th><th>accuracy (mean score by protocol)</th><th>KV bytes per token</th>"
-            "<th>compression vs full</th><th>decode-attention speed-up vs full</th><th>best decode throughput</th>"
-            "<th>cells</th></tr>")
-    return (f'<div class="scroll"><table class="summary"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
-            f'</div>{_src.legend()}')
+    nbad = sum(r["status"] in ("failed", "oom") for r in records)
+    return body + (f"<p class='warn'>{nbad} failed or out-of-memory cell(s) are not in these tables: see "
+                   "<a href='#failures'>failed cells</a>.</p>" if nbad else "")
 
 
 def failures_table(records: list[dict]) -> str:
@@ -378,12 +302,13 @@ def environment_html(records: list[dict], provenance: list[tuple[str, dict]]) ->
             env = recs[0].get("env") or {}
             files = sorted({r["_source"].rpartition(":")[0] for r in recs})
             suites = Counter(r["suite"] for r in recs)
-            rows.append("<tr><td><b>" + E(machine_label(env)) + "</b></td><td><code>"
-                        + E(str(env.get("commit") or "unknown")) + "</code></td>"
-                        + "".join(f"<td>{E(str(env.get(k, '–')))}</td>" for k in ENV_KEYS[1:9])
+            rows.append("<tr><td><b>" + E(machine_label(env)) + "</b></td><td><code title='"
+                        + E(str(env.get("commit") or "unknown")) + "'>" + E(plots.short_commit(env)) + "</code></td>"
+                        + "".join(f"<td{' class=wrap' if k == 'platform' else ''}>{E(str(env.get(k, '–')))}</td>"
+                                  for k in ENV_KEYS[1:9])
                         + f"<td>{E(', '.join(f'{s}: {n}' for s, n in sorted(suites.items())))}</td>"
                         + f"<td class='file'>{'<br>'.join(E(f) for f in files)}</td></tr>")
-        parts.append("<div class='scroll'><table class='sortable'><thead><tr><th>machine</th><th>commit</th>"
+        parts.append("<div class='scroll'><table class='sortable env'><thead><tr><th>machine</th><th>commit</th>"
                      + "".join(f"<th>{k}</th>" for k in ENV_KEYS[1:9])
                      + "<th>records</th><th>files</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
     else:
@@ -396,7 +321,8 @@ def environment_html(records: list[dict], provenance: list[tuple[str, dict]]) ->
             for run in runs:
                 if not isinstance(run, dict):
                     continue
-                rows = "".join(f"<tr><th>{E(str(k))}</th><td>{E(v if isinstance(v, str) else json.dumps(v, default=str))}"
+                rows = "".join(f"<tr><th>{E(str(k))}</th>"
+                               f"<td>{E(v if isinstance(v, str) else json.dumps(v, default=str))}"
                                "</td></tr>" for k, v in run.items())
                 parts.append(f"<table class='kv'>{rows}</table>")
     else:
@@ -431,7 +357,8 @@ def records_html(records: list[dict]) -> str:
             f"<span id='shown'>{len(records)}</span> of {len(records)} records; click a column header to sort.</p>"
             "<div class='scroll tall'><table class='sortable' id='raw'><thead><tr><th>#</th><th>suite</th>"
             "<th>method</th><th>status</th><th>cell</th><th>metrics</th><th>error</th><th>machine</th><th>commit</th>"
-            "<th>started</th><th>s</th><th>file:line</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+            "<th>started</th><th>s</th><th>file:line</th></tr></thead><tbody>" + "".join(rows)
+            + "</tbody></table></div>")
 
 
 def _sources_line(recs: list[dict]) -> str:
@@ -439,7 +366,8 @@ def _sources_line(recs: list[dict]) -> str:
     if not recs:
         return ""
     by = Counter((origin(r), r["_source"].rpartition(":")[0]) for r in recs)
-    return "<p class='src'>records: " + "; ".join(f"{n} from {E(o)} ({E(f)})" for (o, f), n in sorted(by.items())) + "</p>"
+    return ("<p class='src'>records: " + "; ".join(f"{n} from {E(o)} ({E(f)})" for (o, f), n in sorted(by.items()))
+            + "</p>")
 
 
 # --- the page -------------------------------------------------------------------------------------------------------
@@ -451,8 +379,7 @@ def render(inp: Inputs, title: str) -> str:
     # figures are built from escaped copies of the records: plotly would render markup inside record strings
     view = _by_suite(_escape_strings(copy.deepcopy(records)))
     acc, mem, ker, thr = (view.get(s, []) for s in ("accuracy", "memory", "kernels", "throughput"))
-    colors = plots.palette([r["method"] for rs in view.values() for r in rs]
-                           + [plots.family(r["method"], r.get("params")) for r in acc])
+    colors = plots.palette([r["method"] for rs in view.values() for r in rs] + [plots.line_of(r) for r in acc])
     makers = {
         "pareto": lambda: plots.pareto(acc, mem, colors),
         "budget": lambda: plots.accuracy_vs_budget(acc, colors),
@@ -472,7 +399,7 @@ def render(inp: Inputs, title: str) -> str:
     section_suite = {"pareto": "accuracy", "budget": "accuracy", "needle": "accuracy", "fidelity": "accuracy",
                      "kernels": "kernels", "prefill": "kernels", "throughput": "throughput", "memory": "memory"}
     bodies = {
-        "summary": summary_table(records),
+        "summary": summary_section(records),
         "failures": failures_table(records),
         "benchmarks": benchmarks_html(inp.benchmarks),
         "environment": environment_html(records, inp.provenance),
@@ -522,13 +449,20 @@ h2{font-size:18px;margin:8px 0}h3{font-size:14px;margin:12px 0 4px}
 table{border-collapse:collapse;font-size:13px}th,td{border-bottom:1px solid #eceef1;padding:5px 8px;text-align:left;
 vertical-align:top}thead th{background:#f0f2f5;position:sticky;top:0}
 table.sortable thead th{cursor:pointer;user-select:none}table.sortable thead th:after{content:" \\2195";color:#aab}
-table.summary td,table.summary th.m{min-width:110px}table.summary th.m{font-family:ui-monospace,monospace}
+table.summary td,table.summary th.m{min-width:90px}th.m{font-family:ui-monospace,monospace;font-weight:600}
+table.summary td b{font-size:14px}.lead{font-size:14px;margin:4px 0 8px}.best{margin:4px 0 8px}.ref{margin:2px 0}
+div.machine{border-left:4px solid #2456a6;padding:2px 0 6px 12px;margin:14px 0}
+div.machine h3{font-size:16px;margin:6px 0 2px}details{margin:8px 0}h4{font-size:13px;margin:10px 0 4px}
+table.grid td{white-space:nowrap;font-size:12px}
+table.env td{white-space:nowrap}table.env td.file,table.env td.wrap{white-space:normal;overflow-wrap:anywhere;
+min-width:160px;max-width:260px}
 tbody tr:nth-child(even){background:#fafbfc}
-.src{color:#6a737d;font-size:11.5px}sup.fn{color:#2456a6;font-weight:600;cursor:help}.n{color:#6a737d;font-size:12px}.none{color:#6a737d;font-style:italic}
+.src{color:#6a737d;font-size:11.5px}.n{color:#6a737d;font-size:12px}.none{color:#6a737d;font-style:italic}
 .warn{color:#9a3b00}.file{font-family:ui-monospace,monospace;font-size:11.5px;color:#555}
 .metrics{font-family:ui-monospace,monospace;font-size:11.5px;max-width:520px}
 .st{border-radius:10px;padding:1px 7px;font-size:12px;white-space:nowrap}.st-ok{background:#dcf5e3;color:#17612f}
-.st-failed{background:#fde2e1;color:#a11}.st-oom{background:#fdebd3;color:#8a4b00}.st-skipped{background:#eceef1;color:#555}
+.st-failed{background:#fde2e1;color:#a11}.st-oom{background:#fdebd3;color:#8a4b00}
+.st-skipped{background:#eceef1;color:#555}
 .scroll{overflow:auto;max-width:100%}.tall{max-height:640px}
 pre{white-space:pre-wrap;font-size:11.5px;margin:4px 0}details summary{cursor:pointer}
 #kv-errors{display:none;background:#fde2e1;color:#a11;padding:8px 24px}

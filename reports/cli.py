@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from kvbench.errors import KVBenchError
+from kvbench.console import make_console
 
-console = Console(stderr=True)
+console = make_console(stderr=True)
 
 
 def command(
@@ -29,7 +29,7 @@ def command(
     if len(missing) == len(results):
         raise KVBenchError(f"none of the inputs exist ({', '.join(missing)}); pass record files or folders, "
                            "e.g. `kvbench report results/`")
-    path, inp = build_report(results, out, title)
+    path, inp = build_report(results, out, title, require_records=True)
     for p in inp.problems[:10]:
         console.print(f"[yellow]problem[/] {escape(f'{p.file}:{p.line}: {p.reason}')}", highlight=False)
     if len(inp.problems) > 10:

@@ -8,21 +8,22 @@ and commit the number came from (`origin`).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import statistics
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from kvbench.api import Method
 from kvbench.records import machine_label
 
 FAIL_COLOR = "#d62728"
 TEMPLATE = "plotly_white"
 FIDELITY_METRICS = ("topk_recall", "attn_mass", "out_rel_err")
-BUDGET_PARAMS = ("budget", "capacity")  # the parameters that set a method's token budget (selfindex, snapkv)
 
 
 # --- reading records --------------------------------------------------------------------------------------------
@@ -94,41 +95,90 @@ def method_name(label: str) -> str:
     return label.partition(":")[0]
 
 
-def budget_fraction(r: dict) -> float:
-    """The token budget as a fraction of the context: a budget/capacity parameter (fraction or tokens), the sinks +
-    window of a sliding window, else 1 (the method attends every token, e.g. full or a quantizer)."""
-    p = r.get("params") if isinstance(r.get("params"), dict) else {}
-    ctx = cell(r, "context")
-    for key in BUDGET_PARAMS:
-        b = p.get(key)
-        if isinstance(b, (int, float)) and b > 0:
-            if b < 1:
-                return float(b)
-            return min(1.0, b / ctx) if isinstance(ctx, (int, float)) and ctx > 0 else 1.0
-    if "window" in p and isinstance(ctx, (int, float)) and ctx > 0:
-        kept = (p.get("sinks") or 0) + (p.get("window") or 0)
-        if isinstance(kept, (int, float)):
-            return min(1.0, kept / ctx)
-    return 1.0
+@functools.lru_cache(maxsize=None)
+def method_of(label: str):
+    """The Method a record's label names (kvbench.registry.parse_method), or None for a method this kvbench does not
+    have (a plugin not installed here, a renamed parameter): the report then falls back to what the record says."""
+    from kvbench.registry import parse_method
+
+    try:
+        return parse_method(label)
+    except Exception:  # noqa: BLE001 - any label a record holds must cost a fallback, not the page
+        return None
 
 
-def _has_budget(r: dict) -> bool:
-    p = r.get("params") if isinstance(r.get("params"), dict) else {}
-    return any(k in p for k in BUDGET_PARAMS) or "window" in p
+def canonical(label: str) -> str:
+    """The label as this kvbench writes it ('selfindex:budget=160.0' -> 'selfindex:budget=160'), so records of one
+    setting written by different commits are one method in the report."""
+    m = method_of(label)
+    return m.label() if m is not None else label
 
 
-def family(label: str, params: dict | None) -> str:
-    """The method label without its budget parameter, so one line of the budget chart is one family."""
-    name, _, rest = label.partition(":")
-    keep = [kv for kv in rest.split(",") if kv and kv.partition("=")[0] not in BUDGET_PARAMS]
-    return name + (":" + ",".join(keep) if keep else "")
+def method_family(r: dict) -> str:
+    """'dense', 'quantization', 'selection', 'eviction', 'window' ...: the record's `method_family`, else the method's
+    declared family (kvbench.api.Method.family), else 'unknown'."""
+    if isinstance(r.get("method_family"), str):
+        return r["method_family"]
+    m = method_of(r["method"])
+    return m.family if m is not None else "unknown"
+
+
+def budget_fraction(r: dict, context: Any = None) -> float | None:
+    """The share of the context one decode step attends: the record's metrics.budget_fraction, else the method's own
+    answer (Method.budget_fraction) at the record's context (or `context`); None when neither is known."""
+    v = metric(r, "budget_fraction")
+    if v is not None and context is None:
+        return v
+    ctx = context if context is not None else cell(r, "context")
+    m = method_of(r["method"])
+    if m is None or not isinstance(ctx, (int, float)) or ctx <= 0:
+        return v
+    try:
+        return float(m.budget_fraction(int(ctx)))
+    except Exception:  # noqa: BLE001 - a plugin's budget_fraction may fail on an odd context
+        return v
+
+
+def attends_all(r: dict) -> bool:
+    """The method attends every token at every context (full, a quantizer): a reference level, not a budget point."""
+    m = method_of(r["method"])
+    return m is not None and type(m).budget_fraction is Method.budget_fraction
+
+
+def line_of(r: dict) -> str:
+    """The label without the parameters that set the budget, so one line of the budget chart is one method at its
+    other settings: a parameter is a budget parameter when putting its default back changes budget_fraction."""
+    m = method_of(r["method"])
+    if m is None:
+        return r["method"]
+    ctx = cell(r, "context") if isinstance(cell(r, "context"), (int, float)) and cell(r, "context") > 0 else 4096
+    keep = {}
+    for f in dataclasses.fields(m):
+        v = getattr(m, f.name)
+        if v == f.default:
+            continue
+        try:
+            moves = dataclasses.replace(m, **{f.name: f.default}).budget_fraction(int(ctx)) != m.budget_fraction(
+                int(ctx))
+        except Exception:  # noqa: BLE001 - a combination the method refuses: keep the parameter in the line
+            moves = False
+        if not moves:
+            keep[f.name] = v
+    return type(m)(**{**{f.name: f.default for f in dataclasses.fields(m)}, **keep}).label()
+
+
+# Colours far apart (CIE Lab distance over 20 between any two of the first 16), none of them the red that marks
+# failed cells; `full` is always the first, near-black, as the reference every chart compares with.
+COLORS = ("#222222", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#17becf", "#e377c2", "#8c564b", "#bcbd22",
+          "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#009e73", "#393b79", "#f7b6d2", "#637939", "#9edae5",
+          "#843c39", "#dbdb8d")
 
 
 def palette(labels: Iterable[str]) -> dict[str, str]:
-    """A stable colour per method label (and per family), `full` always the first colour."""
-    colors = qualitative.Plotly + qualitative.D3
+    """A colour per method label (and per budget-chart line), `full` always the first: one method keeps its colour in
+    every chart of the page."""
     ordered = sorted(set(labels), key=lambda s: (s != "full", s))
-    return {label: colors[i % len(colors)] for i, label in enumerate(ordered)}
+    return {label: COLORS[i % len(COLORS)] for i, label in enumerate(ordered)}
 
 
 def _by(records: Iterable[dict], key: Callable[[dict], Any]) -> dict[Any, list[dict]]:
@@ -181,6 +231,14 @@ def short_num(v: float) -> str:
     return f"{v:g}"
 
 
+def compact(v: float) -> str:
+    """Three significant digits with a k or M suffix: 1960960 -> 1.96M, 25040 -> 25k, 4753.1 -> 4.75k, 59 -> 59."""
+    for div, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
 def log_ticks(values: Iterable[Any], at_data: bool = True) -> dict:
     """Tick values and labels for a log axis: the data values themselves when there are few (contexts, batches,
     budgets), else 1-2-5 steps; plotly's default labels every minor digit, which is hard to read."""
@@ -203,26 +261,40 @@ def _fail_trace(recs: list[dict], x: Callable[[dict], Any], y: Callable[[dict], 
 # --- accuracy -----------------------------------------------------------------------------------------------------
 
 
+def task_cell(r: dict) -> tuple:
+    """What makes two accuracy records the same test: task, context, depth, seed, protocol (not model or dtype)."""
+    return tuple(sorted((k, str(v)) for k, v in (r.get("cell") or {}).items() if k not in ("model", "dtype", "device")))
+
+
+def same_cells_as_full(scored: list[dict]) -> list[dict]:
+    """Per model, the scored records on the cells `full` was scored on too (all of them where full has none), so
+    every method's mean is over the same tests."""
+    out = []
+    for _, recs in _by(scored, model_of).items():
+        full = {task_cell(r) for r in recs if r["method"] == "full"}
+        out += [r for r in recs if not full or task_cell(r) in full]
+    return out
+
+
 def bytes_per_token_for(model: str, accuracy: list[dict], memory: list[dict]) -> tuple[dict[str, float], str]:
     """Median KV bytes per token per method label for one model: from the memory suite's records of that model (a
-    cache of exactly the context), else from the accuracy records themselves (the cache at the end of the cell).
-    Returns ({label: bytes}, where the numbers come from)."""
-    found: dict[str, dict[str, float]] = {}
+    cache of exactly the context) when it has any, else from the accuracy records themselves (the cache at the end
+    of the cell, decode headroom included). Never a mix: the two count different things. Returns ({label: bytes},
+    where the numbers come from)."""
     for recs, what in ((memory, "memory"), (accuracy, "accuracy")):
         vals: dict[str, list[float]] = defaultdict(list)
         for r in ok(recs):
             if model_of(r) == model and metric(r, "bytes_per_token") is not None:
                 vals[r["method"]].append(metric(r, "bytes_per_token"))
-        found[what] = {k: median(v) for k, v in vals.items()}
-    merged = {**found["accuracy"], **found["memory"]}
-    used = (["memory"] if found["memory"] else []) + (["accuracy"] if set(merged) - set(found["memory"]) else [])
-    return merged, (f"{' and '.join(used)} records of {model}" if merged else "")
+        if vals:
+            return {k: median(v) for k, v in vals.items()}, f"{what} records of {model}"
+    return {}, ""
 
 
 def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
     """Mean task score against KV bytes per token, one point per method and protocol; each protocol's Pareto front
     dashed (a method's score depends on the protocol, so one front across both would compare unlike things)."""
-    scored = [r for r in ok(accuracy) if metric(r, "score") is not None]
+    scored = same_cells_as_full([r for r in ok(accuracy) if metric(r, "score") is not None])
     if not scored:
         return None
     fig = go.Figure()
@@ -257,55 +329,95 @@ def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> 
         fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines",
                                  name=f"Pareto front ({protocol})", line=dict(dash="dash" if protocol !=
                                  "query-agnostic" else "dot", color="#888", shape="hv"), hoverinfo="skip"))
-    fig.update_xaxes(title="KV bytes per token (log)", type="log", **log_ticks((p[0] for pts in front_pts.values() for p in pts),
-                                                                             False))
+    fig.update_xaxes(title="KV bytes per token (log)", type="log",
+                     **log_ticks((p[0] for pts in front_pts.values() for p in pts), False))
     fig.update_yaxes(title="mean score", range=[-0.05, 1.08])
     return _layout(fig, f"Accuracy against KV bytes per token <sup>(bytes from {'; '.join(sources)}; "
                         f"circle: query-aware, diamond: query-agnostic)</sup>", 480)
 
 
 def accuracy_vs_budget(accuracy: list[dict], colors: dict[str, str]) -> go.Figure | None:
-    """Mean score against the token budget (fraction of the context), one panel per task and protocol."""
+    """Mean score against the share of the context a decode step attends (Method.budget_fraction), one panel per task
+    and protocol. Methods that attend every token are a dashed reference level. With one budget measured there is no
+    curve to draw: the chart is then the score of each method at that budget, with the reference levels beside it."""
     recs = [r for r in accuracy if r.get("status") in ("ok", "failed", "oom")]
-    recs = [r for r in recs if r.get("status") != "ok" or metric(r, "score") is not None]
+    recs = [r for r in recs if (r.get("status") != "ok" or metric(r, "score") is not None)
+            and budget_fraction(r) is not None]
     if not ok(recs):
         return None
-    panels = sorted(_by(recs, lambda r: (str(cell(r, "task") or "?"), str(cell(r, "protocol") or "-"))))
+    key = (lambda r: (str(cell(r, "task") or "?"), str(cell(r, "protocol") or "-")))
+    by_panel = _by(recs, key)
+    panels = sorted(by_panel)
+    budgets = sorted({_share(r) for r in ok(recs) if not attends_all(r)})
+    if len(budgets) <= 1:
+        return _accuracy_at_one_budget(by_panel, panels, budgets, colors)
     rows, cols = _grid(len(panels))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{t} · {p}" for t, p in panels],
                         vertical_spacing=0.5 / max(rows, 1) if rows > 1 else 0.1, horizontal_spacing=0.06)
-    fams = palette(family(r["method"], r.get("params")) for r in recs)
-    budgets = [budget_fraction(r) for r in recs]
-    lo = min(budgets) / 1.5
-    shown: set[str] = set()
-    by_panel = _by(recs, lambda r: (str(cell(r, "task") or "?"), str(cell(r, "protocol") or "-")))
-    for i, key in enumerate(panels):
+    lo, shown = budgets[0] / 1.5, set()
+    for i, panel in enumerate(panels):
         row, col = i // cols + 1, i % cols + 1
-        group = by_panel[key]
-        for fam, frecs in sorted(_by(ok(group), lambda r: family(r["method"], r.get("params"))).items()):
-            pts = sorted(_by(frecs, budget_fraction).items())
+        for line, frecs in sorted(_by(ok(by_panel[panel]), line_of).items()):
+            pts = sorted(_by(frecs, _share).items())
             ys = [mean(metric(r, "score") for r in g) for _, g in pts]
-            hover = [f"<b>{fam}</b> budget {b:.3g}<br>mean score {y:.3f} over {len(g)} cells<br>{origins(g)}"
-                     for (b, g), y in zip(pts, ys)]
-            color = colors.get(fam) or fams[fam]
-            if len(pts) == 1 and pts[0][0] == 1.0 and not _has_budget(frecs[0]):
-                # attends every token (full, a quantizer): a reference level across the panel, not a point at 1
-                trace = go.Scatter(x=[lo, 1.0], y=ys * 2, mode="lines", line=dict(color=color, dash="dash"),
-                                   hovertext=hover * 2, hoverinfo="text")
+            hover = [f"<b>{line}</b> attends {b:.3g} of the context<br>mean score {y:.3f} over {len(g)} cells<br>"
+                     f"{origins(g)}" for (b, g), y in zip(pts, ys)]
+            color = colors.get(line) or colors.get(frecs[0]["method"])
+            if all(attends_all(r) for r in frecs):  # a reference level across the panel, not a point at 1
+                trace = go.Scatter(x=[lo, 1.0], y=[mean(ys)] * 2, mode="lines", line=dict(color=color, dash="dash"),
+                                   hovertext=hover[:1] * 2, hoverinfo="text")
             else:
                 trace = go.Scatter(x=[b for b, _ in pts], y=ys, mode="lines+markers", line=dict(color=color),
                                    marker=dict(size=8), hovertext=hover, hoverinfo="text")
-            trace.update(name=fam, legendgroup=fam, showlegend=fam not in shown)
+            trace.update(name=line, legendgroup=line, showlegend=line not in shown)
             fig.add_trace(trace, row=row, col=col)
-            shown.add(fam)
-        fails = bad(group)
+            shown.add(line)
+        fails = bad(by_panel[panel])
         if fails:
-            fig.add_trace(_fail_trace(fails, budget_fraction, lambda r: 0.0, "failed" not in shown), row=row, col=col)
+            fig.add_trace(_fail_trace(fails, _share, lambda r: 0.0, "failed" not in shown), row=row, col=col)
             shown.add("failed")
-    fig.update_xaxes(type="log", title_text="token budget (fraction of context, log)", title_font_size=11,
-                     range=[math.log10(lo), math.log10(1.15)], **log_ticks(b for b in budgets if b < 1 or b == 1))
+    fig.update_xaxes(type="log", title_text="share of the context attended per step (log)", title_font_size=11,
+                     range=[math.log10(lo), math.log10(1.15)], **log_ticks(budgets + [1.0]))
     fig.update_yaxes(range=[-0.05, 1.08], title_text="score", title_font_size=11)
     return _layout(fig, "Accuracy against budget, per task and protocol", 320 * rows + 60)
+
+
+def _share(r: dict) -> float:
+    """The budget fraction as a chart point: 10% of 512, 1,024 and 2,048 tokens (0.0508, 0.0508, 0.0503: whole tokens)
+    is one point, 0.05; the shortest rounding within 3% of the value."""
+    b = budget_fraction(r)
+    for digits in (1, 2, 3):
+        v = float(f"{b:.{digits}g}")
+        if abs(v - b) <= 0.03 * b:
+            return v
+    return b
+
+
+def _accuracy_at_one_budget(by_panel: dict, panels: list, budgets: list[float], colors: dict[str, str]) -> go.Figure:
+    """One budget (or none) measured: a dot per method and panel, dashed levels for the methods that attend all."""
+    at = f"{budgets[0]:.3g} of the context" if budgets else "no budget below the whole context"
+    fig = go.Figure()
+    labels = sorted({r["method"] for p in panels for r in ok(by_panel[p])}, key=lambda s: (s != "full", s))
+    names = [f"{t} · {p}" for t, p in panels]
+    for label in labels:
+        pts = [(n, [r for r in ok(by_panel[p]) if r["method"] == label]) for n, p in zip(names, panels)]
+        pts = [(n, g) for n, g in pts if g]
+        ref = all(attends_all(r) for _, g in pts for r in g)
+        fig.add_trace(go.Scatter(
+            x=[n for n, _ in pts], y=[mean(metric(r, "score") for r in g) for _, g in pts], name=label,
+            mode="markers", marker=dict(size=14 if ref else 12, color=colors.get(label), symbol="line-ew-open" if ref
+                                        else "circle", line=dict(width=3 if ref else 1, color=colors.get(label))),
+            hovertext=[f"<b>{label}</b> · {n}<br>mean score {mean(metric(r, 'score') for r in g):.3f} over {len(g)} "
+                       f"cells<br>{origins(g)}" for n, g in pts], hoverinfo="text"))
+    fails = [r for p in panels for r in bad(by_panel[p])]
+    if fails:
+        fig.add_trace(_fail_trace(fails, lambda r: f"{cell(r, 'task') or '?'} · {cell(r, 'protocol') or '-'}",
+                                  lambda r: 0.0, True))
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=names, title_text="task · protocol")
+    fig.update_yaxes(range=[-0.05, 1.08], title_text="mean score")
+    return _layout(fig, f"Accuracy at the one budget measured ({at}; dash: methods that attend every token)<br><sup>"
+                        "for a curve, give a method several budgets, e.g. {name = \"selfindex\", budget = [0.05, 0.1, "
+                        "0.2]}</sup>", 420, scattermode="group")
 
 
 def needle_heatmap(accuracy: list[dict]) -> go.Figure | None:
@@ -444,7 +556,8 @@ def _panel_title(machine: str, key: str, value: Any, with_machine: bool) -> str:
 
 def kernel_time(kernels: list[dict], colors: dict[str, str], mode: str = "decode") -> go.Figure | None:
     """Decode-attention time against context per batch size, each method's bandwidth floor dotted beside it."""
-    recs = [r for r in kernels if str(cell(r, "mode") or "decode") == mode and r.get("status") in ("ok", "failed", "oom")]
+    recs = [r for r in kernels if str(cell(r, "mode") or "decode") == mode
+            and r.get("status") in ("ok", "failed", "oom")]
     if not any(metric(r, "time_us") is not None for r in ok(recs)):
         return None
     # one panel per batch size, and per machine when several: a CPU and a GPU time never share an axis
@@ -511,33 +624,62 @@ def throughput(records: list[dict], colors: dict[str, str]) -> go.Figure | None:
 
 
 def memory_fit(memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
-    """The largest context and the largest batch each method fits in the memory budget, and its bytes per token."""
+    """The largest context and the largest batch each method fits in the memory budget, and its bytes per token: one
+    row of panels per machine (a CPU's and a GPU's budgets are never on one axis), method names only on the left."""
     panels = (("max_context", "largest context that fits (tokens)"), ("max_batch", "largest batch that fits"),
               ("bytes_per_token", "KV bytes per token (median)"))
-    if not any(metric(r, k) is not None for r in ok(memory) for k, _ in panels):
+    good = [r for r in ok(memory) if any(metric(r, k) is not None for k, _ in panels)]
+    if not good:
         return None
-    budgets = {metric(r, "budget_bytes") for r in ok(memory) if metric(r, "max_context") is not None
-               or metric(r, "max_batch") is not None} - {None}
-    if len(budgets) == 1:  # one budget for every search: say it in the titles
-        within = f" in {next(iter(budgets)) / 2**30:.3g} GiB"
-        panels = tuple((k, t + within if k != "bytes_per_token" else t) for k, t in panels)
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[t for _, t in panels], horizontal_spacing=0.12)
-    many = _several_machines(memory)
-    for j, (key, _) in enumerate(panels):
-        groups = _by([r for r in ok(memory) if metric(r, key) is not None],
-                     lambda r: (_line_label(r, many), model_of(r)))
-        items = sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0]))
-        vals = [max(metric(r, key) for r in g) if key != "bytes_per_token" else median(metric(r, key) for r in g)
-                for _, g in items]
-        fig.add_trace(go.Bar(
-            y=[f"{line} ({model})" if len({m for (_, m) in groups}) > 1 else line for (line, model), _ in items],
-            x=vals, orientation="h", marker_color=[colors.get(g[0]["method"]) for _, g in items],
-            text=[f"{v:,.0f}" for v in vals], textposition="auto", showlegend=False,
-            hovertext=[f"<b>{line}</b> on {model}<br>{key} {v:,.0f}<br>{len(g)} cells"
-                       + "".join(f"<br>budget {b / 2**30:.3g} GiB" for b in sorted({metric(r, "budget_bytes")
-                                                                                  for r in g} - {None}))
-                       + f"<br>{origins(g)}"
-                       for ((line, model), g), v in zip(items, vals)], hoverinfo="text"), row=1, col=j + 1)
-    fig.update_yaxes(autorange="reversed", automargin=True)
-    n = len({r["method"] for r in memory})
-    return _layout(fig, "Memory: what fits, per method", max(320, 60 + 32 * n))
+    machines = _per_machine_sorted(good)
+    titles = []
+    for machine in machines:
+        here = [r for r in good if machine_label(r.get("env")) == machine]
+        titles += [t + _budget_text(here, k) for k, t in panels]
+    fig = make_subplots(rows=len(machines), cols=3, subplot_titles=titles, shared_yaxes=True,
+                        horizontal_spacing=0.04, vertical_spacing=0.25 / len(machines) + 0.05)
+    for i, machine in enumerate(machines):  # the machine above its row of panels, clear of the panel titles
+        top = fig.get_subplot(i + 1, 1).yaxis.domain[1]
+        fig.add_annotation(text=f"<b>{machine}</b>", x=0, xref="paper", xanchor="left", y=top, yref="paper",
+                           yanchor="bottom", yshift=24, showarrow=False, font=dict(size=13))
+    heights = []
+    for i, machine in enumerate(machines):
+        here = [r for r in good if machine_label(r.get("env")) == machine]
+        models = {model_of(r) for r in here}
+        names = sorted({(r["method"], model_of(r)) for r in here}, key=lambda x: (x[0] != "full", x))
+        ylabels = [f"{m} ({model})" if len(models) > 1 else m for m, model in names]
+        heights.append(len(names))
+        for j, (key, _) in enumerate(panels):
+            groups = _by([r for r in here if metric(r, key) is not None], lambda r: (r["method"], model_of(r)))
+            items = [(n, y, groups[n]) for n, y in zip(names, ylabels) if n in groups]
+            vals = [max(metric(r, key) for r in g) if key != "bytes_per_token" else median(metric(r, key) for r in g)
+                    for _, _, g in items]
+            fig.add_trace(go.Bar(
+                y=[y for _, y, _ in items], x=vals, orientation="h", showlegend=False,
+                marker_color=[colors.get(n[0]) for n, _, _ in items], text=[compact(v) for v in vals],
+                textposition="outside", cliponaxis=False,
+                hovertext=[f"<b>{n[0]}</b> on {n[1]}<br>{key} {v:,.0f}<br>{len(g)} cells{_budget_text(g, key, True)}"
+                           f"<br>{origins(g)}" for (n, _, g), v in zip(items, vals)], hoverinfo="text"),
+                row=i + 1, col=j + 1)
+            top = max(vals, default=1)
+            fig.update_xaxes(range=[0, top * 1.25], row=i + 1, col=j + 1)  # room for the value beside the bar
+        fig.update_yaxes(categoryorder="array", categoryarray=ylabels[::-1], automargin=True, row=i + 1, col=1)
+    fig.update_yaxes(type="category")  # a panel without bars must still match its row's axis, of the same type
+    fig = _layout(fig, "Memory: what fits, per method", 130 * len(machines) + sum(60 + 26 * n for n in heights))
+    return fig.update_layout(margin=dict(t=110))
+
+
+def _per_machine_sorted(recs: list[dict]) -> list[str]:
+    """Machines of the records, GPUs first."""
+    return sorted({machine_label(r.get("env")) for r in recs}, key=lambda m: (m.startswith("CPU"), m))
+
+
+def _budget_text(recs: list[dict], key: str, hover: bool = False) -> str:
+    """' within 78.7 GiB' for the fit searches: the memory budget they searched in, stated where the number is."""
+    if key == "bytes_per_token":
+        return ""
+    budgets = sorted({metric(r, "budget_bytes") for r in recs if metric(r, key) is not None} - {None})
+    if not budgets:
+        return ""
+    text = " or ".join(f"{b / 2**30:.3g} GiB" if b >= 2**30 else f"{b / 2**20:.3g} MiB" for b in budgets)
+    return f"<br>memory budget {text}" if hover else f" in {text}"

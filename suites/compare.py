@@ -24,6 +24,7 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
+from kvbench.distributed import cli_options, take_cli_options
 from kvbench.errors import KVBenchError
 from kvbench.suite import SUITES, SuiteMissing, get_suite
 
@@ -208,13 +209,17 @@ def load_comparison(path: str | Path) -> Comparison:
 
 
 def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, include: list[Path] = (),
-                   rerun: bool = False) -> tuple[Path, list[str]]:
+                   rerun: bool = False, ray: dict | None = None) -> tuple[Path, list[str]]:
     """Run every suite of the comparison into `out`, then build the report. Returns (report path or None when plotly
-    is missing here, errors)."""
+    is missing here, errors). `ray`: run on a Ray cluster instead (kvbench.distributed.run_plans_on_ray's options)."""
     from kvbench.sweep import console
 
     errors: list[str] = []
-    for plan in comp.suites:
+    if ray is not None:
+        from kvbench.distributed import run_plans_on_ray
+
+        errors = run_plans_on_ray(comp.suites, out, rerun=rerun, **ray)
+    for plan in comp.suites if ray is None else []:
         if not plan.available:
             console.print(f"[yellow]compare: suite '{plan.name}' skipped: {escape(plan.missing_reason)}[/]")
             continue
@@ -249,6 +254,9 @@ def run_comparison(comp: Comparison, out: Path, *, report: Path | None = None, i
     return path, errors
 
 
+_RAY = {name: option for name, _, option in cli_options()}  # --ray and its options, as `kvbench run` has them
+
+
 def command(
     file: Optional[Path] = typer.Argument(None, help="Comparison TOML file (format: comparisons/README.md). Default: "
                                                      "the quick CPU comparison, comparisons/quick-cpu.toml."),
@@ -262,6 +270,10 @@ def command(
     check: bool = typer.Option(False, help="Only check the file and print the plan; run nothing."),
     only: list[str] = typer.Option([], "--only", help="Run only these suites of the file, repeatable (e.g. --only "
                                                       "kernels); the report still includes every record in --out."),
+    ray: bool = _RAY["ray"],
+    ray_address: Optional[str] = _RAY["ray_address"],
+    workers: Optional[int] = _RAY["workers"],
+    cell_timeout: float = _RAY["cell_timeout"],
 ):
     """Run several suites over methods, parameters and models from one TOML file, then build the HTML report."""
     from kvbench.sweep import console
@@ -281,7 +293,8 @@ def command(
                       + (" (quick)" if plan.quick else "") + (f"; {opts}" if opts else "")) + state)
     if check:
         return
-    path, errors = run_comparison(comp, out, report=report, include=include, rerun=rerun)
+    on_ray = take_cli_options(dict(ray=ray, ray_address=ray_address, workers=workers, cell_timeout=cell_timeout))
+    path, errors = run_comparison(comp, out, report=report, include=include, rerun=rerun, ray=on_ray)
     if errors:
         raise KVBenchError(f"{len(errors)} suite run(s) failed: {' | '.join(errors)}; the report was still built: "
                            f"{path}")

@@ -24,6 +24,12 @@ def test_valid_params_construct_and_label():
     assert Toy().label() == "toy"
 
 
+def test_a_whole_number_budget_labels_as_an_integer_and_spec_shows_every_parameter():
+    assert Toy(budget=160).label() == "toy:budget=160" and Toy(budget=160.0).budget == 160.0
+    assert Toy(budget=0.05).label() == "toy:budget=0.05"
+    assert Toy().spec() == "toy:bits=2,budget=0.1,mode=max"
+
+
 @pytest.mark.parametrize("kwargs, name", [({"bits": 3}, "bits"), ({"budget": 0.0}, "budget"),
                                           ({"budget": 2.5}, "budget"), ({"mode": "sum"}, "mode"),
                                           ({"bits": "2"}, "bits"), ({"bits": True}, "bits")])

@@ -137,10 +137,151 @@ def test_numbers_are_labelled_with_machine_and_commit(full_page):
     page, _ = full_page
     assert "NVIDIA H100 80GB HBM3 @ 0123456789" in page
     assert "CPU (ci-runner) @ fedcba9876" in page
-    # compression vs full from memory records: 23040 / 2304 = 10x for snapkv
-    row = re.search(r"<th class='m'>snapkv:capacity=0.1</th>(.*?)</tr>", page).group(1)
-    assert "10.00×" in row
-    assert "1 failed" in row  # the failed accuracy cell is counted, not dropped
+    summary = page.split("<section id='summary'>")[1].split("</section>")[0]
+    assert "<h3>NVIDIA H100 80GB HBM3 · llama-3.1-8b</h3>" in summary and "Commits: 0123456789" in summary
+    # compression vs full from memory records: 23040 / 2304 = 10x for snapkv, in the GPU's table
+    gpu = summary.split("<h3>NVIDIA H100")[1].split("<h3>")[0]
+    row = re.search(r"<th class='m'[^>]*>snapkv:capacity=0.1<br>.*?</tr>", gpu).group(0)
+    assert "<b>13,824</b> <span class='n'>(10.0×)</span>" in row
+    assert "1 failed or out-of-memory" not in summary and "failed cells" in summary
+
+
+def test_summary_is_one_table_per_machine_and_model_with_no_cpu_number_beside_a_gpu_one(full_page):
+    from kvbench.reports.summary import build_tables
+
+    _, inp = full_page
+    tables = {(t.machine, t.model): t for t in build_tables(inp.records)}
+    assert set(tables) == {("NVIDIA H100 80GB HBM3", "llama-3.1-8b"), ("CPU (ci-runner)", "smollm2-135m")}
+    gpu, cpu = tables[("NVIDIA H100 80GB HBM3", "llama-3.1-8b")], tables[("CPU (ci-runner)", "smollm2-135m")]
+    assert all(r["env"]["gpu"] for r in gpu.records) and not any(r["env"]["gpu"] for r in cpu.records)
+    assert not any(row.accuracy for row in gpu.rows.values())  # accuracy was measured on the CPU only
+    assert cpu.kernel_cell is None and not any(row.time_us for row in cpu.rows.values())
+    assert cpu.acc_context == 1024 and cpu.rows["full"].accuracy["query-aware"][1] == 7  # 2 tasks x 3 depths + vt
+
+
+def test_speeds_are_read_at_the_reference_cell_not_the_best_cell(full_page):
+    from kvbench.reports.summary import REFERENCE, build_tables
+
+    _, inp = full_page
+    gpu = build_tables(inp.records)[0]
+    assert gpu.kernel_cell == REFERENCE == (32768, 8)
+    snap = gpu.rows["snapkv:capacity=0.1"]
+    at_ref = [r for r in inp.records if r["suite"] == "kernels" and r["method"] == "snapkv:capacity=0.1"
+              and r["cell"].get("context") == 32768 and r["cell"].get("batch") == 8 and r["cell"]["mode"] == "decode"]
+    best = max(r["metrics"]["speedup_vs_full"] for r in inp.records if r["method"] == "snapkv:capacity=0.1"
+               and r["suite"] == "kernels" and "speedup_vs_full" in r["metrics"])
+    assert snap.speedup == at_ref[0]["metrics"]["speedup_vs_full"] < best
+    # throughput at 32K x 8 is not measured (batches 1, 4, 16): the cell most methods measured, the largest there
+    assert gpu.thr_cell == (32768, 4)
+
+
+def test_a_row_holds_only_numbers_measured_at_its_own_setting():
+    from kvbench.reports.summary import build_tables
+
+    recs = [rec("accuracy", "selfindex:budget=0.05", {"model": "embedded", "task": "passkey", "context": 1024,
+                                                      "protocol": "query-aware"}, {"score": 0.5}, params={}),
+            rec("accuracy", "full", {"model": "embedded", "task": "passkey", "context": 1024,
+                                     "protocol": "query-aware"}, {"score": 1.0}, params={}),
+            rec("memory", "selfindex:budget=0.1", {"shape": "smollm2-135m", "context": 1024, "batch": 1},
+                {"bytes_per_token": 18450.0}, params={}),
+            rec("memory", "full", {"shape": "smollm2-135m", "context": 1024, "batch": 1},
+                {"bytes_per_token": 46080.0}, params={})]
+    (t,) = build_tables(recs)
+    low, high = t.rows["selfindex:budget=0.05"], t.rows["selfindex:budget=0.1"]
+    assert low.accuracy and low.bpt is None  # its bytes were measured at another budget: not beside its score
+    assert high.bpt == 18450.0 and not high.accuracy
+    assert low.budget == pytest.approx(52 / 1024) and high.budget == pytest.approx(103 / 1024)
+
+
+def test_scores_are_over_the_cells_full_was_scored_on():
+    from kvbench.reports.summary import build_tables
+
+    def acc(m, task, score):
+        return rec("accuracy", m, {"model": "embedded", "task": task, "context": 1024, "depth": 0.5,
+                                   "protocol": "query-aware"}, {"score": score}, params={})
+    # the variant was also run on a harder task full never ran: that cell must not pull its mean down
+    (t,) = build_tables([acc("full", "passkey", 1.0), acc("selfindex", "passkey", 1.0),
+                         acc("selfindex", "niah_multikey", 0.0)])
+    assert t.rows["selfindex"].accuracy["query-aware"] == (1.0, 1)
+
+
+def test_best_tradeoff_is_named_by_the_stated_rule():
+    from kvbench.reports.summary import best_tradeoff, build_tables
+
+    def acc(m, score):
+        return rec("accuracy", m, {"model": "embedded", "task": "passkey", "context": 1024,
+                                   "protocol": "query-aware"}, {"score": score}, params={})
+
+    def mem(m, bpt):
+        return rec("memory", m, {"shape": "smollm2-135m", "context": 1024, "batch": 1}, {"bytes_per_token": bpt},
+                   params={})
+    # the 16+1 setting scores best but stores more than full: not a saving, so not the trade-off
+    recs = [acc("full", 1.0), mem("full", 46080.0), acc("selfindex:setting=16+1", 0.95), mem("selfindex:setting=16+1",
+            47000.0), acc("kivi", 0.8), mem("kivi", 26280.0), acc("snapkv:capacity=0.1", 0.6),
+            mem("snapkv:capacity=0.1", 4753.0)]
+    text = best_tradeoff(build_tables(recs)[0])
+    assert text.startswith("<b>kivi</b>: mean score 0.800 (full 1.000), 1.75× fewer KV bytes per token")
+    assert "most accurate method that stores less than full" in text
+
+
+def test_budget_comes_from_the_method_not_from_parameter_names():
+    from kvbench.reports import plots
+
+    def r(method, context, **metrics):
+        return rec("accuracy", method, {"context": context}, metrics, params={})
+    assert plots.budget_fraction(r("streaming:sinks=4,window=60", 1024)) == pytest.approx(64 / 1024)
+    assert plots.budget_fraction(r("selfindex:budget=160", 32768)) == pytest.approx(160 / 32768)
+    assert plots.budget_fraction(r("kivi", 1024)) == 1.0 and plots.attends_all(r("kivi", 1024))
+    assert plots.budget_fraction(r("selfindex", 1024, budget_fraction=0.25)) == 0.25  # what a new record says
+    assert plots.budget_fraction(r("someplugin:x=1", 1024)) is None  # unknown here: no guess
+    assert plots.method_family(r("snapkv", 1024)) == "eviction" and plots.method_family(r("nosuch", 1)) == "unknown"
+    assert plots.method_family({**r("nosuch", 1), "method_family": "selection"}) == "selection"
+    assert plots.line_of(r("selfindex:budget=0.05,setting=16+1", 1024)) == "selfindex:setting=16+1"
+    assert plots.line_of(r("streaming:window=60", 1024)) == "streaming"
+    assert plots.canonical("selfindex:budget=160.0") == "selfindex:budget=160"
+
+
+def test_one_budget_gives_a_chart_of_scores_at_that_budget():
+    from kvbench.reports import plots
+
+    recs = [rec("accuracy", m, {"model": "embedded", "task": "passkey", "context": 1024, "protocol": p},
+                {"score": s}, params={}) for m, s in (("full", 1.0), ("selfindex", 0.7), ("snapkv:capacity=0.1", 0.5))
+            for p in ("query-aware", "query-agnostic")]
+    fig = plots.accuracy_vs_budget(recs, plots.palette(r["method"] for r in recs))
+    assert "one budget measured (0.1 of the context" in fig.layout.title.text
+    assert fig.layout.xaxis.type == "category" and len(fig.data) == 3
+    assert list(next(t for t in fig.data if t.name == "selfindex").y) == [0.7, 0.7]
+    recs += [rec("accuracy", "selfindex:budget=0.2", {"model": "embedded", "task": "passkey", "context": 1024,
+                                                      "protocol": "query-aware"}, {"score": 0.9}, params={})]
+    fig = plots.accuracy_vs_budget(recs, plots.palette(r["method"] for r in recs))
+    assert fig.layout.xaxis.type == "log"  # two budgets: a curve
+    line = next(t for t in fig.data if t.name == "selfindex" and t.xaxis == "x2")  # panels: agnostic, aware
+    assert list(line.x) == [0.1, 0.2] and list(line.y) == [0.7, 0.9]
+
+
+def test_memory_fit_states_its_budget_and_keeps_machines_apart():
+    from kvbench.reports import plots
+
+    recs = [rec("memory", m, {"shape": "llama-3.1-8b", "task": "max_context", "batch": 1},
+                {"max_context": 600000, "budget_bytes": 80 * 2**30}, env=GPU_ENV, params={}) for m in ("full", "kivi")]
+    recs += [rec("memory", "full", {"shape": "smollm2-135m", "task": "max_context", "batch": 1},
+                 {"max_context": 256, "budget_bytes": 16 * 2**20}, params={})]
+    fig = plots.memory_fit(recs, plots.palette(["full", "kivi"]))
+    titles = [a.text for a in fig.layout.annotations]
+    assert "largest context that fits (tokens) in 80 GiB" in titles
+    assert "largest context that fits (tokens) in 16 MiB" in titles
+    assert "<b>NVIDIA H100 80GB HBM3</b>" in titles and "<b>CPU (ci-runner)</b>" in titles
+    gpu_bars, cpu_bars = fig.data[0], fig.data[3]
+    assert gpu_bars.yaxis != cpu_bars.yaxis and list(cpu_bars.y) == ["full"]
+
+
+def test_palette_gives_distinct_colours_and_never_the_failure_red():
+    from kvbench.reports import plots
+
+    labels = ["full"] + [f"m{i}" for i in range(15)]
+    colours = plots.palette(labels)
+    assert colours["full"] == plots.COLORS[0] and len(set(colours.values())) == 16
+    assert plots.FAIL_COLOR not in colours.values()
 
 
 def test_failed_and_oom_cells_are_shown(full_page):
@@ -217,7 +358,7 @@ def test_empty_sections_say_so_with_the_command(tmp_path):
     kernels = page.split("<section id='kernels'>")[1].split("</section>")[0]
     assert "no records for this section" in kernels and "kvbench run kernels" in kernels
     assert "no records for this section" in page.split("<section id='throughput'>")[1].split("</section>")[0]
-    assert "<b>9.00</b>" in page  # the perplexity still reaches the summary
+    assert "<b>9.00</b> <span class='n'>(n=1)</span>" in page  # the perplexity still reaches the summary
 
 
 def test_cli_writes_the_report_and_rejects_missing_inputs(tmp_path):
@@ -230,6 +371,35 @@ def test_cli_writes_the_report_and_rejects_missing_inputs(tmp_path):
     assert r.exit_code == 2 and "none of the inputs exist" in r.output
 
 
+def test_report_of_an_empty_folder_or_a_garbage_file_fails_clearly(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["report", str(tmp_path / "empty"), "-o", str(tmp_path / "a.html")])
+    assert r.exit_code == 2 and "no records in" in r.output and "0 .jsonl file(s) read" in r.output
+    (tmp_path / "junk.jsonl").write_text("hello\nworld\n")
+    r = runner.invoke(app, ["report", str(tmp_path / "junk.jsonl"), "-o", str(tmp_path / "b.html")])
+    assert r.exit_code == 2 and "2 problem(s)" in r.output and "junk.jsonl:1: not valid JSON" in r.output
+    assert not (tmp_path / "a.html").exists() and not (tmp_path / "b.html").exists()
+
+
+def test_paths_in_the_page_are_clean(tmp_path, monkeypatch):
+    write_records(tmp_path / "data", {"accuracy": synthetic_records()["accuracy"][:3]})
+    (tmp_path / "comparisons").mkdir()
+    monkeypatch.chdir(tmp_path)
+    page = build_report(["comparisons/../data"], "r.html")[0].read_text()
+    assert "comparisons/.." not in page and "data/accuracy.jsonl:1" in page
+
+
+def test_old_labels_are_read_as_this_kvbench_writes_them(tmp_path):
+    old = rec("memory", "selfindex:budget=160.0", {"shape": "llama-3.1-8b", "context": 4096, "batch": 1},
+              {"bytes_per_token": 29008.0}, env=GPU_ENV)
+    new = {**old, "method": "selfindex:budget=160", "cell": {**old["cell"], "context": 32768}}
+    write_records(tmp_path, {"memory": [old, new]})
+    _, inp = build_report([tmp_path], tmp_path / "r.html")
+    assert {r["method"] for r in inp.records} == {"selfindex:budget=160"}
+    assert inp.records[0]["method_recorded"] == "selfindex:budget=160.0"
+
+
 def test_pareto_front_keeps_only_points_nothing_cheaper_beats():
     from kvbench.reports import plots
 
@@ -239,6 +409,23 @@ def test_pareto_front_keeps_only_points_nothing_cheaper_beats():
     fig = plots.pareto(recs, [], plots.palette(pts))
     front = next(t for t in fig.data if t.name == "Pareto front (query-aware)")
     assert list(zip(front.x, front.y)) == [(50.0, 0.2), (100.0, 0.5), (200.0, 0.9)]
+
+
+def test_pareto_pairs_like_with_like():
+    from kvbench.reports import plots
+
+    def acc(m, task, score, bpt):
+        return rec("accuracy", m, {"model": "embedded", "task": task, "context": 1024, "protocol": "query-aware"},
+                   {"score": score, "bytes_per_token": bpt}, params={})
+    recs = [acc("full", "passkey", 1.0, 50000.0), acc("kivi", "passkey", 0.5, 26000.0),
+            acc("kivi", "niah_multikey", 0.0, 26000.0), acc("selfindex:fixed=scored", "passkey", 0.9, 9000.0)]
+    mem = [rec("memory", m, {"shape": "smollm2-135m", "context": 256, "batch": 1}, {"bytes_per_token": b}, params={})
+           for m, b in (("full", 46080.0), ("kivi", 26280.0))]
+    fig = plots.pareto(recs, mem, plots.palette(["full", "kivi", "selfindex:fixed=scored"]))
+    points = {t.name: (t.x[0], t.y[0]) for t in fig.data if "Pareto" not in t.name}
+    # kivi's mean is over the cell full ran (passkey), its bytes the memory suite's; the variant the memory suite
+    # did not measure has no point rather than an accuracy-cell byte count beside memory-suite ones
+    assert points == {"full (query-aware)": (46080.0, 1.0), "kivi (query-aware)": (26280.0, 0.5)}
 
 
 def test_kernel_chart_draws_floors_and_failed_cells():

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("plotly", reason="the report needs plotly (the GPU machine has none)")
 from kvbench.reports.build import build_report
 
-from test_report import CPU_ENV, rec, synthetic_records, write_records
+from test_report import CPU_ENV, GPU_ENV, rec, synthetic_records, write_records
 
 CHROMIUM = os.environ.get("KVBENCH_CHROMIUM") or next(
     (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -49,10 +49,32 @@ def page(tmp_path_factory):
     recs["accuracy"].append(rec("accuracy", EVIL, {"model": "embedded", "task": "passkey", "context": 512,
                                                    "depth": 0.5, "protocol": "query-aware", "seed": 0},
                                 {"score": 1.0, "bytes_per_token": 99.0}, env={**CPU_ENV, "host": "<b>h</b>"}))
+    more_methods(recs)
+    # the CPU now has memory records, which the Pareto chart takes its bytes from: one for the evil label too
+    recs["memory"].append(rec("memory", EVIL, {"shape": "smollm2-135m", "task": "hold", "context": 256, "batch": 1},
+                              {"bytes_per_token": 99.0}, params={}))
     write_records(d / "res", recs)
     (d / "res" / "bad.jsonl").write_text('{"schema": 1, "suite": "accuracy"\n')  # a problem: the page still works
     out, inp = build_report([d / "res"], d / "report.html")
     return d, out
+
+
+def more_methods(recs):
+    """Ten methods with long labels, and memory fits on two machines: what crowded the old charts."""
+    extra = ["streaming", "snapkv", "kivi:bits=4", "selfindex:budget=160", "selfindex:budget=160,setting=16+1"]
+    for i, m in enumerate(extra):
+        for ctx in (4096, 32768):
+            recs["kernels"].append(rec("kernels", m, {"shape": "llama-3.1-8b", "context": ctx, "batch": 1,
+                                                      "mode": "decode"}, {"time_us": 10.0 + i + ctx / 1e3},
+                                       env=GPU_ENV, params={}))
+        recs["memory"].append(rec("memory", m, {"shape": "llama-3.1-8b", "search": "max_context", "batch": 1},
+                                  {"max_context": 600000 + 100000 * i, "budget_bytes": 8.4e10}, env=GPU_ENV,
+                                  params={}))
+    for m in ("full", "selfindex:budget=160,setting=16+1", "snapkv:capacity=0.1"):
+        recs["memory"].append(rec("memory", m, {"shape": "smollm2-135m", "task": "max_context", "batch": 1},
+                                  {"max_context": 2560, "budget_bytes": 16 * 2**20}, params={}))
+        recs["memory"].append(rec("memory", m, {"shape": "smollm2-135m", "task": "hold", "context": 256, "batch": 1},
+                                  {"bytes_per_token": 46080.0}, params={}))
 
 
 def test_every_chart_draws_without_errors(page, tmp_path):
@@ -129,3 +151,81 @@ def test_screenshot_is_not_blank(page, tmp_path):
     samples = len(rows[::4]) * len(range(0, w * ch, 4 * ch))
     assert len(colors) > 200, f"only {len(colors)} distinct colours: a blank or broken page"
     assert non_white / samples > 0.1, json.dumps({"non_white": non_white, "samples": samples})
+
+
+# Run in the page after the charts are drawn: every pair of chart texts (titles, tick labels, legend entries, bar
+# values, annotations) whose boxes overlap, and each method's colours over every chart. The result lands in
+# <body data-layout="..."> for --dump-dom to read.
+LAYOUT_JS = """
+window.addEventListener('load', function(){ setTimeout(function(){
+  var overlaps = [], colours = {};
+  document.querySelectorAll('div.chart').forEach(function(div){
+    var boxes = [];
+    div.querySelectorAll('svg text').forEach(function(t){
+      var s = (t.textContent || '').trim(), r = t.getBoundingClientRect();
+      if (s && r.width > 0 && r.height > 0 && !t.closest('.hoverlayer')) boxes.push([s, r]);
+    });
+    for (var i = 0; i < boxes.length; i++) for (var j = i + 1; j < boxes.length; j++) {
+      var a = boxes[i][1], b = boxes[j][1];
+      var dx = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+      var dy = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+      if (dx > 2 && dy > 2) overlaps.push(div.id + ': ' + boxes[i][0] + ' / ' + boxes[j][0]);
+    }
+    // a tick label sits outside every plot area: inside one, it covers another panel's bars or lines
+    var areas = Array.prototype.map.call(div.querySelectorAll('rect.nsewdrag'), function(e){
+      return e.getBoundingClientRect(); });
+    div.querySelectorAll('g.xtick text, g.ytick text').forEach(function(t){
+      var r = t.getBoundingClientRect();
+      areas.forEach(function(a){
+        if (Math.min(a.right, r.right) - Math.max(a.left, r.left) > 2 &&
+            Math.min(a.bottom, r.bottom) - Math.max(a.top, r.top) > 2)
+          overlaps.push(div.id + ': tick ' + t.textContent + ' inside a plot area'); });
+    });
+    (div.data || []).forEach(function(tr){
+      var c = (tr.line && tr.line.color) || (tr.marker && typeof tr.marker.color === 'string' && tr.marker.color);
+      if (tr.name && c && tr.name.indexOf('failed') < 0 && tr.name.indexOf('Pareto') < 0) {
+        var name = tr.name.replace(/ \\(query-[a-z]+\\)$/, '').replace(/ floor$/, '');
+        (colours[name] = colours[name] || {})[c] = div.id;
+      }
+    });
+  });
+  document.body.setAttribute('data-layout', JSON.stringify({overlaps: overlaps, colours: colours}));
+}, 500); });
+"""
+
+
+def lab(hex_colour):
+    """CIE L*a*b* of an sRGB '#rrggbb' colour (D65), for colour distances."""
+    rgb = [int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in rgb]
+    xyz = ((0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047, 0.2126 * r + 0.7152 * g + 0.0722 * b,
+           (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883)
+    f = [t ** (1 / 3) if t > 0.008856 else 7.787 * t + 16 / 116 for t in xyz]
+    return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+
+def layout_facts(tmp_path, out):
+    page = out.with_name("layout.html")
+    page.write_text(out.read_text().replace("</body>", f"<script>{LAYOUT_JS}</script></body>"))
+    dom = chromium(tmp_path, "layout", "--window-size=1400,3000", "--dump-dom", page.as_uri()).stdout
+    found = re.search(r'data-layout="([^"]*)"', dom)
+    assert found, "the layout script did not run"
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def test_no_chart_text_overlaps_at_1400px(page, tmp_path):
+    facts = layout_facts(tmp_path, page[1])
+    assert not facts["overlaps"], facts["overlaps"][:20]
+
+
+def test_one_distinct_colour_per_method_across_charts(page, tmp_path):
+    colours = layout_facts(tmp_path, page[1])["colours"]
+    assert {"full", "kivi", "snapkv:capacity=0.1"} <= set(colours), colours  # kivi: bits=2 is its default
+    for name, seen in colours.items():
+        assert len(seen) == 1, f"{name} is drawn in several colours: {seen}"
+    one = {name: next(iter(seen)) for name, seen in colours.items()}
+    names = sorted(one)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = sum((x - y) ** 2 for x, y in zip(lab(one[a]), lab(one[b]))) ** 0.5
+            assert d > 20, f"{a} ({one[a]}) and {b} ({one[b]}) look alike (Lab distance {d:.1f})"
