@@ -223,8 +223,9 @@ def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None) -> 
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     rows = _rows(kv)
     group = Hq // H
+    # with nothing selected IDX still needs a valid pointer of idx's integer type: Triton types `tok` from it
     _selfindex_attend_kernel[(B * H, n_parts)](
-        q, kv.fk, kv.fv, kv.fpos, idx if n_sel else op, *rows, op, lse, out, ctr[ATTEND_COUNTER:],
+        q, kv.fk, kv.fv, kv.fpos, idx if n_sel else idx.new_zeros(1), *rows, op, lse, out, ctr[ATTEND_COUNTER:],
         q.stride(0), q.stride(1), n_sel, max(1, n_sel), kv.cap, split, n_parts, D**-0.5 * math.log2(math.e),
         H=H, GROUP=group, M=max(16, triton.next_power_of_2(group)), D=D, F=F,
         BLOCK_F=max(16, triton.next_power_of_2(F)), BLOCK_N=BLOCK_N, QUANT=kv.quantized, NC=N_COUNTERS,

@@ -259,11 +259,11 @@ ATTEND_INTERPRETER_CHECK = textwrap.dedent("""
                 for _ in range(3):
                     lay.extend(torch.randn(B, Hq, 1, D).to(dtype), *rand_kv(B, H, 1, D, dtype))
                 q = torch.randn(B, Hq, D).to(dtype)
-                idx = lay._select(q)
-                want = lay._attend(q, idx)
-                for split in (None, 64):
-                    got = selfindex_attend.attend(q, lay.kv, idx.int(), split=split)
-                    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+                for idx in (lay._select(q), lay._select(q)[..., :0]):  # a selection, and nothing selected
+                    want = lay._attend(q, idx)
+                    for split in (None, 64):
+                        got = selfindex_attend.attend(q, lay.kv, idx.int(), split=split)
+                        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     print("attend ok")
 """)
 
