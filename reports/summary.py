@@ -40,6 +40,7 @@ class Row:
     time_us: float | None = None  # decode-attention time at the reference cell
     speedup: float | None = None  # full's time / this time, same cell
     tok_s: float | None = None  # decode tokens/s at the reference cell
+    tok_mode: str = ""  # the decode mode those tokens/s ran in: "graph", "eager" or both
     fit: tuple[int, float] | None = None  # (largest batch that fits at the reference context, its tokens/s)
     sources: list[dict] = field(default_factory=list)
 
@@ -156,8 +157,11 @@ def _row(t: Table, label: str, ker, thr, fit, acc, mem) -> Row:
         row.time_us = median(metric(r, "time_us") for r in k)
         row.speedup = median(metric(r, "speedup_vs_full") for r in k)
     h = _at(thr, label, t.thr_cell, "decode_tok_s")
+    asked_graph = [r for r in h if cell(r, "decode") != "eager"]  # eager runs asked for (--no-graph) stay in the grid
+    h = asked_graph or h
     if h:
         row.tok_s = median(metric(r, "decode_tok_s") for r in h)
+        row.tok_mode = "/".join(sorted({str((r.get("metrics") or {}).get("decode_mode") or "eager") for r in h}))
     f = [r for r in fit if r["method"] == label and t.thr_cell and cell(r, "context") == t.thr_cell[0]]
     if f:
         best = max(f, key=lambda r: metric(r, "max_batch"))
@@ -278,7 +282,8 @@ def table_html(t: Table) -> str:
             sp = f" <span class='n'>({times(r.speedup)})</span>" if r.speedup and r.label != "full" else ""
             tds.append(f"<td><b>{_num(r.time_us, '{:,.1f} µs')}</b>{sp}</td>")
         if cols["tok"]:
-            tds.append(f"<td><b>{_num(r.tok_s, '{:,.1f}')}</b>"
+            mode = f" <small>{E(r.tok_mode)}</small>" if r.tok_s and r.tok_mode else ""
+            tds.append(f"<td><b>{_num(r.tok_s, '{:,.1f}')}</b>{mode}"
                        f"{_x(r.tok_s, full.tok_s if full else None, True) if r.label != 'full' else ''}</td>")
         if cols["fit"]:
             ff = full.fit[1] if full and full.fit else None
