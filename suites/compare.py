@@ -286,10 +286,13 @@ def command(
     if only:
         comp.suites = [p for p in comp.suites if p.name in only]
     out = out or comp.out or Path("results")
+    from kvbench.registry import parse_method
+
     for plan in comp.suites:
         state = "" if plan.available else f"  [yellow](skipped: {escape(plan.missing_reason)})[/]"
         opts = ", ".join(f"{k}={v!r}" for k, v in plan.options.items())
-        console.print(f"[bold]{plan.name}[/]: " + escape(f"{', '.join(plan.methods)} on {', '.join(plan.models)}"
+        methods = ", ".join(parse_method(m).spec() for m in plan.methods)  # every parameter, defaults included
+        console.print(f"[bold]{plan.name}[/]: " + escape(f"{methods} on {', '.join(plan.models)}"
                       + (" (quick)" if plan.quick else "") + (f"; {opts}" if opts else "")) + state)
     if check:
         return

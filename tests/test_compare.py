@@ -164,6 +164,14 @@ def test_check_prints_the_plan_and_runs_nothing(tmp_path, fake_suite):
     assert r.exit_code == 0 and "fake" in r.output and not fake_suite and not (tmp_path / "res").exists()
 
 
+def test_the_plan_names_every_parameter_of_each_method(tmp_path, fake_suite):
+    """A method at its defaults is shown with them: `selfindex:budget=0.1` must not read as a bare `selfindex`."""
+    f = write(tmp_path, "methods = ['selfindex:budget=0.1', 'snapkv:capacity=160']\n[suites.fake]\n")
+    r = runner.invoke(app, ["compare", str(f), "--check", "--out", str(tmp_path / "res")])
+    out = flat(r.output).replace(" ", "")
+    assert r.exit_code == 0 and "selfindex:budget=0.1,setting=2+1" in out and "snapkv:capacity=160," in out
+
+
 @pytest.mark.parametrize("name", ["quick-cpu.toml", "h100.toml"])
 def test_shipped_comparison_files_are_valid(name):
     comp = load_comparison(compare.DEFAULT_FILE.parent / name)
