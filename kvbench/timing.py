@@ -99,6 +99,38 @@ def summarize(times_us: Sequence[float], n_warmup: int, clock: str, l2: str) -> 
                   l2=l2)
 
 
+class _RotatingCalls:
+    """Calls fns in turn (call i runs fns[i % len(fns)]) and times n of them: CUDA events around each call (after an
+    L2 flush when a flusher is given) on the GPU, time.perf_counter on the CPU."""
+
+    def __init__(self, fns: list[Callable[[], Any]], device: torch.device, flusher):
+        self.fns, self.device, self.flusher, self.calls = fns, device, flusher, 0
+
+    def call(self) -> None:
+        self.fns[self.calls % len(self.fns)]()
+        self.calls += 1
+
+    def timed(self, n: int) -> list[float]:
+        """Per-call times of n calls, in microseconds."""
+        if self.device.type != "cuda":
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                self.call()
+                out.append((time.perf_counter() - t0) * 1e6)
+            return out
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for s, e in zip(starts, ends):
+            if self.flusher is not None:
+                self.flusher()
+            s.record()
+            self.call()
+            e.record()
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+
+
 def bench(fns: Callable[[], Any] | Sequence[Callable[[], Any]], *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
           flush: bool | None = None, set_bytes: int | None = None, min_repeat: int = 5, max_repeat: int = 2000,
           max_warmup: int = 500, device: torch.device | str | None = None, graph: bool = False) -> Timing:
@@ -140,32 +172,8 @@ def bench(fns: Callable[[], Any] | Sequence[Callable[[], Any]], *, warmup_ms: fl
         return _bench_graph(fns, device, l2, warmup_ms=warmup_ms, rep_ms=rep_ms, min_repeat=min_repeat,
                             max_repeat=max_repeat, max_warmup=max_warmup)
 
-    calls = 0
-
-    def call():
-        nonlocal calls
-        fns[calls % len(fns)]()
-        calls += 1
-
-    def timed(n: int) -> list[float]:
-        """Per-call times of n calls, in microseconds."""
-        if not cuda:
-            out = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                call()
-                out.append((time.perf_counter() - t0) * 1e6)
-            return out
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-        for s, e in zip(starts, ends):
-            if flusher is not None:
-                flusher()
-            s.record()
-            call()
-            e.record()
-        torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    caller = _RotatingCalls(fns, device, flusher)
+    call, timed = caller.call, caller.timed
 
     # first call: compilation, autotuning, allocator growth; never timed
     t0 = time.perf_counter()
