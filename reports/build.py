@@ -396,8 +396,10 @@ def render(inp: Inputs, title: str) -> str:
             figs[sid] = make()
         except Exception as e:  # noqa: BLE001 - records nobody foresaw must cost one chart, not the page
             figs[sid], broken[sid] = None, f"{type(e).__name__}: {e}"
-    section_suite = {"pareto": "accuracy", "budget": "accuracy", "needle": "accuracy", "fidelity": "accuracy",
-                     "kernels": "kernels", "prefill": "kernels", "throughput": "throughput", "memory": "memory"}
+    from kvbench.suite import all_suites
+
+    # which suite's records each chart draws, as each suite's declaration says (Suite.report)
+    section_suite = {sid: suite.name for suite in all_suites().values() for sid in suite.report}
     bodies = {
         "summary": summary_section(records),
         "failures": failures_table(records),
@@ -408,7 +410,7 @@ def render(inp: Inputs, title: str) -> str:
     }
     fig_json = {}
     for sid, fig in figs.items():
-        src = suites.get(section_suite[sid], [])
+        src = suites.get(section_suite.get(sid, ""), [])
         if sid in broken:
             bodies[sid] = (f"<p class='warn'>this chart could not be drawn from these records ({E(broken[sid])}); "
                            "the records are listed under <a href='#records'>all records</a>.</p>")
