@@ -172,6 +172,11 @@ def budget_tokens(budget: float, context: int) -> int:
     return int(budget)
 
 
+def budget_share(budget: float, context: int) -> float:
+    """The share of a `context`-token cache a budget (fraction or token count) covers, at most 1."""
+    return min(1.0, budget_tokens(budget, context) / context)
+
+
 BUDGET_VALID = "a fraction of the context in (0, 1), or a whole number of tokens >= 1"
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from kvbench.api import BUDGET_VALID, KVBenchError, LayerCache, LayerSpec, Method, budget_tokens, check_budget, param
+from kvbench.api import (BUDGET_VALID, KVBenchError, LayerCache, LayerSpec, Method, budget_share, budget_tokens,
+                         check_budget, param)
 from kvbench.methods.selection import GROW, SelectingLayer
 from kvbench.registry import register
 
@@ -65,7 +66,7 @@ class DoubleSparse(Method):
                                "calibration empty to calibrate on the prompt")
 
     def budget_fraction(self, context: int) -> float:
-        return min(1.0, budget_tokens(self.budget, context) / context)
+        return budget_share(self.budget, context)
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         return DoubleSparseLayer(spec, self)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.api import BUDGET_VALID, LayerCache, LayerSpec, Method, budget_tokens, check_budget, param
+from kvbench.api import BUDGET_VALID, LayerCache, LayerSpec, Method, budget_share, budget_tokens, check_budget, param
 from kvbench.methods.selection import GROW, SelectingLayer
 from kvbench.registry import register
 
@@ -57,7 +57,7 @@ class Quest(Method):
         check_budget(self.name, "budget", self.budget)
 
     def budget_fraction(self, context: int) -> float:
-        return min(1.0, budget_tokens(self.budget, context) / context)
+        return budget_share(self.budget, context)
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         return QuestLayer(spec, self)

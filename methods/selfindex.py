@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from kvbench import attention
-from kvbench.api import (BUDGET_VALID, LayerCache, LayerSpec, Method, ParamError, budget_tokens, check_budget,
-                         param)
+from kvbench.api import (BUDGET_VALID, LayerCache, LayerSpec, Method, ParamError, budget_share, budget_tokens,
+                         check_budget, param)
 from kvbench.kernels import selfindex as ops
 from kvbench.registry import register
 
@@ -82,7 +82,7 @@ class SelfIndex(Method):
                              "(the budget counts the full-precision set)")
 
     def budget_fraction(self, context: int) -> float:
-        return min(1.0, budget_tokens(self.budget, context) / context)
+        return budget_share(self.budget, context)
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         if spec.head_dim % 32 != 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.api import KVBenchError, LayerSpec, ParamError, budget_tokens, check_budget, param
+from kvbench.api import KVBenchError, LayerSpec, ParamError, budget_share, budget_tokens, check_budget, param
 from kvbench.methods.eviction import Eviction, group_probs, keep_top
 from kvbench.registry import register
 
@@ -49,7 +49,7 @@ class SnapKV(Eviction):
             raise ParamError(self.name, "kernel", self.kernel, "an odd number >= 1")
 
     def budget_fraction(self, context: int) -> float:
-        return min(1.0, budget_tokens(self.capacity, context) / context)
+        return budget_share(self.capacity, context)
 
     def prompt_capacity(self, T: int, spec: LayerSpec) -> int:
         """Prompt tokens this layer keeps per KV head, the window included, for a T-token prompt."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.api import BUDGET_VALID, budget_tokens, check_budget, param
+from kvbench.api import BUDGET_VALID, budget_share, budget_tokens, check_budget, param
 from kvbench.methods.eviction import StepEviction, group_probs
 from kvbench.registry import register
 
@@ -43,7 +43,7 @@ class TOVA(StepEviction):
         return budget_tokens(self.capacity, prompt_len), 1
 
     def budget_fraction(self, context: int) -> float:
-        return min(1.0, budget_tokens(self.capacity, context) / context)
+        return budget_share(self.capacity, context)
 
     def keeps_scores(self) -> bool:
         return False
