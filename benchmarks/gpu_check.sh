@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU call that checks and measures landed main (run from a checkout's root; about 6-8 minutes on an H200):
+# 1. install kvbench (non-editable: the checkout's kvbench/ folder must not shadow the package) and every GPU test;
+# 2. the kernel suite for every registered method at the Llama-3.1-8B attention shape, 32K x 1 and x 8, 10% budgets
+#    (selfindex also at 160 tokens), CUDA-graph timing;
+# 3. the throughput suite on synthetic Llama-3.1-8B (bf16) at 32K x 8: graph mode where a method is capture-safe,
+#    eager otherwise (the record says which and why).
+# Writes $OUT/<gpu>/{log.txt,tests.txt,kernels.jsonl,throughput.jsonl,...} and prints a table last.
+# Usage: BUDGET=seconds [TESTS="tests/..."] [KERNELS=0] [THROUGHPUT=0] bash benchmarks/gpu_check.sh
+set -u
+T0=$(date +%s)
+left() { echo $(( ${BUDGET:-480} - ($(date +%s) - T0) )); }
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
+GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
+O=${OUT:-results}/$GPU
+mkdir -p "$O"
+LOG=$O/log.txt
+python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | grep -v "as the 'root' user"
+python3 -c "import kvbench.kernels, kvbench.suites, kvbench; print('kvbench from', kvbench.__file__)" || exit 1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG"
+# selfindex's CUDA extension compiles for about a minute: on the CPU, while the tests use the GPU
+(python3 -c "from kvbench.kernels import selfindex; selfindex.cuda_ops()" > "$O/selfindex_build.log" 2>&1 &)
+
+echo "== GPU tests ($(left) s left)" | tee -a "$LOG"
+timeout ${TEST_S:-170} python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS:-tests} > "$O/tests.txt" 2>&1
+tail -30 "$O/tests.txt" | tee -a "$LOG"
+
+METHODS=${METHODS:-"full selfindex:budget=0.1 selfindex:budget=160 kivi:bits=2 kivi:bits=4 snapkv:capacity=0.1 \
+streaming quest:budget=0.1 doublesparse:budget=0.1 qjl h2o:heavy=0.05,recent=0.05 tova:capacity=0.1 \
+pyramidkv:capacity=0.1 adakv:capacity=0.1"}
+if [ "${KERNELS:-1}" = 1 ]; then
+  echo "== kernel suite ($(left) s left)" | tee -a "$LOG"
+  M=""; for m in $METHODS; do M="$M -m $m"; done
+  timeout $(( $(left) / 2 )) kvbench run kernels $M --contexts ${CONTEXTS:-32K} --batches ${BATCHES:-1,8} \
+    --warmup-ms 5 --rep-ms 25 --out "$O" 2>&1 | tail -40 | tee -a "$LOG"
+fi
+if [ "${THROUGHPUT:-1}" = 1 ]; then
+  echo "== throughput ($(left) s left)" | tee -a "$LOG"
+  TM=${TMETHODS:-"full selfindex:budget=0.1 kivi:bits=2 snapkv:capacity=0.1 streaming"}
+  M=""; for m in $TM; do M="$M -m $m"; done
+  timeout $(( $(left) - 15 )) kvbench run throughput $M --model synthetic:llama-3.1-8b --contexts 32K \
+    --batches ${TBATCHES:-8} --fill synthetic --no-search --out "$O" 2>&1 | tail -30 | tee -a "$LOG"
+fi
+echo "total $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
