@@ -137,4 +137,5 @@ def measure_prefill(method: Method, spec: LayerSpec, batch: int, context: int, *
 
 def timing_metrics(t: Timing) -> dict[str, Any]:
     return {"time_us": t.median_us, "p20_us": t.p20_us, "p80_us": t.p80_us, "min_us": t.min_us,
-            "n_repeat": t.n_repeat, "n_warmup": t.n_warmup, "clock": t.clock, "l2": t.l2}
+            "n_repeat": t.n_repeat, "n_warmup": t.n_warmup, "clock": t.clock, "l2": t.l2,
+            "graph_fallback": t.graph_fallback}
