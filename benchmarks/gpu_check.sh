@@ -6,7 +6,10 @@
 # 3. the throughput suite on synthetic Llama-3.1-8B (bf16) at 32K x 8: graph mode where a method is capture-safe,
 #    eager otherwise (the record says which and why).
 # Writes $OUT/<gpu>/{log.txt,tests.txt,kernels.jsonl,throughput.jsonl,...} and prints a table last.
-# Usage: BUDGET=seconds [TESTS="tests/..."] [KERNELS=0] [THROUGHPUT=0] bash benchmarks/gpu_check.sh
+# 4. optionally: eager (--no-graph) decode for NOGRAPH's methods, the rag suite (RAG: its -m/--rag-methods options),
+#    and the largest-batch search at 32K for SEARCH's methods (records under $OUT/<gpu>/search/).
+# Usage: BUDGET=seconds [TESTS="tests/..."] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."] [SEARCH="full ..."]
+#        bash benchmarks/gpu_check.sh
 set -u
 T0=$(date +%s)
 left() { echo $(( ${BUDGET:-480} - ($(date +%s) - T0) )); }
@@ -40,5 +43,22 @@ if [ "${THROUGHPUT:-1}" = 1 ]; then
   M=""; for m in $TM; do M="$M -m $m"; done
   timeout $(( $(left) - 15 )) kvbench run throughput $M --model synthetic:llama-3.1-8b --contexts 32K \
     --batches ${TBATCHES:-8} --fill synthetic --no-search --out "$O" 2>&1 | tail -30 | tee -a "$LOG"
+fi
+if [ -n "${NOGRAPH:-}" ]; then  # eager transformers decode for these methods (--no-graph), for the graph-vs-eager pair
+  echo "== throughput --no-graph ($(left) s left)" | tee -a "$LOG"
+  M=""; for m in $NOGRAPH; do M="$M -m $m"; done
+  timeout $(( $(left) - 15 )) kvbench run throughput $M --model synthetic:llama-3.1-8b --contexts 32K \
+    --batches ${TBATCHES:-8} --fill synthetic --no-search --no-graph --out "$O" 2>&1 | tail -12 | tee -a "$LOG"
+fi
+if [ -n "${RAG:-}" ]; then  # the rag suite on synthetic Llama-3.1-8B: TTFT and bytes held (random weights: no accuracy)
+  echo "== rag ($(left) s left)" | tee -a "$LOG"
+  timeout $(( $(left) - 15 )) kvbench run rag --model synthetic:llama-3.1-8b --tasks synthetic --documents 8 \
+    --doc-tokens 2K --seeds 0-2 $RAG --out "$O" 2>&1 | tail -25 | tee -a "$LOG"
+fi
+if [ -n "${SEARCH:-}" ]; then  # the largest batch within device memory at 32K, and its throughput
+  echo "== throughput batch search ($(left) s left)" | tee -a "$LOG"
+  M=""; for m in $SEARCH; do M="$M -m $m"; done
+  timeout $(( $(left) - 10 )) kvbench run throughput $M --model synthetic:llama-3.1-8b --contexts 32K --batches 1 \
+    --fill synthetic --search --search-context 32K --out "$O/search" 2>&1 | tail -15 | tee -a "$LOG"
 fi
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
