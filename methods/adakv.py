@@ -69,6 +69,9 @@ class AdaKVLayer(LayerCache):
     """The prompt tokens each head kept, flat: keys/values [Ntot, D] and positions [Ntot] ordered by (sequence, head,
     position), with per-head offsets [B * Hkv + 1]; the window and everything later in a FullLayer [B, Hkv, M, D]."""
 
+    capture_unsafe_reason = ("adakv's heads keep different numbers of prompt tokens, and each step pads them to the "
+                             "longest head on the host (a sync and a copy whose shape depends on the data)")
+
     def __init__(self, spec: LayerSpec, method: AdaKV):
         self.spec, self.method = spec, method
         self.fk = self.fv = self.fpos = self.offsets = None

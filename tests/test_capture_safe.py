@@ -1,0 +1,69 @@
+"""The capture-safe (reserved) decode path of the methods beyond full and streaming, on the CPU: reserved steps equal
+the plain eager path, the room is checked before any write, and methods that stay eager say why."""
+
+import pytest
+import torch
+
+from kvbench import LayerSpec, parse_method
+from kvbench.api import ReservedRoomError
+
+
+def make(spec, layer=1, n_layers=4, hq=8, hkv=2, d=32):
+    return parse_method(spec).make_layer(LayerSpec(layer, n_layers, hq, hkv, d, torch.float32, torch.device("cpu")))
+
+
+def run_pair(spec, prompt=80, steps=24, reserve=40, B=2, hq=8, hkv=2, d=32, chunk_at=None):
+    """Feed the same tokens to a plain layer and a reserved one: (outputs plain, outputs reserved, the two layers)."""
+    torch.manual_seed(0)
+    plain, pinned = make(spec, hq=hq, hkv=hkv, d=d), make(spec, hq=hq, hkv=hkv, d=d)
+    q, k, v = torch.randn(B, hq, prompt, d), torch.randn(B, hkv, prompt, d), torch.randn(B, hkv, prompt, d)
+    plain.prefill(q, k, v), pinned.prefill(q, k, v)
+    pinned.reserve(reserve)
+    want, got = [], []
+    for i in range(steps):
+        t = 3 if i == chunk_at else 1
+        q, k, v = torch.randn(B, hq, t, d), torch.randn(B, hkv, t, d), torch.randn(B, hkv, t, d)
+        want.append(plain.extend(q, k, v)), got.append(pinned.extend(q, k, v))
+        assert pinned.seq_len() == plain.seq_len()
+    return want, got, plain, pinned
+
+
+@pytest.mark.parametrize("spec", ["snapkv:capacity=24,window=4", "snapkv:capacity=0.3,window=8,pool=avg",
+                                  "pyramidkv:capacity=30,window=4"])
+def test_prompt_eviction_reserved_steps_equal_the_plain_path(spec):
+    want, got, plain, pinned = run_pair(spec)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pinned.attended(), plain.attended())
+    assert pinned.capture_safe and pinned.info()["pinned"] and not plain.info()["pinned"]
+
+
+def test_prompt_eviction_past_the_reserved_room_fails_before_any_write():
+    layer = make("snapkv:capacity=24,window=4")
+    with pytest.raises(ReservedRoomError, match="before prefill"):
+        layer.reserve(4)
+    layer.prefill(torch.randn(1, 8, 60, 32), torch.randn(1, 2, 60, 32), torch.randn(1, 2, 60, 32))
+    layer.reserve(2)
+    for _ in range(2):
+        layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
+    before = (layer.kept.pin.k.clone(), layer.seq_len(), layer.nbytes())
+    with pytest.raises(ReservedRoomError, match="reserved room"):
+        layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
+    with pytest.raises(ReservedRoomError):
+        layer.advance(1)
+    assert torch.equal(layer.kept.pin.k, before[0]) and (layer.seq_len(), layer.nbytes()) == before[1:]
+
+
+@pytest.mark.parametrize("spec, words", [("adakv:capacity=24,window=4", "longest head"), ("h2o", "evicts while"),
+                                         ("tova", "evicts while")])
+def test_methods_that_stay_eager_give_their_reason(spec, words):
+    from kvbench.graph_decode import unsafe_reason
+
+    class Cache:  # the two things unsafe_reason reads of a KVBenchCache
+        method = parse_method(spec)
+
+        def layer_caches(self):
+            return [make(spec)]
+
+    reason = unsafe_reason(Cache(), torch.device("cuda"))
+    assert reason.startswith(f"method '{spec}' is not capture-safe") and words in reason
