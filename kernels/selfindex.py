@@ -110,6 +110,28 @@ def centre_stats(k: torch.Tensor, centre: str) -> torch.Tensor:
     return k.transpose(2, 3).contiguous().median(dim=-1).values.float()
 
 
+def compressed_chmax(k: torch.Tensor, mu: torch.Tensor, lo: int, hi: int, kept: torch.Tensor | None = None):
+    """The 2+1 key normaliser: per-channel max |k - mu| over the compressed prompt tokens, positions [lo, hi) less
+    `kept` [B, Hkv, n] (full-precision ones among them), as the paper's code takes it; over every prompt token when
+    none is compressed. k [B, Hkv, T, D] -> [B, Hkv, D] float32, at least 1e-6. A large-norm sink token, kept in full
+    precision anyway, so no longer stretches the 2-bit scale of the tokens that are compressed."""
+    if hi <= lo:
+        lo, hi = 0, k.shape[2]
+    part = k[:, :, lo:hi]
+    if kept is not None and kept.numel():
+        # a kept token must not set the max: give it the centre (|k - mu| = 0); the copy is one sequence's range
+        part = part.clone()
+        rel = (kept - lo).clamp(0, hi - lo - 1)
+        inside = ((kept >= lo) & (kept < hi))[..., None]
+        cur = part.gather(2, rel[..., None].expand(-1, -1, -1, k.shape[3]))
+        centre = mu[:, :, None].to(k.dtype).expand_as(cur)
+        part.scatter_(2, rel[..., None].expand_as(cur), torch.where(inside, centre, cur))
+    # max |k - mu| per channel sits at the channel's min or max: no float copy of k; identical to
+    # (k.float() - mu).abs().amax(2) since rounding is monotonic
+    lo_k, hi_k = torch.aminmax(part, dim=2)
+    return torch.maximum(hi_k.float() - mu, mu - lo_k.float()).clamp_(min=1e-6)
+
+
 def pack_ref(k: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, inv_chmax: torch.Tensor | None):
     """Centre, sign bits and (when inv_chmax is given) the 2-bit key magnitudes and values of a chunk.
 
@@ -304,16 +326,16 @@ class IndexedKV:
             self.excl = excl
         self.cap = cap
 
-    def pack_prompt(self, k: torch.Tensor, v: torch.Tensor, centre: str, quant_lo: int, quant_hi: int) -> None:
+    def pack_prompt(self, k: torch.Tensor, v: torch.Tensor, centre: str, quant_lo: int, quant_hi: int,
+                    kept: torch.Tensor | None = None) -> None:
         """The prompt k, v [B, H, T, D]: per-channel centre (and max |k - mu| for 2+1), sign bits of every token,
-        2-bit storage of positions [quant_lo, quant_hi), the codebook. Transient memory: per sequence, not per batch."""
+        2-bit storage of positions [quant_lo, quant_hi), the codebook. Transient memory: per sequence, not per batch.
+        `kept` [B, H, n]: positions inside [quant_lo, quant_hi) that stay in full precision (scored fixed tokens)."""
         B, H, T, D = k.shape
         self.mu = torch.cat([centre_stats(k[b : b + 1], centre) for b in range(B)])  # [B, H, D] float32
         if self.quantized:
-            # max |k - mu| per channel sits at the channel's min or max: no float copy of k; identical to
-            # (k.float() - mu).abs().amax(2) since rounding is monotonic
-            lo_k, hi_k = torch.aminmax(k, dim=2)
-            self.chmax = torch.maximum(hi_k.float() - self.mu, self.mu - lo_k.float()).clamp_(min=1e-6)
+            self.chmax = torch.cat([compressed_chmax(k[b : b + 1], self.mu[b : b + 1], quant_lo, quant_hi,
+                                                     None if kept is None else kept[b : b + 1]) for b in range(B)])
             self.inv_chmax = 1.0 / self.chmax
         self.reserve(T)
         if not self.quantized:

@@ -7,7 +7,8 @@ reference code: any batch, any GQA ratio, head_dim 64 or 128, bf16 and fp16, no 
 window kept apart from the selection budget so the prompt is still searched after hundreds of generated tokens.
 
 Per layer and KV head the cache holds (kernels/selfindex.py has the exact layouts):
-- the prompt's per-channel centre mu (median or mean) and, for 2+1, per-channel max |k - mu|;
+- the prompt's per-channel centre mu (median or mean) and, for 2+1, per-channel max |k - mu| over the tokens
+  compressed at prefill (not the full-precision set: a large-norm sink would stretch every token's 2-bit scale);
 - a codebook of 16 centroids per group of 4 channels, from the prompt's centred keys;
 - packed sign bits of every token (16 bytes per token at head_dim 128): the index;
 - "2+1": sign + 2-bit magnitude for keys, 2-bit values (112 bytes per token at head_dim 128, against 512 for fp16
@@ -124,10 +125,12 @@ class SelfIndexLayer(LayerCache):
         self.kv = ops.IndexedKV(B, H, D, k.dtype, k.device, quantized=m.setting == "2+1", n_full=m.sinks + m.window,
                                 exclusions=m.fixed == "scored", cuda=k.is_cuda and m.impl == "auto")
         ring_lo = max(self.base, T - m.window)  # the prompt's last tokens start in the window ring
-        # the rest (past the fixed ones, below the ring) is stored in 2 bits now
-        self.kv.pack_prompt(k, v, m.centre, self.base, ring_lo)
         fixed_pos = torch.arange(min(m.sinks, T), device=k.device).expand(B, H, -1) if m.fixed == "sinks" \
             else self._scored_fixed(q, k, ring_lo)
+        # the rest (past the fixed ones, below the ring) is stored in 2 bits now, normalised over those tokens alone
+        self.kv.pack_prompt(k, v, m.centre, self.base, ring_lo, kept=fixed_pos if m.fixed == "scored" else None)
+        if m.fixed == "scored":
+            self.kv.exclude(fixed_pos)  # never selected: they are attended in full precision
         self.n_fixed = fixed_pos.shape[2]
         if self.n_fixed:
             idx = fixed_pos[..., None].expand(-1, -1, -1, D)
@@ -140,7 +143,7 @@ class SelfIndexLayer(LayerCache):
 
     def _scored_fixed(self, q, k, ring_lo: int) -> torch.Tensor:
         """The `sinks` positions below the window that the last prompt query attends most (GQA mean of softmax
-        probabilities); they are excluded from selection from then on: [B, H, n] int64."""
+        probabilities): [B, H, n] int64."""
         B, H, T, D = k.shape
         n = min(self.m.sinks, ring_lo)
         if n == 0:
@@ -149,7 +152,6 @@ class SelfIndexLayer(LayerCache):
         pos = torch.cat([  # one sequence at a time: a float copy of one sequence's keys, not of the batch's
             torch.softmax(torch.einsum("bhgd,bhtd->bhgt", ql[b : b + 1], k[b : b + 1].float()) * D**-0.5, -1)
             .mean(2)[..., :ring_lo].topk(n, dim=-1).indices for b in range(B)])
-        self.kv.exclude(pos)
         return pos
 
     # decode
