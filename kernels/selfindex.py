@@ -233,6 +233,8 @@ def cuda_ops():
 
 
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
+MAX_CHUNKS = 1024  # csrc/selfindex.h: kMaxChunks
+PLAN = 5  # csrc/selfindex.h: a step plan is (pos, slot, old, hi, k)
 class Workspace:
     """Scratch shared by every layer on one device (layers run one after another on one stream): the histogram and
     counters are zero between calls (the kernels reset them), the rest is overwritten every step. It is not part of
@@ -242,7 +244,7 @@ class Workspace:
 
     def __init__(self, device):
         self.device = device
-        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = None
+        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = self.counts = None
         self.bh = 0
 
     @classmethod
@@ -263,6 +265,12 @@ class Workspace:
         if self.bins is None or self.bins.numel() < bh * stride:
             self.bins = torch.empty(bh * stride, dtype=torch.int16, device=self.device)
         return self.bins, self.hist, self.ctr
+
+    def chunk_counts(self, bh: int) -> torch.Tensor:
+        """Per-chunk counts of the deterministic select (csrc/selfindex.h: counts), [bh, kMaxChunks, 2] int32."""
+        if self.counts is None or self.counts.numel() < bh * MAX_CHUNKS * 2:
+            self.counts = torch.zeros(bh * MAX_CHUNKS * 2, dtype=torch.int32, device=self.device)
+        return self.counts
 
     def partials(self, rows: int, head_dim: int):
         """Split-KV partial outputs [rows, head_dim] and (m, l) or lse per row, float32."""
@@ -288,6 +296,7 @@ class IndexedKV:
         self.signs = self.kmag = self.kscale = self.vq = self.vscale = self.kfull = self.vfull = None
         self.mu = self.chmax = self.inv_chmax = self.cb = None
         self.excl = torch.zeros(B, H, 0, dtype=torch.uint8, device=device) if exclusions else None
+        self.plan_table = self.plan = self.plan_step = self.idx_buf = self.out_buf = None  # planned steps (pin)
         self.fk = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
         self.fv = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
         self.fpos = torch.full((B, H, n_full), -1, dtype=torch.int64, device=device)
@@ -295,7 +304,8 @@ class IndexedKV:
     PER_TOKEN = ("signs", "kmag", "kscale", "vq", "vscale", "kfull", "vfull")
 
     def tensors(self) -> list[torch.Tensor]:
-        names = self.PER_TOKEN + ("mu", "chmax", "inv_chmax", "cb", "fk", "fv", "fpos", "excl")
+        names = self.PER_TOKEN + ("mu", "chmax", "inv_chmax", "cb", "fk", "fv", "fpos", "excl", "plan_table", "plan",
+                                  "plan_step", "idx_buf")
         return [t for t in (getattr(self, n) for n in names) if t is not None]
 
     def nbytes(self) -> int:
@@ -377,7 +387,7 @@ class IndexedKV:
         old = old if self.quantized else -1
         if self.cuda:
             cuda_ops().append(k1, v1, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq,
-                              self.vscale, self.kfull, self.vfull, self.fk, self.fv, self.fpos, p, slot, old)
+                              self.vscale, self.kfull, self.vfull, self.fk, self.fv, self.fpos, p, slot, old, None)
         else:
             signs, _ = pack_ref(k1[:, :, None], v1[:, :, None], self.mu, None)
             self.signs[:, :, p] = signs[:, :, 0]
@@ -398,9 +408,10 @@ class IndexedKV:
         if self.cuda:
             idx = torch.empty(B, H, K, dtype=torch.int32, device=q.device)
             if K:
-                bins, hist, ctr = Workspace.get(q.device).select_buffers(B * H, self.cap)
+                ws = Workspace.get(q.device)
+                bins, hist, ctr = ws.select_buffers(B * H, self.cap)
                 cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
-                                        0)  # 0 blocks: the launcher sizes one full wave
+                                        0, ws.chunk_counts(B * H), None)  # 0 blocks: the launcher sizes one wave
             return idx
         if K == 0:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
@@ -431,6 +442,52 @@ class IndexedKV:
             values = torch.gather(self.vfull, 2, i.expand(-1, -1, -1, D))
             bias = None
         return attend_ref(q, self.fk, self.fv, self.fpos >= 0, keys, values, bias).to(q.dtype)
+
+    # --- planned steps (capture-safe decode on CUDA): the host values of each step made at reserve() ---
+
+    def pin(self, rows: list[tuple[int, int, int, int, int]], lo: int, n_heads: int) -> None:
+        """Room and scratch for len(rows) planned one-token steps: rows[i] = (pos, slot, old, hi, k) of step i (the
+        step plan of csrc/selfindex.h), lo the start of the selectable range. Every buffer a planned step touches is
+        made here, so planned_step() neither allocates nor reads anything back; the launches never change."""
+        self.reserve(max(r[0] for r in rows) + 1)
+        dev = self.fk.device
+        B, H, _, D = self.fk.shape
+        self.plan_table = torch.tensor(rows, dtype=torch.int32, device=dev).view(len(rows), PLAN)
+        self.plan = torch.zeros(8, dtype=torch.int32, device=dev)  # the current row (8: 32-byte aligned)
+        self.plan_step = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.plan_lo, self.k_max, self.hi_max = lo, max(r[4] for r in rows), max(r[3] for r in rows)
+        self.idx_buf = torch.zeros(B, H, max(1, self.k_max), dtype=torch.int32, device=dev)
+        self.out_buf = torch.empty(B, n_heads, D, dtype=self.dtype, device=dev)
+        ws = Workspace.get(dev)
+        ws.select_buffers(B * H, self.cap), ws.chunk_counts(B * H)
+        from kvbench.kernels import selfindex_attend
+
+        selfindex_attend.scratch(B, n_heads, H, D, self.idx_buf.shape[2], self.cap, dev)
+
+    def unpin(self) -> None:
+        self.plan_table = self.plan = self.plan_step = self.idx_buf = self.out_buf = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.plan_table is not None
+
+    def planned_step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next planned step on the device: its plan row, the append, the selection into idx_buf and the
+        attention of q [B, Hq, D] -> (out [B, Hq, D], idx_buf [B, H, k_max], of which the row's k are live). Host
+        counters are the caller's (it knows whether a graph is being captured)."""
+        from kvbench.kernels import selfindex_attend
+
+        selfindex_attend.next_plan(self.plan_table, self.plan_step, self.plan)
+        cuda_ops().append(k1, v1, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq, self.vscale,
+                          self.kfull, self.vfull, self.fk, self.fv, self.fpos, 0, 0, -1, self.plan)
+        B, H = self.fk.shape[:2]
+        if self.k_max:
+            ws = Workspace.get(q.device)
+            bins, hist, ctr = ws.select_buffers(B * H, self.cap)
+            cuda_ops().score_select(q, self.cb, self.signs, self.excl, self.plan_lo, self.hi_max, self.k_max, bins,
+                                    hist, ctr, self.idx_buf, 0, ws.chunk_counts(B * H), self.plan)
+        out = selfindex_attend.attend(q, self, self.idx_buf, nsel=self.plan[4:5], out=self.out_buf)
+        return out, self.idx_buf
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored position as keys/values [B, H, n, D] in the model dtype: exact where full precision is
