@@ -67,3 +67,60 @@ def test_methods_that_stay_eager_give_their_reason(spec, words):
 
     reason = unsafe_reason(Cache(), torch.device("cuda"))
     assert reason.startswith(f"method '{spec}' is not capture-safe") and words in reason
+
+
+# --- selfindex: the reserved steps' plan, on the CPU reference (the CUDA kernels read the same rows on the GPU) ---
+
+SELFINDEX = ["selfindex:budget=0.3,sinks=4,window=8", "selfindex:budget=40,sinks=4,window=8,setting=16+1",
+             "selfindex:budget=0.3,sinks=6,window=8,fixed=scored", "selfindex:budget=0.9,sinks=30,window=8"]
+
+
+@pytest.mark.parametrize("spec", SELFINDEX)
+def test_selfindex_plan_rows_are_what_each_eager_step_uses(spec):
+    """The table a reserved CUDA step reads its host values from equals what the eager path computes step by step,
+    the budget's growth with the context (a fraction) and a prompt shorter than the sinks included."""
+    torch.manual_seed(1)
+    layer = make(spec)
+    T = 20 if "sinks=30" in spec else 80
+    layer.prefill(torch.randn(2, 8, T, 32), torch.randn(2, 2, T, 32), torch.randn(2, 2, T, 32))
+    rows = layer.plan_rows(40)
+    for row in rows:
+        p = layer.kv.n
+        slot, old = layer._slot(p)
+        layer.extend(torch.randn(2, 8, 1, 32), torch.randn(2, 2, 1, 32), torch.randn(2, 2, 1, 32))
+        want = (p, slot, old if layer.kv.quantized else -1, layer.selectable()[1], layer.n_select())
+        assert row == want
+        if want[4]:
+            assert layer.last_idx.shape[-1] == want[4]
+    assert len({r[4] for r in rows}) > 1 or "budget=40" in spec  # a fractional budget grows with the context
+
+
+@pytest.mark.parametrize("spec", SELFINDEX)
+def test_selfindex_reserved_steps_equal_the_plain_path(spec):
+    want, got, plain, pinned = run_pair(spec, prompt=20 if "sinks=30" in spec else 80, chunk_at=10)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert torch.equal(pinned.attended(), plain.attended())
+    assert pinned.capture_safe and pinned.rows is None  # the chunk dropped the plan: reserve again before capture
+
+
+def test_selfindex_past_the_reserved_room_fails_before_any_write():
+    layer = make("selfindex:budget=0.3,sinks=4,window=8")
+    with pytest.raises(ReservedRoomError, match="before prefill"):
+        layer.reserve(2)
+    layer.prefill(torch.randn(1, 8, 60, 32), torch.randn(1, 2, 60, 32), torch.randn(1, 2, 60, 32))
+    layer.reserve(2)
+    for _ in range(2):
+        layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
+    before = [t.clone() for t in layer.kv.tensors()] + [layer.seq_len(), layer.nbytes()]
+    with pytest.raises(ReservedRoomError, match="reserved room"):
+        layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
+    with pytest.raises(ReservedRoomError):
+        layer.advance(1)
+    after = [t.clone() for t in layer.kv.tensors()] + [layer.seq_len(), layer.nbytes()]
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(before, after))
+
+
+def test_selfindex_with_the_torch_reference_stays_eager_and_says_why():
+    assert not make("selfindex:impl=torch").capture_safe
+    assert "host value" in make("selfindex:impl=torch").capture_unsafe_reason
