@@ -38,20 +38,28 @@ def test_prompt_eviction_reserved_steps_equal_the_plain_path(spec):
     assert pinned.capture_safe and pinned.info()["pinned"] and not plain.info()["pinned"]
 
 
-def test_prompt_eviction_past_the_reserved_room_fails_before_any_write():
-    layer = make("snapkv:capacity=24,window=4")
+def _state(layer) -> list:
+    """Everything a refused step must leave as it was: the stored tensors, the length and the bytes."""
+    stored = [layer.kept.pin.k, layer.kept.pin.v] if hasattr(layer, "kept") else layer.kv.tensors()
+    return [t.clone() for t in stored] + [layer.seq_len(), layer.nbytes()]
+
+
+@pytest.mark.parametrize("spec", ["snapkv:capacity=24,window=4", "selfindex:budget=0.3,sinks=4,window=8"])
+def test_a_step_past_the_reserved_room_fails_before_any_write(spec):
+    layer = make(spec)
     with pytest.raises(ReservedRoomError, match="before prefill"):
         layer.reserve(4)
     layer.prefill(torch.randn(1, 8, 60, 32), torch.randn(1, 2, 60, 32), torch.randn(1, 2, 60, 32))
     layer.reserve(2)
     for _ in range(2):
         layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
-    before = (layer.kept.pin.k.clone(), layer.seq_len(), layer.nbytes())
+    before = _state(layer)
     with pytest.raises(ReservedRoomError, match="reserved room"):
         layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
     with pytest.raises(ReservedRoomError):
-        layer.advance(1)
-    assert torch.equal(layer.kept.pin.k, before[0]) and (layer.seq_len(), layer.nbytes()) == before[1:]
+        layer.advance(1)  # what a graph replay would have done
+    after = _state(layer)
+    assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(before, after))
 
 
 @pytest.mark.parametrize("spec, words", [("adakv:capacity=24,window=4", "longest head"), ("h2o", "evicts while"),
@@ -102,23 +110,6 @@ def test_selfindex_reserved_steps_equal_the_plain_path(spec):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert torch.equal(pinned.attended(), plain.attended())
     assert pinned.capture_safe and pinned.rows is None  # the chunk dropped the plan: reserve again before capture
-
-
-def test_selfindex_past_the_reserved_room_fails_before_any_write():
-    layer = make("selfindex:budget=0.3,sinks=4,window=8")
-    with pytest.raises(ReservedRoomError, match="before prefill"):
-        layer.reserve(2)
-    layer.prefill(torch.randn(1, 8, 60, 32), torch.randn(1, 2, 60, 32), torch.randn(1, 2, 60, 32))
-    layer.reserve(2)
-    for _ in range(2):
-        layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
-    before = [t.clone() for t in layer.kv.tensors()] + [layer.seq_len(), layer.nbytes()]
-    with pytest.raises(ReservedRoomError, match="reserved room"):
-        layer.extend(torch.randn(1, 8, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
-    with pytest.raises(ReservedRoomError):
-        layer.advance(1)
-    after = [t.clone() for t in layer.kv.tensors()] + [layer.seq_len(), layer.nbytes()]
-    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(before, after))
 
 
 def test_selfindex_with_the_torch_reference_stays_eager_and_says_why():
