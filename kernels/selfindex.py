@@ -18,8 +18,9 @@ Selection scores each selectable token with an 8-bit lookup table (LUT8[g, c] = 
 per (b, h)), so a token's score is an integer in [-127 G, 127 G], and top-k runs as a one-pass histogram select over
 NBINS = 2048 bins of that integer (bin = (score + 127 G) >> shift). Tokens are ranked by bin; the CUDA select takes
 the ties inside the threshold bin lowest position first and lists the tokens in position order (above the threshold
-bin, then from it), so it is deterministic; the reference's topk breaks ties its own way. The integer LUT is what makes an exact one-pass select possible; tests measure what it
-costs in recall against the float LUT and against exact q.k.
+bin, then from it), so it is deterministic; the reference's topk breaks ties its own way. The integer LUT is what
+makes an exact one-pass select possible; tests measure what it costs in recall against the float LUT and against
+exact q.k.
 """
 
 from __future__ import annotations

@@ -222,5 +222,6 @@ class AdaKVLayer(LayerCache):
         return {"attention": lambda: self._attend(q)}
 
     def decode_bytes(self) -> int:
-        later = 2 * self.n_pinned * self.recent.k.shape[0] * self.spec.n_kv_heads * self.spec.head_dim
-        return self.fk.numel() * self.fk.element_size() * 2 + self.recent.decode_bytes() + later * self.fk.element_size()
+        es = self.fk.element_size()
+        later = 2 * self.n_pinned * self.recent.k.shape[0] * self.spec.n_kv_heads * self.spec.head_dim * es
+        return self.fk.numel() * es * 2 + self.recent.decode_bytes() + later  # + the tokens appended since reserve()
