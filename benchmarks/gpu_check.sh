@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&
 (python3 -c "from kvbench.kernels import selfindex; selfindex.cuda_ops()" > "$O/selfindex_build.log" 2>&1 &)
 
 echo "== GPU tests ($(left) s left)" | tee -a "$LOG"
-timeout ${TEST_S:-170} python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS:-tests} > "$O/tests.txt" 2>&1
+timeout ${TEST_S:-170} python3 -m pytest -q -m gpu -p no:cacheprovider -v --durations=25 ${TESTS:-tests} > "$O/tests.txt" 2>&1
 tail -30 "$O/tests.txt" | tee -a "$LOG"
 
 METHODS=${METHODS:-"full selfindex:budget=0.1 selfindex:budget=160 kivi:bits=2 kivi:bits=4 snapkv:capacity=0.1 \

@@ -43,6 +43,7 @@ class Timing:
     n_repeat: int
     clock: str  # "cuda-events" or "perf_counter"
     l2: str  # how L2 was defeated: "flush", "rotate:N" (N input sets >= 3x L2 in all), "none"
+    graph_fallback: str | None = None  # why graph timing was asked for but the calls were timed eagerly
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,9 +169,13 @@ def bench(fns: Callable[[], Any] | Sequence[Callable[[], Any]], *, warmup_ms: fl
     # "rotate:N": N input sets, together >= 3x L2, with no flush; "none": L2 may hold inputs (or there is no GPU)
     rotated = cuda and set_bytes is not None and len(fns) * set_bytes >= ROTATE_FACTOR * l2_bytes(device)
     l2 = "flush" if flush else (f"rotate:{len(fns)}" if rotated else "none")
+    fallback = None
     if graph and cuda and rotated and not flush:
-        return _bench_graph(fns, device, l2, warmup_ms=warmup_ms, rep_ms=rep_ms, min_repeat=min_repeat,
-                            max_repeat=max_repeat, max_warmup=max_warmup)
+        try:
+            return _bench_graph(fns, device, l2, warmup_ms=warmup_ms, rep_ms=rep_ms, min_repeat=min_repeat,
+                                max_repeat=max_repeat, max_warmup=max_warmup)
+        except NotCapturable as e:  # timed eagerly below, and the Timing says why
+            fallback = str(e)
 
     caller = _RotatingCalls(fns, device, flusher)
     call, timed = caller.call, caller.timed
@@ -191,7 +196,42 @@ def bench(fns: Callable[[], Any] | Sequence[Callable[[], Any]], *, warmup_ms: fl
     for _ in range(n_warmup):
         call()
     times = timed(n_repeat)
-    return summarize(times, n_warmup, "cuda-events" if cuda else "perf_counter", l2)
+    return replace(summarize(times, n_warmup, "cuda-events" if cuda else "perf_counter", l2), graph_fallback=fallback)
+
+
+class NotCapturable(RuntimeError):
+    """The calls cannot be captured in a CUDA graph (a host synchronisation, or the capture itself failed)."""
+
+
+def _capture_blocker(fns: list[Callable[[], Any]]) -> str | None:
+    """Run the calls once with CUDA's sync debug mode set to error: a call that synchronises with the host cannot be
+    captured, and finding that here keeps a failed capture (which leaves the process's RNG and allocator in capture
+    state, failing every later cell) from happening."""
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for f in fns:
+            f()
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        return f"a call synchronises with the host ({str(e).splitlines()[0][:160]})"
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+    return None
+
+
+def _recover_from_failed_capture(device: torch.device) -> None:
+    """After a capture that raised, capture one tiny graph that draws random numbers, so the default generator's
+    capture bookkeeping is closed again, and wait for the device (a best effort; the error is reported either way)."""
+    try:
+        torch.cuda.synchronize(device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            torch.randn(8, device=device)
+        torch.cuda.synchronize(device)
+    except RuntimeError:
+        pass
 
 
 def _bench_graph(fns: list[Callable[[], Any]], device: torch.device, l2: str, **kw) -> Timing:
@@ -203,11 +243,18 @@ def _bench_graph(fns: list[Callable[[], Any]], device: torch.device, l2: str, **
         for f in fns:
             f()
     torch.cuda.current_stream(device).wait_stream(side)
+    reason = _capture_blocker(fns)
+    if reason is not None:
+        raise NotCapturable(reason)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for f in fns:
-                f()
+    try:
+        with torch.cuda.graph(g):
+            for _ in range(reps):
+                for f in fns:
+                    f()
+    except RuntimeError as e:
+        _recover_from_failed_capture(device)
+        raise NotCapturable(f"capture failed: {str(e).splitlines()[0][:160]}") from e
     calls = reps * len(fns)
     t = bench(g.replay, flush=False, device=device, **kw)
     return replace(t, median_us=t.median_us / calls, p20_us=t.p20_us / calls, p80_us=t.p80_us / calls,

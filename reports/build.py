@@ -31,6 +31,7 @@ from kvbench.api import KVBenchError
 from kvbench.records import Problem, machine_label, now_iso, read_records
 from kvbench.reports import plots
 from kvbench.reports.plots import bad, first_line, origin
+from kvbench.reports.steps import step_accounting
 from kvbench.reports.summary import summary_html
 
 SECTIONS = [  # id, title, the command that produces its records
@@ -42,6 +43,7 @@ SECTIONS = [  # id, title, the command that produces its records
     ("kernels", "Kernel time against context", "kvbench run kernels"),
     ("prefill", "Prefill time against context", "kvbench run kernels --mode prefill"),
     ("throughput", "Throughput against batch", "kvbench run throughput"),
+    ("steps", "Decode step against its floor", "kvbench run throughput  (GPU: step accounting from the profiler)"),
     ("memory", "Memory fit", "kvbench run memory"),
     ("failures", "Failed and out-of-memory cells", "any suite"),
     ("benchmarks", "pytest-benchmark results",
@@ -388,6 +390,7 @@ def render(inp: Inputs, title: str) -> str:
         "kernels": lambda: plots.kernel_time(ker, colors, "decode"),
         "prefill": lambda: plots.kernel_time(ker, colors, "prefill"),
         "throughput": lambda: plots.throughput(thr, colors),
+        "steps": lambda: step_accounting(thr, colors),
         "memory": lambda: plots.memory_fit(mem, colors),
     }
     figs, broken = {}, {}

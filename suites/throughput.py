@@ -253,7 +253,7 @@ SUITE = Suite(
              Column("fill", cell_value("fill"), left=True), STATUS, Column("TTFT s", metric(TTFT_S), ".3f"),
              Column("tok/s", metric(DECODE_TOK_S), ",.1f"), Column("ms/step", metric(LATENCY_MS), ".2f"),
              Column("cache GiB", metric("cache_bytes", 2**30), ".2f"), Column("max B", metric(MAX_BATCH), "d")),
-    report=("throughput",),
+    report=("throughput", "steps"),
     model="auto",
     model_help="auto (synthetic:llama-3.1-8b on GPU, embedded on CPU), embedded, synthetic:<arch>, a Hugging Face id "
                "or a local path.",

@@ -88,7 +88,7 @@ def synthetic_records(seed=0):
                 continue
             out["throughput"].append(rec("throughput", m, cell, {
                 "ttft_s": 2.5, "decode_tok_s": 30.0 * b * 23040 / BPT[m] ** 0.9, "latency_ms": 30.0,
-                "batch": b}, env=GPU_ENV))
+                "floor_ms": 12.0, "gpu_busy_ms": 20.0, "decode_mode": "eager", "batch": b}, env=GPU_ENV))
     out["accuracy"].append(rec("accuracy", "snapkv:capacity=0.1", {
         "model": "embedded", "task": "passkey", "context": 4096, "depth": 0.5, "protocol": "query-aware", "seed": 0},
         status="failed", error="RuntimeError: boom\nTraceback (most recent call last):\n  File x.py, line 1"))
@@ -127,7 +127,8 @@ def test_every_section_is_present_and_every_chart_has_data(full_page):
     assert not inp.problems, inp.problems
     for sid, title, _ in SECTIONS:
         assert f"<section id='{sid}'>" in page
-    for chart in ("pareto", "budget", "needle", "fidelity", "kernels", "prefill", "throughput", "memory"):
+    for chart in ("pareto", "budget", "needle", "fidelity", "kernels", "prefill", "throughput", "steps",
+                  "memory"):
         assert f'id="chart-{chart}"' in page, chart
     assert "no records for this section" not in page
     assert "test_decode[kivi-32768]" in page and "kvbench run kernels" in page  # benchmark JSON and provenance

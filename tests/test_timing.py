@@ -76,3 +76,18 @@ def test_bench_on_gpu_uses_events_and_defeats_l2():
     assert bw["copy_gbs"] > 0 and bw["copy_timing"]["clock"] == "cuda-events"
     assert bw["copy_timing"]["l2"] == "rotate:1"  # one 1 GiB set: far above L2 with no flush
     assert matmul_tflops(n=2048)["matmul_tflops"] > 0
+
+
+@pytest.mark.gpu
+def test_graph_bench_falls_back_to_eager_on_a_host_sync_and_later_graphs_still_work():
+    x = torch.randn(64 * 2**20 // 4, device="cuda")
+    copies = [torch.randn_like(x) for _ in range(4)]
+    set_bytes = x.numel() * 4
+    syncing = bench([lambda c=c: c.sum().item() for c in copies], set_bytes=set_bytes, graph=True)
+    assert syncing.graph_fallback is not None and "synchronises" in syncing.graph_fallback
+    assert syncing.clock == "cuda-events"
+    y = torch.empty_like(x)
+    ok = bench([lambda c=c: y.copy_(c) for c in copies], set_bytes=set_bytes, graph=True)
+    if 4 * set_bytes >= 3 * l2_bytes():
+        assert ok.clock.startswith("cuda-graph") and ok.graph_fallback is None
+    torch.randn(8, device="cuda")  # the default generator is usable: no capture state was left behind

@@ -1,0 +1,29 @@
+"""The step-accounting chart (reports/steps.py): step, GPU busy and floor per method, from throughput records."""
+
+from kvbench.reports.steps import step_accounting
+
+
+def _rec(method, mode, step, floor, busy, batch=8, gpu="NVIDIA H200"):
+    return {"suite": "throughput", "method": method, "status": "ok", "params": {},
+            "cell": {"context": 32768, "batch": batch, "decode": mode},
+            "metrics": {"batch": batch, "latency_ms": step, "floor_ms": floor, "gpu_busy_ms": busy,
+                        "decode_mode": mode, "graph_fallback": None if mode == "graph" else "--no-graph"},
+            "env": {"gpu": gpu, "commit": "abc1234"}}
+
+
+def test_step_chart_has_one_row_per_method_and_mode_and_the_ratios_in_hover():
+    recs = [_rec("full", "graph", 16.0, 11.6, 15.0), _rec("full", "eager", 53.0, 11.6, 14.6),
+            _rec("snapkv:capacity=0.1", "eager", 47.0, 4.3, 7.7), _rec("full", "graph", 8.2, 4.5, 7.6, batch=1)]
+    fig = step_accounting(recs, {})
+    assert [t.name for t in fig.data] == ["step", "GPU busy", "floor"] * 2  # two panels: batch 1 and batch 8
+    batch8 = [t for t in fig.data if len(t.y) == 3]
+    assert list(batch8[0].y) == ["full (graph)", "snapkv:capacity=0.1 (eager)", "full (eager)"]  # by step time
+    assert list(batch8[2].x) == [11.6, 4.3, 11.6]
+    hover = batch8[0].hovertext[0]
+    assert "1.38x floor" in hover and "94% of the step" in hover
+
+
+def test_step_chart_is_absent_without_step_accounting():
+    rec = _rec("full", "eager", 1.0, 1.0, 1.0)
+    del rec["metrics"]["floor_ms"]  # CPU records have no floor
+    assert step_accounting([rec], {}) is None
