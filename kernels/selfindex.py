@@ -16,9 +16,11 @@ KV head h; T = positions, D = head_dim, G = D/4 sign groups):
 
 Selection scores each selectable token with an 8-bit lookup table (LUT8[g, c] = round(q_g . cb[g, c] / s), one scale s
 per (b, h)), so a token's score is an integer in [-127 G, 127 G], and top-k runs as a one-pass histogram select over
-NBINS = 2048 bins of that integer (bin = (score + 127 G) >> shift). Tokens are ranked by bin; ties inside the threshold
-bin are taken in any order. The integer LUT is what makes an exact one-pass select possible; tests measure what it
-costs in recall against the float LUT and against exact q.k.
+NBINS = 2048 bins of that integer (bin = (score + 127 G) >> shift). Tokens are ranked by bin; the CUDA select takes
+the ties inside the threshold bin lowest position first and lists the tokens in position order (above the threshold
+bin, then from it), so it is deterministic; the reference's topk breaks ties its own way. The integer LUT is what
+makes an exact one-pass select possible; tests measure what it costs in recall against the float LUT and against
+exact q.k.
 """
 
 from __future__ import annotations
@@ -108,6 +110,28 @@ def centre_stats(k: torch.Tensor, centre: str) -> torch.Tensor:
     # the median of bf16/fp16 values is one of them: take it in the input dtype, over a contiguous last dim, which is
     # 5x faster on the GPU than over the strided token dim in float32 (measured on an H100, 32K tokens)
     return k.transpose(2, 3).contiguous().median(dim=-1).values.float()
+
+
+def compressed_chmax(k: torch.Tensor, mu: torch.Tensor, lo: int, hi: int, kept: torch.Tensor | None = None):
+    """The 2+1 key normaliser: per-channel max |k - mu| over the compressed prompt tokens, positions [lo, hi) less
+    `kept` [B, Hkv, n] (full-precision ones among them), as the paper's code takes it; over every prompt token when
+    none is compressed. k [B, Hkv, T, D] -> [B, Hkv, D] float32, at least 1e-6. A large-norm sink token, kept in full
+    precision anyway, so no longer stretches the 2-bit scale of the tokens that are compressed."""
+    if hi <= lo:
+        lo, hi = 0, k.shape[2]
+    part = k[:, :, lo:hi]
+    if kept is not None and kept.numel():
+        # a kept token must not set the max: give it the centre (|k - mu| = 0); the copy is one sequence's range
+        part = part.clone()
+        rel = (kept - lo).clamp(0, hi - lo - 1)
+        inside = ((kept >= lo) & (kept < hi))[..., None]
+        cur = part.gather(2, rel[..., None].expand(-1, -1, -1, k.shape[3]))
+        centre = mu[:, :, None].to(k.dtype).expand_as(cur)
+        part.scatter_(2, rel[..., None].expand_as(cur), torch.where(inside, centre, cur))
+    # max |k - mu| per channel sits at the channel's min or max: no float copy of k; identical to
+    # (k.float() - mu).abs().amax(2) since rounding is monotonic
+    lo_k, hi_k = torch.aminmax(part, dim=2)
+    return torch.maximum(hi_k.float() - mu, mu - lo_k.float()).clamp_(min=1e-6)
 
 
 def pack_ref(k: torch.Tensor, v: torch.Tensor, mu: torch.Tensor, inv_chmax: torch.Tensor | None):
@@ -211,6 +235,8 @@ def cuda_ops():
 
 
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
+MAX_CHUNKS = 1024  # csrc/selfindex.h: kMaxChunks
+PLAN = 5  # csrc/selfindex.h: a step plan is (pos, slot, old, hi, k)
 class Workspace:
     """Scratch shared by every layer on one device (layers run one after another on one stream): the histogram and
     counters are zero between calls (the kernels reset them), the rest is overwritten every step. It is not part of
@@ -220,7 +246,7 @@ class Workspace:
 
     def __init__(self, device):
         self.device = device
-        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = None
+        self.hist = self.ctr = self.bins = self.part_o = self.part_ml = self.counts = None
         self.bh = 0
 
     @classmethod
@@ -241,6 +267,12 @@ class Workspace:
         if self.bins is None or self.bins.numel() < bh * stride:
             self.bins = torch.empty(bh * stride, dtype=torch.int16, device=self.device)
         return self.bins, self.hist, self.ctr
+
+    def chunk_counts(self, bh: int) -> torch.Tensor:
+        """Per-chunk counts of the deterministic select (csrc/selfindex.h: counts), [bh, kMaxChunks, 2] int32."""
+        if self.counts is None or self.counts.numel() < bh * MAX_CHUNKS * 2:
+            self.counts = torch.zeros(bh * MAX_CHUNKS * 2, dtype=torch.int32, device=self.device)
+        return self.counts
 
     def partials(self, rows: int, head_dim: int):
         """Split-KV partial outputs [rows, head_dim] and (m, l) or lse per row, float32."""
@@ -266,6 +298,7 @@ class IndexedKV:
         self.signs = self.kmag = self.kscale = self.vq = self.vscale = self.kfull = self.vfull = None
         self.mu = self.chmax = self.inv_chmax = self.cb = None
         self.excl = torch.zeros(B, H, 0, dtype=torch.uint8, device=device) if exclusions else None
+        self.plan_table = self.plan = self.plan_step = self.idx_buf = self.out_buf = None  # planned steps (pin)
         self.fk = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
         self.fv = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
         self.fpos = torch.full((B, H, n_full), -1, dtype=torch.int64, device=device)
@@ -273,7 +306,8 @@ class IndexedKV:
     PER_TOKEN = ("signs", "kmag", "kscale", "vq", "vscale", "kfull", "vfull")
 
     def tensors(self) -> list[torch.Tensor]:
-        names = self.PER_TOKEN + ("mu", "chmax", "inv_chmax", "cb", "fk", "fv", "fpos", "excl")
+        names = self.PER_TOKEN + ("mu", "chmax", "inv_chmax", "cb", "fk", "fv", "fpos", "excl", "plan_table", "plan",
+                                  "plan_step", "idx_buf")
         return [t for t in (getattr(self, n) for n in names) if t is not None]
 
     def nbytes(self) -> int:
@@ -304,16 +338,16 @@ class IndexedKV:
             self.excl = excl
         self.cap = cap
 
-    def pack_prompt(self, k: torch.Tensor, v: torch.Tensor, centre: str, quant_lo: int, quant_hi: int) -> None:
+    def pack_prompt(self, k: torch.Tensor, v: torch.Tensor, centre: str, quant_lo: int, quant_hi: int,
+                    kept: torch.Tensor | None = None) -> None:
         """The prompt k, v [B, H, T, D]: per-channel centre (and max |k - mu| for 2+1), sign bits of every token,
-        2-bit storage of positions [quant_lo, quant_hi), the codebook. Transient memory: per sequence, not per batch."""
+        2-bit storage of positions [quant_lo, quant_hi), the codebook. Transient memory: per sequence, not per batch.
+        `kept` [B, H, n]: positions inside [quant_lo, quant_hi) that stay in full precision (scored fixed tokens)."""
         B, H, T, D = k.shape
         self.mu = torch.cat([centre_stats(k[b : b + 1], centre) for b in range(B)])  # [B, H, D] float32
         if self.quantized:
-            # max |k - mu| per channel sits at the channel's min or max: no float copy of k; identical to
-            # (k.float() - mu).abs().amax(2) since rounding is monotonic
-            lo_k, hi_k = torch.aminmax(k, dim=2)
-            self.chmax = torch.maximum(hi_k.float() - self.mu, self.mu - lo_k.float()).clamp_(min=1e-6)
+            self.chmax = torch.cat([compressed_chmax(k[b : b + 1], self.mu[b : b + 1], quant_lo, quant_hi,
+                                                     None if kept is None else kept[b : b + 1]) for b in range(B)])
             self.inv_chmax = 1.0 / self.chmax
         self.reserve(T)
         if not self.quantized:
@@ -355,7 +389,7 @@ class IndexedKV:
         old = old if self.quantized else -1
         if self.cuda:
             cuda_ops().append(k1, v1, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq,
-                              self.vscale, self.kfull, self.vfull, self.fk, self.fv, self.fpos, p, slot, old)
+                              self.vscale, self.kfull, self.vfull, self.fk, self.fv, self.fpos, p, slot, old, None)
         else:
             signs, _ = pack_ref(k1[:, :, None], v1[:, :, None], self.mu, None)
             self.signs[:, :, p] = signs[:, :, 0]
@@ -376,9 +410,10 @@ class IndexedKV:
         if self.cuda:
             idx = torch.empty(B, H, K, dtype=torch.int32, device=q.device)
             if K:
-                bins, hist, ctr = Workspace.get(q.device).select_buffers(B * H, self.cap)
+                ws = Workspace.get(q.device)
+                bins, hist, ctr = ws.select_buffers(B * H, self.cap)
                 cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
-                                        0)  # 0 blocks: the launcher sizes one full wave
+                                        0, ws.chunk_counts(B * H), None)  # 0 blocks: the launcher sizes one wave
             return idx
         if K == 0:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
@@ -409,6 +444,52 @@ class IndexedKV:
             values = torch.gather(self.vfull, 2, i.expand(-1, -1, -1, D))
             bias = None
         return attend_ref(q, self.fk, self.fv, self.fpos >= 0, keys, values, bias).to(q.dtype)
+
+    # --- planned steps (capture-safe decode on CUDA): the host values of each step made at reserve() ---
+
+    def pin(self, rows: list[tuple[int, int, int, int, int]], lo: int, n_heads: int) -> None:
+        """Room and scratch for len(rows) planned one-token steps: rows[i] = (pos, slot, old, hi, k) of step i (the
+        step plan of csrc/selfindex.h), lo the start of the selectable range. Every buffer a planned step touches is
+        made here, so planned_step() neither allocates nor reads anything back; the launches never change."""
+        self.reserve(max(r[0] for r in rows) + 1)
+        dev = self.fk.device
+        B, H, _, D = self.fk.shape
+        self.plan_table = torch.tensor(rows, dtype=torch.int32, device=dev).view(len(rows), PLAN)
+        self.plan = torch.zeros(8, dtype=torch.int32, device=dev)  # the current row (8: 32-byte aligned)
+        self.plan_step = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.plan_lo, self.k_max, self.hi_max = lo, max(r[4] for r in rows), max(r[3] for r in rows)
+        self.idx_buf = torch.zeros(B, H, max(1, self.k_max), dtype=torch.int32, device=dev)
+        self.out_buf = torch.empty(B, n_heads, D, dtype=self.dtype, device=dev)
+        ws = Workspace.get(dev)
+        ws.select_buffers(B * H, self.cap), ws.chunk_counts(B * H)
+        from kvbench.kernels import selfindex_attend
+
+        selfindex_attend.scratch(B, n_heads, H, D, self.idx_buf.shape[2], self.cap, dev)
+
+    def unpin(self) -> None:
+        self.plan_table = self.plan = self.plan_step = self.idx_buf = self.out_buf = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.plan_table is not None
+
+    def planned_step(self, q: torch.Tensor, k1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next planned step on the device: its plan row, the append, the selection into idx_buf and the
+        attention of q [B, Hq, D] -> (out [B, Hq, D], idx_buf [B, H, k_max], of which the row's k are live). Host
+        counters are the caller's (it knows whether a graph is being captured)."""
+        from kvbench.kernels import selfindex_attend
+
+        selfindex_attend.next_plan(self.plan_table, self.plan_step, self.plan)
+        cuda_ops().append(k1, v1, self.mu, self.inv_chmax, self.signs, self.kmag, self.kscale, self.vq, self.vscale,
+                          self.kfull, self.vfull, self.fk, self.fv, self.fpos, 0, 0, -1, self.plan)
+        B, H = self.fk.shape[:2]
+        if self.k_max:
+            ws = Workspace.get(q.device)
+            bins, hist, ctr = ws.select_buffers(B * H, self.cap)
+            cuda_ops().score_select(q, self.cb, self.signs, self.excl, self.plan_lo, self.hi_max, self.k_max, bins,
+                                    hist, ctr, self.idx_buf, 0, ws.chunk_counts(B * H), self.plan)
+        out = selfindex_attend.attend(q, self, self.idx_buf, nsel=self.plan[4:5], out=self.out_buf)
+        return out, self.idx_buf
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored position as keys/values [B, H, n, D] in the model dtype: exact where full precision is

@@ -71,11 +71,13 @@ def _tile_softmax(q, k, v, s_bias, valid, m_i, l_i, acc):
 
 @triton.jit
 def _selfindex_attend_kernel(
-    Q, FK, FV, FPOS, IDX, SG, KM, KS, VQ, VS, CHMAX, MU, KF, VF, OP, LSE, OUT, CTR,
+    Q, FK, FV, FPOS, IDX, SG, KM, KS, VQ, VS, CHMAX, MU, KF, VF, OP, LSE, OUT, CTR, NSEL,
     stride_qb, stride_qh, n_sel, kmax, cap, split, n_parts, qk_scale,
     H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, NC: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, NC: tl.constexpr, DYN: tl.constexpr,
 ):
+    if DYN:  # a planned step: how many of the kmax slots of IDX hold this step's selection, read on the device
+        n_sel = tl.load(NSEL)
     bh = tl.program_id(0)
     part = tl.program_id(1)
     b = bh // H
@@ -206,29 +208,57 @@ def _rows(kv) -> list[torch.Tensor]:
     return rows
 
 
-def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None) -> torch.Tensor:
+def scratch(B: int, Hq: int, H: int, D: int, n_sel: int, cap: int, device: torch.device, split: int | None = None):
+    """(split, n_parts, partial outputs, lse, counters) for a call over n_sel selected tokens: the workspace's
+    buffers, grown here when too small (so a planned step calls it once at reserve(), and never allocates after)."""
+    from kvbench.kernels.selfindex import Workspace
+
+    split, n_parts = plan(n_sel, B * H, device, split)
+    ws = Workspace.get(device)
+    op, lse = ws.partials(B * Hq * n_parts, D)
+    _, _, ctr = ws.select_buffers(B * H, cap)
+    return split, n_parts, op, lse, ctr[ATTEND_COUNTER:]
+
+
+def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None, *, nsel: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse decode attention of q [B, Hq, D] over the full-precision set of kv (a selfindex.IndexedKV) and the
-    positions idx [B, H, K]: [B, Hq, D] in q's dtype. `split`: selected tokens per program (default: plan())."""
-    from kvbench.kernels.selfindex import N_COUNTERS, Workspace
+    positions idx [B, H, K]: [B, Hq, D] in q's dtype. `split`: selected tokens per program (default: plan()).
+    A planned step passes nsel (int32 on the device: how many of idx's K slots are live; the grid is sized for K)
+    and `out`, so the launch is the same every step."""
+    from kvbench.kernels.selfindex import N_COUNTERS
 
     B, Hq, D = q.shape
     H, F = kv.fk.shape[1], kv.fk.shape[2]
     if q.stride(-1) != 1:
         q = q.contiguous()
     n_sel = idx.shape[2]
-    split, n_parts = plan(n_sel, B * H, q.device, split)
-    ws = Workspace.get(q.device)
-    op, lse = ws.partials(B * Hq * n_parts, D)
-    _, _, ctr = ws.select_buffers(B * H, kv.cap)
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    split, n_parts, op, lse, ctr = scratch(B, Hq, H, D, n_sel, kv.cap, q.device, split)
+    if out is None:
+        out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     rows = _rows(kv)
     group = Hq // H
     # with nothing selected IDX still needs a valid pointer of idx's integer type: Triton types `tok` from it
     _selfindex_attend_kernel[(B * H, n_parts)](
-        q, kv.fk, kv.fv, kv.fpos, idx if n_sel else idx.new_zeros(1), *rows, op, lse, out, ctr[ATTEND_COUNTER:],
+        q, kv.fk, kv.fv, kv.fpos, idx if n_sel else idx.new_zeros(1), *rows, op, lse, out, ctr,
+        nsel if nsel is not None else ctr,
         q.stride(0), q.stride(1), n_sel, max(1, n_sel), kv.cap, split, n_parts, D**-0.5 * math.log2(math.e),
         H=H, GROUP=group, M=max(16, triton.next_power_of_2(group)), D=D, F=F,
         BLOCK_F=max(16, triton.next_power_of_2(F)), BLOCK_N=BLOCK_N, QUANT=kv.quantized, NC=N_COUNTERS,
-        num_warps=4, num_stages=2,
+        DYN=nsel is not None, num_warps=4, num_stages=2,
     )
     return out
+
+
+@triton.jit
+def _next_plan_kernel(TABLE, STEP, PLAN, W: tl.constexpr):
+    i = tl.load(STEP)
+    r = tl.arange(0, 8)
+    tl.store(PLAN + r, tl.load(TABLE + i * W + r, mask=r < W, other=0), mask=r < W)
+    tl.store(STEP, i + 1)
+
+
+def next_plan(table: torch.Tensor, step: torch.Tensor, plan: torch.Tensor) -> None:
+    """plan[:W] = table[step], then step += 1, on the device in one launch: table [n, W] int32 (W <= 8), step int32
+    [1], plan int32 [>= W]. How a captured selfindex step learns its position, slot and selection size."""
+    _next_plan_kernel[(1,)](table, step, plan, W=table.shape[1], num_warps=1)

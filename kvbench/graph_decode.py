@@ -7,7 +7,8 @@ head, the greedy argmax) captured once as a CUDA graph and replayed, gpt-fast st
 Only transformers' public API is used: the model's forward is called with the bridge's Cache and static
 `input_ids` / `position_ids` (and `cache_position` where the forward takes it) that the graph itself moves on after
 each step, so a replay needs no host work. A cache is captured only when every layer's LayerCache declares itself
-capture-safe (kvbench.api: `capture_safe`, `reserve`, `advance`); others decode eagerly and the facts say why.
+capture-safe (kvbench.api: `capture_safe`, `reserve`, `advance`); others decode eagerly and the facts say why (a
+layer's `capture_unsafe_reason`, where it gives one).
 
 Step accounting (`step_facts`): the GPU's kernel time in one step (torch.profiler, union of kernel intervals) and the
 step's floor, the bytes it must read (weights the step reads, plus what each layer's attention reads: decode_bytes)
@@ -34,10 +35,12 @@ def unsafe_reason(cache: KVBenchCache, device: torch.device) -> str | None:
     caches = cache.layer_caches()
     if not caches:
         return "the cache holds no layers yet (prefill first)"
-    bad = sorted({type(c).__name__ for c in caches if not getattr(c, "capture_safe", False)})
+    bad = {type(c).__name__: getattr(c, "capture_unsafe_reason", None) for c in caches
+           if not getattr(c, "capture_safe", False)}
     if bad:
-        return (f"method '{cache.method.label()}' is not capture-safe: {', '.join(bad)} does not declare "
-                "capture_safe (its one-token extend may sync with the host, allocate or change shapes)")
+        why = "; ".join(sorted({w for w in bad.values() if w})) or \
+            "its one-token extend may sync with the host, allocate or change shapes"
+        return f"method '{cache.method.label()}' is not capture-safe: {', '.join(sorted(bad))}: {why}"
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
     return None

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.api import LayerCache, LayerSpec, budget_tokens, param
+from kvbench.api import LayerCache, LayerSpec, ReservedRoomError, budget_tokens, capturing, param
 from kvbench.attention import dense_attention
+from kvbench.kernels import dense_decode
 from kvbench.methods.eviction import GROW
 from kvbench.methods.full import FullLayer
 from kvbench.methods.snapkv import SnapKV
@@ -33,7 +34,8 @@ class AdaKV(SnapKV):
     from snapkv only in the allocation. The attention is a PyTorch varlen
     reference: each call pads the ragged prompt part to the longest head of the batch for one masked SDPA (a transient
     copy freed after the call); a varlen kernel would read the flat storage in place. When every head keeps the same
-    number of tokens it takes `full`'s unmasked path.
+    number of tokens it takes `full`'s unmasked path. Once decode room is reserved (graph-captured decode), each head
+    is laid out as a sequence of its own and attended by the live-length dense decode kernel with a length per head.
 
     Parameters
     ----------
@@ -69,11 +71,19 @@ class AdaKVLayer(LayerCache):
     """The prompt tokens each head kept, flat: keys/values [Ntot, D] and positions [Ntot] ordered by (sequence, head,
     position), with per-head offsets [B * Hkv + 1]; the window and everything later in a FullLayer [B, Hkv, M, D]."""
 
+    # Capture-safe: reserve() lays each KV head out as a sequence of its own, [B * Hkv, cap, 1, D] (its kept prompt
+    # tokens, then the window and what follows), with a device-side length per head, so a one-token step is one
+    # append and one live-length dense decode in which each head reads only its own tokens (dense_decode's
+    # flash-varlen with a length per (sequence, head), the GQA group as that sequence's query heads)
+    capture_safe = True
+
     def __init__(self, spec: LayerSpec, method: AdaKV):
         self.spec, self.method = spec, method
         self.fk = self.fv = self.fpos = self.offsets = None
         self.recent: FullLayer | None = None
         self.prompt_len = self.window = 0
+        self.pk = self.pv = self.seen = self.decoder = None  # after reserve(): per-head buffers, lengths [B * Hkv]
+        self.n_pinned = self.room = 0  # tokens appended to them, and how many may be
 
     def prefill(self, q, k, v):
         out = dense_attention(q, k, v, causal=True)
@@ -130,17 +140,69 @@ class AdaKVLayer(LayerCache):
                                               attn_mask=mask, enable_gqa=Hq != valid.shape[1])
 
     def extend(self, q, k, v):
+        if self.pk is not None:
+            if k.shape[2] == 1:
+                return self._pinned_step(q, k, v)
+            self._unpin()  # a chunk: back to the plain storage (reserve again before capturing)
         self.recent._append(k, v)
         return self._attend(q)
+
+    def reserve(self, n_new: int) -> None:
+        if self.recent is None:
+            raise ReservedRoomError("adakv: reserve() before prefill", 0, n_new, 0)
+        if self.pk is not None:
+            self._unpin()
+        B, H, D = self.recent.k.shape[0], self.spec.n_kv_heads, self.spec.head_dim
+        counts = self.counts()
+        keys, values, _, _ = self._padded()  # [B, H, L, D]; slots past a head's count are overwritten or dead
+        rk, rv = self.recent.keys(), self.recent.values()  # [B, H, M, D]
+        L, M = keys.shape[2], rk.shape[2]
+        cap = L + M + n_new
+        self.pk, self.pv = rk.new_zeros(B * H, cap, 1, D), rv.new_zeros(B * H, cap, 1, D)
+        dest = (counts[..., None] + torch.arange(M, device=rk.device))[..., None].expand(-1, -1, -1, D)
+        for buf, kept, rec in ((self.pk, keys, rk), (self.pv, values, rv)):
+            per_head = buf.view(B, H, cap, D)
+            per_head[:, :, :L] = kept
+            per_head.scatter_(2, dest, rec)
+        self.seen = (counts + M).flatten().to(torch.int32)
+        self.decoder = dense_decode.DenseDecoder(self.pk, self.pv, self.spec.group)
+        self.n_pinned, self.room = 0, n_new
+
+    def advance(self, n: int) -> None:
+        if self.pk is None or self.n_pinned + n > self.room:
+            raise ReservedRoomError("adakv", self.seq_len(), n, self.seq_len() - self.n_pinned + self.room)
+        self.n_pinned += n
+
+    def _pinned_step(self, q, k, v):
+        """One token into every head's own sequence, then each head's GQA group attends its live tokens."""
+        if not capturing(q):
+            self.advance(1)  # raises before any write when the room is spent
+        B, Hq, _, D = q.shape
+        H = self.spec.n_kv_heads
+        dense_decode.append_token(self.pk, self.pv, k.reshape(B * H, 1, 1, D), v.reshape(B * H, 1, 1, D), self.seen,
+                                  self.seen)
+        return self.decoder(q.reshape(B * H, Hq // H, 1, D), self.seen).view(B, Hq, 1, D)
+
+    def _unpin(self) -> None:
+        """Hand the tokens appended since reserve() back to the plain storage."""
+        if self.n_pinned:
+            B, H, D = self.recent.k.shape[0], self.spec.n_kv_heads, self.spec.head_dim
+            M = self.recent.seq_len()
+            at = (self.counts()[..., None] + M + torch.arange(self.n_pinned, device=self.pk.device))
+            at = at[..., None].expand(-1, -1, -1, D)
+            self.recent._append(*(buf.view(B, H, -1, D).gather(2, at) for buf in (self.pk, self.pv)))
+        self.pk = self.pv = self.seen = self.decoder = None
+        self.n_pinned = self.room = 0
 
     def nbytes(self) -> int:
         if self.recent is None:
             return 0
         flat = sum(t.numel() * t.element_size() for t in (self.fk, self.fv, self.fpos, self.offsets))
-        return flat + self.recent.nbytes()
+        pinned = sum(t.numel() * t.element_size() for t in (self.pk, self.pv, self.seen)) if self.pk is not None else 0
+        return flat + self.recent.nbytes() + pinned  # the flat copy stays for attended() and a later chunk
 
     def seq_len(self) -> int:
-        return 0 if self.recent is None else self.prompt_len - self.window + self.recent.seq_len()
+        return 0 if self.recent is None else self.prompt_len - self.window + self.recent.seq_len() + self.n_pinned
 
     def attended(self) -> torch.Tensor:
         """Each head's kept prompt positions (-1 where a head keeps fewer than the longest), then the window and every
@@ -152,10 +214,14 @@ class AdaKVLayer(LayerCache):
 
     def info(self):
         c = self.counts()
-        return {"kept_min": int(c.min()) + self.window, "kept_max": int(c.max()) + self.window, "impl": "torch"}
+        backend = self.decoder.backend if self.decoder is not None else "torch"
+        return {"kept_min": int(c.min()) + self.window, "kept_max": int(c.max()) + self.window, "impl": "torch",
+                "backend": backend, "pinned": self.pk is not None}
 
     def decode_fns(self, q):
         return {"attention": lambda: self._attend(q)}
 
     def decode_bytes(self) -> int:
-        return self.fk.numel() * self.fk.element_size() * 2 + self.recent.decode_bytes()
+        es = self.fk.element_size()
+        later = 2 * self.n_pinned * self.recent.k.shape[0] * self.spec.n_kv_heads * self.spec.head_dim * es
+        return self.fk.numel() * es * 2 + self.recent.decode_bytes() + later  # + the tokens appended since reserve()

@@ -4,7 +4,9 @@ storage of the kept tokens with their logical positions. A method file is then m
 
 Two storage layers:
 - PromptEvictionLayer: at the end of prefill the method picks the prompt tokens each KV head keeps (snapkv, pyramidkv);
-  what follows the prompt is appended and attended densely, nothing more is evicted.
+  what follows the prompt is appended and attended densely, nothing more is evicted. Every head keeps the same number,
+  so the kept tokens are `full`'s storage, and capture-safe as `full` is: reserve() pins them in a PinnedKV with
+  device-side lengths, and a one-token step is an in-place append and a live-length dense decode.
 - StepEvictionLayer: a budget held while decoding too (h2o, tova): each call appends its tokens, attends over what is
   kept, scores the kept tokens from that attention and drops the lowest until the budget holds again.
 Both store exactly the kept tokens ([B, Hkv, N, D] per buffer), so what is evicted is freed.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.api import LayerCache, LayerSpec, Method
+from kvbench.api import LayerCache, LayerSpec, Method, ReservedRoomError
 from kvbench.attention import dense_attention
 from kvbench.methods.full import FullLayer
 
@@ -75,7 +77,10 @@ def keep_top(scores: torch.Tensor, n_keep: int, n_last: int) -> torch.Tensor:
 
 class PromptEvictionLayer(LayerCache):
     """The prompt tokens `method.keep` chose per KV head, then everything after the prompt, stored and attended as
-    `full` stores and attends."""
+    `full` stores and attends (slot i of the FullLayer holds the i-th kept token; attention does not care where a token
+    came from, its RoPE is already in the key)."""
+
+    capture_safe = True  # after prefill it is a FullLayer, whose reserve() pins the buffers
 
     def __init__(self, spec: LayerSpec, method: Eviction):
         self.spec, self.method = spec, method
@@ -94,6 +99,14 @@ class PromptEvictionLayer(LayerCache):
 
     def extend(self, q, k, v):
         return self.kept.extend(q, k, v)  # appended after the kept tokens, attended densely (causal within chunks)
+
+    def reserve(self, n_new: int) -> None:
+        if self.kept is None:
+            raise ReservedRoomError(f"{self.method.name}: reserve() before prefill", 0, n_new, 0)
+        self.kept.reserve(n_new)
+
+    def advance(self, n: int) -> None:
+        self.kept.advance(n)
 
     def nbytes(self) -> int:
         if self.kept is None:
@@ -146,6 +159,9 @@ class StepEviction(Eviction):
 class StepEvictionLayer(LayerCache):
     """A budget of tokens per KV head held at every call: the kept tokens in logical order, [B, Hkv, N, D], their
     positions [B, Hkv, N] and, for methods that carry them, their scores [B, Hkv, N] fp32."""
+
+    capture_unsafe_reason = ("it evicts while decoding: each step re-scores the kept tokens and gathers the survivors "
+                             "into new tensors")
 
     def __init__(self, spec: LayerSpec, method: StepEviction):
         self.spec, self.method = spec, method

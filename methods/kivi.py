@@ -63,6 +63,11 @@ class Kivi(Method):
 
 
 class KiviLayer(LayerCache):
+    # not yet: a device-side residual counter and a flush kernel that runs every step (doing nothing on most) would
+    # make it capture-safe, as selfindex's planned steps are
+    capture_unsafe_reason = ("kivi quantizes its key residual as a block once it is full, a host-side branch, and its "
+                             "kernels take the packed and residual lengths as host integers")
+
     def __init__(self, spec: LayerSpec, method: Kivi):
         self.spec, self.method = spec, method
         self.kv: kivi_ref.PackedKV | None = None

@@ -7,7 +7,8 @@ reference code: any batch, any GQA ratio, head_dim 64 or 128, bf16 and fp16, no 
 window kept apart from the selection budget so the prompt is still searched after hundreds of generated tokens.
 
 Per layer and KV head the cache holds (kernels/selfindex.py has the exact layouts):
-- the prompt's per-channel centre mu (median or mean) and, for 2+1, per-channel max |k - mu|;
+- the prompt's per-channel centre mu (median or mean) and, for 2+1, per-channel max |k - mu| over the tokens
+  compressed at prefill (not the full-precision set: a large-norm sink would stretch every token's 2-bit scale);
 - a codebook of 16 centroids per group of 4 channels, from the prompt's centred keys;
 - packed sign bits of every token (16 bytes per token at head_dim 128): the index;
 - "2+1": sign + 2-bit magnitude for keys, 2-bit values (112 bytes per token at head_dim 128, against 512 for fp16
@@ -20,6 +21,14 @@ query against the codebook), takes the top tokens per KV head, and attends exact
 the selected tokens (dequantized on the fly in 2+1). kernels/selfindex.py's IndexedKV owns the storage and runs each
 step on CUDA tensors as a kernel (pack, append, score-and-select in kernels/csrc/selfindex.cu, the sparse attention in
 kernels/selfindex_attend.py) and elsewhere as the PyTorch reference of the same name.
+
+Capture-safe (CUDA kernels, impl=auto): reserve(n) works out every reserved step's host values (position, window slot,
+the token leaving the window, selectable range, selection size: the budget of each step's context, exactly as an
+eager step computes it) into a table on the device, and pins every buffer and scratch a step uses; a step copies its
+row into place on the device and launches the same kernels with the same arguments every time, the selection into a
+buffer sized for the largest step's, the attention reading how much of it is live from the device. So a CUDA graph
+replays it, and a replay is the eager step. The selection itself is deterministic (ties in the threshold bin are
+taken lowest position first), so the same state always attends the same tokens in the same order.
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from kvbench import attention
-from kvbench.api import (BUDGET_VALID, LayerCache, LayerSpec, Method, ParamError, budget_share, budget_tokens,
-                         check_budget, param)
+from kvbench.api import (BUDGET_VALID, LayerCache, LayerSpec, Method, ParamError, ReservedRoomError, budget_share,
+                         budget_tokens, capturing, check_budget, param)
 from kvbench.kernels import selfindex as ops
 from kvbench.registry import register
 
@@ -100,6 +109,8 @@ class SelfIndexLayer(LayerCache):
         self.n_fixed = 0  # fixed full-precision slots in use
         self.kv: ops.IndexedKV | None = None
         self.last_idx: torch.Tensor | None = None  # [B, Hkv, K] positions selected by the last step
+        self.rows: list[tuple[int, int, int, int, int]] | None = None  # after reserve(): each reserved step's plan
+        self.used = 0  # reserved steps taken
 
     def nbytes(self) -> int:
         return self.kv.nbytes() if self.kv is not None else 0
@@ -121,13 +132,16 @@ class SelfIndexLayer(LayerCache):
         out = attention.dense_attention(q, k, v, causal=True)
         B, H, T, D = k.shape
         m = self.m
+        self.rows, self.used = None, 0
         self.kv = ops.IndexedKV(B, H, D, k.dtype, k.device, quantized=m.setting == "2+1", n_full=m.sinks + m.window,
                                 exclusions=m.fixed == "scored", cuda=k.is_cuda and m.impl == "auto")
         ring_lo = max(self.base, T - m.window)  # the prompt's last tokens start in the window ring
-        # the rest (past the fixed ones, below the ring) is stored in 2 bits now
-        self.kv.pack_prompt(k, v, m.centre, self.base, ring_lo)
         fixed_pos = torch.arange(min(m.sinks, T), device=k.device).expand(B, H, -1) if m.fixed == "sinks" \
             else self._scored_fixed(q, k, ring_lo)
+        # the rest (past the fixed ones, below the ring) is stored in 2 bits now, normalised over those tokens alone
+        self.kv.pack_prompt(k, v, m.centre, self.base, ring_lo, kept=fixed_pos if m.fixed == "scored" else None)
+        if m.fixed == "scored":
+            self.kv.exclude(fixed_pos)  # never selected: they are attended in full precision
         self.n_fixed = fixed_pos.shape[2]
         if self.n_fixed:
             idx = fixed_pos[..., None].expand(-1, -1, -1, D)
@@ -140,7 +154,7 @@ class SelfIndexLayer(LayerCache):
 
     def _scored_fixed(self, q, k, ring_lo: int) -> torch.Tensor:
         """The `sinks` positions below the window that the last prompt query attends most (GQA mean of softmax
-        probabilities); they are excluded from selection from then on: [B, H, n] int64."""
+        probabilities): [B, H, n] int64."""
         B, H, T, D = k.shape
         n = min(self.m.sinks, ring_lo)
         if n == 0:
@@ -149,7 +163,6 @@ class SelfIndexLayer(LayerCache):
         pos = torch.cat([  # one sequence at a time: a float copy of one sequence's keys, not of the batch's
             torch.softmax(torch.einsum("bhgd,bhtd->bhgt", ql[b : b + 1], k[b : b + 1].float()) * D**-0.5, -1)
             .mean(2)[..., :ring_lo].topk(n, dim=-1).indices for b in range(B)])
-        self.kv.exclude(pos)
         return pos
 
     # decode
@@ -160,6 +173,8 @@ class SelfIndexLayer(LayerCache):
         # a chunk (e.g. a question after the context): dense attention over everything the cache holds, dequantized,
         # as a prefill over a compressed cache would; top-k selection is how decode steps save time, and a question
         # encoded through it would steer every later selection with a worse query
+        if self.rows is not None:
+            self._unpin()  # the reserved plan assumed one-token steps: reserve() again before capturing
         keys, values = self.kv.dequantized()
         out = attention.dense_attention(q, torch.cat([keys, k], 2), torch.cat([values, v], 2), causal=True)
         for i in range(k.shape[2]):
@@ -172,6 +187,16 @@ class SelfIndexLayer(LayerCache):
 
     def _step(self, q, k, v):
         # q [B, Hq, 1, D], k/v [B, Hkv, 1, D]
+        if self.rows is not None:
+            live = not capturing(q)  # a capture records the device work only: replays call advance()
+            if live:
+                self._check_room(1)  # before anything is written
+            if self.kv.pinned:
+                out, _ = self.kv.planned_step(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+                if live:
+                    self.advance(1)
+                return out[:, :, None]
+            self.used += 1  # the reference path: the same host values, computed as it goes
         self._append(k[:, :, 0], v[:, :, 0])
         return self._attention(q[:, :, 0])[:, :, None]
 
@@ -190,19 +215,72 @@ class SelfIndexLayer(LayerCache):
             self.n_fixed += 1
         self.kv.append(k1, v1, slot, old)
 
-    def selectable(self) -> tuple[int, int]:
-        """Positions [lo, hi) that decode steps choose from (quantized in 2+1, outside the window)."""
-        return self.base, max(self.base, self.kv.n - self.m.window)
+    def selectable(self, n: int | None = None) -> tuple[int, int]:
+        """Positions [lo, hi) that decode steps choose from (quantized in 2+1, outside the window), with n positions
+        stored (default: now)."""
+        n = self.kv.n if n is None else n
+        return self.base, max(self.base, n - self.m.window)
 
-    def n_fp(self) -> int:
+    def n_fp(self, n: int | None = None, n_fixed: int | None = None) -> int:
         """Tokens in the full-precision set (known on the host: no device sync)."""
-        return self.n_fixed + min(self.m.window, max(0, self.kv.n - self.base))
+        n, n_fixed = (self.kv.n if n is None else n), (self.n_fixed if n_fixed is None else n_fixed)
+        return n_fixed + min(self.m.window, max(0, n - self.base))
 
-    def n_select(self) -> int:
+    def n_select(self, n: int | None = None, n_fixed: int | None = None) -> int:
         """Tokens a decode step selects: the budget minus the full-precision set, at most what is selectable."""
-        lo, hi = self.selectable()
-        excluded = self.n_fixed if self.m.fixed == "scored" else 0  # scored fixed tokens sit inside [lo, hi)
-        return max(0, min(budget_tokens(self.m.budget, self.kv.n) - self.n_fp(), hi - lo - excluded))
+        n, n_fixed = (self.kv.n if n is None else n), (self.n_fixed if n_fixed is None else n_fixed)
+        lo, hi = self.selectable(n)
+        excluded = n_fixed if self.m.fixed == "scored" else 0  # scored fixed tokens sit inside [lo, hi)
+        return max(0, min(budget_tokens(self.m.budget, n) - self.n_fp(n, n_fixed), hi - lo - excluded))
+
+    # capture-safe decode: reserve() computes every reserved step's host values (position, slot, the token leaving
+    # the window, the selectable range, the selection size) with the functions above, once; on CUDA they go to the
+    # device as a table, a row of which the step itself copies into place, so a CUDA graph replays the very launches
+    # an eager step makes (kernels/selfindex.py: IndexedKV.pin, planned_step)
+
+    @property
+    def capture_safe(self) -> bool:
+        return self.m.impl == "auto"  # CUDA kernels on CUDA tensors: the planned steps
+
+    capture_unsafe_reason = "impl=torch runs the PyTorch reference, whose selection size is a host value every step"
+
+    def plan_rows(self, n_new: int) -> list[tuple[int, int, int, int, int]]:
+        """(pos, slot, old, hi, k) of each of the next n_new one-token steps, as _append and _select would use."""
+        rows, n_fixed = [], self.n_fixed
+        for p in range(self.kv.n, self.kv.n + n_new):
+            slot, old = self._slot(p)
+            n_fixed += p < self.base
+            old = old if self.kv.quantized else -1
+            rows.append((p, slot, old, self.selectable(p + 1)[1], self.n_select(p + 1, n_fixed)))
+        return rows
+
+    def reserve(self, n_new: int) -> None:
+        if self.kv is None:
+            raise ReservedRoomError("selfindex: reserve() before prefill", 0, n_new, 0)
+        self.rows, self.used = self.plan_rows(n_new), 0
+        if self.kv.cuda and n_new:
+            self.kv.pin(self.rows, self.base, self.spec.n_heads)
+        else:
+            self.kv.reserve(self.kv.n + n_new)
+
+    def _check_room(self, n: int) -> None:
+        if self.rows is None or self.used + n > len(self.rows):
+            room = self.rows[-1][0] + 1 if self.rows else self.kv.n
+            raise ReservedRoomError("selfindex", self.kv.n, n, room)
+
+    def advance(self, n: int) -> None:
+        self._check_room(n)
+        for row in self.rows[self.used : self.used + n]:  # the host side of what the replays do on the device
+            self.n_fixed += row[0] < self.base
+            self.kv.n = row[0] + 1
+        self.used += n
+        if self.kv.pinned:
+            self.last_idx = self.kv.idx_buf[:, :, : self.rows[self.used - 1][4]]
+
+    def _unpin(self) -> None:
+        self.rows = None
+        if self.kv.pinned:
+            self.kv.unpin()
 
     def _attention(self, q: torch.Tensor) -> torch.Tensor:
         """Select, then attend: q [B, Hq, D] -> [B, Hq, D] in q's dtype, over the current state."""
@@ -237,4 +315,5 @@ class SelfIndexLayer(LayerCache):
                         + kv.cb[0, 0].numel() * 4)
 
     def info(self):
-        return {"selected": self.n_select(), "full_precision": self.n_fp(), "impl": "cuda" if self.kv.cuda else "torch"}
+        return {"selected": self.n_select(), "full_precision": self.n_fp(), "impl": "cuda" if self.kv.cuda else "torch",
+                "backend": "selfindex-cuda" if self.kv.cuda else "torch", "pinned": self.kv.pinned}

@@ -66,7 +66,7 @@ def test_full_budget_2_1_equals_attention_over_the_dequantized_tokens():
     out = layer.extend(q1, k1, v1)
     kk, vv = torch.cat([k, k1], 2), torch.cat([v, v1], 2)
     mu = ops.centre_stats(k, "median")
-    chmax = (k - mu[:, :, None]).abs().amax(2).clamp(min=1e-6)
+    chmax = (k[:, :, 8 : T - 16] - mu[:, :, None]).abs().amax(2).clamp(min=1e-6)  # over the compressed tokens
     kc = kk - mu[:, :, None]
     kmag, ksz = ops.quant2(kc.abs() / chmax[:, :, None])
     vq, vsz = ops.quant2(vv)
@@ -78,6 +78,43 @@ def test_full_budget_2_1_equals_attention_over_the_dequantized_tokens():
     k_ref = torch.where(fp[:, None], kk, k_hat)
     v_ref = torch.where(fp[:, None], vv, v_hat)
     torch.testing.assert_close(out.double(), naive_attention(q1, k_ref, v_ref), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixed", ["sinks", "scored"])
+def test_key_normaliser_spans_the_compressed_tokens_only_so_a_large_norm_sink_costs_nothing(fixed):
+    """Real models have a sink token with a large key norm. It is kept in full precision, so the per-channel max |k|
+    that 2+1 divides key magnitudes by is taken over the compressed tokens only (as the paper's code does); taken over
+    every prompt token, the sink stretches the 2-bit scale of all the others."""
+    torch.manual_seed(5)
+    B, H, Hq, T, D, sinks, window = 2, 2, 4, 200, 64, 4, 16
+    k, v = rand_kv(B, H, T, D)
+    k[:, :, 0] *= 40  # the sink: a large-norm key in every channel
+    q = torch.randn(B, Hq, T, D)
+    q[:, :, -1] = k[:, :, 0].repeat_interleave(Hq // H, 1)  # so "scored" fixes the sink too
+    layer = make(f"selfindex:setting=2+1,budget=0.5,sinks={sinks},window={window},fixed={fixed}", Hq, H, D)
+    layer.prefill(q, k, v)
+    kv = layer.kv
+    fixed_pos = kv.fpos[:, :, :sinks]
+    assert (fixed_pos == 0).any(-1).all()  # the sink is a fixed full-precision token
+    lo = sinks if fixed == "sinks" else 0
+    comp = torch.zeros(B, H, T, dtype=torch.bool)
+    comp[:, :, lo : T - window] = True
+    comp.scatter_(2, fixed_pos, False)
+    want = (k - kv.mu[:, :, None]).abs().masked_fill(~comp[..., None], 0).amax(2).clamp(min=1e-6)
+    torch.testing.assert_close(kv.chmax, want)
+
+    def key_error(chmax):
+        kc = k - kv.mu[:, :, None]
+        mag, sz = ops.quant2(kc.abs() / chmax[:, :, None])
+        k_hat = torch.sign(kc) * ops.dequant2(mag, sz) * chmax[:, :, None] + kv.mu[:, :, None]
+        return ((k_hat - k)[comp].norm() / k[comp].norm()).item()
+
+    stored, _ = kv.dequantized()
+    new = ((stored - k)[comp].norm() / k[comp].norm()).item()
+    assert new == pytest.approx(key_error(kv.chmax), rel=1e-5)  # what the cache stores is that quantization
+    old = key_error((k - kv.mu[:, :, None]).abs().amax(2).clamp(min=1e-6))  # the max over every prompt token
+    print(f"2-bit key error of the compressed tokens: {new:.4f} (over them), {old:.4f} (over every token)")
+    assert new < 0.9 * old, (new, old)
 
 
 def test_quantize_round_trip_within_half_a_step():

@@ -181,16 +181,18 @@ __global__ void __launch_bounds__(32) append_kernel(AppendParams p) {
   const int lane = threadIdx.x;
   const bool active = lane < G;
   const int c0 = 4 * lane;
+  const int pos = p.plan ? p.plan[0] : p.pos, slot = p.plan ? p.plan[1] : p.slot;
+  const int old_pos = p.plan ? p.plan[2] : p.old_pos;
   float k[4] = {0.f, 0.f, 0.f, 0.f}, v[4] = {0.f, 0.f, 0.f, 0.f}, mu[4] = {0.f, 0.f, 0.f, 0.f};
-  T* fk = static_cast<T*>(p.fk) + (static_cast<int64_t>(bh) * p.F + p.slot) * D + c0;
-  T* fv = static_cast<T*>(p.fv) + (static_cast<int64_t>(bh) * p.F + p.slot) * D + c0;
+  T* fk = static_cast<T*>(p.fk) + (static_cast<int64_t>(bh) * p.F + slot) * D + c0;
+  T* fv = static_cast<T*>(p.fv) + (static_cast<int64_t>(bh) * p.F + slot) * D + c0;
   if (active) {
     load4(static_cast<const T*>(p.k1) + b * p.k_sb + h * p.k_sh + c0, k);
     load4(static_cast<const T*>(p.v1) + b * p.v_sb + h * p.v_sh + c0, v);
 #pragma unroll
     for (int j = 0; j < 4; ++j) mu[j] = p.mu[bh * D + c0 + j];
   }
-  const int64_t tok = static_cast<int64_t>(bh) * p.cap + p.pos;
+  const int64_t tok = static_cast<int64_t>(bh) * p.cap + pos;
   float kc[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) kc[j] = __fsub_rn(k[j], mu[j]);
@@ -199,7 +201,7 @@ __global__ void __launch_bounds__(32) append_kernel(AppendParams p) {
     store4(static_cast<T*>(p.kfull) + tok * D + c0, k);
     store4(static_cast<T*>(p.vfull) + tok * D + c0, v);
   }
-  if (p.old_pos >= 0 && p.inv_chmax) {  // the token leaving the window: 2-bit storage from its full-precision slot
+  if (old_pos >= 0 && p.inv_chmax) {  // the token leaving the window: 2-bit storage from its full-precision slot
     float ok[4] = {0.f, 0.f, 0.f, 0.f}, ov[4] = {0.f, 0.f, 0.f, 0.f};
     if (active) {
       load4(fk, ok);
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(32) append_kernel(AppendParams p) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) ok[j] = __fmul_rn(fabsf(__fsub_rn(ok[j], mu[j])), p.inv_chmax[bh * D + c0 + j]);
     }
-    const int64_t otok = static_cast<int64_t>(bh) * p.cap + p.old_pos;
+    const int64_t otok = static_cast<int64_t>(bh) * p.cap + old_pos;
     quant2_store(ok, lane, active, p.kmag + otok * (D / 4), static_cast<__half2*>(p.kscale) + otok * (D / 32));
     quant2_store(ov, lane, active, p.vq + otok * (D / 4), static_cast<__half2*>(p.vscale) + otok * (D / 32));
   }
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(32) append_kernel(AppendParams p) {
     store4(fk, k);
     store4(fv, v);
   }
-  if (lane == 0) p.fpos[static_cast<int64_t>(bh) * p.F + p.slot] = p.pos;
+  if (lane == 0) p.fpos[static_cast<int64_t>(bh) * p.F + slot] = pos;
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -350,28 +352,6 @@ __device__ void threshold(Counts counts, int k, int* s_scan, int* out) {
   __syncthreads();
 }
 
-// Warp-aggregated placement of one token: above the threshold bin -> slot from cursor[0]; in it -> slot n_gt +
-// cursor[1] while fewer than need_eq were taken. Call with the whole warp (warp-uniform trip counts).
-template <typename Emit>
-__device__ __forceinline__ void place(bool gt, bool eq, int n_gt, int need_eq, int* cursor, Emit emit) {
-  const int lane = threadIdx.x & 31;
-  const unsigned lt = (1u << lane) - 1;
-  const unsigned mgt = __ballot_sync(kFull, gt), meq = __ballot_sync(kFull, eq);
-  if (!(mgt | meq)) return;
-  int base_gt = 0, base_eq = 0;
-  if (lane == 0) {
-    if (mgt) base_gt = atomicAdd(&cursor[0], __popc(mgt));
-    if (meq) base_eq = atomicAdd(&cursor[1], __popc(meq));
-  }
-  base_gt = __shfl_sync(kFull, base_gt, 0);
-  base_eq = __shfl_sync(kFull, base_eq, 0);
-  if (gt) emit(base_gt + __popc(mgt & lt));
-  if (eq) {
-    const int e = base_eq + __popc(meq & lt);
-    if (e < need_eq) emit(n_gt + e);
-  }
-}
-
 // ---- scores to global bins, the last block of each (b, h) finds the threshold
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
@@ -387,8 +367,9 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   allow_dependents();
   for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
   build_lut<T, D>(p, b, h, s_q, s_lut, s_lut8, s_red);
+  const int hi = p.plan ? p.plan[3] : p.hi, k = p.plan ? p.plan[4] : p.k;
   const int t0 = p.lo + blockIdx.x * p.chunk;
-  score_chunk<D>(p, bh, t0, min(p.hi, t0 + p.chunk), s_lut8, s_hist, p.bins + static_cast<int64_t>(bh) * p.bstride + t0);
+  score_chunk<D>(p, bh, t0, min(hi, t0 + p.chunk), s_lut8, s_hist, p.bins + static_cast<int64_t>(bh) * p.bstride + t0);
   __syncthreads();
   int* ghist = p.hist + static_cast<int64_t>(bh) * kNBins;
   for (int i = tid; i < kNBins; i += blockDim.x)
@@ -400,13 +381,15 @@ __global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  threshold([&](int bin) { return __ldcg(&ghist[bin]); }, p.k, s_scan, ctr + 1);
-  for (int i = tid; i < kNBins; i += blockDim.x) ghist[i] = 0;  // ready for the next step
-  if (tid == 0) {
-    ctr[0] = 0;
-    ctr[4] = 0;
-    ctr[5] = 0;
+  if (k > 0) {
+    threshold([&](int bin) { return __ldcg(&ghist[bin]); }, k, s_scan, ctr + 1);
+  } else if (tid == 0) {  // a planned step that selects nothing: a threshold above every bin, nothing tied
+    ctr[1] = kNBins;
+    ctr[2] = 0;
+    ctr[3] = 0;
   }
+  for (int i = tid; i < kNBins; i += blockDim.x) ghist[i] = 0;  // ready for the next step
+  if (tid == 0) ctr[0] = 0;
 }
 
 // The 8 bins (16 bytes) of tokens t .. t+7 (kExcluded outside [t0, t1)) passed to fn(token, bin) one by one; the trip
@@ -426,25 +409,67 @@ __device__ __forceinline__ void for_each_bin(const uint16_t* bins, int t0, int t
   }
 }
 
-// Tokens above the threshold bin all go in; ties in it fill what is left, in any order. Two passes over the block's
-// bins (just written, so in L2): count, reserve the block's slots with one global atomic per kind, then place through
-// shared-memory cursors. One global atomic per warp and token group instead would serialize thousands of atomics on
-// the (b, h) counter (measured: 21 us of a 48 us score + select at 32K x 8, 10%, H200).
-__global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
+// Exclusive prefix sums of two per-thread counts over the block, in thread order, and their block totals. All
+// threads must call it (it has barriers); blockDim.x == kSelThreads.
+__device__ __forceinline__ void block_scan2(int a, int e, int* s_warp, int& ea, int& ee, int& ta, int& te) {
+  constexpr int W = kSelThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int ia = a, ie = e;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int xa = __shfl_up_sync(kFull, ia, o), xe = __shfl_up_sync(kFull, ie, o);
+    if (lane >= o) {
+      ia += xa;
+      ie += xe;
+    }
+  }
+  if (lane == 31) {
+    s_warp[warp] = ia;
+    s_warp[W + warp] = ie;
+  }
+  __syncthreads();
+  int wa = 0, we = 0;
+  ta = 0;
+  te = 0;
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    const int xa = s_warp[w], xe = s_warp[W + w];
+    if (w < warp) {
+      wa += xa;
+      we += xe;
+    }
+    ta += xa;
+    te += xe;
+  }
+  ea = wa + ia - a;
+  ee = we + ie - e;
+  __syncthreads();  // s_warp may be written again
+}
+
+// The chunk of tokens block blockIdx.x of a (b, h) scores and selects from: [t0, t1).
+__device__ __forceinline__ void chunk_range(const SelectParams& p, int& t0, int& t1) {
+  t0 = p.lo + static_cast<int>(blockIdx.x) * p.chunk;
+  t1 = min(p.plan ? p.plan[3] : p.hi, t0 + p.chunk);
+}
+
+// Selection, deterministic, in two kernels after the scores: count_kernel counts each chunk's tokens above and in
+// the threshold bin; place_kernel gives every chunk the sum of the chunks before it, and each token its rank inside
+// the chunk by a block scan, so the list is the tokens above the threshold in position order, then the lowest
+// positions of the threshold bin. (One atomic cursor per (b, h) placed tokens in whatever order blocks and warps ran,
+// so the same state could select different tied tokens and attend in a different order, and a graph replay could not
+// be checked token for token against an eager step.) Bins are read twice, just written, so from L2.
+__global__ void __launch_bounds__(kSelThreads) count_kernel(SelectParams p) {
   __shared__ int s_cnt[2];
-  __shared__ int s_cursor[2];
   const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
   allow_dependents();
   if (threadIdx.x < 2) s_cnt[threadIdx.x] = 0;
   wait_for_predecessor();  // the score kernel's bins and threshold
-  int* ctr = p.ctr + bh * kCounters;
-  const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
-  const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
-  int* out = p.idx + static_cast<int64_t>(bh) * p.kmax;
-  const int t0 = p.lo + blockIdx.x * p.chunk;
-  const int t1 = min(p.hi, t0 + p.chunk);
+  const int* ctr = p.ctr + bh * kCounters;
+  const int thr = __ldcg(&ctr[1]);
+  int t0, t1;
+  chunk_range(p, t0, t1);
   int n_above = 0, n_tied = 0;
-  for_each_bin(bins, t0, t1, [&](int, int bin) {
+  for_each_bin(p.bins + static_cast<int64_t>(bh) * p.bstride, t0, t1, [&](int, int bin) {
     n_above += bin != kExcluded && bin > thr;
     n_tied += bin == thr;
   });
@@ -457,14 +482,59 @@ __global__ void __launch_bounds__(kSelThreads) select_kernel(SelectParams p) {
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    s_cursor[0] = s_cnt[0] ? atomicAdd(&ctr[4], s_cnt[0]) : 0;
-    s_cursor[1] = s_cnt[1] ? atomicAdd(&ctr[5], s_cnt[1]) : 0;
+    int* out = p.counts + (static_cast<int64_t>(bh) * kMaxChunks + blockIdx.x) * 2;
+    out[0] = s_cnt[0];
+    out[1] = s_cnt[1];
   }
-  __syncthreads();
-  if (s_cnt[0] == 0 && (s_cnt[1] == 0 || s_cursor[1] >= need_eq)) return;  // nothing of this block is taken
-  for_each_bin(bins, t0, t1, [&](int tt, int bin) {
-    place(bin != kExcluded && bin > thr, bin == thr, n_gt, need_eq, s_cursor, [&](int slot) { out[slot] = tt; });
-  });
+}
+
+__global__ void __launch_bounds__(kSelThreads) place_kernel(SelectParams p) {
+  __shared__ int s_warp[2 * (kSelThreads / 32)];
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
+  wait_for_predecessor();  // count_kernel's counts
+  const int* ctr = p.ctr + bh * kCounters;
+  const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
+  const int* counts = p.counts + static_cast<int64_t>(bh) * kMaxChunks * 2;
+  int pa = 0, pe = 0;  // tokens above / tied in the chunks before this one
+  for (int j = threadIdx.x; j < static_cast<int>(blockIdx.x); j += blockDim.x) {
+    pa += __ldcg(&counts[2 * j]);
+    pe += __ldcg(&counts[2 * j + 1]);
+  }
+  int unused_a, unused_e;
+  block_scan2(pa, pe, s_warp, unused_a, unused_e, pa, pe);
+  const int own_a = __ldcg(&counts[2 * blockIdx.x]), own_e = __ldcg(&counts[2 * blockIdx.x + 1]);
+  if (own_a == 0 && (own_e == 0 || pe >= need_eq)) return;  // block-uniform: nothing of this chunk is taken
+  int t0, t1;
+  chunk_range(p, t0, t1);
+  const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
+  int* out = p.idx + static_cast<int64_t>(bh) * p.kmax;
+  for (int base = t0 & ~7; base < t1; base += 8 * blockDim.x) {  // block-uniform trip count
+    const int t = base + 8 * threadIdx.x;
+    uint4 raw = make_uint4(0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu);  // all kExcluded
+    if (t < t1) raw = *reinterpret_cast<const uint4*>(bins + t);
+    const uint16_t* v = reinterpret_cast<const uint16_t*>(&raw);
+    unsigned above = 0, tied = 0;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int tt = t + u;
+      const int bin = (tt >= t0 && tt < t1) ? static_cast<int>(v[u]) : kExcluded;
+      above |= static_cast<unsigned>(bin != kExcluded && bin > thr) << u;
+      tied |= static_cast<unsigned>(bin == thr) << u;
+    }
+    int ea, ee, ta, te;
+    block_scan2(__popc(above), __popc(tied), s_warp, ea, ee, ta, te);
+    int ra = pa + ea, re = pe + ee;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if ((above >> u) & 1) out[ra++] = t + u;
+      if ((tied >> u) & 1) {
+        if (re < need_eq) out[n_gt + re] = t + u;
+        ++re;
+      }
+    }
+    pa += ta;
+    pe += te;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -523,6 +593,7 @@ inline int blocks_per_bh(const void* kernel, int threads, size_t smem, int n, in
 }
 
 inline void chunk_grid(SelectParams& p, int& nblocks) {
+  nblocks = min(nblocks, kMaxChunks);
   p.chunk = (p.hi - p.lo + nblocks - 1) / nblocks;
   p.chunk = (p.chunk + 7) & ~7;  // select reads bins 8 at a time
   nblocks = (p.hi - p.lo + p.chunk - 1) / p.chunk;
@@ -539,7 +610,9 @@ template <typename T, int D> struct SelectLaunch {
     score_kernel<T, D><<<grid, kSelThreads, 0, s>>>(p);
     cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
-    return launch_dependent(select_kernel, grid, dim3(kSelThreads), 0, s, p);
+    e = launch_dependent(count_kernel, grid, dim3(kSelThreads), 0, s, p);
+    if (e != cudaSuccess) return e;
+    return launch_dependent(place_kernel, grid, dim3(kSelThreads), 0, s, p);
   }
 };
 

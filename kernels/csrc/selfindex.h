@@ -9,6 +9,13 @@ namespace si {
 constexpr int kNBins = 2048;          // histogram bins of the integer LUT score
 constexpr int kExcluded = 0xFFFF;     // bin value of a token excluded from selection
 constexpr int kCounters = 8;          // int32 counters per (batch, KV head) in the workspace, see SelectParams
+constexpr int kMaxChunks = 1024;      // score/select blocks per (batch, KV head) at most (the counts workspace)
+
+// A step plan: what a CUDA-graph-captured decode step would otherwise pass from the host, in device memory (int32):
+// plan[0] the new token's position, [1] its full-precision slot, [2] the position leaving the window (-1: none),
+// [3] the end of the selectable range (hi), [4] how many tokens to select (k). kernels/selfindex.py writes one row
+// of a table made at reserve() into it before each step, so the launches themselves never change.
+constexpr int kPlan = 5;
 
 enum class DType : int { F16 = 0, BF16 = 1 };
 
@@ -36,12 +43,14 @@ struct AppendParams {
   void* kfull; void* vfull;                     // [B, H, cap, D] (16+1) or null
   void* fk; void* fv; int64_t* fpos;            // [B, H, F, D], [B, H, F]
   int B, H, F, cap, pos, slot, old_pos;         // old_pos < 0: nothing leaves the window
+  const int* plan;                              // device step plan (pos, slot, old_pos from it), or null: the above
 };
 
 // Score every selectable token of [lo, hi) with the int8 LUT of the GQA-mean query, histogram the bins, and (last
-// block per (b, h)) find the threshold bin; then write the indices of the top k tokens.
+// block per (b, h)) find the threshold bin; then write the indices of the top k tokens: those above the threshold bin
+// in position order, then the lowest positions of the threshold bin (deterministic: the same bins give the same list).
 // Counters per (b, h): 0 blocks done, 1 threshold bin, 2 tokens strictly above it, 3 taken from the threshold bin,
-// 4 and 5 select cursors, 6 unused, 7 attention parts done (selfindex_attend.py). All are zero between calls.
+// 4-6 unused, 7 attention parts done (selfindex_attend.py). Counters 0 and 7 are zero between calls.
 struct SelectParams {
   const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
   const float* cb;                              // [B, H, G, 16, 4]
@@ -52,6 +61,8 @@ struct SelectParams {
   int* hist;                                    // workspace [B, H, kNBins], zero between calls
   int* ctr;                                     // workspace [B, H, kCounters], zero between calls
   int* idx; int kmax;                           // out [B, H, kmax]: positions of the selected tokens
+  int* counts;                                  // workspace [B, H, kMaxChunks, 2]: tokens above / in the threshold bin
+  const int* plan;                              // device step plan (hi, k from it; hi, k above are their maxima)
 };
 
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);

@@ -83,8 +83,10 @@ void pack(Tensor k, Tensor v, Tensor mu, Opt inv_chmax, Tensor signs, Opt kmag, 
 }
 
 // one decode step: k1, v1 [B, H, D] at position pos; the token at old_pos leaves full-precision slot `slot`
+// plan: a device step plan (selfindex.h) that gives pos, slot and old_pos instead (the host values are then unused)
 void append(Tensor k1, Tensor v1, Tensor mu, Opt inv_chmax, Tensor signs, Opt kmag, Opt kscale, Opt vq, Opt vscale,
-            Opt kfull, Opt vfull, Tensor fk, Tensor fv, Tensor fpos, int64_t pos, int64_t slot, int64_t old_pos) {
+            Opt kfull, Opt vfull, Tensor fk, Tensor fv, Tensor fpos, int64_t pos, int64_t slot, int64_t old_pos,
+            Opt plan) {
   check_rows(k1, "k1", 3);
   check_rows(v1, "v1", 3);
   const int64_t B = k1.size(0), H = k1.size(1), D = k1.size(2);
@@ -93,7 +95,12 @@ void append(Tensor k1, Tensor v1, Tensor mu, Opt inv_chmax, Tensor signs, Opt km
   check(fv, "fv", k1.scalar_type(), 4);
   check(fpos, "fpos", at::kLong, 3);
   const int64_t cap = signs.size(2), F = fk.size(2);
-  TORCH_CHECK(pos >= 0 && pos < cap && slot >= 0 && slot < F && old_pos < cap, "append: position out of range");
+  if (plan) {
+    check(*plan, "plan", at::kInt, 1);
+    TORCH_CHECK(plan->numel() >= si::kPlan, "plan must hold ", si::kPlan, " int32");
+  } else {
+    TORCH_CHECK(pos >= 0 && pos < cap && slot >= 0 && slot < F && old_pos < cap, "append: position out of range");
+  }
   if (kfull) {
     check(*kfull, "kfull", k1.scalar_type(), 4);
     check(*vfull, "vfull", k1.scalar_type(), 4);
@@ -108,6 +115,7 @@ void append(Tensor k1, Tensor v1, Tensor mu, Opt inv_chmax, Tensor signs, Opt km
   p.kfull = ptr<void>(kfull); p.vfull = ptr<void>(vfull);
   p.fk = fk.data_ptr(); p.fv = fv.data_ptr(); p.fpos = fpos.data_ptr<int64_t>();
   p.B = B; p.H = H; p.F = F; p.cap = cap; p.pos = pos; p.slot = slot; p.old_pos = old_pos;
+  p.plan = ptr<const int>(plan);
   ok(si::append(p, dtype_of(k1), D, at::cuda::getCurrentCUDAStream()), "append");
 }
 
@@ -131,10 +139,19 @@ si::SelectParams select_params(const Tensor& q, const Tensor& cb, const Tensor& 
   return p;
 }
 
-// scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]
+// scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]; with a device
+// step plan, hi and k come from it and the arguments are their largest values (they size the grid)
 void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor bins,
-                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks) {
+                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks, Tensor counts, Opt plan) {
   si::SelectParams p = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
+  TORCH_CHECK(counts.scalar_type() == at::kInt && counts.numel() >= p.B * p.H * si::kMaxChunks * 2,
+              "counts workspace too small");
+  p.counts = counts.data_ptr<int>();
+  if (plan) {
+    check(*plan, "plan", at::kInt, 1);
+    TORCH_CHECK(plan->numel() >= si::kPlan, "plan must hold ", si::kPlan, " int32");
+  }
+  p.plan = ptr<const int>(plan);
   const int64_t bstride = (p.cap + 7) / 8 * 8;
   TORCH_CHECK(bins.scalar_type() == at::kShort && bins.numel() >= p.B * p.H * bstride, "bins workspace too small");
   TORCH_CHECK(hist.scalar_type() == at::kInt && hist.numel() >= p.B * p.H * si::kNBins, "hist workspace too small");
