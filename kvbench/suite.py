@@ -259,9 +259,13 @@ class Suite:
     model: str = "auto"  # the default --model
     model_help: str = "The model or attention shape."
     methods: tuple[str, ...] = ("all",)  # the default --methods
+    quick_methods: tuple[str, ...] | None = None  # the default --methods of the quick profile; None: `methods`
     allow_unknown_methods: bool = False  # True: a method name not registered here gives failed cells, not an error
     telemetry_s: float | None = 0.05  # NVML sampling interval while a cell runs; None: no telemetry
     provenance: Callable[[Any], dict] | None = None  # session -> facts for the provenance file (e.g. copy bandwidth)
+
+    def default_methods(self, quick: bool) -> tuple[str, ...]:
+        return self.quick_methods if quick and self.quick_methods is not None else self.methods
 
     # --- options -----------------------------------------------------------------------------------------------
 
@@ -300,7 +304,8 @@ class Suite:
         from kvbench.device import resolve_device
 
         given = self.check_options(options)
-        ms = resolve_methods(list(methods) if methods else list(self.methods), allow_unknown=self.allow_unknown_methods)
+        ms = resolve_methods(list(methods) if methods else list(self.default_methods(quick)),
+                             allow_unknown=self.allow_unknown_methods)
         dev = loaded[0].device if loaded is not None else resolve_device(given.get("device"), check=check_device)
         opts = self.fill_options(given, dev.type == "cuda", quick)
         return Plan(self.name, ms, model or self.model, quick, str(dev), opts, loaded)
@@ -403,7 +408,8 @@ class Suite:
         params = [
             P("methods", P.KEYWORD_ONLY, annotation=Optional[list[str]], default=typer.Option(
                 None, "--methods", "-m", help="Method specs, repeatable or space-separated: full, "
-                "selfindex:budget=0.1, ... ('all': every registered method; default: " + " ".join(self.methods) + ")."
+                "selfindex:budget=0.1, ... ('all': every registered method; default: " + " ".join(self.methods)
+                + ("; --quick: " + " ".join(self.quick_methods) if self.quick_methods is not None else "") + ")."
             )),
             P("out", P.KEYWORD_ONLY, annotation=Path, default=typer.Option(
                 Path("results"), "--out", "-o", help=f"Folder for {self.name}.jsonl and its provenance.")),

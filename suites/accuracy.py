@@ -21,6 +21,7 @@ with the full cache (suites/tasks.py), so they would measure the model more than
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from kvbench.decoding import run_instance
 from kvbench.errors import KVBenchError
+from kvbench.intervals import mean_interval, paired_against
 from kvbench.metrics import BYTES_PER_TOKEN, PPL, SCORE
 from kvbench.sizes import parse_sizes
 from kvbench.suite import METHOD, Column, Options, Plan, Suite, option
@@ -100,6 +102,15 @@ def _protocols(value, flag: str) -> list[str]:
     return items
 
 
+def _haystacks(value, flag: str) -> list[str]:
+    items = _list(value, str, flag)
+    items = list(T.HAYSTACKS) if items == ["both"] else items
+    for h in items:
+        if h not in T.HAYSTACKS:
+            raise KVBenchError(f"unknown haystack '{h}'; valid: {', '.join(T.HAYSTACKS)}, both")
+    return items
+
+
 def _text(value, flag: str) -> str:
     if not Path(value).is_file():
         raise KVBenchError(f"{flag} {value}: no such file; give a UTF-8 text file for the ppl task")
@@ -118,8 +129,9 @@ class AccuracyOptions(Options):
     protocols: list[str] = option("query-aware, query-agnostic or both.", "both", parse=_protocols)
     seeds: list[int] = option("Instance seeds, e.g. 0,1,2 or 0-9; for file: tasks, line numbers from 0.",
                               parse=_seeds, default="0,1,2", quick="0,1")
-    haystack: str = option("Haystack of the niah tasks: noise (RULER's repeated sentences) or docs (CPython's "
-                           "documentation text).", "noise", choices=T.HAYSTACKS)
+    haystack: list[str] = option("Haystacks of the niah tasks, comma-separated: noise (RULER's repeated sentences), "
+                                 "docs (CPython's documentation prose) or both.", parse=_haystacks,
+                                 default="noise,docs", quick="noise")
     text: Optional[str] = option("Text file for the ppl task (default: CPython's pydoc_data topics).", parse=_text)
     score_tokens: int = option("ppl: tokens scored one decode step at a time after the prefix.", 64, min=1)
     fidelity: bool = option("Measure attention fidelity against the full cache at each decode step (costs a shadow "
@@ -172,16 +184,16 @@ def cells(plan: Plan) -> list[Cell]:
     out = []
     for task in o.tasks:
         for length in o.lengths:
-            for depth in (o.depths if task in T.DEPTH_TASKS else [None]):
-                for seed in o.seeds:
-                    base = dict(model=plan.model, dtype=str(dtype).removeprefix("torch."), task=task, context=length,
-                                depth=depth, seed=seed)
-                    if task.startswith("niah"):
-                        base["haystack"] = o.haystack
-                    if task == "ppl":
-                        base.update(text=o.text or "pydoc_data.topics", score_tokens=o.score_tokens)
-                    out += [Cell.of(m, {**base, "protocol": p}) for m in plan.methods
-                            for p in ([T.QUERY_AGNOSTIC] if task == "ppl" else o.protocols)]
+            for depth, seed, haystack in itertools.product(o.depths if task in T.DEPTH_TASKS else [None], o.seeds,
+                                                           o.haystack if task.startswith("niah") else [None]):
+                base = dict(model=plan.model, dtype=str(dtype).removeprefix("torch."), task=task, context=length,
+                            depth=depth, seed=seed)
+                if haystack is not None:
+                    base["haystack"] = haystack
+                if task == "ppl":
+                    base.update(text=o.text or "pydoc_data.topics", score_tokens=o.score_tokens)
+                out += [Cell.of(m, {**base, "protocol": p}) for m in plan.methods
+                        for p in ([T.QUERY_AGNOSTIC] if task == "ppl" else o.protocols)]
     return out
 
 
@@ -203,10 +215,10 @@ class Session:
         self.instances: dict[tuple, T.Instance] = {}
 
     def instance(self, c: dict) -> T.Instance:
-        key = (c["task"], c["context"], c["depth"], c["seed"])
+        key = (c["task"], c["context"], c["depth"], c["seed"], c.get("haystack"))
         if key not in self.instances:
             self.instances[key] = T.make_instance(self.tok, c["task"], c["context"], c["depth"], c["seed"],
-                                                  haystack=self.options.haystack, text=self.options.text,
+                                                  haystack=c.get("haystack") or "noise", text=self.options.text,
                                                   score_tokens=self.options.score_tokens)
         return self.instances[key]
 
@@ -216,20 +228,42 @@ def measure(s: Session, cell: Cell) -> dict[str, Any]:
                     fidelity=s.options.fidelity)
 
 
+def _test_key(r: dict) -> tuple:
+    """What makes two records the same test, whatever the method: the cell without model and dtype."""
+    return tuple(sorted((k, str(v)) for k, v in r["cell"].items() if k not in ("model", "dtype")))
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
-    """One row per method and protocol: the mean score, the median ppl, the failed cells."""
+    """One row per method and protocol: the mean score with its bootstrap 95% interval over cells, the paired
+    difference from full on the cells both scored (its interval too), the median ppl, the failed cells."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], str(r["cell"].get("protocol", "-"))), []).append(r)
+    scores = {key: {_test_key(r): r["metrics"][SCORE] for r in g if r["status"] == "ok"
+                    and r["metrics"].get(SCORE) is not None} for key, g in groups.items()}
     rows = []
-    for (method, proto), g in sorted(groups.items()):
-        good = [r["metrics"] for r in g if r["status"] == "ok"]
-        scores = [m[SCORE] for m in good if m.get(SCORE) is not None]
-        ppls = [m[PPL] for m in good if m.get(PPL) is not None]
-        rows.append(dict(method=method, protocol=proto, score=sum(scores) / len(scores) if scores else None,
-                         scored=len(scores), ppl=statistics.median(ppls) if ppls else None,
+    for (method, proto), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+        mine = scores[(method, proto)]
+        ppls = [r["metrics"][PPL] for r in g if r["status"] == "ok" and r["metrics"].get(PPL) is not None]
+        full = scores.get(("full", proto))
+        iv = mean_interval(list(mine.values()))
+        diff = paired_against(mine, full) if full and method != "full" else None
+        rows.append(dict(method=method, protocol=proto, score=iv.mean if iv else None,
+                         score_ci=[iv.lo, iv.hi] if iv else None, scored=len(mine),
+                         vs_full=diff.mean if diff else None, vs_full_ci=[diff.lo, diff.hi] if diff else None,
+                         paired_cells=diff.n if diff else 0, ppl=statistics.median(ppls) if ppls else None,
                          failed=sum(r["status"] in ("failed", "oom") for r in g)))
     return rows
+
+
+def _with_interval(value_key: str, ci_key: str, signed: bool = False):
+    def show(row: dict) -> str | None:
+        v, ci = row.get(value_key), row.get(ci_key)
+        if v is None:
+            return None
+        f = "+.3f" if signed else ".3f"
+        return f"{v:{f}}" + (f" [{ci[0]:{f}}, {ci[1]:{f}}]" if ci else "")
+    return show
 
 
 SUITE = Suite(
@@ -238,9 +272,11 @@ SUITE = Suite(
          "attention fidelity of each method inside a real model, query-aware and query-agnostic.",
     options=AccuracyOptions, cells=cells, setup=Session, measure=measure,
     rows=summary_rows,
-    columns=(METHOD, Column("protocol", lambda r: r["protocol"], left=True), Column("mean score", lambda r: r["score"],
-             ".3f"), Column("scored cells", lambda r: r["scored"]), Column("ppl (median)", lambda r: r["ppl"], ".2f"),
-             Column("failed", lambda r: r["failed"])),
+    columns=(METHOD, Column("protocol", lambda r: r["protocol"], left=True),
+             Column("mean score [95% CI]", _with_interval("score", "score_ci")),
+             Column("scored cells", lambda r: r["scored"]),
+             Column("vs full, paired [95% CI]", _with_interval("vs_full", "vs_full_ci", signed=True)),
+             Column("ppl (median)", lambda r: r["ppl"], ".2f"), Column("failed", lambda r: r["failed"])),
     report=("pareto", "budget", "needle", "fidelity"),
     model="embedded",
     model_help="embedded, a Hugging Face id or a local path (needs a tokenizer).",

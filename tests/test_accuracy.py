@@ -17,7 +17,7 @@ from kvbench.methods.full import FullLayer
 from kvbench.records import read_records
 from kvbench.suites import accuracy as A
 
-GRID = dict(tasks="passkey,niah_single,ppl", lengths="300", depths="0.5", seeds="0", protocols="both",
+GRID = dict(tasks="passkey,niah_single,ppl", lengths="300", depths="0.5", seeds="0", protocols="both", haystack="noise",
             score_tokens=16, show_progress=False)
 
 
