@@ -203,6 +203,24 @@ def _ratios(t: Table) -> None:
             row.speedup = full.time_us / row.time_us
 
 
+def speed_notes(records: list[dict]) -> dict[str, str]:
+    """label -> its decode-attention and throughput speed-ups over full at each machine's reference cell, measured at
+    the label's own parameters (the Pareto chart's hover text); a label measured nowhere has no entry."""
+    notes: dict[str, list[str]] = defaultdict(list)
+    for t in build_tables(records):
+        full = t.rows.get("full")
+        for label, r in t.rows.items():
+            if label == "full":
+                continue
+            if r.speedup:
+                notes[label].append(f"decode attention {faster(r.speedup)} than full at {_cell_name(t.kernel_cell)}"
+                                    f" ({t.machine})")
+            if r.tok_s and full and full.tok_s:
+                notes[label].append(f"decode tokens/s {times(r.tok_s / full.tok_s)} full's at "
+                                    f"{_cell_name(t.thr_cell)} ({t.machine})")
+    return {k: "<br>".join(v) for k, v in notes.items()}
+
+
 # --- HTML ---------------------------------------------------------------------------------------------------------
 
 
