@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -40,7 +41,22 @@ from kvbench.sweep import Cell
 if TYPE_CHECKING:
     from kvbench.api import Method
 
-DEFAULT_METHODS = ("full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1")
+# the quick profile's four methods at a 10% budget; the standard profile adds the 160-token and 7.5% budgets
+QUICK_METHODS = ("full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1")
+DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "selfindex:budget=0.1", "kivi",
+                   "snapkv:capacity=160", "snapkv:capacity=0.075", "snapkv:capacity=0.1")
+
+# The cost model behind the estimate a CPU run prints (estimate_s). Unit: one `full` cell at 1K tokens (prefill,
+# PREFILL_SHARE of it, plus STEP_SHARE per decode step) on 2 idle CPU cores, UNIT_S seconds: the quick profile (152
+# cells, 306.7 such units with these factors) took 19 minutes near idle for issue 18. The factors are CPU-second ratios
+# measured on this 2-core machine under load (nice -n 5, load 5-12, one niah_single cell of each kind per length,
+# fidelity on, 2026-12-02): per method against full at the same length (averaged over 1K, 2K, 4K), per length against
+# 1K for full. Loaded-machine ratios are rough (about +-30%); the estimate is a design check, not a measurement.
+UNIT_S = 3.7
+METHOD_COST = {"full": 1.0, "selfindex": 2.5, "kivi": 1.7, "snapkv": 1.35}
+UNKNOWN_METHOD_COST = 2.5  # a method not measured here: as costly as the costliest measured one
+LENGTH_COST = {1024: 1.0, 2048: 1.45, 4096: 2.3}
+PREFILL_SHARE, STEP_SHARE = 0.6, 0.045  # of a 1K needle cell: prefill, and one decode step
 
 
 def _list(value, kind, flag: str) -> list:
@@ -120,12 +136,12 @@ def _text(value, flag: str) -> str:
 @dataclass
 class AccuracyOptions(Options):
     tasks: list[str] = option("Comma-separated tasks: " + ", ".join(T.task_names()) + ".", parse=_tasks,
-                              default="passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,ppl",
+                              default="passkey,niah_single,niah_multikey,vt,ppl",
                               quick="passkey,niah_single,niah_multikey,ppl")
     lengths: list[int] = option("Prompt lengths in tokens, e.g. 1K,4K.", parse=_lengths, default="1K,2K,4K",
                                 quick="1K")
     depths: list[float] = option("Needle depths, fractions of the context, e.g. 0.1,0.5,0.9.", parse=_depths,
-                                 default="0.1,0.3,0.5,0.7,0.9", quick="0.2,0.5,0.8")
+                                 default="0.1,0.5,0.9", quick="0.2,0.5,0.8")
     protocols: list[str] = option("query-aware, query-agnostic or both.", "both", parse=_protocols)
     seeds: list[int] = option("Instance seeds, e.g. 0,1,2 or 0-9; for file: tasks, line numbers from 0.",
                               parse=_seeds, default="0,1,2", quick="0,1")
@@ -197,6 +213,42 @@ def cells(plan: Plan) -> list[Cell]:
     return out
 
 
+def _length_cost(length: int) -> float:
+    """LENGTH_COST, interpolated (and extrapolated past its ends) as a power of the length between measured points."""
+    known = sorted(LENGTH_COST)
+    lo = max([n for n in known[:-1] if n <= length], default=known[0])
+    hi = known[known.index(lo) + 1]
+    slope = math.log(LENGTH_COST[hi] / LENGTH_COST[lo]) / math.log(hi / lo)
+    return LENGTH_COST[lo] * (length / lo) ** slope
+
+
+def cell_cost_s(c: Cell, max_new_tokens: int, score_tokens: int = 0) -> float:
+    """Estimated seconds of one cell on 2 idle CPU cores (the cost model above)."""
+    name = c.method.partition(":")[0]
+    steps = score_tokens - 1 if score_tokens else max_new_tokens
+    unit = PREFILL_SHARE + STEP_SHARE * steps
+    return UNIT_S * METHOD_COST.get(name, UNKNOWN_METHOD_COST) * _length_cost(int(c.cell["context"])) * unit
+
+
+# decode tokens a task asks for at most (suites/tasks.py): the estimate counts them all
+MAX_NEW_TOKENS = {"passkey": 10, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48,
+                  "niah_multiquery": 48, "vt": 30}
+
+
+def estimate_s(cell_list: list[Cell]) -> float:
+    """Estimated seconds of a list of cells on 2 idle CPU cores; a file: task counts as 64 new tokens."""
+    return sum(cell_cost_s(c, MAX_NEW_TOKENS.get(c.cell["task"], 64), c.cell.get("score_tokens") or 0)
+               for c in cell_list)
+
+
+def estimate_text(plan: Plan) -> str:
+    cell_list = cells(plan)
+    scored = Counter((c.method, c.cell["protocol"]) for c in cell_list if c.cell["task"] != "ppl")
+    return (f"accuracy: {len(cell_list)} cells ({min(scored.values(), default=0)} scored cells per method and "
+            f"protocol); estimated {estimate_s(cell_list) / 60:.0f} minutes on 2 idle CPU cores "
+            "(suites/accuracy.py's cost model; finished cells are skipped, a busy machine takes longer)")
+
+
 class Session:
     """The model and tokenizer (loaded once per process) and the task instances built so far."""
 
@@ -205,6 +257,8 @@ class Session:
         from kvbench.sweep import console
 
         self.options, loaded = plan.options, plan.loaded
+        if not plan.gpu:
+            console.print(f"[dim]{estimate_text(plan)}[/]")
         if loaded is None:
             with console.status(f"loading {plan.model} ..."):
                 loaded = load_model(plan.model, device=plan.torch_device, dtype=plan.options.dtype)
@@ -281,6 +335,7 @@ SUITE = Suite(
     model="embedded",
     model_help="embedded, a Hugging Face id or a local path (needs a tokenizer).",
     methods=DEFAULT_METHODS,
+    quick_methods=QUICK_METHODS,
     allow_unknown_methods=True,
     telemetry_s=None,
 )
