@@ -48,15 +48,15 @@ DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "se
 
 # The cost model behind the estimate a CPU run prints (estimate_s). Unit: one `full` cell at 1K tokens (prefill,
 # PREFILL_SHARE of it, plus STEP_SHARE per decode step) on 2 idle CPU cores, UNIT_S seconds: the quick profile (152
-# cells, 306.7 such units with these factors) took 19 minutes near idle for issue 18. The factors are CPU-second ratios
+# cells, 334.3 such units with these factors) took 19 minutes near idle for issue 18. The factors are CPU-second ratios
 # measured on this 2-core machine under load (nice -n 5, load 5-12, one niah_single cell of each kind per length,
 # fidelity on, 2026-12-02): per method against full at the same length (averaged over 1K, 2K, 4K), per length against
 # 1K for full. Loaded-machine ratios are rough (about +-30%); the estimate is a design check, not a measurement.
-UNIT_S = 3.7
+UNIT_S = 3.4
 METHOD_COST = {"full": 1.0, "selfindex": 2.5, "kivi": 1.7, "snapkv": 1.35}
 UNKNOWN_METHOD_COST = 2.5  # a method not measured here: as costly as the costliest measured one
 LENGTH_COST = {1024: 1.0, 2048: 1.45, 4096: 2.3}
-PREFILL_SHARE, STEP_SHARE = 0.6, 0.045  # of a 1K needle cell: prefill, and one decode step
+PREFILL_SHARE, STEP_SHARE = 0.5, 0.06  # of a 1K needle cell: prefill, one decode step (a 63-step ppl cell: 4.5x)
 
 
 def _list(value, kind, flag: str) -> list:
