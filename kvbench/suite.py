@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from kvbench.errors import KVBenchError, UnknownMethodError
-from kvbench.records import RecordWriter, cell_key, read_records
+from kvbench.records import RecordWriter, cell_key, git_commit, now_iso, read_records
 from kvbench.sweep import Cell, SweepResult, console, measure_cell, pending, run_sweep
 
 # The registry: every suite by name, and the module that declares it (as `SUITE`). Adding a suite is one line here.
@@ -355,8 +356,7 @@ class Suite:
         runner = self.runner(session) if session is not None else None
         result = run_sweep(self.name, cells, runner, writer, description=self.name, rerun=rerun,
                            show_progress=show_progress)
-        if show_progress:
-            self.print_table(writer.path, cells)
+        self.print_table(writer.path, cells, show=show_progress)
         return result
 
     def write_provenance(self, out: Path, plan: Plan, session: Any = None, **extra) -> None:
@@ -371,14 +371,20 @@ class Suite:
         path = write_provenance(out, self.name, options, **facts)
         console.print(f"[dim]{self.name}: records in {out / (self.name + '.jsonl')}, provenance in {path}[/]")
 
-    def print_table(self, path: Path, cells: Sequence[Cell]) -> None:
-        """The table of this run's cells, from the latest record of each in `path` (earlier runs' included)."""
+    def print_table(self, path: Path, cells: Sequence[Cell], show: bool = True) -> None:
+        """The table of this run's cells, from the latest record of each in `path` (earlier runs' included); a suite
+        that declares `rows` (aggregates such as means with intervals) also writes them to `<name>.summary.json`."""
         from rich.table import Table
 
         keys = {cell_key(self.name, c.method, c.cell) for c in cells}
         recs, _ = read_records([path]) if Path(path).exists() else ([], [])
         latest = {k: r for r in recs if (k := cell_key(self.name, r["method"], r["cell"])) in keys}
         rows = self.rows(list(latest.values())) if self.rows is not None else list(latest.values())
+        if self.rows is not None:
+            summary = dict(suite=self.name, written_at=now_iso(), commit=git_commit(), records=len(latest), rows=rows)
+            Path(path).with_name(f"{self.name}.summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if not show:
+            return
         table = Table(title=self.name, title_justify="left")
         for col in self.columns:
             table.add_column(col.header, justify="left" if col.left else "right")

@@ -12,11 +12,22 @@ fidelity of every decode step against the full cache (`topk_recall`, `attn_mass`
 their `_layers` arrays; see suites/fidelity.py), `prompt_tokens`, the needle's measured `depth`, `prefill_s`,
 `decode_s`, `new_tokens`, the cache's `nbytes` and `bytes_per_token` at the end, and the attention backend.
 
+The standard profile (the default) runs full, selfindex and snapkv at budgets of 160 tokens, 7.5% and 10% of the
+context, and kivi (2 bits), in both protocols, at 1K, 2K and 4K tokens (the embedded model's context is 8K; full
+still found every needle at 4K in the cells measured so far): passkey, niah_single and niah_multikey in RULER's noise
+haystack and in CPython's documentation prose, vt, at depths 0.1/0.5/0.9 and seeds 0-2, plus ppl: 144 scored cells
+per method and protocol, every method on the same cells, so `summary_rows` can pair each one with full. The table
+shows each mean with its bootstrap 95% interval over cells and the paired difference from full (kvbench.intervals);
+the same rows go to `<out>/accuracy.summary.json`. On a CPU the suite prints its estimated time from the cost model
+below: about 8.6 hours on 2 idle cores for the whole profile, 4 hours for the four methods at one budget each, 36
+minutes for full alone: a cell costs 3-10 s there, and 100 cells per method and protocol at 1K-4K do not fit an hour.
+
 The quick profile (`--quick`) runs full, selfindex (budget 10% of the context), kivi (2 bits) and snapkv (capacity
 10%) in both protocols on the embedded SmolLM2-135M with 1K-token prompts: passkey, niah_single and niah_multikey
-(noise haystack) at depths 0.2/0.5/0.8 and ppl, seeds 0 and 1; 152 cells, 8.4 minutes on this 2-core CPU with little
-other load. niah_multivalue, niah_multiquery and vt are left out of it: the 135M model scores 0.6-0.9 on them even
-with the full cache (suites/tasks.py), so they would measure the model more than the cache.
+(noise haystack) at depths 0.2/0.5/0.8 and ppl, seeds 0 and 1; 152 cells, 19 minutes near idle on 2 CPU cores (issue
+18). niah_multivalue and niah_multiquery are left out of both profiles: the 135M model scores 0.6-0.9 on them even
+with the full cache (suites/tasks.py), so they would measure the model more than the cache, and each decodes 48 tokens
+(four times a needle cell's decode); `--tasks` adds them.
 """
 
 from __future__ import annotations

@@ -59,6 +59,10 @@ def test_tiny_sweep_writes_records_and_skips_them_on_rerun(tiny, tmp_path):
         ("passkey", "query-aware"), ("passkey", "query-agnostic"), ("niah_single", "query-aware"),
         ("niah_single", "query-agnostic"), ("ppl", "query-agnostic")}
 
+    summary = json.loads((tmp_path / "accuracy.summary.json").read_text())  # the intervals, beside the records
+    rows = {(r["method"], r["protocol"]): r for r in summary["rows"]}
+    assert summary["records"] == 10 and rows[("droptop", "query-aware")]["scored"] == 2
+    assert rows[("full", "query-aware")]["score_ci"] is not None and "vs_full_ci" in rows[("droptop", "query-aware")]
     again = A.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
     assert (again.ok, again.already_done) == (0, 10)
     assert len((tmp_path / "accuracy.jsonl").read_text().splitlines()) == 10
