@@ -120,22 +120,20 @@ def _seeds(value, flag: str) -> list[int]:
     return seeds
 
 
-def _protocols(value, flag: str) -> list[str]:
-    items = _list(value, str, flag)
-    items = list(T.PROTOCOLS) if items == ["both"] else items
-    for p in items:
-        if p not in T.PROTOCOLS:
-            raise KVBenchError(f"unknown protocol '{p}'; valid: {', '.join(T.PROTOCOLS)}, both")
-    return items
+def _one_or_both(what: str, valid: tuple[str, ...]):
+    """A parser of 'a', 'a,b' or 'both' among the two `valid` names."""
+    def parse(value, flag: str) -> list[str]:
+        items = _list(value, str, flag)
+        items = list(valid) if items == ["both"] else items
+        for x in items:
+            if x not in valid:
+                raise KVBenchError(f"unknown {what} '{x}'; valid: {', '.join(valid)}, both")
+        return items
+    return parse
 
 
-def _haystacks(value, flag: str) -> list[str]:
-    items = _list(value, str, flag)
-    items = list(T.HAYSTACKS) if items == ["both"] else items
-    for h in items:
-        if h not in T.HAYSTACKS:
-            raise KVBenchError(f"unknown haystack '{h}'; valid: {', '.join(T.HAYSTACKS)}, both")
-    return items
+_protocols = _one_or_both("protocol", T.PROTOCOLS)
+_haystacks = _one_or_both("haystack", T.HAYSTACKS)
 
 
 def _text(value, flag: str) -> str:
