@@ -61,6 +61,7 @@ DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "se
 # PREFILL_SHARE of it, plus STEP_SHARE per decode step) on 2 idle CPU cores, UNIT_S seconds: the quick profile (152
 # cells, 334.3 such units with these factors) took 19 minutes near idle for issue 18. The factors are CPU-second ratios
 # measured on this 2-core machine under load (nice -n 5, load 5-12, one niah_single cell of each kind per length,
+# benchmarks/accuracy_cell_costs.py, records in benchmarks/records/accuracy-cell-costs.jsonl;
 # fidelity on, 2026-12-02): per method against full at the same length (averaged over 1K, 2K, 4K), per length against
 # 1K for full. Loaded-machine ratios are rough (about +-30%); the estimate is a design check, not a measurement.
 UNIT_S = 3.4
