@@ -634,7 +634,7 @@ def run_suite_on_ray(suite, methods: list[str] | None, out, *, model: str, quick
                      on_ray: dict, **options) -> None:
     """`kvbench run SUITE --ray`: one suite's cells over the cluster."""
     given = tuple(sorted((k, v) for k, v in options.items() if v is not None))
-    source = SuiteSource(suite.name, tuple(methods or suite.methods), model, quick, given)
+    source = SuiteSource(suite.name, tuple(methods or suite.default_methods(quick)), model, quick, given)
     source.plan()  # a bad option or method fails here, before a cluster starts
     errors = run_on_ray([source], out, rerun=rerun, **on_ray)
     if errors:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from kvbench.errors import KVBenchError, UnknownMethodError
-from kvbench.records import RecordWriter, cell_key, read_records
+from kvbench.records import RecordWriter, cell_key, git_commit, now_iso, read_records
 from kvbench.sweep import Cell, SweepResult, console, measure_cell, pending, run_sweep
 
 # The registry: every suite by name, and the module that declares it (as `SUITE`). Adding a suite is one line here.
@@ -259,9 +260,13 @@ class Suite:
     model: str = "auto"  # the default --model
     model_help: str = "The model or attention shape."
     methods: tuple[str, ...] = ("all",)  # the default --methods
+    quick_methods: tuple[str, ...] | None = None  # the default --methods of the quick profile; None: `methods`
     allow_unknown_methods: bool = False  # True: a method name not registered here gives failed cells, not an error
     telemetry_s: float | None = 0.05  # NVML sampling interval while a cell runs; None: no telemetry
     provenance: Callable[[Any], dict] | None = None  # session -> facts for the provenance file (e.g. copy bandwidth)
+
+    def default_methods(self, quick: bool) -> tuple[str, ...]:
+        return self.quick_methods if quick and self.quick_methods is not None else self.methods
 
     # --- options -----------------------------------------------------------------------------------------------
 
@@ -300,7 +305,8 @@ class Suite:
         from kvbench.device import resolve_device
 
         given = self.check_options(options)
-        ms = resolve_methods(list(methods) if methods else list(self.methods), allow_unknown=self.allow_unknown_methods)
+        ms = resolve_methods(list(methods) if methods else list(self.default_methods(quick)),
+                             allow_unknown=self.allow_unknown_methods)
         dev = loaded[0].device if loaded is not None else resolve_device(given.get("device"), check=check_device)
         opts = self.fill_options(given, dev.type == "cuda", quick)
         return Plan(self.name, ms, model or self.model, quick, str(dev), opts, loaded)
@@ -350,8 +356,7 @@ class Suite:
         runner = self.runner(session) if session is not None else None
         result = run_sweep(self.name, cells, runner, writer, description=self.name, rerun=rerun,
                            show_progress=show_progress)
-        if show_progress:
-            self.print_table(writer.path, cells)
+        self.print_table(writer.path, cells, show=show_progress)
         return result
 
     def write_provenance(self, out: Path, plan: Plan, session: Any = None, **extra) -> None:
@@ -366,14 +371,20 @@ class Suite:
         path = write_provenance(out, self.name, options, **facts)
         console.print(f"[dim]{self.name}: records in {out / (self.name + '.jsonl')}, provenance in {path}[/]")
 
-    def print_table(self, path: Path, cells: Sequence[Cell]) -> None:
-        """The table of this run's cells, from the latest record of each in `path` (earlier runs' included)."""
+    def print_table(self, path: Path, cells: Sequence[Cell], show: bool = True) -> None:
+        """The table of this run's cells, from the latest record of each in `path` (earlier runs' included); a suite
+        that declares `rows` (aggregates such as means with intervals) also writes them to `<name>.summary.json`."""
         from rich.table import Table
 
         keys = {cell_key(self.name, c.method, c.cell) for c in cells}
         recs, _ = read_records([path]) if Path(path).exists() else ([], [])
         latest = {k: r for r in recs if (k := cell_key(self.name, r["method"], r["cell"])) in keys}
         rows = self.rows(list(latest.values())) if self.rows is not None else list(latest.values())
+        if self.rows is not None:
+            summary = dict(suite=self.name, written_at=now_iso(), commit=git_commit(), records=len(latest), rows=rows)
+            Path(path).with_name(f"{self.name}.summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if not show:
+            return
         table = Table(title=self.name, title_justify="left")
         for col in self.columns:
             table.add_column(col.header, justify="left" if col.left else "right")
@@ -403,7 +414,8 @@ class Suite:
         params = [
             P("methods", P.KEYWORD_ONLY, annotation=Optional[list[str]], default=typer.Option(
                 None, "--methods", "-m", help="Method specs, repeatable or space-separated: full, "
-                "selfindex:budget=0.1, ... ('all': every registered method; default: " + " ".join(self.methods) + ")."
+                "selfindex:budget=0.1, ... ('all': every registered method; default: " + " ".join(self.methods)
+                + ("; --quick: " + " ".join(self.quick_methods) if self.quick_methods is not None else "") + ")."
             )),
             P("out", P.KEYWORD_ONLY, annotation=Path, default=typer.Option(
                 Path("results"), "--out", "-o", help=f"Folder for {self.name}.jsonl and its provenance.")),

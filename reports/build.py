@@ -32,7 +32,7 @@ from kvbench.records import Problem, machine_label, now_iso, read_records
 from kvbench.reports import plots
 from kvbench.reports.plots import bad, first_line, origin
 from kvbench.reports.steps import step_accounting
-from kvbench.reports.summary import summary_html
+from kvbench.reports.summary import speed_notes, summary_html
 
 SECTIONS = [  # id, title, the command that produces its records
     ("summary", "Summary: which method, at what cost, with what saving", "kvbench compare"),
@@ -383,7 +383,7 @@ def render(inp: Inputs, title: str) -> str:
     acc, mem, ker, thr = (view.get(s, []) for s in ("accuracy", "memory", "kernels", "throughput"))
     colors = plots.palette([r["method"] for rs in view.values() for r in rs] + [plots.line_of(r) for r in acc])
     makers = {
-        "pareto": lambda: plots.pareto(acc, mem, colors),
+        "pareto": lambda: plots.pareto(acc, mem, colors, speed_notes(_escape_strings(copy.deepcopy(records)))),
         "budget": lambda: plots.accuracy_vs_budget(acc, colors),
         "needle": lambda: plots.needle_heatmap(acc),
         "fidelity": lambda: plots.fidelity(acc, colors),

@@ -291,9 +291,26 @@ def bytes_per_token_for(model: str, accuracy: list[dict], memory: list[dict]) ->
     return {}, ""
 
 
-def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> go.Figure | None:
-    """Mean task score against KV bytes per token, one point per method and protocol; each protocol's Pareto front
-    dashed (a method's score depends on the protocol, so one front across both would compare unlike things)."""
+def score_interval(group: list[dict]):
+    """The bootstrap 95% interval of the group's mean score over its cells (kvbench.intervals)."""
+    from kvbench.intervals import mean_interval
+
+    return mean_interval([metric(r, "score") for r in group])
+
+
+def error_bars(ivs: list) -> dict:
+    """Plotly's asymmetric error bars from intervals (None: no bar)."""
+    return dict(type="data", symmetric=False, thickness=1.2, width=3,
+                array=[iv.hi - iv.mean if iv else 0 for iv in ivs], arrayminus=[iv.mean - iv.lo if iv else 0
+                                                                                 for iv in ivs])
+
+
+def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str],
+           speeds: dict[str, str] | None = None) -> go.Figure | None:
+    """Mean task score (with its bootstrap 95% interval) against KV bytes per token, one point per method and
+    protocol; each protocol's Pareto front dashed (a method's score depends on the protocol, so one front across both
+    would compare unlike things). `speeds`: label -> its speed-ups at the reference cell, measured at the same
+    parameters (reports/summary.speed_notes); a label without them says so."""
     scored = same_cells_as_full([r for r in ok(accuracy) if metric(r, "score") is not None])
     if not scored:
         return None
@@ -310,14 +327,17 @@ def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> 
             if label not in bpt:
                 continue
             score = mean(metric(r, "score") for r in group)
+            iv = score_interval(group)
             front_pts[protocol].append((bpt[label], score))
+            speed = (speeds or {}).get(label, "kernel and throughput speed-ups: not measured at these settings")
             fig.add_trace(go.Scatter(
-                x=[bpt[label]], y=[score], mode="markers",
+                x=[bpt[label]], y=[score], mode="markers", error_y=error_bars([iv]),
                 name=f"{label} ({protocol})", legendgroup=label,
                 marker=dict(size=13, color=colors.get(label), symbol="diamond" if protocol == "query-agnostic"
                             else "circle", line=dict(width=1, color="#333")),
-                hovertext=[f"<b>{label}</b> ({protocol}, {model})<br>mean score {score:.3f} over {len(group)} "
-                           f"cells<br>{bpt[label]:,.0f} bytes/token<br>{origins(group)}"], hoverinfo="text"))
+                hovertext=[f"<b>{label}</b> ({protocol}, {model})<br>mean score {score:.3f} [{iv.lo:.2f}, "
+                           f"{iv.hi:.2f}] over {len(group)} cells<br>{bpt[label]:,.0f} bytes/token<br>{speed}<br>"
+                           f"{origins(group)}"], hoverinfo="text"))
     if not front_pts:
         return None
     for protocol, pts in sorted(front_pts.items()):
@@ -333,42 +353,38 @@ def pareto(accuracy: list[dict], memory: list[dict], colors: dict[str, str]) -> 
                      **log_ticks((p[0] for pts in front_pts.values() for p in pts), False))
     fig.update_yaxes(title="mean score", range=[-0.05, 1.08])
     return _layout(fig, f"Accuracy against KV bytes per token <sup>(bytes from {'; '.join(sources)}; "
-                        f"circle: query-aware, diamond: query-agnostic)</sup>", 480)
+                        f"circle: query-aware, diamond: query-agnostic; bars: bootstrap 95% intervals over cells)"
+                        f"</sup>", 480)
 
 
 def accuracy_vs_budget(accuracy: list[dict], colors: dict[str, str]) -> go.Figure | None:
-    """Mean score against the share of the context a decode step attends (Method.budget_fraction), one panel per task
-    and protocol. Methods that attend every token are a dashed reference level. With one budget measured there is no
-    curve to draw: the chart is then the score of each method at that budget, with the reference levels beside it."""
+    """Mean score (with its bootstrap 95% interval over cells) against the share of the context a decode step attends
+    (Method.budget_fraction): first one panel per context and protocol over all tasks (the cells full was scored on),
+    then one per task and protocol. Methods that attend every token are a dashed reference level. With one budget
+    measured there is no curve to draw: the chart is then the score of each method at that budget, with the
+    reference levels beside it."""
     recs = [r for r in accuracy if r.get("status") in ("ok", "failed", "oom")]
     recs = [r for r in recs if (r.get("status") != "ok" or metric(r, "score") is not None)
             and budget_fraction(r) is not None]
     if not ok(recs):
         return None
-    key = (lambda r: (str(cell(r, "task") or "?"), str(cell(r, "protocol") or "-")))
-    by_panel = _by(recs, key)
+    by_panel = _by(recs, lambda r: (str(cell(r, "task") or "?"), str(cell(r, "protocol") or "-")))
     panels = sorted(by_panel)
     budgets = sorted({_share(r) for r in ok(recs) if not attends_all(r)})
     if len(budgets) <= 1:
         return _accuracy_at_one_budget(by_panel, panels, budgets, colors)
-    rows, cols = _grid(len(panels))
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{t} · {p}" for t, p in panels],
+    overview = _by(same_cells_as_full(ok(recs)), lambda r: (f"all tasks · {short_num(cell(r, 'context') or 0)}",
+                                                            str(cell(r, "protocol") or "-")))
+    order = sorted(overview, key=lambda k: (k[1], _colnum(k[0]))) + panels
+    by_panel = {**overview, **by_panel}
+    rows, cols = _grid(len(order))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"{t} · {p}" for t, p in order],
                         vertical_spacing=0.5 / max(rows, 1) if rows > 1 else 0.1, horizontal_spacing=0.06)
     lo, shown = budgets[0] / 1.5, set()
-    for i, panel in enumerate(panels):
+    for i, panel in enumerate(order):
         row, col = i // cols + 1, i % cols + 1
         for line, frecs in sorted(_by(ok(by_panel[panel]), line_of).items()):
-            pts = sorted(_by(frecs, _share).items())
-            ys = [mean(metric(r, "score") for r in g) for _, g in pts]
-            hover = [f"<b>{line}</b> attends {b:.3g} of the context<br>mean score {y:.3f} over {len(g)} cells<br>"
-                     f"{origins(g)}" for (b, g), y in zip(pts, ys)]
-            color = colors.get(line) or colors.get(frecs[0]["method"])
-            if all(attends_all(r) for r in frecs):  # a reference level across the panel, not a point at 1
-                trace = go.Scatter(x=[lo, 1.0], y=[mean(ys)] * 2, mode="lines", line=dict(color=color, dash="dash"),
-                                   hovertext=hover[:1] * 2, hoverinfo="text")
-            else:
-                trace = go.Scatter(x=[b for b, _ in pts], y=ys, mode="lines+markers", line=dict(color=color),
-                                   marker=dict(size=8), hovertext=hover, hoverinfo="text")
+            trace = _budget_line(line, frecs, lo, colors)
             trace.update(name=line, legendgroup=line, showlegend=line not in shown)
             fig.add_trace(trace, row=row, col=col)
             shown.add(line)
@@ -379,7 +395,32 @@ def accuracy_vs_budget(accuracy: list[dict], colors: dict[str, str]) -> go.Figur
     fig.update_xaxes(type="log", title_text="share of the context attended per step (log)", title_font_size=11,
                      range=[math.log10(lo), math.log10(1.15)], **log_ticks(budgets + [1.0]))
     fig.update_yaxes(range=[-0.05, 1.08], title_text="score", title_font_size=11)
-    return _layout(fig, "Accuracy against budget, per task and protocol", 320 * rows + 60)
+    return _layout(fig, "Accuracy against budget (bars: bootstrap 95% intervals over cells), over all tasks per "
+                        "context, then per task", 320 * rows + 60)
+
+
+def _colnum(title: str) -> float:
+    """'all tasks · 4K' -> 4096: the overview panels in context order."""
+    tail = title.rpartition(" ")[2]
+    try:
+        return float(tail.rstrip("Kk")) * (1024 if tail.endswith("K") else 1)
+    except ValueError:
+        return math.inf
+
+
+def _budget_line(line: str, frecs: list[dict], lo: float, colors: dict[str, str]) -> go.Scatter:
+    """One method's points (mean and interval per budget), or a dashed level for a method that attends all."""
+    pts = sorted(_by(frecs, _share).items())
+    ivs = [score_interval(g) for _, g in pts]
+    hover = [f"<b>{line}</b> attends {b:.3g} of the context<br>mean score {iv.mean:.3f} [{iv.lo:.2f}, {iv.hi:.2f}] "
+             f"over {len(g)} cells<br>{origins(g)}" for (b, g), iv in zip(pts, ivs)]
+    color = colors.get(line) or colors.get(frecs[0]["method"])
+    if all(attends_all(r) for r in frecs):  # a reference level across the panel, not a point at 1
+        level = score_interval(frecs)
+        return go.Scatter(x=[lo, 1.0], y=[level.mean] * 2, mode="lines", line=dict(color=color, dash="dash"),
+                          hovertext=[hover[0]] * 2, hoverinfo="text")
+    return go.Scatter(x=[b for b, _ in pts], y=[iv.mean for iv in ivs], mode="lines+markers", line=dict(color=color),
+                      marker=dict(size=8), error_y=error_bars(ivs), hovertext=hover, hoverinfo="text")
 
 
 def _share(r: dict) -> float:

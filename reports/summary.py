@@ -17,12 +17,18 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvbench.intervals import Interval, mean_interval, paired_against
 from kvbench.records import machine_label
-from kvbench.reports.plots import (budget_fraction, cell, median, mean, method_family, method_of, metric, model_of, ok,
-                                   origins, short_commit, short_num, task_cell)
+from kvbench.reports.plots import (budget_fraction, cell, median, mean, method_family, method_name, method_of, metric,
+                                   model_of, ok, origins, short_commit, short_num, task_cell)
 
 E = html.escape
-REFERENCE = (32768, 8)  # context x batch the speeds are read at when measured (a GPU's long-context decode)
+REFERENCE = (32768, 8)  # context x batch a GPU's speeds are read at when measured (long-context decode)
+CPU_REFERENCE = (256, 1)  # a CPU's: the quick profile's kernel and throughput cell (suites/kernels.py, throughput.py)
+NOT_HERE = "<span class='n'>not measured at these settings</span>"
+SNAPKV_DEFAULTS = ("SnapKV's default pooling here (max, kernel 7, window 32: the paper's LongBench setting) differs "
+                   "from kvpress's default (avg, kernel 5, window 64), so the two libraries' default numbers are not "
+                   "comparable.")
 PROTOCOLS = ("query-aware", "query-agnostic")
 
 
@@ -34,6 +40,8 @@ class Row:
     family: str = ""
     budget: float | None = None  # share of the context a decode step attends, at the table's context
     accuracy: dict[str, tuple[float, int]] = field(default_factory=dict)  # protocol -> (mean score, cells)
+    interval: dict[str, Interval] = field(default_factory=dict)  # protocol -> the mean's bootstrap 95% interval
+    vs_full: dict[str, Interval] = field(default_factory=dict)  # protocol -> paired difference from full, same cells
     ppl: tuple[float, int] | None = None  # (median perplexity, cells)
     bpt: float | None = None  # KV bytes per token
     bpt_from: str = ""  # "memory" or "accuracy"
@@ -73,12 +81,18 @@ def _cells(recs: list[dict], value: str) -> Counter:
     return Counter((int(c), int(b)) for _, c, b in seen)
 
 
-def pick_cell(counts: Counter) -> tuple[int, int] | None:
-    """REFERENCE when measured; else the cell the most methods measured, the larger context x batch on a tie."""
+def reference_for(machine: str) -> tuple[int, int]:
+    """The named reference cell of a machine: CPU_REFERENCE on a CPU, REFERENCE on a GPU."""
+    return CPU_REFERENCE if machine.startswith("CPU") else REFERENCE
+
+
+def pick_cell(counts: Counter, reference: tuple[int, int] = REFERENCE) -> tuple[int, int] | None:
+    """The machine's reference cell when measured; else the cell the most methods measured, the larger context x
+    batch on a tie."""
     if not counts:
         return None
-    if REFERENCE in counts:
-        return REFERENCE
+    if reference in counts:
+        return reference
     return max(counts, key=lambda cb: (counts[cb], cb[0] * cb[1], cb[0]))
 
 
@@ -108,9 +122,10 @@ def _table(machine: str, model: str, recs: list[dict]) -> Table:
     acc = [r for r in _suite(recs, "accuracy") if metric(r, "score") is not None]
     ppl = [r for r in _suite(recs, "accuracy") if metric(r, "ppl") is not None]
     mem = [r for r in _suite(recs, "memory") if metric(r, "bytes_per_token") is not None]
-    t.kernel_cell = pick_cell(_cells(ker, "time_us"))
+    ref = reference_for(machine)
+    t.kernel_cell = pick_cell(_cells(ker, "time_us"), ref)
     tc = _cells(thr, "decode_tok_s")
-    t.thr_cell = t.kernel_cell if t.kernel_cell in tc else pick_cell(tc)
+    t.thr_cell = t.kernel_cell if t.kernel_cell in tc else pick_cell(tc, ref)
     contexts = Counter(int(cell(r, "context")) for r in acc if isinstance(cell(r, "context"), (int, float)))
     t.acc_context = max(contexts, key=lambda c: (contexts[c], c)) if contexts else None
     full_cells = {task_cell(r) for r in acc if r["method"] == "full" and cell(r, "context") == t.acc_context}
@@ -142,9 +157,13 @@ def _row(t: Table, label: str, ker, thr, fit, acc, mem) -> Row:
     row.budget = budget_fraction(mine[0], context) if context else None
     a = [r for r in acc if r["method"] == label and cell(r, "context") == t.acc_context
          and (t.acc_cells is None or task_cell(r) in t.acc_cells)]
+    full = [r for r in acc if r["method"] == "full" and cell(r, "context") == t.acc_context]
     for proto in sorted({str(cell(r, "protocol") or "-") for r in a}, key=lambda p: (p not in PROTOCOLS, p)):
         g = [metric(r, "score") for r in a if str(cell(r, "protocol") or "-") == proto]
         row.accuracy[proto] = (mean(g), len(g))
+        row.interval[proto] = mean_interval(g)
+        if label != "full":
+            row.vs_full[proto] = paired_against(*(_scores(x, proto) for x in (a, full)))
     m = [r for r in mem if r["method"] == label and cell(r, "context") == t.mem_context]
     if m:
         row.bpt, row.bpt_from = median(metric(r, "bytes_per_token") for r in m), "memory"
@@ -171,12 +190,35 @@ def _row(t: Table, label: str, ker, thr, fit, acc, mem) -> Row:
     return row
 
 
+def _scores(recs: list[dict], proto: str) -> dict[tuple, float]:
+    """task cell -> score, one protocol (a cell measured twice: its latest record)."""
+    return {task_cell(r): metric(r, "score") for r in recs if str(cell(r, "protocol") or "-") == proto}
+
+
 def _ratios(t: Table) -> None:
     """full's kernel time gives the speed-up where a record did not store it."""
     full = t.rows.get("full")
     for row in t.rows.values():
         if row.speedup is None and row.time_us and full and full.time_us:
             row.speedup = full.time_us / row.time_us
+
+
+def speed_notes(records: list[dict]) -> dict[str, str]:
+    """label -> its decode-attention and throughput speed-ups over full at each machine's reference cell, measured at
+    the label's own parameters (the Pareto chart's hover text); a label measured nowhere has no entry."""
+    notes: dict[str, list[str]] = defaultdict(list)
+    for t in build_tables(records):
+        full = t.rows.get("full")
+        for label, r in t.rows.items():
+            if label == "full":
+                continue
+            if r.speedup:
+                notes[label].append(f"decode attention {faster(r.speedup)} than full at {_cell_name(t.kernel_cell)}"
+                                    f" ({t.machine})")
+            if r.tok_s and full and full.tok_s:
+                notes[label].append(f"decode tokens/s {times(r.tok_s / full.tok_s)} full's at "
+                                    f"{_cell_name(t.thr_cell)} ({t.machine})")
+    return {k: "<br>".join(v) for k, v in notes.items()}
 
 
 # --- HTML ---------------------------------------------------------------------------------------------------------
@@ -270,39 +312,58 @@ def table_html(t: Table) -> str:
         tds = [f"<th class='m' title='{E(spec)}'>{E(r.label)}<br><span class='n'>{E(r.family)}</span></th>",
                f"<td>{percent(r.budget)}</td>"]
         for p in protos:
-            v = r.accuracy.get(p)
-            tds.append(f"<td><b>{v[0]:.3f}</b> <span class='n'>(n={v[1]})</span></td>" if v else "<td>–</td>")
+            tds.append(f"<td>{_accuracy_text(r, p)}</td>")
         if any(x.ppl for x in t.rows.values()):
             tds.append(f"<td><b>{r.ppl[0]:.2f}</b> <span class='n'>(n={r.ppl[1]})</span></td>" if r.ppl
-                       else "<td>–</td>")
+                       else f"<td>{NOT_HERE}</td>")
         if any(x.bpt for x in t.rows.values()):
             note = " <span class='n'>from the accuracy cells</span>" if r.bpt_from == "accuracy" else ""
-            tds.append(f"<td><b>{_num(r.bpt)}</b>{_x(r.bpt, full.bpt if full else None, below='more')}{note}</td>")
+            tds.append(f"<td><b>{_num(r.bpt)}</b>{_x(r.bpt, full.bpt if full else None, below='more')}{note}</td>"
+                       if r.bpt is not None else f"<td>{NOT_HERE}</td>")
         if cols["time"]:
             sp = f" <span class='n'>({times(r.speedup)})</span>" if r.speedup and r.label != "full" else ""
-            tds.append(f"<td><b>{_num(r.time_us, '{:,.1f} µs')}</b>{sp}</td>")
+            tds.append(f"<td><b>{_num(r.time_us, '{:,.1f} µs')}</b>{sp}</td>" if r.time_us is not None
+                       else f"<td>{NOT_HERE}</td>")
         if cols["tok"]:
             mode = f" <small>{E(r.tok_mode)}</small>" if r.tok_s and r.tok_mode else ""
             tds.append(f"<td><b>{_num(r.tok_s, '{:,.1f}')}</b>{mode}"
-                       f"{_x(r.tok_s, full.tok_s if full else None, True) if r.label != 'full' else ''}</td>")
+                       f"{_x(r.tok_s, full.tok_s if full else None, True) if r.label != 'full' else ''}</td>"
+                       if r.tok_s is not None else f"<td>{NOT_HERE}</td>")
         if cols["fit"]:
             ff = full.fit[1] if full and full.fit else None
             tds.append(f"<td><b>{_num(r.fit[1], '{:,.1f}')}</b> at batch {r.fit[0]}"
-                       f"{_x(r.fit[1], ff, True) if r.label != 'full' else ''}</td>" if r.fit else "<td>–</td>")
+                       f"{_x(r.fit[1], ff, True) if r.label != 'full' else ''}</td>" if r.fit
+                       else f"<td>{NOT_HERE}</td>")
         rows.append(f"<tr title='{E(origins(r.sources))}'>" + "".join(tds) + "</tr>")
     return ("<div class='scroll'><table class='summary'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
             + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
 
 
+def _accuracy_text(r: Row, proto: str) -> str:
+    """'<b>0.722</b> [0.61, 0.83] (n=108)' and, below it, the paired difference from full on the same cells."""
+    v, iv, d = r.accuracy.get(proto), r.interval.get(proto), r.vs_full.get(proto)
+    if v is None:
+        return NOT_HERE
+    text = f"<b>{v[0]:.3f}</b>" + (f" <span class='ci'>[{iv.lo:.2f}, {iv.hi:.2f}]</span>" if iv else "")
+    text += f" <span class='n'>(n={v[1]})</span>"
+    if d is not None:
+        text += (f"<br><span class='n'>vs full {d.mean:+.3f} [{d.lo:+.2f}, {d.hi:+.2f}] on {d.n} paired cells"
+                 "</span>")
+    return text
+
+
 def _reference_text(t: Table) -> str:
     parts = []
     if t.kernel_cell:
-        why = "the reference" if t.kernel_cell == REFERENCE else "the cell most methods measured"
+        ref = reference_for(t.machine)
+        why = (f"this machine's reference cell" if t.kernel_cell == ref else
+               f"the cell most methods measured; the reference {_cell_name(ref)} was not measured")
         parts.append(f"speeds at {_cell_name(t.kernel_cell)} ({why})")
     if t.thr_cell and t.thr_cell != t.kernel_cell:
         parts.append(f"throughput at {_cell_name(t.thr_cell)}")
     if t.acc_context:
-        parts.append(f"accuracy at {short_num(t.acc_context)}-token prompts")
+        parts.append(f"accuracy at {short_num(t.acc_context)}-token prompts, the mean score with its bootstrap 95% "
+                     "interval over cells, and its paired difference from full on the same cells")
         if t.acc_cells:
             parts.append(f"every score over the {len(t.acc_cells)} cells full was scored on (the same tasks, depths "
                          "and seeds)")
@@ -311,7 +372,10 @@ def _reference_text(t: Table) -> str:
     if t.mem_context:
         parts.append(f"bytes per token at {short_num(t.mem_context)}")
     commits = sorted({short_commit(r.get("env")) for r in t.records})
-    return ("Reference: " + "; ".join(parts) + f". <span class='src'>Commits: {E(', '.join(commits))}.</span>")
+    snap = any(method_name(r.label) in ("snapkv", "pyramidkv", "adakv") for r in t.rows.values())
+    return ("Reference: " + "; ".join(parts) + ". A number measured at other parameters than its row's is never "
+            "shown in it: such cells say \"not measured at these settings\"." + (f" {SNAPKV_DEFAULTS}" if snap else "")
+            + f" <span class='src'>Commits: {E(', '.join(commits))}.</span>")
 
 
 def grid_html(t: Table) -> str:

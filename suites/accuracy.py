@@ -12,23 +12,37 @@ fidelity of every decode step against the full cache (`topk_recall`, `attn_mass`
 their `_layers` arrays; see suites/fidelity.py), `prompt_tokens`, the needle's measured `depth`, `prefill_s`,
 `decode_s`, `new_tokens`, the cache's `nbytes` and `bytes_per_token` at the end, and the attention backend.
 
+The standard profile (the default) runs full, selfindex and snapkv at budgets of 160 tokens, 7.5% and 10% of the
+context, and kivi (2 bits), in both protocols, at 1K, 2K and 4K tokens (the embedded model's context is 8K; full
+still found every needle at 4K in the cells measured so far): passkey, niah_single and niah_multikey in RULER's noise
+haystack and in CPython's documentation prose, vt, at depths 0.1/0.5/0.9 and seeds 0-2, plus ppl: 144 scored cells
+per method and protocol, every method on the same cells, so `summary_rows` can pair each one with full. The table
+shows each mean with its bootstrap 95% interval over cells and the paired difference from full (kvbench.intervals);
+the same rows go to `<out>/accuracy.summary.json`. On a CPU the suite prints its estimated time from the cost model
+below: about 8.6 hours on 2 idle cores for the whole profile, 4 hours for the four methods at one budget each, 36
+minutes for full alone: a cell costs 3-10 s there, and 100 cells per method and protocol at 1K-4K do not fit an hour.
+
 The quick profile (`--quick`) runs full, selfindex (budget 10% of the context), kivi (2 bits) and snapkv (capacity
 10%) in both protocols on the embedded SmolLM2-135M with 1K-token prompts: passkey, niah_single and niah_multikey
-(noise haystack) at depths 0.2/0.5/0.8 and ppl, seeds 0 and 1; 152 cells, 8.4 minutes on this 2-core CPU with little
-other load. niah_multivalue, niah_multiquery and vt are left out of it: the 135M model scores 0.6-0.9 on them even
-with the full cache (suites/tasks.py), so they would measure the model more than the cache.
+(noise haystack) at depths 0.2/0.5/0.8 and ppl, seeds 0 and 1; 152 cells, 19 minutes near idle on 2 CPU cores (issue
+18). niah_multivalue and niah_multiquery are left out of both profiles: the 135M model scores 0.6-0.9 on them even
+with the full cache (suites/tasks.py), so they would measure the model more than the cache, and each decodes 48 tokens
+(four times a needle cell's decode); `--tasks` adds them.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from kvbench.decoding import run_instance
 from kvbench.errors import KVBenchError
+from kvbench.intervals import mean_interval, paired_against
 from kvbench.metrics import BYTES_PER_TOKEN, PPL, SCORE
 from kvbench.sizes import parse_sizes
 from kvbench.suite import METHOD, Column, Options, Plan, Suite, option
@@ -38,7 +52,23 @@ from kvbench.sweep import Cell
 if TYPE_CHECKING:
     from kvbench.api import Method
 
-DEFAULT_METHODS = ("full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1")
+# the quick profile's four methods at a 10% budget; the standard profile adds the 160-token and 7.5% budgets
+QUICK_METHODS = ("full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1")
+DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "selfindex:budget=0.1", "kivi",
+                   "snapkv:capacity=160", "snapkv:capacity=0.075", "snapkv:capacity=0.1")
+
+# The cost model behind the estimate a CPU run prints (estimate_s). Unit: one `full` cell at 1K tokens (prefill,
+# PREFILL_SHARE of it, plus STEP_SHARE per decode step) on 2 idle CPU cores, UNIT_S seconds: the quick profile (152
+# cells, 334.3 such units with these factors) took 19 minutes near idle for issue 18. The factors are CPU-second ratios
+# measured on this 2-core machine under load (nice -n 5, load 5-12, one niah_single cell of each kind per length,
+# benchmarks/accuracy_cell_costs.py, records in benchmarks/records/accuracy-cell-costs.jsonl;
+# fidelity on, 2026-12-02): per method against full at the same length (averaged over 1K, 2K, 4K), per length against
+# 1K for full. Loaded-machine ratios are rough (about +-30%); the estimate is a design check, not a measurement.
+UNIT_S = 3.4
+METHOD_COST = {"full": 1.0, "selfindex": 2.5, "kivi": 1.7, "snapkv": 1.35}
+UNKNOWN_METHOD_COST = 2.5  # a method not measured here: as costly as the costliest measured one
+LENGTH_COST = {1024: 1.0, 2048: 1.45, 4096: 2.3}
+PREFILL_SHARE, STEP_SHARE = 0.5, 0.06  # of a 1K needle cell: prefill, one decode step (a 63-step ppl cell: 4.5x)
 
 
 def _list(value, kind, flag: str) -> list:
@@ -91,13 +121,20 @@ def _seeds(value, flag: str) -> list[int]:
     return seeds
 
 
-def _protocols(value, flag: str) -> list[str]:
-    items = _list(value, str, flag)
-    items = list(T.PROTOCOLS) if items == ["both"] else items
-    for p in items:
-        if p not in T.PROTOCOLS:
-            raise KVBenchError(f"unknown protocol '{p}'; valid: {', '.join(T.PROTOCOLS)}, both")
-    return items
+def _one_or_both(what: str, valid: tuple[str, ...]):
+    """A parser of 'a', 'a,b' or 'both' among the two `valid` names."""
+    def parse(value, flag: str) -> list[str]:
+        items = _list(value, str, flag)
+        items = list(valid) if items == ["both"] else items
+        for x in items:
+            if x not in valid:
+                raise KVBenchError(f"unknown {what} '{x}'; valid: {', '.join(valid)}, both")
+        return items
+    return parse
+
+
+_protocols = _one_or_both("protocol", T.PROTOCOLS)
+_haystacks = _one_or_both("haystack", T.HAYSTACKS)
 
 
 def _text(value, flag: str) -> str:
@@ -109,17 +146,18 @@ def _text(value, flag: str) -> str:
 @dataclass
 class AccuracyOptions(Options):
     tasks: list[str] = option("Comma-separated tasks: " + ", ".join(T.task_names()) + ".", parse=_tasks,
-                              default="passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,ppl",
+                              default="passkey,niah_single,niah_multikey,vt,ppl",
                               quick="passkey,niah_single,niah_multikey,ppl")
     lengths: list[int] = option("Prompt lengths in tokens, e.g. 1K,4K.", parse=_lengths, default="1K,2K,4K",
                                 quick="1K")
     depths: list[float] = option("Needle depths, fractions of the context, e.g. 0.1,0.5,0.9.", parse=_depths,
-                                 default="0.1,0.3,0.5,0.7,0.9", quick="0.2,0.5,0.8")
+                                 default="0.1,0.5,0.9", quick="0.2,0.5,0.8")
     protocols: list[str] = option("query-aware, query-agnostic or both.", "both", parse=_protocols)
     seeds: list[int] = option("Instance seeds, e.g. 0,1,2 or 0-9; for file: tasks, line numbers from 0.",
                               parse=_seeds, default="0,1,2", quick="0,1")
-    haystack: str = option("Haystack of the niah tasks: noise (RULER's repeated sentences) or docs (CPython's "
-                           "documentation text).", "noise", choices=T.HAYSTACKS)
+    haystack: list[str] = option("Haystacks of the niah tasks, comma-separated: noise (RULER's repeated sentences), "
+                                 "docs (CPython's documentation prose) or both.", parse=_haystacks,
+                                 default="noise,docs", quick="noise")
     text: Optional[str] = option("Text file for the ppl task (default: CPython's pydoc_data topics).", parse=_text)
     score_tokens: int = option("ppl: tokens scored one decode step at a time after the prefix.", 64, min=1)
     fidelity: bool = option("Measure attention fidelity against the full cache at each decode step (costs a shadow "
@@ -172,17 +210,53 @@ def cells(plan: Plan) -> list[Cell]:
     out = []
     for task in o.tasks:
         for length in o.lengths:
-            for depth in (o.depths if task in T.DEPTH_TASKS else [None]):
-                for seed in o.seeds:
-                    base = dict(model=plan.model, dtype=str(dtype).removeprefix("torch."), task=task, context=length,
-                                depth=depth, seed=seed)
-                    if task.startswith("niah"):
-                        base["haystack"] = o.haystack
-                    if task == "ppl":
-                        base.update(text=o.text or "pydoc_data.topics", score_tokens=o.score_tokens)
-                    out += [Cell.of(m, {**base, "protocol": p}) for m in plan.methods
-                            for p in ([T.QUERY_AGNOSTIC] if task == "ppl" else o.protocols)]
+            for depth, seed, haystack in itertools.product(o.depths if task in T.DEPTH_TASKS else [None], o.seeds,
+                                                           o.haystack if task.startswith("niah") else [None]):
+                base = dict(model=plan.model, dtype=str(dtype).removeprefix("torch."), task=task, context=length,
+                            depth=depth, seed=seed)
+                if haystack is not None:
+                    base["haystack"] = haystack
+                if task == "ppl":
+                    base.update(text=o.text or "pydoc_data.topics", score_tokens=o.score_tokens)
+                out += [Cell.of(m, {**base, "protocol": p}) for m in plan.methods
+                        for p in ([T.QUERY_AGNOSTIC] if task == "ppl" else o.protocols)]
     return out
+
+
+def _length_cost(length: int) -> float:
+    """LENGTH_COST, interpolated (and extrapolated past its ends) as a power of the length between measured points."""
+    known = sorted(LENGTH_COST)
+    lo = max([n for n in known[:-1] if n <= length], default=known[0])
+    hi = known[known.index(lo) + 1]
+    slope = math.log(LENGTH_COST[hi] / LENGTH_COST[lo]) / math.log(hi / lo)
+    return LENGTH_COST[lo] * (length / lo) ** slope
+
+
+def cell_cost_s(c: Cell, max_new_tokens: int, score_tokens: int = 0) -> float:
+    """Estimated seconds of one cell on 2 idle CPU cores (the cost model above)."""
+    name = c.method.partition(":")[0]
+    steps = score_tokens - 1 if score_tokens else max_new_tokens
+    unit = PREFILL_SHARE + STEP_SHARE * steps
+    return UNIT_S * METHOD_COST.get(name, UNKNOWN_METHOD_COST) * _length_cost(int(c.cell["context"])) * unit
+
+
+# decode tokens a task asks for at most (suites/tasks.py): the estimate counts them all
+MAX_NEW_TOKENS = {"passkey": 10, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48,
+                  "niah_multiquery": 48, "vt": 30}
+
+
+def estimate_s(cell_list: list[Cell]) -> float:
+    """Estimated seconds of a list of cells on 2 idle CPU cores; a file: task counts as 64 new tokens."""
+    return sum(cell_cost_s(c, MAX_NEW_TOKENS.get(c.cell["task"], 64), c.cell.get("score_tokens") or 0)
+               for c in cell_list)
+
+
+def estimate_text(plan: Plan) -> str:
+    cell_list = cells(plan)
+    scored = Counter((c.method, c.cell["protocol"]) for c in cell_list if c.cell["task"] != "ppl")
+    return (f"accuracy: {len(cell_list)} cells ({min(scored.values(), default=0)} scored cells per method and "
+            f"protocol); estimated {estimate_s(cell_list) / 60:.0f} minutes on 2 idle CPU cores "
+            "(suites/accuracy.py's cost model; finished cells are skipped, a busy machine takes longer)")
 
 
 class Session:
@@ -193,6 +267,8 @@ class Session:
         from kvbench.sweep import console
 
         self.options, loaded = plan.options, plan.loaded
+        if not plan.gpu:
+            console.print(f"[dim]{estimate_text(plan)}[/]")
         if loaded is None:
             with console.status(f"loading {plan.model} ..."):
                 loaded = load_model(plan.model, device=plan.torch_device, dtype=plan.options.dtype)
@@ -203,10 +279,10 @@ class Session:
         self.instances: dict[tuple, T.Instance] = {}
 
     def instance(self, c: dict) -> T.Instance:
-        key = (c["task"], c["context"], c["depth"], c["seed"])
+        key = (c["task"], c["context"], c["depth"], c["seed"], c.get("haystack"))
         if key not in self.instances:
             self.instances[key] = T.make_instance(self.tok, c["task"], c["context"], c["depth"], c["seed"],
-                                                  haystack=self.options.haystack, text=self.options.text,
+                                                  haystack=c.get("haystack") or "noise", text=self.options.text,
                                                   score_tokens=self.options.score_tokens)
         return self.instances[key]
 
@@ -216,20 +292,42 @@ def measure(s: Session, cell: Cell) -> dict[str, Any]:
                     fidelity=s.options.fidelity)
 
 
+def _test_key(r: dict) -> tuple:
+    """What makes two records the same test, whatever the method: the cell without model and dtype."""
+    return tuple(sorted((k, str(v)) for k, v in r["cell"].items() if k not in ("model", "dtype")))
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
-    """One row per method and protocol: the mean score, the median ppl, the failed cells."""
+    """One row per method and protocol: the mean score with its bootstrap 95% interval over cells, the paired
+    difference from full on the cells both scored (its interval too), the median ppl, the failed cells."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], str(r["cell"].get("protocol", "-"))), []).append(r)
+    scores = {key: {_test_key(r): r["metrics"][SCORE] for r in g if r["status"] == "ok"
+                    and r["metrics"].get(SCORE) is not None} for key, g in groups.items()}
     rows = []
-    for (method, proto), g in sorted(groups.items()):
-        good = [r["metrics"] for r in g if r["status"] == "ok"]
-        scores = [m[SCORE] for m in good if m.get(SCORE) is not None]
-        ppls = [m[PPL] for m in good if m.get(PPL) is not None]
-        rows.append(dict(method=method, protocol=proto, score=sum(scores) / len(scores) if scores else None,
-                         scored=len(scores), ppl=statistics.median(ppls) if ppls else None,
+    for (method, proto), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0])):
+        mine = scores[(method, proto)]
+        ppls = [r["metrics"][PPL] for r in g if r["status"] == "ok" and r["metrics"].get(PPL) is not None]
+        full = scores.get(("full", proto))
+        iv = mean_interval(list(mine.values()))
+        diff = paired_against(mine, full) if full and method != "full" else None
+        rows.append(dict(method=method, protocol=proto, score=iv.mean if iv else None,
+                         score_ci=[iv.lo, iv.hi] if iv else None, scored=len(mine),
+                         vs_full=diff.mean if diff else None, vs_full_ci=[diff.lo, diff.hi] if diff else None,
+                         paired_cells=diff.n if diff else 0, ppl=statistics.median(ppls) if ppls else None,
                          failed=sum(r["status"] in ("failed", "oom") for r in g)))
     return rows
+
+
+def _with_interval(value_key: str, ci_key: str, signed: bool = False):
+    def show(row: dict) -> str | None:
+        v, ci = row.get(value_key), row.get(ci_key)
+        if v is None:
+            return None
+        f = "+.3f" if signed else ".3f"
+        return f"{v:{f}}" + (f" [{ci[0]:{f}}, {ci[1]:{f}}]" if ci else "")
+    return show
 
 
 SUITE = Suite(
@@ -238,13 +336,16 @@ SUITE = Suite(
          "attention fidelity of each method inside a real model, query-aware and query-agnostic.",
     options=AccuracyOptions, cells=cells, setup=Session, measure=measure,
     rows=summary_rows,
-    columns=(METHOD, Column("protocol", lambda r: r["protocol"], left=True), Column("mean score", lambda r: r["score"],
-             ".3f"), Column("scored cells", lambda r: r["scored"]), Column("ppl (median)", lambda r: r["ppl"], ".2f"),
-             Column("failed", lambda r: r["failed"])),
+    columns=(METHOD, Column("protocol", lambda r: r["protocol"], left=True),
+             Column("mean score [95% CI]", _with_interval("score", "score_ci")),
+             Column("scored cells", lambda r: r["scored"]),
+             Column("vs full, paired [95% CI]", _with_interval("vs_full", "vs_full_ci", signed=True)),
+             Column("ppl (median)", lambda r: r["ppl"], ".2f"), Column("failed", lambda r: r["failed"])),
     report=("pareto", "budget", "needle", "fidelity"),
     model="embedded",
     model_help="embedded, a Hugging Face id or a local path (needs a tokenizer).",
     methods=DEFAULT_METHODS,
+    quick_methods=QUICK_METHODS,
     allow_unknown_methods=True,
     telemetry_s=None,
 )

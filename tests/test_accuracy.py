@@ -17,7 +17,7 @@ from kvbench.methods.full import FullLayer
 from kvbench.records import read_records
 from kvbench.suites import accuracy as A
 
-GRID = dict(tasks="passkey,niah_single,ppl", lengths="300", depths="0.5", seeds="0", protocols="both",
+GRID = dict(tasks="passkey,niah_single,ppl", lengths="300", depths="0.5", seeds="0", protocols="both", haystack="noise",
             score_tokens=16, show_progress=False)
 
 
@@ -59,6 +59,10 @@ def test_tiny_sweep_writes_records_and_skips_them_on_rerun(tiny, tmp_path):
         ("passkey", "query-aware"), ("passkey", "query-agnostic"), ("niah_single", "query-aware"),
         ("niah_single", "query-agnostic"), ("ppl", "query-agnostic")}
 
+    summary = json.loads((tmp_path / "accuracy.summary.json").read_text())  # the intervals, beside the records
+    rows = {(r["method"], r["protocol"]): r for r in summary["rows"]}
+    assert summary["records"] == 10 and rows[("droptop", "query-aware")]["scored"] == 2
+    assert rows[("full", "query-aware")]["score_ci"] is not None and "vs_full_ci" in rows[("droptop", "query-aware")]
     again = A.run(["full", DropTop()], tmp_path, model="tiny", loaded=tiny, **GRID)
     assert (again.ok, again.already_done) == (0, 10)
     assert len((tmp_path / "accuracy.jsonl").read_text().splitlines()) == 10
@@ -222,7 +226,7 @@ def test_gpu_bf16_sweep_of_the_compared_methods(tmp_path):
                       eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).to("cuda", torch.bfloat16).eval()
-    res = A.run(A.DEFAULT_METHODS, tmp_path, model="tiny", loaded=(model, tok), tasks="passkey,ppl", lengths="2K",
+    res = A.run(A.QUICK_METHODS, tmp_path, model="tiny", loaded=(model, tok), tasks="passkey,ppl", lengths="2K",
                 depths="0.5", seeds="0", protocols="both", score_tokens=32, show_progress=False)
     assert (res.ok, res.failed, res.oom) == (12, 0, 0), [r["error"] for r in res.records if r["error"]]
     for r in res.records:
@@ -236,3 +240,57 @@ def test_gpu_bf16_sweep_of_the_compared_methods(tmp_path):
             assert m["topk_recall"] == 1.0 and m["out_rel_err"] < 1e-3
         if r["method"].startswith(("selfindex", "snapkv")):
             assert m["attended_frac"] < 0.5  # a 10% budget really attends a fraction of the tokens
+
+
+def test_standard_profile_plan_has_the_cells_budgets_and_lengths_the_issue_asks_for():
+    """The default profile (no --quick), planned without loading the model: 1K, 2K and 4K tokens, full, kivi, and
+    selfindex and snapkv at 160 tokens, 7.5% and 10%, both haystacks, at least 100 scored cells per method and protocol,
+    every method on the same cells."""
+    from collections import Counter
+
+    plan = A.SUITE.plan(None, model="embedded", device="cpu")
+    labels = [m.label() for m in plan.methods]
+    assert [m.name for m in plan.methods] == ["full"] + ["selfindex"] * 3 + ["kivi"] + ["snapkv"] * 3
+    cells = A.SUITE.cells(plan)
+    assert {c.cell["context"] for c in cells} == {1024, 2048, 4096}
+    scored = [c for c in cells if c.cell["task"] != "ppl"]
+    per = Counter((c.method, c.cell["protocol"]) for c in scored)
+    assert set(per) == {(m, p) for m in labels for p in ("query-aware", "query-agnostic")}
+    assert min(per.values()) >= 100 and len(set(per.values())) == 1
+    tests = {m: {tuple(sorted((k, str(v)) for k, v in c.cell.items())) for c in scored if c.method == m} for m in labels}
+    assert all(t == tests["full"] for t in tests.values())  # paired: the same cells for every method
+    assert {c.cell.get("haystack") for c in scored if c.cell["task"].startswith("niah")} == {"noise", "docs"}
+    assert {"passkey", "niah_single", "niah_multikey", "vt"} <= {c.cell["task"] for c in scored}
+    for name in ("selfindex", "snapkv"):
+        shares = sorted(m.budget_fraction(4096) for m in plan.methods if m.name == name)
+        assert shares == pytest.approx([160 / 4096, 0.075, 0.1], abs=1e-3)
+
+
+def test_quick_profile_keeps_its_four_methods_and_its_cost():
+    plan = A.SUITE.plan(None, model="embedded", quick=True, device="cpu")
+    cells = A.SUITE.cells(plan)
+    assert len(cells) == 152 and {c.cell["context"] for c in cells} == {1024}
+    # the cost model reproduces the quick profile's measured 19 minutes (its calibration) and ranks the standard one
+    quick_min = A.estimate_s(cells) / 60
+    assert 17 <= quick_min <= 21
+    standard = A.SUITE.cells(A.SUITE.plan(None, model="embedded", device="cpu"))
+    assert A.estimate_s(standard) > 10 * A.estimate_s(cells)
+    assert "estimated" in A.estimate_text(plan) and "18 scored cells per method and protocol" in A.estimate_text(plan)
+
+
+def test_summary_rows_give_intervals_and_paired_differences_from_full():
+    def rec(method, seed, score):
+        return dict(method=method, status="ok", cell=dict(task="passkey", context=1024, depth=0.5, seed=seed,
+                                                          protocol="query-aware", model="m", dtype="float32"),
+                    metrics=dict(score=score))
+
+    recs = [rec("full", s, 1.0) for s in range(40)] + [rec("x", s, float(s % 4 != 0)) for s in range(40)]
+    recs.append(rec("x", 99, 0.0))  # a cell full never scored: in x's own mean, not in the paired difference
+    rows = {r["method"]: r for r in A.summary_rows(recs)}
+    assert rows["full"]["score"] == 1.0 and rows["full"]["score_ci"] == [1.0, 1.0] and rows["full"]["vs_full"] is None
+    x = rows["x"]
+    assert x["scored"] == 41 and x["score_ci"][0] < x["score"] < x["score_ci"][1]
+    assert x["paired_cells"] == 40 and x["vs_full"] == pytest.approx(-0.25)
+    assert x["vs_full_ci"][0] < -0.25 < x["vs_full_ci"][1] < 0
+    shown = [col.value(x) for col in A.SUITE.columns]
+    assert "-0.250 [" in shown[4] and shown[2].startswith("0.732 [")

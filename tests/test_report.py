@@ -442,3 +442,65 @@ def test_kernel_chart_draws_floors_and_failed_cells():
     full = next(t for t in fig.data if t.name == "full" and t.xaxis == "x2")  # batch 8: 131072 is the oom cell
     assert list(full.x) == [4096, 32768]
     assert plots.kernel_time(recs, {}, "prefill") is not None and plots.throughput([], {}) is None
+
+
+def _acc(m, seed, score, ctx=1024, protocol="query-aware"):
+    return rec("accuracy", m, {"model": "embedded", "task": "passkey", "context": ctx, "depth": 0.5, "seed": seed,
+                               "protocol": protocol}, {"score": score, "bytes_per_token": 1000.0}, params={})
+
+
+def _ker(m, ctx, batch, t, speedup, env=CPU_ENV):
+    return rec("kernels", m, {"shape": "smollm2-135m", "context": ctx, "batch": batch, "mode": "decode"},
+               {"time_us": t, "speedup_vs_full": speedup}, env=env, params={})
+
+
+def test_a_speed_measured_at_other_parameters_is_never_beside_an_accuracy():
+    """Accuracy at selfindex's 10% budget, kernel time only at its 160-token budget: the 10% row says 'not measured
+    at these settings' where the speed would be, in the table and in the Pareto chart's hover."""
+    from kvbench.reports import plots
+    from kvbench.reports.summary import NOT_HERE, build_tables, speed_notes, table_html
+
+    recs = [_acc("full", s, 1.0) for s in range(5)] + [_acc("selfindex", s, float(s > 0)) for s in range(5)]
+    recs += [_ker("full", 256, 1, 100.0, 1.0), _ker("selfindex:budget=160", 256, 1, 20.0, 5.0)]
+    (t,) = build_tables(recs)
+    aware, other = t.rows["selfindex"], t.rows["selfindex:budget=160"]
+    assert aware.accuracy and aware.time_us is None and aware.speedup is None
+    assert other.speedup == 5.0 and not other.accuracy
+    html_ = table_html(t)
+    row = re.search(r"<th class='m'[^>]*>selfindex<br>.*?</tr>", html_).group(0)
+    assert NOT_HERE in row and "20.0 µs" not in row and "5.00×" not in row
+    assert "vs full -0.200 [" in row and "(n=5)" in row  # the paired difference over the 5 cells both scored
+    notes = speed_notes(recs)
+    assert "selfindex" not in notes and "5.00× faster" in notes["selfindex:budget=160"]
+    fig = plots.pareto(recs, [], plots.palette(r["method"] for r in recs), notes)
+    hover = next(tr for tr in fig.data if tr.name == "selfindex (query-aware)").hovertext[0]
+    assert "not measured at these settings" in hover and "5.00" not in hover
+    assert next(tr for tr in fig.data if tr.name == "selfindex (query-aware)").error_y.arrayminus[0] > 0
+
+
+def test_cpu_speeds_are_read_at_the_cpu_reference_cell_not_the_most_measured_or_best():
+    from kvbench.reports.summary import CPU_REFERENCE, build_tables
+
+    recs = [_acc("full", 0, 1.0), _acc("kivi", 0, 1.0)]
+    recs += [_ker(m, 256, 1, t, full_t / t) for m, t, full_t in (("full", 50.0, 50.0), ("kivi", 40.0, 50.0))]
+    for batch in (2, 4):  # more methods measured 1K x 2 and 1K x 4, and kivi is faster there
+        recs += [_ker(m, 1024, batch, t, 200.0 / t) for m, t in (("full", 200.0), ("kivi", 50.0), ("qjl", 80.0))]
+    (t,) = build_tables(recs)
+    assert t.kernel_cell == CPU_REFERENCE == (256, 1)
+    assert t.rows["kivi"].speedup == pytest.approx(1.25)
+
+
+def test_budget_sweep_has_interval_bars_and_an_all_tasks_panel_per_context():
+    from kvbench.reports import plots
+
+    recs = []
+    for ctx in (1024, 2048):
+        for s in range(6):
+            recs += [_acc("full", s, 1.0, ctx), _acc("selfindex:budget=0.05", s, float(s % 2), ctx),
+                     _acc("selfindex", s, float(s % 3 != 0), ctx)]
+    fig = plots.accuracy_vs_budget(recs, plots.palette(r["method"] for r in recs))
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[:2] == ["all tasks · 1K · query-aware", "all tasks · 2K · query-aware"]
+    line = next(tr for tr in fig.data if tr.name == "selfindex" and tr.xaxis == "x")
+    assert list(line.y) == [0.5, pytest.approx(4 / 6)]
+    assert all(a > 0 for a in line.error_y.array) and all(a > 0 for a in line.error_y.arrayminus)
