@@ -13,6 +13,7 @@ PyTorch references in the method files; the GPU tests check the same code at rea
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -103,4 +104,54 @@ def sign_rowdot(bits: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> tor
         _sign_rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
             bits, w, scale, out, N, G, M, H, bits.stride(0), bits.stride(1), bits.stride(2), BLOCK=BLOCK_N,
             GP=max(16, triton.next_power_of_2(G)), MP=max(16, triton.next_power_of_2(M)))  # tl.dot wants >= 16
+    return out
+
+
+@triton.jit
+def _qjl_outlier_kernel(IDX, Q, W, P, SIN, NIN, SOUT, NOUT, OUT, N, G, M, MO, D, O, H, GQ, NG, scale_in, scale_out,
+                        NP: tl.constexpr, MP: tl.constexpr, OP: tl.constexpr, GP: tl.constexpr):
+    bh, grp = tl.program_id(0), tl.program_id(1)  # one program per (sequence, KV head) and group of tokens
+    b, h = bh // H, bh % H
+    o, m, j = tl.arange(0, OP), tl.arange(0, MP), tl.arange(0, GP)
+    rows = grp * NG + tl.arange(0, NP)
+    ok_r, ok_m, ok_j = (rows < (grp + 1) * NG) & (rows < N), m < M, j < GQ
+    idx = tl.load(IDX + (bh * G + grp) * O + o, mask=o < O, other=0).to(tl.int32)  # this group's outlier channels
+    s_o = tl.load(P + idx[:, None] * M + m[None, :], mask=(o < O)[:, None] & ok_m[None, :], other=0.0)  # [OP, MP]
+    qrow = b * H * GQ + h * GQ + j  # this KV head's query heads
+    q_o = tl.load(Q + qrow[:, None] * D + idx[None, :], mask=ok_j[:, None] & (o < O)[None, :], other=0.0)
+    qs_out = tl.dot(q_o, s_o, input_precision="ieee")  # [GP, MP]: the query's outlier part, projected
+    w = tl.load(W + qrow[:, None] * M + m[None, :], mask=ok_j[:, None] & ok_m[None, :], other=0.0)
+    nb = M // 8
+    byte = tl.load(SIN + (bh * N + rows[:, None]) * nb + m[None, :] // 8, mask=ok_r[:, None] & ok_m[None, :], other=0)
+    s_in = tl.where(ok_r[:, None] & ok_m[None, :], (((byte.to(tl.int32) >> (m[None, :] % 8)) & 1) * 2 - 1), 0)
+    nbo = MO // 8
+    ok_mo = m < MO
+    byte = tl.load(SOUT + (bh * N + rows[:, None]) * nbo + m[None, :] // 8, mask=ok_r[:, None] & ok_mo[None, :],
+                   other=0)
+    s_out = tl.where(ok_r[:, None] & ok_mo[None, :], (((byte.to(tl.int32) >> (m[None, :] % 8)) & 1) * 2 - 1), 0)
+    dots_in = tl.dot((w - qs_out).to(tl.float16), tl.trans(s_in.to(tl.float16)))  # [GP, NP], fp32 sums
+    dots_out = tl.dot(qs_out.to(tl.float16), tl.trans(s_out.to(tl.float16)))
+    n_in = tl.load(NIN + bh * N + rows, mask=ok_r, other=0.0).to(tl.float32)
+    n_out = tl.load(NOUT + bh * N + rows, mask=ok_r, other=0.0).to(tl.float32)
+    est = dots_in * (scale_in * n_in)[None, :] + dots_out * (scale_out * n_out)[None, :]
+    tl.store(OUT + qrow[:, None] * N + rows[None, :], est, mask=ok_j[:, None] & ok_r[None, :])
+
+
+def qjl_outlier_scores(keys, q1: torch.Tensor, w: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """qjl's estimator with outliers (methods/qjl.py outlier_scores_ref) for one query per head: keys an OutlierKeys
+    over N tokens in G groups, q1 [B, Hq, D], w = q1 @ proj [B, Hq, m], proj [D, m] -> [B, Hq, N] fp32. One program
+    per group: it projects the query's outlier channels (a small dot with those rows of proj), then scores the
+    group's inlier and outlier signs."""
+    B, H, G, O = keys.idx.shape
+    N, Hq, D, M = keys.norms.shape[2], q1.shape[1], q1.shape[2], proj.shape[1]
+    MO = keys.out_signs.shape[3] * 8
+    out = torch.empty(B, Hq, N, dtype=torch.float32, device=q1.device)
+    if N:
+        NG = N // G
+        c = math.sqrt(math.pi / 2)
+        parts = [keys.idx, q1.float(), w.float(), proj.float(), keys.signs, keys.norms, keys.out_signs, keys.out_norms]
+        parts = [t.contiguous() for t in parts]
+        pow2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731 - tl.dot wants dims >= 16
+        _qjl_outlier_kernel[(B * H, G)](*parts, out, N, G, M, MO, D, O, H, Hq // H, NG, c / M, c / MO, NP=pow2(NG),
+                                        MP=pow2(M), OP=pow2(O), GP=pow2(Hq // H))
     return out
