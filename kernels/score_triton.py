@@ -45,27 +45,43 @@ def use_triton(method: str, impl: str, device: torch.device) -> bool:
 
 
 @triton.jit
-def _rowdot_kernel(X, W, OUT, N, C, H, sxb, sxh, sxn, BLOCK: tl.constexpr, CP: tl.constexpr):
+def _rowdot_kernel(X, W, META, OUT, N, C, H, sxb, sxh, sxn, smb, smh, smn, BLOCK: tl.constexpr, CP: tl.constexpr,
+                   NIBBLES: tl.constexpr, AFFINE: tl.constexpr):
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, CP)
     ok = (rows[:, None] < N) & (cols[None, :] < C)
     b, h = bh // H, bh % H
-    x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    base = X + b * sxb + h * sxh + rows[:, None] * sxn
+    if NIBBLES:  # two 4-bit codes a byte: column c in the low (c even) or high half of byte c // 2
+        byte = tl.load(base + cols[None, :] // 2, mask=ok, other=0).to(tl.int32)
+        x = ((byte >> ((cols[None, :] % 2) * 4)) & 15).to(tl.float32)
+    else:
+        x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     w = tl.load(W + bh * C + cols, mask=cols < C, other=0.0)
-    tl.store(OUT + bh * N + rows, tl.sum(x * w[None, :], axis=1), mask=rows < N)
+    dots = tl.sum(x * w[None, :], axis=1)
+    if AFFINE:  # codes: x = code * step + minimum per row, so x.w = step (code.w) + minimum sum(w)
+        meta = META + b * smb + h * smh + rows * smn
+        step = tl.load(meta, mask=rows < N, other=0.0).to(tl.float32)
+        low = tl.load(meta + 1, mask=rows < N, other=0.0).to(tl.float32)
+        dots = dots * step + low * tl.sum(w, axis=0)
+    tl.store(OUT + bh * N + rows, dots, mask=rows < N)
 
 
-def rowdot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def rowdot(x: torch.Tensor, w: torch.Tensor, meta: torch.Tensor | None = None, nibbles: bool = False) -> torch.Tensor:
     """out[b, h, n] = sum_c x[b, h, n, c] * w[b, h, c]: x [B, H, N, C] (any float dtype, last dim contiguous), w
-    [B, H, C] -> [B, H, N] fp32."""
+    [B, H, C] -> [B, H, N] fp32. With meta [B, H, N, 2] (step, minimum per row) x holds uint8 codes (packed two a byte
+    when `nibbles`, so C is twice x's last dim) standing for code * step + minimum."""
     B, H, N, C = x.shape
+    C = 2 * C if nibbles else C
     assert x.stride(3) == 1 and w.shape == (B, H, C)
     w = w.float().contiguous()
     out = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
+    m = x if meta is None else meta
     if N:
-        _rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](x, w, out, N, C, H, x.stride(0), x.stride(1), x.stride(2),
-                                                        BLOCK=BLOCK_N, CP=triton.next_power_of_2(C))
+        _rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
+            x, w, m, out, N, C, H, x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1), m.stride(2),
+            BLOCK=BLOCK_N, CP=triton.next_power_of_2(C), NIBBLES=nibbles, AFFINE=meta is not None)
     return out
 
 

@@ -12,7 +12,8 @@ import torch
 
 from kvbench import KVBenchError, LayerSpec, parse_method
 
-SELECTING = ["quest:budget=64,dense_layers=0", "doublesparse:budget=64", "qjl:bits=128,buffer=32",
+SELECTING = ["quest:budget=64,dense_layers=0", "doublesparse:budget=64", "doublesparse:budget=64,label_bits=8",
+             "doublesparse:budget=64,label_bits=16", "qjl:bits=128,buffer=32",
              "qjl:bits=128,buffer=32,outliers=0"]
 
 
@@ -32,6 +33,15 @@ def check_kernels(device, dtype, shapes, tol):
         want = (x.float() * w[:, :, None]).sum(-1)
         got = rowdot(x, w)
         torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+        for bits in (4, 8):  # doublesparse's quantized labels: codes (packed at 4 bits) with a step and minimum
+            from kvbench.methods.doublesparse import dequantize_labels, pack_nibbles, pseudo_quantize
+
+            codes, step, low = pseudo_quantize(torch.randn(B, H, N, 2 * C, device=device), bits)
+            stored = pack_nibbles(codes) if bits == 4 else codes
+            meta = torch.stack([step, low], -1).half()
+            w2 = torch.randn(B, H, 2 * C, device=device)
+            want3 = (dequantize_labels(stored, meta, bits) * w2[:, :, None]).sum(-1)
+            torch.testing.assert_close(rowdot(stored, w2, meta, nibbles=bits == 4), want3, atol=1e-3, rtol=1e-4)
         bits = torch.randint(0, 256, (B, H, N, M // 8), dtype=torch.uint8, device=device)
         wq, scale = torch.randn(B, Hq, M, device=device), torch.rand(B, H, N, device=device).half()
         signs = unpack_signs(bits).repeat_interleave(Hq // H, dim=1)  # [B, Hq, N, M]
