@@ -36,8 +36,9 @@ class DoubleSparse(Method):
     `channels` values, min-max to 2^bits - 1 levels, the query's label quantized the same way per query head); the
     codes are packed two per byte at 4 bits, with each token's step and minimum in fp16 (the authors dequantize in
     place and keep fp16 labels: their 4 bits are a fidelity setting, here they are the bytes stored and read).
-    label_bits=16 keeps the labels in the model dtype. Prefill and multi-token extends attend densely. On CUDA the label scores are a Triton kernel (kernels/score_triton.py); top-k and the exact
-    attention are PyTorch.
+    label_bits=16 keeps the labels in the model dtype. Prefill and multi-token extends attend densely. On CUDA the
+    label scores are a Triton kernel (kernels/score_triton.py, reading the codes); top-k and the exact attention are
+    PyTorch.
 
     Parameters
     ----------
