@@ -12,6 +12,8 @@ from kvbench.api import BUDGET_VALID, LayerCache, LayerSpec, Method, budget_shar
 from kvbench.methods.selection import GROW, SelectingLayer
 from kvbench.registry import register
 
+MIN_PAGES = 3  # pages a selecting step attends at the least, however small the budget (the authors' code)
+
 
 @register
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class Quest(Method):
     cache keeps the channel-wise max M and min m of its keys; a decode step's query q bounds the page's q.k by
     sum_i max(q_i M_i, q_i m_i), the top pages up to `budget` tokens are chosen, and the step attends exactly over
     their tokens. The page holding the newest token is always chosen here (a partly filled page's bound changes with
-    every token). The first `dense_layers` layers attend densely, as in the paper. Nothing is freed: the full cache
+    every token). At least 3 pages are attended, however small the budget, as in the authors' code
+    (evaluation/quest_attention.py). The first `dense_layers` layers attend densely, as in the paper and its code
+    (layers 0 and 1); a page is 16 tokens there too. Nothing is freed: the full cache
     stays, only reads are cut; the metadata adds 2 / page of the key bytes.
 
     Where it differs, and why: Quest's models are multi-head and select per head; with GQA one set of pages per KV
@@ -106,7 +110,7 @@ class QuestLayer(SelectingLayer):
     def n_pages(self) -> tuple[int, int]:
         """(pages stored, pages a decode step attends)."""
         P = -(-self.kv.n // self.m.page)
-        return P, min(P, max(1, budget_tokens(self.m.budget, self.kv.n) // self.m.page))
+        return P, min(P, max(MIN_PAGES, budget_tokens(self.m.budget, self.kv.n) // self.m.page))
 
     def sparse(self) -> bool:
         P, K = self.n_pages()
