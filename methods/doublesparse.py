@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from kvbench.api import (BUDGET_VALID, KVBenchError, LayerCache, LayerSpec, Method, ParamError, budget_share,
-                         budget_tokens, check_budget, param)
-from kvbench.methods.selection import GROW, SelectingLayer
+                         check_budget, param)
+from kvbench.methods.selection import GROW, SelectingLayer, tokens_of_budget
 from kvbench.registry import register
 
 
@@ -214,7 +214,38 @@ class DoubleSparseLayer(SelectingLayer):
         return super().prefill(q, k, v)
 
     def n_select(self) -> int:
-        return min(self.kv.n, budget_tokens(self.m.budget, self.kv.n))
+        return self.rows_attended(self.kv.n)
+
+    # --- the capture-safe step's hooks (methods/selection.py) ---
+
+    def rows_attended(self, n):
+        """Tokens a step attends at n tokens (n an int or a device tensor)."""
+        want = tokens_of_budget(self.m.budget, n)
+        return torch.minimum(n.long(), want) if isinstance(n, torch.Tensor) else min(n, want)
+
+    def grow_summary(self, tokens: int) -> None:
+        for name in ("labels", "meta"):
+            buf = getattr(self, name)
+            if buf is not None and buf.shape[2] < tokens:
+                grown = buf.new_empty(*buf.shape[:2], tokens, buf.shape[3])
+                grown[:, :, : buf.shape[2]] = buf
+                setattr(self, name, grown)
+
+    def summarize_last(self, seen: torch.Tensor) -> None:
+        """The label of the token at position seen - 1, written there on the device."""
+        pos = seen[:1].long() - 1
+        k = self.kv.k.index_select(1, pos).transpose(1, 2)  # [B, Hkv, 1, D]
+        codes, meta = self.encode(k.gather(3, self.channels[:, :, None]))
+        self.labels.index_copy_(2, pos, codes)
+        if meta is not None:
+            self.meta.index_copy_(2, pos, meta)
+
+    def device_scores(self, q1: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        s = self.label_scores(q1, self.labels, self.meta)
+        return s.masked_fill(torch.arange(s.shape[-1], device=s.device) >= seen[:1].long(), float("-inf"))
+
+    def row_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
 
     def sparse(self) -> bool:
         return self.n_select() < self.kv.n
@@ -222,7 +253,9 @@ class DoubleSparseLayer(SelectingLayer):
     def scores(self, q1: torch.Tensor) -> torch.Tensor:
         """Estimated q.k [B, Hkv, n] fp32 from the labels, for q1 [B, Hq, D]."""
         n = self.kv.n
-        labels, meta = self.labels[:, :, :n], None if self.meta is None else self.meta[:, :, :n]
+        return self.label_scores(q1, self.labels[:, :, :n], None if self.meta is None else self.meta[:, :, :n])
+
+    def label_scores(self, q1: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
         if self.triton:
             from kvbench.kernels.score_triton import rowdot
 
