@@ -44,6 +44,11 @@ class QJL(Method):
     (kernels/score_triton.py: sign_rowdot without outliers, qjl_outlier_scores with them); the softmax and P.V over
     dequantized values are PyTorch.
 
+    Not capture-safe (decodes eagerly under the graph runner, which records why): the step that fills the buffer
+    quantizes it as a block, so the quantized part grows by `buffer` tokens at data-dependent steps (a shape change and
+    an allocation), and whether a step quantizes is a host-side decision. A capture-safe version would preallocate the
+    quantized buffers for the reserved room and quantize the block on the device every step, writing it only when full.
+
     Parameters
     ----------
     bits : int, default 256
