@@ -19,8 +19,7 @@ VALUE_GROUP = 32  # channels per value quantization group, as the authors' runs
 @register
 @dataclass(frozen=True)
 class QJL(Method):
-    """qjl: 1-bit quantized JL keys, outlier channels sketched apart; q.k estimated from the query's projection and
-    the keys' sign bits.
+    """qjl: 1-bit quantized JL keys, outlier channels sketched apart; q.k estimated from the keys' sign bits.
 
     Based on QJL: 1-Bit Quantized JL Transform for KV Cache Quantization with Zero Overhead (Zandieh et al., 2024),
     https://arxiv.org/abs/2406.03482, and its code (github.com/amirzandieh/QJL; defaults of run_longbench.py). With S
