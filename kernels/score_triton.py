@@ -13,6 +13,7 @@ PyTorch references in the method files; the GPU tests check the same code at rea
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -44,27 +45,43 @@ def use_triton(method: str, impl: str, device: torch.device) -> bool:
 
 
 @triton.jit
-def _rowdot_kernel(X, W, OUT, N, C, H, sxb, sxh, sxn, BLOCK: tl.constexpr, CP: tl.constexpr):
+def _rowdot_kernel(X, W, META, OUT, N, C, H, sxb, sxh, sxn, smb, smh, smn, BLOCK: tl.constexpr, CP: tl.constexpr,
+                   NIBBLES: tl.constexpr, AFFINE: tl.constexpr):
     bh = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, CP)
     ok = (rows[:, None] < N) & (cols[None, :] < C)
     b, h = bh // H, bh % H
-    x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxn + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    base = X + b * sxb + h * sxh + rows[:, None] * sxn
+    if NIBBLES:  # two 4-bit codes a byte: column c in the low (c even) or high half of byte c // 2
+        byte = tl.load(base + cols[None, :] // 2, mask=ok, other=0).to(tl.int32)
+        x = ((byte >> ((cols[None, :] % 2) * 4)) & 15).to(tl.float32)
+    else:
+        x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     w = tl.load(W + bh * C + cols, mask=cols < C, other=0.0)
-    tl.store(OUT + bh * N + rows, tl.sum(x * w[None, :], axis=1), mask=rows < N)
+    dots = tl.sum(x * w[None, :], axis=1)
+    if AFFINE:  # codes: x = code * step + minimum per row, so x.w = step (code.w) + minimum sum(w)
+        meta = META + b * smb + h * smh + rows * smn
+        step = tl.load(meta, mask=rows < N, other=0.0).to(tl.float32)
+        low = tl.load(meta + 1, mask=rows < N, other=0.0).to(tl.float32)
+        dots = dots * step + low * tl.sum(w, axis=0)
+    tl.store(OUT + bh * N + rows, dots, mask=rows < N)
 
 
-def rowdot(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def rowdot(x: torch.Tensor, w: torch.Tensor, meta: torch.Tensor | None = None, nibbles: bool = False) -> torch.Tensor:
     """out[b, h, n] = sum_c x[b, h, n, c] * w[b, h, c]: x [B, H, N, C] (any float dtype, last dim contiguous), w
-    [B, H, C] -> [B, H, N] fp32."""
+    [B, H, C] -> [B, H, N] fp32. With meta [B, H, N, 2] (step, minimum per row) x holds uint8 codes (packed two a byte
+    when `nibbles`, so C is twice x's last dim) standing for code * step + minimum."""
     B, H, N, C = x.shape
+    C = 2 * C if nibbles else C
     assert x.stride(3) == 1 and w.shape == (B, H, C)
     w = w.float().contiguous()
     out = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
+    m = x if meta is None else meta
     if N:
-        _rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](x, w, out, N, C, H, x.stride(0), x.stride(1), x.stride(2),
-                                                        BLOCK=BLOCK_N, CP=triton.next_power_of_2(C))
+        _rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
+            x, w, m, out, N, C, H, x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1), m.stride(2),
+            BLOCK=BLOCK_N, CP=triton.next_power_of_2(C), NIBBLES=nibbles, AFFINE=meta is not None)
     return out
 
 
@@ -103,4 +120,54 @@ def sign_rowdot(bits: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> tor
         _sign_rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
             bits, w, scale, out, N, G, M, H, bits.stride(0), bits.stride(1), bits.stride(2), BLOCK=BLOCK_N,
             GP=max(16, triton.next_power_of_2(G)), MP=max(16, triton.next_power_of_2(M)))  # tl.dot wants >= 16
+    return out
+
+
+@triton.jit
+def _qjl_outlier_kernel(IDX, Q, W, P, SIN, NIN, SOUT, NOUT, OUT, N, G, M, MO, D, O, H, GQ, NG, scale_in, scale_out,
+                        NP: tl.constexpr, MP: tl.constexpr, OP: tl.constexpr, GP: tl.constexpr):
+    bh, grp = tl.program_id(0), tl.program_id(1)  # one program per (sequence, KV head) and group of tokens
+    b, h = bh // H, bh % H
+    o, m, j = tl.arange(0, OP), tl.arange(0, MP), tl.arange(0, GP)
+    rows = grp * NG + tl.arange(0, NP)
+    ok_r, ok_m, ok_j = (rows < (grp + 1) * NG) & (rows < N), m < M, j < GQ
+    idx = tl.load(IDX + (bh * G + grp) * O + o, mask=o < O, other=0).to(tl.int32)  # this group's outlier channels
+    s_o = tl.load(P + idx[:, None] * M + m[None, :], mask=(o < O)[:, None] & ok_m[None, :], other=0.0)  # [OP, MP]
+    qrow = b * H * GQ + h * GQ + j  # this KV head's query heads
+    q_o = tl.load(Q + qrow[:, None] * D + idx[None, :], mask=ok_j[:, None] & (o < O)[None, :], other=0.0)
+    qs_out = tl.dot(q_o, s_o, input_precision="ieee")  # [GP, MP]: the query's outlier part, projected
+    w = tl.load(W + qrow[:, None] * M + m[None, :], mask=ok_j[:, None] & ok_m[None, :], other=0.0)
+    nb = M // 8
+    byte = tl.load(SIN + (bh * N + rows[:, None]) * nb + m[None, :] // 8, mask=ok_r[:, None] & ok_m[None, :], other=0)
+    s_in = tl.where(ok_r[:, None] & ok_m[None, :], (((byte.to(tl.int32) >> (m[None, :] % 8)) & 1) * 2 - 1), 0)
+    nbo = MO // 8
+    ok_mo = m < MO
+    byte = tl.load(SOUT + (bh * N + rows[:, None]) * nbo + m[None, :] // 8, mask=ok_r[:, None] & ok_mo[None, :],
+                   other=0)
+    s_out = tl.where(ok_r[:, None] & ok_mo[None, :], (((byte.to(tl.int32) >> (m[None, :] % 8)) & 1) * 2 - 1), 0)
+    dots_in = tl.dot((w - qs_out).to(tl.float16), tl.trans(s_in.to(tl.float16)))  # [GP, NP], fp32 sums
+    dots_out = tl.dot(qs_out.to(tl.float16), tl.trans(s_out.to(tl.float16)))
+    n_in = tl.load(NIN + bh * N + rows, mask=ok_r, other=0.0).to(tl.float32)
+    n_out = tl.load(NOUT + bh * N + rows, mask=ok_r, other=0.0).to(tl.float32)
+    est = dots_in * (scale_in * n_in)[None, :] + dots_out * (scale_out * n_out)[None, :]
+    tl.store(OUT + qrow[:, None] * N + rows[None, :], est, mask=ok_j[:, None] & ok_r[None, :])
+
+
+def qjl_outlier_scores(keys, q1: torch.Tensor, w: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """qjl's estimator with outliers (methods/qjl.py outlier_scores_ref) for one query per head: keys an OutlierKeys
+    over N tokens in G groups, q1 [B, Hq, D], w = q1 @ proj [B, Hq, m], proj [D, m] -> [B, Hq, N] fp32. One program
+    per group: it projects the query's outlier channels (a small dot with those rows of proj), then scores the
+    group's inlier and outlier signs."""
+    B, H, G, O = keys.idx.shape
+    N, Hq, D, M = keys.norms.shape[2], q1.shape[1], q1.shape[2], proj.shape[1]
+    MO = keys.out_signs.shape[3] * 8
+    out = torch.empty(B, Hq, N, dtype=torch.float32, device=q1.device)
+    if N:
+        NG = N // G
+        c = math.sqrt(math.pi / 2)
+        parts = [keys.idx, q1.float(), w.float(), proj.float(), keys.signs, keys.norms, keys.out_signs, keys.out_norms]
+        parts = [t.contiguous() for t in parts]
+        pow2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731 - tl.dot wants dims >= 16
+        _qjl_outlier_kernel[(B * H, G)](*parts, out, N, G, M, MO, D, O, H, Hq // H, NG, c / M, c / MO, NP=pow2(NG),
+                                        MP=pow2(M), OP=pow2(O), GP=pow2(Hq // H))
     return out

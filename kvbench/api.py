@@ -19,11 +19,12 @@ import math
 import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from kvbench.errors import KVBenchError, ParamError, UnknownMethodError  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:  # torch is imported where it is used, so checking a method's parameters does not load it
+    import torch
 
 
 class ReservedRoomError(KVBenchError):
@@ -36,6 +37,8 @@ class ReservedRoomError(KVBenchError):
 
 def capturing(t: torch.Tensor) -> bool:
     """Is t's device stream being captured into a CUDA graph now (so host-side bookkeeping must wait)?"""
+    import torch
+
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 

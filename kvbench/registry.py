@@ -7,8 +7,12 @@ import importlib
 import importlib.metadata
 import logging
 import typing
+from typing import TYPE_CHECKING
 
-from kvbench.api import KVBenchError, Method, ParamError, UnknownMethodError
+from kvbench.errors import KVBenchError, ParamError, UnknownMethodError
+
+if TYPE_CHECKING:  # kvbench.api is light, but the methods import torch: they load on first use, not here
+    from kvbench.api import Method
 
 ENTRY_POINT_GROUP = "kvbench.methods"
 
@@ -38,6 +42,8 @@ def _load(quiet: bool = False) -> None:
     if _loaded:
         return
     _loaded = True
+    from kvbench.api import Method
+
     importlib.import_module("kvbench.methods")  # the built-in methods register themselves on import
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -86,12 +92,53 @@ def _convert(method: str, name: str, text: str, kind: typing.Any):
         raise ParamError(method, name, text, f"a {getattr(kind, '__name__', kind)}") from None
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a bad 'name:key=value,...' for a built-in method without importing it (nor torch): the same errors
+    parse_method raises, read from the methods' declarations (kvbench/declarations.py). A spec the declarations cannot
+    settle passes; parse_method then checks it against the real class."""
+    from kvbench import declarations
+
+    name = spec.strip().partition(":")[0].strip()
+    stand_in = declarations.declared().get(name)
+    if stand_in is None:
+        plugins = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        if not declarations.unreadable and name not in plugins and name not in _REGISTRY:
+            raise UnknownMethodError(name, sorted({*declarations.declared(), *plugins, *_REGISTRY}))
+        return
+    try:
+        _build(spec, stand_in)
+    except KVBenchError:
+        raise
+    except Exception:  # noqa: BLE001 - whatever the stand-in cannot settle, the real class will
+        return
+
+
+def check_specs(specs, *, allow_unknown: bool = False) -> None:
+    """check_spec on every text spec of a list (others, and 'all', pass), so that the first bad one fails before a
+    good one imports the methods; with allow_unknown an unknown name passes too (the caller records it)."""
+    for spec in specs:
+        if isinstance(spec, str) and spec.strip() != "all":
+            try:
+                check_spec(spec)
+            except UnknownMethodError:
+                if not allow_unknown:
+                    raise
+
+
 def parse_method(spec: str | Method, **overrides) -> Method:
     """Build a method from 'name' or 'name:key=value,key=value' (the CLI's form), plus keyword overrides."""
+    from kvbench.api import Method
+
     if isinstance(spec, Method):
         return type(spec)(**{**spec.params(), **overrides}) if overrides else spec
+    if not overrides:
+        check_spec(spec)  # a bad spec fails here, before the methods (and torch) are imported
+    return _build(spec, get_method(spec.strip().partition(":")[0].strip()), **overrides)
+
+
+def _build(spec: str, cls: type[Method], **overrides) -> Method:
+    """cls built from the key=value items of `spec`, converted to the parameters' types, plus overrides."""
     name, _, rest = spec.strip().partition(":")
-    cls = get_method(name.strip())
     hints = typing.get_type_hints(cls)
     fields = {p.name for p in cls.describe()}
     kwargs: dict[str, typing.Any] = {}

@@ -153,8 +153,9 @@ def resolve_methods(specs: Sequence[Any], *, allow_unknown: bool = False) -> lis
     """Parse every spec (text or a Method) before any work starts; 'all' is every registered method with its defaults.
     Duplicates (by label) are dropped. A bad parameter is an error; an unknown name too, unless `allow_unknown`."""
     from kvbench.api import Method
-    from kvbench.registry import available_methods, parse_method
+    from kvbench.registry import available_methods, check_specs, parse_method
 
+    check_specs(specs, allow_unknown=allow_unknown)  # a bad spec fails before a good one imports the methods
     out: list[Any] = []
     for spec in specs:
         if isinstance(spec, str) and spec.strip() == "all":

@@ -19,23 +19,34 @@ VALUE_GROUP = 32  # channels per value quantization group, as the authors' runs
 @register
 @dataclass(frozen=True)
 class QJL(Method):
-    """qjl: 1-bit quantized JL keys; q.k estimated from the query's projection and the keys' sign bits.
+    """qjl: 1-bit quantized JL keys, outlier channels sketched apart; q.k estimated from the keys' sign bits.
 
     Based on QJL: 1-Bit Quantized JL Transform for KV Cache Quantization with Zero Overhead (Zandieh et al., 2024),
     https://arxiv.org/abs/2406.03482, and its code (github.com/amirzandieh/QJL; defaults of run_longbench.py). With S
     a D x m projection (Gaussian, orthogonalized in blocks of D columns and scaled by sqrt(D), as their sketch does),
-    a key is stored as sign(k S) (m bits) and its norm (fp16); a query's score is
-    sqrt(pi / 2) / m * ||k|| * <q S, sign(k S)>, unbiased for q.k with a Gaussian S. Values are quantized per token to
-    `value_bits` in groups of 32 channels (KIVI's asymmetric scheme, kernels/kivi_ref.py). The newest tokens stay in
-    full precision: the buffer grows to `buffer` tokens and is then quantized as one block. The first
-    `initial_layers` layers use `initial_bits` sketch bits. Prefill attends in full precision.
+    the keys are quantized in groups of `group` tokens per KV head. In each group the `outliers` channels of largest
+    norm over the group's keys are set apart (their indices, uint8, are stored per group): a key k splits into its
+    outlier part k_o (those channels) and the rest k_i. k_i is stored as sign(k_i S) (m bits) with its norm, k_o as
+    sign(k_o S') with S' the first `outlier_bits` columns of S, and its norm (fp16 norms). A query's score is
+    sqrt(pi / 2) / m * ||k_i|| * <q_i S, sign(k_i S)> + sqrt(pi / 2) / m' * ||k_o|| * <q_o S', sign(k_o S')>, with
+    q_i, q_o the query at the group's inlier and outlier channels; each term is unbiased for its part of q.k (q_o is
+    zero on k_i's channels, so <q_i, k_i> = <q, k_i>), and the outliers, which would dominate ||k||, no longer scale
+    the noise of the rest. Values are quantized per token to `value_bits` in groups of 32 channels (KIVI's asymmetric
+    scheme, kernels/kivi_ref.py). The newest tokens stay in full precision: the buffer grows to `buffer` tokens and
+    is then quantized as one block. The first `initial_layers` layers use `initial_bits` sketch bits and
+    `initial_outlier_bits` outlier bits. Prefill attends in full precision.
 
-    Where it differs, and why: the authors also sketch, per group of 32 tokens, the 8 channels of largest norm apart
-    (outliers) with their own norms; not implemented here (one sketch per key), which makes the estimate noisier on
-    keys with outlier channels. kvbench's selfindex keeps 1-bit signs too, of the centred keys themselves rather than
-    of a projection, and uses them to select tokens; qjl attends every token with its estimated score. On CUDA the
-    estimator runs as a Triton kernel (kernels/score_triton.py, sign_rowdot); the softmax and P.V over dequantized
-    values are PyTorch.
+    Where it differs, and why: the authors store the whole key's norm and derive the inlier norm from it; here both
+    norms are stored (the same two fp16 per key) so no square root of a rounded difference is taken. kvbench's
+    selfindex keeps 1-bit signs too, of the centred keys themselves rather than of a projection, and uses them to
+    select tokens; qjl attends every token with its estimated score. On CUDA the estimator runs as Triton kernels
+    (kernels/score_triton.py: sign_rowdot without outliers, qjl_outlier_scores with them); the softmax and P.V over
+    dequantized values are PyTorch.
+
+    Not capture-safe (decodes eagerly under the graph runner, which records why): the step that fills the buffer
+    quantizes it as a block, so the quantized part grows by `buffer` tokens at data-dependent steps (a shape change and
+    an allocation), and whether a step quantizes is a host-side decision. A capture-safe version would preallocate the
+    quantized buffers for the reserved room and quantize the block on the device every step, writing it only when full.
 
     Parameters
     ----------
@@ -45,6 +56,14 @@ class QJL(Method):
         Sketch bits in the first `initial_layers` layers.
     initial_layers : int, default 15
         Layers that use `initial_bits`.
+    outliers : int, default 8
+        Outlier channels per group of tokens, sketched apart (0: one sketch of the whole key).
+    outlier_bits : int, default 256
+        Sign bits of the outlier part (a multiple of 8; more than the layer's sketch bits are cut to them).
+    initial_outlier_bits : int, default 128
+        Outlier sign bits in the first `initial_layers` layers (cut to `initial_bits` likewise).
+    group : int, default 32
+        Tokens per outlier group (`buffer` is a multiple of it).
     value_bits : int, default 2
         Bits per value element (2 or 4), per token over groups of 32 channels.
     buffer : int, default 128
@@ -60,6 +79,11 @@ class QJL(Method):
     bits: int = param(256, "sketch bits per key", valid="a multiple of 8, >= 16")
     initial_bits: int = param(512, "sketch bits per key in the first layers", valid="a multiple of 8, >= 16")
     initial_layers: int = param(15, "layers that use initial_bits", ge=0)
+    outliers: int = param(8, "outlier channels per group of tokens, sketched apart (0: none)", ge=0, le=255)
+    outlier_bits: int = param(256, "sign bits of the outlier part", valid="a multiple of 8, >= 8")
+    initial_outlier_bits: int = param(128, "outlier sign bits in the first layers",
+                                      valid="a multiple of 8, >= 8")
+    group: int = param(32, "tokens per outlier group", ge=1)
     value_bits: int = param(2, "bits per value element", choices=(2, 4))
     buffer: int = param(128, "newest tokens kept in full precision", ge=1)
     seed: int = param(42, "seed of the projection", ge=0)
@@ -71,8 +95,16 @@ class QJL(Method):
             value = getattr(self, name)
             if value < 16 or value % 8:
                 raise ParamError(self.name, name, value, "a multiple of 8, >= 16")
+        for name in ("outlier_bits", "initial_outlier_bits"):
+            value = getattr(self, name)
+            if value < 8 or value % 8:
+                raise ParamError(self.name, name, value, "a multiple of 8, >= 8")
+        if self.buffer % self.group:
+            raise ParamError(self.name, "buffer", self.buffer, f"a multiple of group ({self.group})")
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
+        if self.outliers > spec.head_dim:
+            raise KVBenchError(f"qjl: outliers={self.outliers} exceeds the head dim {spec.head_dim}; use at most that")
         if spec.head_dim % VALUE_GROUP:
             raise KVBenchError(f"qjl: head dim {spec.head_dim} needs to be a multiple of {VALUE_GROUP} (the value "
                                "quantization group)")
@@ -100,8 +132,8 @@ def unpack_signs(b: torch.Tensor) -> torch.Tensor:
 
 
 def scores_ref(q: torch.Tensor, proj: torch.Tensor, signs: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """The reference estimator: q [B, Hq, Tq, D], proj [D, m], signs [B, Hkv, N, m / 8], norms [B, Hkv, N] ->
-    estimated q.k [B, Hq, Tq, N] fp32."""
+    """The reference estimator without outliers: q [B, Hq, Tq, D], proj [D, m], signs [B, Hkv, N, m / 8], norms
+    [B, Hkv, N] -> estimated q.k [B, Hq, Tq, N] fp32."""
     B, Hq, Tq, D = q.shape
     H, m = signs.shape[1], proj.shape[1]
     qs = (q.float() @ proj).reshape(B, H, Hq // H * Tq, m)
@@ -109,26 +141,84 @@ def scores_ref(q: torch.Tensor, proj: torch.Tensor, signs: torch.Tensor, norms: 
     return est.view(B, Hq, Tq, -1)
 
 
+def outlier_masks(idx: torch.Tensor, D: int) -> torch.Tensor:
+    """Outlier channel indices [B, Hkv, G, o] -> fp32 0/1 masks [B, Hkv, G, D]."""
+    mask = torch.zeros(*idx.shape[:3], D, device=idx.device)
+    return mask.scatter_(3, idx.long(), 1.0)
+
+
+def outlier_scores_ref(q: torch.Tensor, proj: torch.Tensor, keys: "OutlierKeys") -> torch.Tensor:
+    """The reference estimator with outliers: q [B, Hq, Tq, D] over keys quantized in groups -> [B, Hq, Tq, N] fp32:
+    sqrt(pi / 2) / m ||k_i|| <q_i S, s_i> + sqrt(pi / 2) / m' ||k_o|| <q_o S', s_o> per token."""
+    B, Hq, Tq, D = q.shape
+    H, G, _ = keys.idx.shape[1:]
+    m, mo = proj.shape[1], keys.out_signs.shape[-1] * 8
+    n = keys.norms.shape[2] // max(G, 1)  # tokens per group
+    qf = q.float().reshape(B, H, 1, Hq // H * Tq, D)
+    q_out = qf * outlier_masks(keys.idx, D)[:, :, :, None]  # [B, Hkv, G, g Tq, D]: the query at each group's outliers
+    qs, qs_out = qf @ proj, q_out @ proj  # [B, Hkv, 1 or G, g Tq, m]
+    s_in = unpack_signs(keys.signs).view(B, H, G, n, m)
+    s_out = unpack_signs(keys.out_signs).view(B, H, G, n, mo)
+    c = math.sqrt(math.pi / 2)
+    est = ((qs - qs_out) @ s_in.transpose(-1, -2)) * (c / m) * keys.norms.float().view(B, H, G, 1, n)
+    est = est + (qs_out[..., :mo] @ s_out.transpose(-1, -2)) * (c / mo) * keys.out_norms.float().view(B, H, G, 1, n)
+    return est.permute(0, 1, 3, 2, 4).reshape(B, Hq, Tq, G * n)
+
+
+@dataclass
+class OutlierKeys:
+    """Keys quantized with their outliers apart, N = G groups of tokens: idx uint8 [B, Hkv, G, o] (outlier channels),
+    signs [B, Hkv, N, m / 8] and norms fp16 [B, Hkv, N] of the inlier part, out_signs [B, Hkv, N, m' / 8] and
+    out_norms of the outlier part."""
+
+    idx: torch.Tensor
+    signs: torch.Tensor
+    norms: torch.Tensor
+    out_signs: torch.Tensor
+    out_norms: torch.Tensor
+
+
+def quantize_keys(k: torch.Tensor, proj: torch.Tensor, n_outliers: int, group: int, out_bits: int) -> OutlierKeys:
+    """k [B, Hkv, T, D] (T a multiple of group) -> its OutlierKeys."""
+    B, H, T, D = k.shape
+    kg = k.float().view(B, H, T // group, group, D)
+    idx = kg.norm(dim=3).topk(n_outliers, dim=-1).indices.to(torch.uint8)  # [B, Hkv, G, o]: largest-norm channels
+    k_out = kg * outlier_masks(idx, D)[:, :, :, None]
+    k_in = (kg - k_out).view(B, H, T, D)
+    k_out = k_out.view(B, H, T, D)
+    return OutlierKeys(idx, pack_signs(k_in @ proj), k_in.norm(dim=-1).half(), pack_signs(k_out @ proj[:, :out_bits]),
+                       k_out.norm(dim=-1).half())
+
+
 class QJLLayer(LayerCache):
-    """Quantized tokens [0, nq): signs uint8 [B, Hkv, nq, m / 8], norms fp16 [B, Hkv, nq], value codes int32
-    [B, Hkv, nq, W] with scale and min fp16 [B, Hkv, nq, D / 32]; the buffer rk, rv [B, Hkv, n - nq, D]."""
+    """Quantized tokens [0, nq): the keys as OutlierKeys (or, with outliers=0, signs uint8 [B, Hkv, nq, m / 8] and
+    norms fp16 [B, Hkv, nq]), value codes int32 [B, Hkv, nq, W] with scale and min fp16 [B, Hkv, nq, D / 32]; the
+    buffer rk, rv [B, Hkv, n - nq, D]."""
 
     def __init__(self, spec: LayerSpec, m: QJL):
         from kvbench.kernels.score_triton import use_triton
 
         self.spec, self.m = spec, m
-        self.sketch_bits = m.initial_bits if spec.layer_idx < m.initial_layers else m.bits
+        initial = spec.layer_idx < m.initial_layers
+        self.sketch_bits = m.initial_bits if initial else m.bits
+        out_bits = m.initial_outlier_bits if initial else m.outlier_bits
+        self.outlier_bits = min(out_bits, self.sketch_bits) if m.outliers else 0  # S' is the first columns of S
         self.proj = sketch(spec.head_dim, self.sketch_bits, m.seed, spec.device)
         self.triton = use_triton(m.name, m.impl, spec.device)
+        self.keys: OutlierKeys | None = None
         self.signs = self.norms = self.vq = self.vs = self.vm = self.rk = self.rv = None
         self.nq = 0
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append k, v [B, Hkv, T, D] to the quantized tokens."""
-        signs = pack_signs(k.float() @ self.proj)
-        norms = k.float().norm(dim=-1).half()
-        vq, vs, vm = kivi_ref.quantize_values(v, self.m.value_bits, VALUE_GROUP)
-        new = dict(signs=signs, norms=norms, vq=vq, vs=vs, vm=vm)
+        """Append k, v [B, Hkv, T, D] (T a multiple of the group) to the quantized tokens."""
+        new = dict(zip(("vq", "vs", "vm"), kivi_ref.quantize_values(v, self.m.value_bits, VALUE_GROUP)))
+        if self.outlier_bits:
+            keys = quantize_keys(k, self.proj, self.m.outliers, self.m.group, self.outlier_bits)
+            old = self.keys
+            self.keys = keys if old is None else OutlierKeys(
+                *(torch.cat([getattr(old, f), getattr(keys, f)], 2) for f in OutlierKeys.__dataclass_fields__))
+        else:
+            new.update(signs=pack_signs(k.float() @ self.proj), norms=k.float().norm(dim=-1).half())
         for name, t in new.items():
             old = getattr(self, name)
             setattr(self, name, t if old is None else torch.cat([old, t], 2))
@@ -145,21 +235,25 @@ class QJLLayer(LayerCache):
     def prefill(self, q, k, v):
         out = dense_attention(q, k, v, causal=True)  # the prompt attends in full precision
         self.rk, self.rv = k[:, :, :0], v[:, :, :0]
-        self.signs = self.norms = self.vq = self.vs = self.vm = None
+        self.keys = self.signs = self.norms = self.vq = self.vs = self.vm = None
         self.nq = 0
         self._buffer(k, v)
-        if self.signs is None:  # a prompt shorter than the buffer: empty quantized buffers
+        if self.vq is None:  # a prompt shorter than the buffer: empty quantized buffers
             self._quantize(k[:, :, :0], v[:, :, :0])
         return out
 
     def estimate(self, q: torch.Tensor) -> torch.Tensor:
         """Estimated q.k over the quantized tokens: q [B, Hq, Tq, D] -> [B, Hq, Tq, nq] fp32."""
         if self.triton and q.shape[2] == 1:
-            from kvbench.kernels.score_triton import sign_rowdot
+            from kvbench.kernels import score_triton
 
             w = q[:, :, 0].float() @ self.proj
-            est = sign_rowdot(self.signs, w, self.norms) * (math.sqrt(math.pi / 2) / self.sketch_bits)
+            if self.keys is not None:
+                return score_triton.qjl_outlier_scores(self.keys, q[:, :, 0], w, self.proj)[:, :, None]
+            est = score_triton.sign_rowdot(self.signs, w, self.norms) * (math.sqrt(math.pi / 2) / self.sketch_bits)
             return est[:, :, None]
+        if self.keys is not None:
+            return outlier_scores_ref(q, self.proj, self.keys)
         return scores_ref(q, self.proj, self.signs, self.norms)
 
     def attention(self, q: torch.Tensor, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None):
@@ -185,7 +279,8 @@ class QJLLayer(LayerCache):
         return out
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [self.signs, self.norms, self.vq, self.vs, self.vm, self.rk, self.rv, self.proj]
+        keys = [self.signs, self.norms] if self.keys is None else list(vars(self.keys).values())
+        return keys + [self.vq, self.vs, self.vm, self.rk, self.rv, self.proj]
 
     def nbytes(self) -> int:
         return 0 if self.rk is None else sum(t.numel() * t.element_size() for t in self._tensors())
@@ -195,7 +290,8 @@ class QJLLayer(LayerCache):
 
     def info(self):
         return {"impl": "triton" if self.triton else "torch", "sketch_bits": self.sketch_bits,
-                "quantized": self.nq, "buffer": 0 if self.rk is None else self.rk.shape[2]}
+                "outlier_bits": self.outlier_bits, "quantized": self.nq,
+                "buffer": 0 if self.rk is None else self.rk.shape[2]}
 
     def decode_fns(self, q):
         return {"attention": lambda: self.attention(q), "score": lambda: self.estimate(q)}

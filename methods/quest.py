@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.api import BUDGET_VALID, LayerCache, LayerSpec, Method, budget_share, budget_tokens, check_budget, param
-from kvbench.methods.selection import GROW, SelectingLayer
+from kvbench.api import BUDGET_VALID, LayerCache, LayerSpec, Method, budget_share, check_budget, param
+from kvbench.methods.selection import GROW, SelectingLayer, tokens_of_budget
 from kvbench.registry import register
+
+MIN_PAGES = 3  # pages a selecting step attends at the least, however small the budget (the authors' code)
 
 
 @register
@@ -23,7 +25,9 @@ class Quest(Method):
     cache keeps the channel-wise max M and min m of its keys; a decode step's query q bounds the page's q.k by
     sum_i max(q_i M_i, q_i m_i), the top pages up to `budget` tokens are chosen, and the step attends exactly over
     their tokens. The page holding the newest token is always chosen here (a partly filled page's bound changes with
-    every token). The first `dense_layers` layers attend densely, as in the paper. Nothing is freed: the full cache
+    every token). At least 3 pages are attended, however small the budget, as in the authors' code
+    (evaluation/quest_attention.py). The first `dense_layers` layers attend densely, as in the paper and its code
+    (layers 0 and 1); a page is 16 tokens there too. Nothing is freed: the full cache
     stays, only reads are cut; the metadata adds 2 / page of the key bytes.
 
     Where it differs, and why: Quest's models are multi-head and select per head; with GQA one set of pages per KV
@@ -105,8 +109,48 @@ class QuestLayer(SelectingLayer):
 
     def n_pages(self) -> tuple[int, int]:
         """(pages stored, pages a decode step attends)."""
-        P = -(-self.kv.n // self.m.page)
-        return P, min(P, max(1, budget_tokens(self.m.budget, self.kv.n) // self.m.page))
+        return -(-self.kv.n // self.m.page), self.rows_attended(self.kv.n)
+
+    # --- the capture-safe step's hooks (methods/selection.py) ---
+
+    def rows_attended(self, n):
+        """Pages a step attends at n tokens: the budget's, at least MIN_PAGES, at most all (n an int or a tensor)."""
+        P = -(-n // self.m.page)
+        want = tokens_of_budget(self.m.budget, n) // self.m.page
+        if isinstance(n, torch.Tensor):
+            return torch.minimum(P.long(), want.clamp(min=MIN_PAGES))
+        return min(P, max(MIN_PAGES, want))
+
+    def dense_layer(self) -> bool:
+        return self.dense
+
+    def grow_summary(self, tokens: int) -> None:
+        P = -(-tokens // self.m.page)
+        if self.meta.shape[2] < P:
+            meta = self.meta.new_empty(*self.meta.shape[:2], P, self.meta.shape[3])
+            meta[:, :, : self.meta.shape[2]] = self.meta
+            self.meta = meta
+
+    def summarize_last(self, seen: torch.Tensor) -> None:
+        """Recompute the page of position seen - 1 from the pinned keys, on the device."""
+        page, k = self.m.page, self.kv.k  # [B, cap, Hkv, D]
+        p = (seen[:1].long() - 1) // page
+        pos = p * page + torch.arange(page, device=k.device)
+        keys = k.index_select(1, pos.clamp(max=k.shape[1] - 1)).transpose(1, 2)  # [B, Hkv, page, D]
+        dead = (pos >= seen[:1].long())[None, None, :, None]
+        kmax = keys.masked_fill(dead, float("-inf")).amax(2, keepdim=True)
+        kmin = keys.masked_fill(dead, float("inf")).amin(2, keepdim=True)
+        self.meta.index_copy_(2, p, torch.cat([kmax, kmin], -1))
+
+    def device_scores(self, q1: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        s = self.page_scores(q1, self.meta)
+        rows = torch.arange(s.shape[-1], device=s.device)
+        newest = (seen[:1].long() - 1) // self.m.page
+        s = s.masked_fill(rows > newest, float("-inf"))  # pages not yet live
+        return s.masked_fill(rows == newest, float("inf"))  # the newest page is always attended
+
+    def row_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows[..., None] * self.m.page + torch.arange(self.m.page, device=rows.device)).flatten(2)
 
     def sparse(self) -> bool:
         P, K = self.n_pages()
@@ -114,7 +158,9 @@ class QuestLayer(SelectingLayer):
 
     def scores(self, q1: torch.Tensor) -> torch.Tensor:
         """Page bounds [B, Hkv, P] fp32 for the query q1 [B, Hq, D]."""
-        meta = self.meta[:, :, : self.n_pages()[0]]
+        return self.page_scores(q1, self.meta[:, :, : self.n_pages()[0]])
+
+    def page_scores(self, q1: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         if self.triton:
             from kvbench.kernels.score_triton import rowdot
 

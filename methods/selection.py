@@ -1,16 +1,47 @@
 """selection: what quest and doublesparse share. Both keep the full cache (as `full` stores it) plus a small summary of
 every token, and at each decode step score the summary, pick the top tokens per KV head and attend exactly over
-them; prefill, question chunks and steps whose budget covers everything attend densely, as `full` does."""
+them; prefill, question chunks and steps whose budget covers everything attend densely, as `full` does.
+
+Capture-safe: `reserve(n)` pins the full cache (`full`'s PinnedKV) and sizes the summary for the n more tokens. A
+one-token step then writes the token at the device-side count, updates its summary row there, scores every row of
+the summary buffer with the rows not yet live masked out, takes a top-k of the most rows any reserved step may
+attend (fixed by reserve), keeps the first k of them (k computed on the device from the live length, so the budget
+follows the context as on the eager path) and attends over their tokens with the positions past the live length
+masked: no host sync, no shape that changes, so a CUDA graph can replay it. The tokens chosen are the eager path's
+(up to ties in the scores); the softmax runs over a fixed-size gathered set, with the rest masked.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from kvbench.api import LayerCache, LayerSpec, Method
+from kvbench.api import LayerCache, LayerSpec, Method, budget_tokens, capturing, is_fraction
 from kvbench.attention import dense_attention
+from kvbench.kernels.dense_decode import append_token
 from kvbench.methods.full import FullLayer
 
 GROW = 256  # tokens of headroom, as `full` grows
+
+
+def tokens_of_budget(budget: float, n):
+    """budget_tokens for n an int, or for n a device tensor (then on the device, in float64 as Python computes)."""
+    if not isinstance(n, torch.Tensor):
+        return budget_tokens(budget, n)
+    if is_fraction(budget):
+        return torch.ceil(n.double() * budget).clamp(min=1).long()
+    return torch.full_like(n, int(budget), dtype=torch.long)
+
+
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor):
+    """Attention of q [B, Hq, 1, D] over the slots idx [B, Hkv, N] of k, v [B, cap, Hkv, D], those where ok [B, Hkv, N]
+    is False left out (fp32 softmax) -> [B, Hq, 1, D]."""
+    B, Hq, _, D = q.shape
+    H = idx.shape[1]
+    i = idx[..., None].expand(-1, -1, -1, D)
+    kk, vv = k.transpose(1, 2).gather(2, i).float(), v.transpose(1, 2).gather(2, i).float()  # [B, Hkv, N, D]
+    s = q.float().reshape(B, H, Hq // H, D) @ kk.transpose(-1, -2) * D**-0.5  # [B, Hkv, g, N]
+    p = s.masked_fill(~ok[:, :, None], float("-inf")).softmax(-1)
+    return (p @ vv).view(B, Hq, 1, D).to(q.dtype)
 
 
 def attend_positions(q: torch.Tensor, kv: FullLayer, idx: torch.Tensor) -> torch.Tensor:
@@ -30,6 +61,7 @@ class SelectingLayer(LayerCache):
         self.kv = FullLayer(spec, GROW)
         self.triton = use_triton(m.name, m.impl, spec.device)
         self.last_idx: torch.Tensor | None = None
+        self.last_ok: torch.Tensor | None = None  # after a pinned step: which of last_idx were attended
 
     def summarize(self, lo: int) -> None:
         """Bring the summary up to date for the stored tokens from position lo on."""
@@ -51,6 +83,63 @@ class SelectingLayer(LayerCache):
     def sparse_bytes(self) -> int:
         raise NotImplementedError
 
+    # --- the capture-safe step (see the module's docstring); subclasses say how rows, tokens and budgets relate ---
+    capture_safe = True
+
+    def grow_summary(self, tokens: int) -> None:
+        """Make the summary buffers hold `tokens` tokens (copying what they hold)."""
+        raise NotImplementedError
+
+    def summarize_last(self, seen: torch.Tensor) -> None:
+        """Update the summary for the token at position seen - 1 (seen: int32 [B] on the device, equal entries)."""
+        raise NotImplementedError
+
+    def device_scores(self, q1: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """Scores [B, Hkv, R] of every row of the summary buffer; rows past the live ones -inf, rows that must be
+        attended +inf."""
+        raise NotImplementedError
+
+    def rows_attended(self, n) -> torch.Tensor | int:
+        """Rows a step attends at n tokens (n an int, or a device tensor: then computed on the device)."""
+        raise NotImplementedError
+
+    def row_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """Token positions [B, Hkv, N] of the rows [B, Hkv, K]."""
+        raise NotImplementedError
+
+    def reserve(self, n_new: int) -> None:
+        self.kv.reserve(n_new)
+        cap = self.kv.pin.cap
+        self.grow_summary(cap)
+        self.k_most = self.rows_attended(cap)  # the most rows any reserved step attends: the top-k's fixed size
+        self.ranks = torch.arange(self.k_most, device=self.kv.k.device)
+
+    def advance(self, n: int) -> None:
+        self.kv.advance(n)
+
+    def _pinned_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pin = self.kv.pin
+        if self.dense_layer():
+            out = pin.step(q, k, v)
+            self.kv.n, self.last_idx = pin.n, None
+            return out
+        if not capturing(q):
+            pin.advance(1)  # the room check, on the host, before anything is written
+        append_token(pin.k, pin.v, k, v, pin.seen, pin.live)
+        self.kv.n = pin.n
+        self.summarize_last(pin.seen)
+        top = self.device_scores(q[:, :, 0], pin.seen).topk(self.k_most, dim=-1).indices  # sorted, best first
+        idx = self.row_tokens(top)
+        keep = (self.ranks < self.rows_attended(pin.seen[:1]))[None, None]  # the first k of the k_most rows
+        keep = keep.repeat_interleave(idx.shape[-1] // self.k_most, dim=-1)
+        ok = keep & (idx < pin.seen[:, None, None])
+        self.last_idx, self.last_ok = idx, ok
+        return attend_masked(q, pin.k, pin.v, idx.clamp(max=pin.cap - 1), ok)
+
+    def dense_layer(self) -> bool:
+        """A layer that never selects (quest's first layers)."""
+        return False
+
     def prefill(self, q, k, v):
         out = self.kv.prefill(q, k, v)
         self.summarize(0)
@@ -59,7 +148,9 @@ class SelectingLayer(LayerCache):
 
     def extend(self, q, k, v):
         lo = self.kv.n
-        self.last_idx = None
+        self.last_idx = self.last_ok = None
+        if self.kv.pin is not None and q.shape[2] == 1:
+            return self._pinned_step(q, k, v)
         if q.shape[2] > 1:  # a question chunk attends densely (causal within it)
             out = self.kv.extend(q, k, v)
             self.summarize(lo)
@@ -78,6 +169,8 @@ class SelectingLayer(LayerCache):
         return self.kv.n
 
     def attended(self) -> torch.Tensor | None:
+        if self.last_ok is not None:  # a pinned step: the chosen positions (the same count in every KV head)
+            return self.last_idx.masked_select(self.last_ok).view(*self.last_idx.shape[:2], -1)
         return self.last_idx
 
     def decode_fns(self, q):

@@ -69,7 +69,7 @@ def _fail(path: Path, key: str, problem: str, fix: str) -> KVBenchError:
 
 def expand_methods(path: Path, key: str, entries: Any) -> list[str]:
     """Method entries -> validated, de-duplicated method labels (what the suites' `methods` argument takes)."""
-    from kvbench.registry import available_methods, get_method, parse_method
+    from kvbench.registry import available_methods, check_specs, get_method, parse_method
 
     if not isinstance(entries, list) or not entries:
         raise _fail(path, key, "must be a non-empty list of method specs",
@@ -78,6 +78,11 @@ def expand_methods(path: Path, key: str, entries: Any) -> list[str]:
     for i, entry in enumerate(entries):
         where = f"{key}[{i}]"
         try:
+            if i == 0:  # every text spec first, so a bad one fails before a good one imports the methods
+                for j, later in enumerate(entries):
+                    where = f"{key}[{j}]"
+                    check_specs([later])
+                where = f"{key}[{i}]"
             if isinstance(entry, str):
                 if entry.strip() == "all":
                     labels += [cls().label() for cls in available_methods().values()]

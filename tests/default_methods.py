@@ -13,7 +13,7 @@ SETTINGS = {
     "adakv": ["adakv:capacity=0.5", "adakv:capacity=8,window=4,alpha=0"],
     "quest": ["quest:budget=0.5", "quest:budget=16,page=8,dense_layers=0"],
     "doublesparse": ["doublesparse:budget=0.5,channels=32", "doublesparse:budget=4,channels=2"],
-    "qjl": ["qjl:bits=512,buffer=64", "qjl:bits=16,buffer=8"],
+    "qjl": ["qjl:bits=512,buffer=64", "qjl:bits=16,initial_bits=16,outliers=2,outlier_bits=8,buffer=8,group=8"],
 }
 
 

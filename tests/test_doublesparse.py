@@ -30,11 +30,20 @@ def naive_channels(q, k, r):
     return out
 
 
-@pytest.mark.parametrize("hq, hkv, r, budget", [(8, 2, 8, 20), (4, 4, 4, 0.2), (9, 3, 32, 10)])
-def test_channels_selection_and_outputs_match_float64(hq, hkv, r, budget):
+def naive_quantized(x, bits):
+    """float64: the authors' pseudo_quantize of each row of x (min-max, 2^bits - 1 levels), dequantized."""
+    x = x.double()
+    lo, hi = x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return ((x - lo) * (2**bits - 1) / span).round() * span / (2**bits - 1) + lo
+
+
+@pytest.mark.parametrize("hq, hkv, r, budget, bits", [(8, 2, 8, 20, 16), (4, 4, 4, 0.2, 16), (9, 3, 32, 10, 16),
+                                                      (8, 2, 8, 20, 4), (9, 3, 32, 10, 4), (4, 4, 6, 0.2, 8)])
+def test_channels_selection_and_outputs_match_float64(hq, hkv, r, budget, bits):
     torch.manual_seed(r + hq)
     B, T, D = 2, 90, 32
-    layer = make(f"doublesparse:budget={budget},channels={r}", hq, hkv, D)
+    layer = make(f"doublesparse:budget={budget},channels={r},label_bits={bits}", hq, hkv, D)
     q, (k, v) = torch.randn(B, hq, T, D), rand_kv(B, hkv, T, D)
     k[..., 3] *= 5  # a heavy channel
     torch.testing.assert_close(layer.prefill(q, k, v).double(), naive_attention(q, k, v), atol=1e-5, rtol=1e-5)
@@ -52,17 +61,30 @@ def test_channels_selection_and_outputs_match_float64(hq, hkv, r, budget):
         for b in range(B):
             for h in range(hkv):
                 ch = layer.channels[b, h]
-                est = sum(allk[b, h][:, ch].double() @ q1[b, j, 0, ch].double() for j in range(h * g, (h + 1) * g))
-                torch.testing.assert_close(label_scores_ref(q1[b : b + 1, :, 0], layer.labels[b : b + 1, :, :n],
-                                                            layer.channels[b : b + 1])[0, h].double(), est,
-                                           atol=1e-4, rtol=1e-5)
+                if bits == 16:
+                    est = sum(allk[b, h][:, ch].double() @ q1[b, j, 0, ch].double() for j in range(h * g, (h + 1) * g))
+                else:  # the stored codes (checked against the keys below) times the query's quantized labels
+                    codes = layer.labels[b, h, :n]
+                    codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2) if bits == 4 else codes
+                    step, low = layer.meta[b, h, :n].double().unbind(-1)
+                    labels = codes.double() * step[:, None] + low[:, None]
+                    err = (labels - allk[b, h][:, ch].double()).abs().max(-1).values
+                    fp16 = 1e-3 * (low.abs() + (2**bits - 1) * step)  # what rounding step and min to fp16 moves
+                    assert (err <= step / 2 + fp16).all()  # within half a level
+                    assert ((labels - naive_quantized(allk[b, h][:, ch], bits)).abs() > 1e-2).float().mean() < 0.02
+                    est = sum(labels @ naive_quantized(q1[b, j, 0, ch], bits) for j in range(h * g, (h + 1) * g))
+                meta = None if layer.meta is None else layer.meta[b : b + 1, :, :n]
+                got = label_scores_ref(q1[b : b + 1, :, 0], layer.labels[b : b + 1, :, :n], layer.channels[b : b + 1],
+                                       meta, bits)[0, h]
+                tol = 1e-4 if bits == 16 else 2e-2  # the fp16 step and minimum of each token
+                torch.testing.assert_close(got.double(), est, atol=tol, rtol=tol)
                 pos = layer.attended()[b, h]
-                assert set(pos.tolist()) == set(est.topk(K).indices.tolist())
+                assert set(pos.tolist()) == set(got.topk(K).indices.tolist())
                 sel = pos.sort().values
                 want = naive_attention(q1[b : b + 1, h * g : (h + 1) * g], allk[b : b + 1, h : h + 1, sel],
                                        allv[b : b + 1, h : h + 1, sel])
                 torch.testing.assert_close(out[b : b + 1, h * g : (h + 1) * g].double(), want, atol=1e-5, rtol=1e-5)
-    assert layer.info()["calibration"] == "prompt"
+    assert layer.info()["calibration"] == "prompt" and layer.info()["label_bits"] == bits
 
 
 def test_calibration_file_in_the_authors_format(tmp_path):
@@ -84,18 +106,20 @@ def test_calibration_file_in_the_authors_format(tmp_path):
 
 def test_nbytes_is_the_layout():
     B, T, D = 2, 100, 64
-    layer = make("doublesparse", d=D)
     q, (k, v) = torch.randn(B, 8, T, D), rand_kv(B, 2, T, D)
-    layer.prefill(q, k, v)
-    assert layer.nbytes() == 2 * B * T * 2 * D * 4 + B * 2 * T * 16 * 4 + B * 2 * 16 * 8  # K, V, labels, channels
-    layer.extend(torch.randn(B, 8, 1, D), *rand_kv(B, 2, 1, D))
-    assert layer.attended().shape == (B, 2, 7)  # ceil(101 / 16)
-    assert layer.decode_bytes() == B * 2 * (101 * 16 * 4 + 7 * 2 * D * 4)
+    for bits, label_bytes in ((16, 16 * 4), (8, 16 + 4), (4, 8 + 4)):  # per token: fp32 labels, or codes + step, min
+        layer = make(f"doublesparse:label_bits={bits}", d=D)
+        layer.prefill(q, k, v)
+        assert layer.nbytes() == 2 * B * T * 2 * D * 4 + B * 2 * T * label_bytes + B * 2 * 16 * 8  # + channels
+        layer.extend(torch.randn(B, 8, 1, D), *rand_kv(B, 2, 1, D))
+        assert layer.attended().shape == (B, 2, 7)  # ceil(101 / 16)
+        assert layer.decode_bytes() == B * 2 * (101 * label_bytes + 7 * 2 * D * 4)
 
 
 def test_bad_parameters_fail_on_construction():
     for spec, name in [("doublesparse:budget=0", "budget"), ("doublesparse:channels=0", "channels"),
-                       ("doublesparse:impl=x", "impl")]:
+                       ("doublesparse:impl=x", "impl"), ("doublesparse:label_bits=2", "label_bits"),
+                       ("doublesparse:channels=7", "channels")]:
         with pytest.raises(ParamError) as e:
             parse_method(spec)
         assert e.value.name == name

@@ -30,7 +30,8 @@ def naive_bounds(q, k, n, page):
     return out
 
 
-@pytest.mark.parametrize("hq, hkv, page, budget", [(8, 2, 16, 48), (4, 4, 8, 40), (9, 3, 16, 0.3), (8, 1, 4, 21)])
+@pytest.mark.parametrize("hq, hkv, page, budget", [(8, 2, 16, 48), (4, 4, 8, 40), (9, 3, 16, 0.3), (8, 1, 4, 21),
+                                                    (8, 2, 16, 8)])
 def test_bounds_selection_and_outputs_match_float64(hq, hkv, page, budget):
     torch.manual_seed(page + hq)
     B, T, D = 2, 100, 32
@@ -45,7 +46,7 @@ def test_bounds_selection_and_outputs_match_float64(hq, hkv, page, budget):
         n = allk.shape[2]
         out = layer.extend(q1, k1, v1)
         P = -(-n // page)
-        K = max(1, int(budget if budget >= 1 else -(-budget * n // 1)) // page)
+        K = min(P, max(3, int(budget if budget >= 1 else -(-budget * n // 1)) // page))  # 3 pages at the least
         for b in range(B):
             bounds = naive_bounds(q1[b, :, 0], allk[b], n, page)
             torch.testing.assert_close(page_bounds_ref(q1[b : b + 1, :, 0], layer.meta[b : b + 1, :, :P]).double()[0],
@@ -79,11 +80,11 @@ def test_nbytes_is_the_layout_and_dense_layers_are_full():
         q1, (k1, v1) = torch.randn(B, 8, 1, D), rand_kv(B, 2, 1, D)
         torch.testing.assert_close(first.extend(q1, k1, v1), full.extend(q1, k1, v1))
         layer.extend(q1, k1, v1)
-    assert first.attended() is None and layer.attended().shape == (B, 2, 16 + 7)  # one page + the newest (103 = 6*16+7)
+    assert first.attended() is None and layer.attended().shape == (B, 2, 32 + 7)  # 3 pages at the least: 2 + the newest (103 = 6*16+7)
     # the suite's stage closures run on the current state
     fns = layer.decode_fns(torch.randn(B, 8, 1, D))
     assert set(fns) == {"attention", "score", "attend"} and fns["score"]().shape == (B, 2, 7)
-    assert layer.decode_bytes() == B * 2 * (7 * 2 * D * 4 + 23 * 2 * D * 4)
+    assert layer.decode_bytes() == B * 2 * (7 * 2 * D * 4 + 39 * 2 * D * 4)
 
 
 def test_bad_parameters_fail_on_construction():
