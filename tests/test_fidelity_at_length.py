@@ -3,6 +3,7 @@ storage adds, on hand-made cases, through a test double, and as a tiny sweep on 
 
 import pytest
 import torch
+from test_bridge import tiny_config
 from test_fidelity import DropTop, drive
 from test_tasks import tiny_tokenizer
 
@@ -68,13 +69,12 @@ def test_drop_top_loses_in_selection_only():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """SmolLM2's attention shape (head_dim 64: selfindex needs a multiple of 32), 3 layers, random weights."""
+    from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=128, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
+    cfg = tiny_config(num_hidden_layers=3, vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=None)
     return AutoModelForCausalLM.from_config(cfg).eval(), tok
 
 
@@ -85,7 +85,7 @@ def test_tiny_sweep_records_per_layer_stages_and_the_table(tiny, tmp_path):
     assert all(r["status"] == "ok" for r in recs.values()), [r["error"] for r in recs.values()]
     two, sixteen, kivi = (recs[parse_method(m).label()]["metrics"] for m in methods)
     for m in (two, sixteen, kivi):
-        assert len(m["out_rel_err_layers"]) == 3 and m["fidelity_steps"] == 2 * 2  # steps x KV heads
+        assert len(m["out_rel_err_layers"]) == 3 and m["fidelity_steps"] == 2 * 3  # steps x KV heads
         assert m["prompt_tokens"] == 300 - 3 and "ppl" not in m  # teacher-forced: the logits are full's
     # the same index picks the same tokens in both settings: the selection stage is shared, storage is 2+1's alone
     assert two["sel_out_err_layers"] == pytest.approx(sixteen["sel_out_err_layers"], rel=1e-4)
@@ -102,3 +102,37 @@ def test_method_drive_records_the_methods_own_perplexity(tiny, tmp_path):
     F.run(["kivi"], tmp_path, model="tiny", loaded=tiny, drive="method", **GRID)
     (r,) = read_records([tmp_path / "fidelity.jsonl"])[0]
     assert r["status"] == "ok" and r["metrics"]["ppl"] > 1 and r["cell"]["drive"] == "method"
+
+
+def fidelity_records() -> list[dict]:
+    """Two methods at 4K and 8K with per-layer arrays, as the suite writes them (for the report's tests)."""
+    out = []
+    for method, storage in (("selfindex:budget=0.1", 0.1), ("selfindex:budget=0.1,setting=16+1", 0.0)):
+        for context in (4096, 8192):
+            layers = {f"{n}_layers": [v + 0.01 * i for i in range(4)] for n, v in (
+                ("topk_recall", 0.5), ("attn_mass", 0.85), ("sel_out_err", 0.12), ("storage_err", storage),
+                ("out_rel_err", 0.12 + storage))}
+            out.append({"schema": 1, "suite": "fidelity", "method": method, "params": {}, "status": "ok",
+                        "error": None, "cell": {"model": "embedded", "context": context, "seed": 0, "drive": "full"},
+                        "metrics": {**layers, **{k.removesuffix("_layers"): v[0] for k, v in layers.items()}},
+                        "env": {"host": "ci-runner", "gpu": None, "commit": "fedcba9876543210"},
+                        "started_at": "2026-01-01T00:00:00+00:00", "duration_s": 1.0})
+    return out
+
+
+def test_the_report_draws_one_line_per_method_and_context(tmp_path):
+    import json
+
+    from kvbench.reports.build import build_report
+    from kvbench.reports.fidelity_plot import PANELS, fidelity_at_length
+
+    (tmp_path / "fidelity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fidelity_records()))
+    out, inp = build_report([tmp_path], tmp_path / "report.html")
+    assert not inp.problems and 'id="chart-fidelity-length"' in out.read_text()
+    fig = fidelity_at_length(fidelity_records(), {})
+    assert {t.name for t in fig.data} == {f"{m} @ {c}" for m in ("selfindex:budget=0.1",
+                                          "selfindex:budget=0.1,setting=16+1") for c in ("4K", "8K")}
+    assert len(fig.data) == 4 * len(PANELS)
+    panel = [name for name, _ in PANELS].index("storage_err")
+    storage = [t for t in fig.data if t.name == "selfindex:budget=0.1 @ 8K"][panel]  # one trace per panel, in order
+    assert list(storage.y) == pytest.approx([0.1, 0.11, 0.12, 0.13])
