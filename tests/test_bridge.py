@@ -25,7 +25,7 @@ def test_full_is_token_identical_to_stock_transformers(embedded, prompt):
     model.set_attn_implementation("sdpa")
     ref = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
     cache = attach(model, parse_method("full"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=64, min_new_tokens=64, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 64
     assert torch.equal(out, ref)
     assert cache.get_seq_length() == ids.shape[1] + 63  # the last token is sampled, never cached
@@ -40,8 +40,8 @@ def test_forward_calls_match_stock_logits(embedded):
     with torch.no_grad():
         ref = model(ids).logits
         cache = attach(model, parse_method("full"))
-        first = model(ids[:, :-3], past_key_values=cache).logits
-        rest = model(ids[:, -3:], past_key_values=cache).logits  # a 3-token chunk through extend()
+        first = model(ids[:, :-3], **with_cache(model, cache)).logits
+        rest = model(ids[:, -3:], **with_cache(model, cache)).logits  # a 3-token chunk through extend()
     torch.testing.assert_close(torch.cat([first, rest], 1), ref, atol=2e-4, rtol=1e-4)
 
 
@@ -62,7 +62,7 @@ def test_synthetic_model_generates_through_the_bridge():
     model.set_attn_implementation("sdpa")
     ref = model.generate(ids, max_new_tokens=8, do_sample=False)
     cache = attach(model, parse_method("full"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert torch.equal(out, ref)
     assert isinstance(cache, KVBenchCache) and len(cache.layer_caches()) == 2
 
