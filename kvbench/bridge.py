@@ -6,12 +6,18 @@
   cache computes attention over what it stores. Its mask function, registered with `AttentionMaskInterface`, builds
   no mask: every LayerCache applies causality itself, and padded batches are refused.
 - `get_seq_length()` reports the logical length, so RoPE positions stay right after a method evicts tokens.
+- `with_cache(model, cache)` is the keyword argument that hands the cache to `model(...)` and `model.generate(...)`:
+  transformers renamed `past_key_values` to `cache` (5.24 warns on the old name, 5.40 drops it), while 5.17, the GPU
+  machine's version, ignores `cache=` in forward without a word. Every call site goes through it.
 
     cache = attach(model, parse_method("full"))
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+    out = model.generate(input_ids, **with_cache(model, cache), max_new_tokens=64, do_sample=False)
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from transformers import AttentionInterface
@@ -170,6 +176,21 @@ def kvbench_mask(batch_size, q_length, kv_length, *args, attention_mask=None, **
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvbench_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kvbench_mask)
+
+
+@functools.cache
+def cache_kwarg(model_class: type) -> str:
+    """The name under which `model_class.forward` takes the cache: `cache` where the model declares it (transformers
+    that renamed it), else `past_key_values`. Read from the signature once per class, not guessed from a version
+    number: a model with its own (remote) code may keep the old name on a new transformers."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def with_cache(model, cache: Cache) -> dict[str, Cache]:
+    """{name: cache} for `model(..., **with_cache(model, cache))` and `model.generate(...)`, under the name this
+    model's transformers takes without a deprecation warning."""
+    return {cache_kwarg(type(model)): cache}
 
 
 def attach(model, method: Method) -> KVBenchCache:

@@ -131,7 +131,7 @@ def generate_cmd(
     check_model_name(model)
     import torch
 
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from kvbench.models import load_model
 
     with err_console.status(f"loading {model} ..."):
@@ -148,7 +148,7 @@ def generate_cmd(
     cache = attach(mdl, m)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = mdl.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+        out = mdl.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(mdl, cache),
                            max_new_tokens=max_new_tokens, do_sample=False)
     dt = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]

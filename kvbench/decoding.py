@@ -43,22 +43,24 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool) -> Out
     score the last tokens one decode step at a time."""
     import torch
 
+    from kvbench.bridge import with_cache
     from kvbench.timing import sync
 
     dev = model.device
     ids = torch.tensor([inst.ids], device=dev)
+    kw = with_cache(model, cache)  # the cache under the name this transformers takes
     o = Outcome()
     with torch.inference_mode():
         sync(dev)
         t0 = time.perf_counter()
         if inst.score_tokens or (question_chunk and 0 < inst.split < len(inst.ids)):
-            out = model(ids[:, : inst.split], past_key_values=cache, logits_to_keep=1)
+            out = model(ids[:, : inst.split], **kw, logits_to_keep=1)
             sync(dev)
             o.extra["context_prefill_s"] = round(time.perf_counter() - t0, 4)
             if not inst.score_tokens:  # the question arrives after the context was compressed: one extend chunk
-                out = model(ids[:, inst.split:], past_key_values=cache, logits_to_keep=1)
+                out = model(ids[:, inst.split:], **kw, logits_to_keep=1)
         else:
-            out = model(ids, past_key_values=cache, logits_to_keep=1)
+            out = model(ids, **kw, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         sync(dev)
         t1 = time.perf_counter()
@@ -69,7 +71,7 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool) -> Out
             for i, target in enumerate(targets):
                 nll -= torch.log_softmax(logits, -1)[0, target].double()
                 if i + 1 < len(targets):  # decode step: feed this token, predict the next
-                    logits = model(ids[:, inst.split + i: inst.split + i + 1], past_key_values=cache).logits[:, -1]
+                    logits = model(ids[:, inst.split + i: inst.split + i + 1], **kw).logits[:, -1]
                     logits = logits.float()
             o.nll, o.new_tokens = float(nll), len(targets) - 1
         else:
@@ -80,7 +82,7 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool) -> Out
                 if nxt in stop or len(toks) == inst.max_new_tokens:
                     break  # like generate(): the last token is never fed back
                 step = torch.tensor([[nxt]], device=dev)
-                logits = model(step, past_key_values=cache).logits[:, -1].float()
+                logits = model(step, **kw).logits[:, -1].float()
             o.prediction = tok.decode(toks, skip_special_tokens=True)
             o.new_tokens = len(toks)
         sync(dev)
@@ -99,14 +101,14 @@ def real_prefill(model, method: Method, ids: torch.Tensor) -> tuple[KVBenchCache
     """Prompt ids [B, T] through the model; returns (cache, next token ids [B, 1], seconds to the first token)."""
     import torch
 
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from kvbench.timing import sync
 
     cache = attach(model, method)
     sync(model.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     sync(model.device)
     return cache, nxt, time.perf_counter() - t0
@@ -135,6 +137,7 @@ def decode(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, step
     """Greedy decode steps of the whole model; returns the seconds of each timed step (warm-up steps excluded)."""
     import torch
 
+    from kvbench.bridge import with_cache
     from kvbench.timing import sync
 
     pos = cache.get_seq_length()
@@ -144,7 +147,7 @@ def decode(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, step
             position_ids = torch.full((next_ids.shape[0], 1), pos, dtype=torch.long, device=model.device)
             sync(model.device)
             t0 = time.perf_counter()
-            out = model(input_ids=next_ids, past_key_values=cache, position_ids=position_ids, use_cache=True,
+            out = model(input_ids=next_ids, **with_cache(model, cache), position_ids=position_ids, use_cache=True,
                         logits_to_keep=1)
             next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             sync(model.device)

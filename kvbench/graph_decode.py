@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from kvbench.api import ReservedRoomError
-from kvbench.bridge import KVBenchCache
+from kvbench.bridge import KVBenchCache, with_cache
 from kvbench.timing import copy_bandwidth, sync
 
 
@@ -63,7 +63,7 @@ class StepGraph:
         self.model, self.cache = model, cache
         self.ids = next_ids.clone()  # [B, 1]
         self.position_ids = torch.full((B, 1), pos, dtype=torch.long, device=dev)
-        self.kwargs = dict(past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.kwargs = dict(**with_cache(model, cache), use_cache=True, logits_to_keep=1)
         if "cache_position" in inspect.signature(model.forward).parameters:  # transformers < 5.2x
             self.cache_position = torch.full((1,), pos, dtype=torch.long, device=dev)
             self.kwargs["cache_position"] = self.cache_position
@@ -166,7 +166,7 @@ def _eager_step(model, cache: KVBenchCache, next_ids: torch.Tensor) -> Callable[
     """One more plain eager step (for the profiler), continuing the cache's positions."""
     def step():
         pos = torch.full((next_ids.shape[0], 1), cache.get_seq_length(), dtype=torch.long, device=model.device)
-        model(input_ids=next_ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+        model(input_ids=next_ids, **with_cache(model, cache), position_ids=pos, use_cache=True, logits_to_keep=1)
     return step
 
 

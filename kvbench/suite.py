@@ -48,6 +48,7 @@ SUITES: dict[str, str] = {
     "kernels": "kvbench.suites.kernels",
     "throughput": "kvbench.suites.throughput",
     "agreement": "kvbench.suites.agreement",
+    "fidelity": "kvbench.suites.fidelity_at_length",
 }
 
 _UNSET: Any = dataclasses.MISSING

@@ -30,6 +30,7 @@ from plotly.utils import PlotlyJSONEncoder
 from kvbench.api import KVBenchError
 from kvbench.records import Problem, machine_label, now_iso, read_records
 from kvbench.reports import plots
+from kvbench.reports.fidelity_plot import fidelity_at_length
 from kvbench.reports.plots import bad, first_line, origin
 from kvbench.reports.steps import step_accounting
 from kvbench.reports.summary import speed_notes, summary_html
@@ -40,6 +41,7 @@ SECTIONS = [  # id, title, the command that produces its records
     ("budget", "Accuracy against budget", "kvbench run accuracy --quick"),
     ("needle", "Needle heat map", "kvbench run accuracy  (needle/passkey tasks over depths and lengths)"),
     ("fidelity", "Attention fidelity per layer", "kvbench run accuracy  (records per-layer fidelity arrays)"),
+    ("fidelity-length", "Attention fidelity per layer at 4K-8K tokens", "kvbench run fidelity"),
     ("kernels", "Kernel time against context", "kvbench run kernels"),
     ("prefill", "Prefill time against context", "kvbench run kernels --mode prefill"),
     ("throughput", "Throughput against batch", "kvbench run throughput"),
@@ -387,6 +389,7 @@ def render(inp: Inputs, title: str) -> str:
         "budget": lambda: plots.accuracy_vs_budget(acc, colors),
         "needle": lambda: plots.needle_heatmap(acc),
         "fidelity": lambda: plots.fidelity(acc, colors),
+        "fidelity-length": lambda: fidelity_at_length(view.get("fidelity", []), colors),
         "kernels": lambda: plots.kernel_time(ker, colors, "decode"),
         "prefill": lambda: plots.kernel_time(ker, colors, "prefill"),
         "throughput": lambda: plots.throughput(thr, colors),

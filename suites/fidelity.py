@@ -17,8 +17,17 @@ Definitions, per layer, decode step, batch row b and KV head g (T = tokens seen,
   against full attention over the uncompressed cache (for quantizing methods this is the error that selection alone
   would not show).
 - attended_frac = k / T.
+- sel_out_err = ||o_sel - o_full|| / ||o_full||, with o_sel exact attention (full-precision keys and values, softmax
+  renormalised) over S alone: what the selection stage loses. 0 when the method attends every token.
+- storage_err = ||o_method - o_sel|| / ||o_full||: what the method's storage (e.g. 2-bit keys and values) adds on top
+  of its own selection; for a method that attends every token (kivi) it is out_rel_err.
 Each is averaged over decode steps, batch rows and heads per layer (`<metric>_layers`, one value per layer), and over
 layers (`<metric>`). Prefill and multi-token extends (a question chunk) are fed to both caches but not measured.
+
+`drive` says whose outputs the model runs on: "method" (the default: the task score is the method's own, and each
+layer is measured on the queries and keys the method's earlier errors produced) or "full" (teacher forcing: the model
+runs on full attention's outputs, so every method and layer is measured on the same queries and keys, and a layer's
+numbers are its own loss, not its upstream layers' drift; suites/fidelity_at_length.py uses it).
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ import torch
 from kvbench.api import LayerCache, LayerSpec, Method
 from kvbench.methods.full import FullLayer
 
-METRICS = ("topk_recall", "attn_mass", "out_rel_err", "attended_frac")
+METRICS = ("topk_recall", "attn_mass", "out_rel_err", "attended_frac", "sel_out_err", "storage_err")
+DRIVES = ("method", "full")
 
 
 class FidelityStats:
@@ -63,17 +73,20 @@ class FidelityStats:
 
 
 def step_metrics(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, ref: torch.Tensor,
-                 attended: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Fidelity of one decode step. q [B, Hq, 1, D]; keys [B, Hkv, T, D] (every token, logical order); out, ref
-    [B, Hq, 1, D] (the method's and full attention's outputs); attended [B, Hkv, N] positions or None (all).
-    Returns topk_recall, attn_mass, attended_frac [B, Hkv] and out_rel_err [B, Hq]."""
+                 attended: torch.Tensor | None, values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Fidelity of one decode step. q [B, Hq, 1, D]; keys, values [B, Hkv, T, D] (every token, logical order); out,
+    ref [B, Hq, 1, D] (the method's and full attention's outputs); attended [B, Hkv, N] positions or None (all).
+    Returns topk_recall, attn_mass, attended_frac [B, Hkv] and out_rel_err [B, Hq]; with values also sel_out_err and
+    storage_err [B, Hq]."""
     B, Hq, _, D = q.shape
     Hkv, T = keys.shape[1], keys.shape[2]
     ref32 = ref.float()
-    err = (out.float() - ref32).norm(dim=-1).squeeze(-1) / ref32.norm(dim=-1).squeeze(-1).clamp(min=1e-12)  # [B, Hq]
+    ref_norm = ref32.norm(dim=-1).squeeze(-1).clamp(min=1e-12)  # [B, Hq]
+    err = (out.float() - ref32).norm(dim=-1).squeeze(-1) / ref_norm
     if attended is None:  # every token attended: nothing missed, all the mass kept
         ones = torch.ones(B, Hkv, device=q.device)
-        return dict(topk_recall=ones, attn_mass=ones, out_rel_err=err, attended_frac=ones)
+        stages = {} if values is None else dict(sel_out_err=torch.zeros_like(err), storage_err=err)
+        return dict(topk_recall=ones, attn_mass=ones, out_rel_err=err, attended_frac=ones, **stages)
     g = Hq // Hkv
     logits = (q.float().view(B, Hkv, g, D) @ keys.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, g, T]
     p = torch.softmax(logits, dim=-1).mean(dim=2)  # [B, Hkv, T]: GQA-mean probabilities
@@ -88,31 +101,47 @@ def step_metrics(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, ref: to
     hits = (chosen & (p >= kth)).sum(-1).minimum(k)
     recall = torch.where(k > 0, hits / k.clamp(min=1), torch.zeros_like(p[..., 0]))
     mass = (p * chosen).sum(-1)
-    return dict(topk_recall=recall, attn_mass=mass, out_rel_err=err, attended_frac=k / T)
+    m = dict(topk_recall=recall, attn_mass=mass, out_rel_err=err, attended_frac=k / T)
+    if values is not None:
+        sel = selection_output(logits, chosen, values).view(B, Hq, D)  # exact attention over S alone
+        m["sel_out_err"] = (sel - ref32.view(B, Hq, D)).norm(dim=-1) / ref_norm
+        m["storage_err"] = (out.float().view(B, Hq, D) - sel).norm(dim=-1) / ref_norm
+    return m
+
+
+def selection_output(logits: torch.Tensor, chosen: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Full-precision attention over the chosen tokens only: logits [B, Hkv, g, T] (exact q.k / sqrt(D)), chosen
+    [B, Hkv, T] bool, values [B, Hkv, T, D] -> [B, Hkv, g, D]; zeros where nothing was chosen."""
+    masked = logits.masked_fill(~chosen[:, :, None, :], float("-inf"))
+    w = torch.softmax(masked, dim=-1).nan_to_num(0.0)  # a row with nothing chosen is all -inf: its weights are 0
+    return w @ values.float()
 
 
 class FidelityLayer(LayerCache):
-    """The inner method's cache, shadowed by a full cache; the model sees the inner cache's outputs."""
+    """The inner method's cache, shadowed by a full cache; the model sees the inner cache's outputs, or full's when
+    `drive_full`."""
 
-    def __init__(self, inner: LayerCache, spec: LayerSpec, stats: FidelityStats):
-        self.inner, self.spec, self.stats = inner, spec, stats
+    def __init__(self, inner: LayerCache, spec: LayerSpec, stats: FidelityStats, drive_full: bool = False):
+        self.inner, self.spec, self.stats, self.drive_full = inner, spec, stats, drive_full
         self.full = FullLayer(spec, grow=256)
 
     def prefill(self, q, k, v):
         out = self.inner.prefill(q, k, v)
+        if self.drive_full:
+            return self.full.prefill(q, k, v)
         self.full.prefill(q[:, :, -1:], k, v)  # only stores k/v: one query keeps its attention cheap
         return out
 
     def extend(self, q, k, v):
         out = self.inner.extend(q, k, v)
         if q.shape[2] != 1:
-            self.full.extend(q[:, :, -1:], k, v)
-            return out
+            ref = self.full.extend(q if self.drive_full else q[:, :, -1:], k, v)
+            return ref if self.drive_full else out
         ref = self.full.extend(q, k, v)
-        m = step_metrics(q, self.full.keys(), out, ref, self.inner.attended())
+        m = step_metrics(q, self.full.keys(), out, ref, self.inner.attended(), self.full.values())
         for name, values in m.items():
             self.stats.add(self.spec.layer_idx, name, values)
-        return out
+        return ref if self.drive_full else out
 
     # what the method holds and reports, not the shadow cache
     def nbytes(self) -> int:
@@ -136,13 +165,20 @@ class Fidelity(Method):
     ----------
     inner : Method
         The method under test; its outputs drive the model.
+    drive : str, default "method"
+        Whose outputs the model runs on: "method" (the inner method's) or "full" (teacher forcing).
     stats : FidelityStats
         Where the per-layer metrics accumulate; read them with `stats.summary()`.
     """
 
     name = "fidelity"
     inner: Method = None
+    drive: str = "method"
     stats: FidelityStats = field(default_factory=FidelityStats, compare=False)
 
+    def validate(self) -> None:
+        if self.drive not in DRIVES:
+            raise ValueError(f"Fidelity drive '{self.drive}': use one of {', '.join(DRIVES)}")
+
     def make_layer(self, spec: LayerSpec) -> LayerCache:
-        return FidelityLayer(self.inner.make_layer(spec), spec, self.stats)
+        return FidelityLayer(self.inner.make_layer(spec), spec, self.stats, drive_full=self.drive == "full")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench import Method
-from kvbench.bridge import attach
+from kvbench.bridge import attach, with_cache
 from kvbench.methods.full import FullLayer
 
 
@@ -33,5 +33,5 @@ def capture_qkv(model, ids):
     method = _Record()
     object.__setattr__(method, "sink", sink)
     with torch.no_grad():
-        model(ids, past_key_values=attach(model, method))
+        model(ids, **with_cache(model, attach(model, method)))
     return [sink[i] for i in sorted(sink)]

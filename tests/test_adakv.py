@@ -96,15 +96,15 @@ def test_bad_parameters_fail_on_construction():
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full("adakv:capacity=4096")
     cache = attach(model, parse_method("adakv:capacity=0.25,window=8"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
     with torch.no_grad():
-        logits = model(torch.randint(0, 1000, (2, 5)), past_key_values=cache).logits
+        logits = model(torch.randint(0, 1000, (2, 5)), **with_cache(model, cache)).logits
     assert torch.isfinite(logits).all() and cache.get_seq_length() == 112
     assert cache.nbytes() < full.nbytes()  # both grow by the same headroom after the prompt
     assert any(len(set(c.counts().flatten().tolist())) > 1 for c in cache.layer_caches())  # ragged in the model

@@ -126,11 +126,11 @@ def test_bad_parameters_fail_on_construction():
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full("doublesparse:budget=4096")
     cache = attach(model, parse_method("doublesparse:budget=0.2"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
     assert all(c.attended().shape[-1] == 22 for c in cache.layer_caches())  # ceil(0.2 * 107)

@@ -13,6 +13,7 @@ import torch
 
 from kvbench import LayerSpec, parse_method
 from kvbench.api import ReservedRoomError
+from kvbench.bridge import with_cache
 from kvbench.graph_decode import decode_run, graph_decode, unsafe_reason
 from kvbench.kernels import dense_decode
 from kvbench.decoding import decode, real_prefill
@@ -127,7 +128,7 @@ def _plain_tokens(model, cache, nxt, n):
     with torch.inference_mode():
         for _ in range(n):
             pos = torch.full((nxt.shape[0], 1), cache.get_seq_length(), dtype=torch.long, device=nxt.device)
-            logits = model(input_ids=nxt, past_key_values=cache, position_ids=pos, use_cache=True,
+            logits = model(input_ids=nxt, **with_cache(model, cache), position_ids=pos, use_cache=True,
                            logits_to_keep=1).logits
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)

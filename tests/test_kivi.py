@@ -375,27 +375,27 @@ def tiny_model():
 def token_identical_to_full(spec: str):
     """On the tiny model, `spec` (set to drop and quantize nothing) generates the very tokens `full` does. Returns
     (model, prompt ids [2, 100], full's cache) for further checks."""
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
 
     model = tiny_model()
     ids = torch.randint(0, 1000, (2, 100))
     full = attach(model, parse_method("full"))
-    ref_out = model.generate(ids, past_key_values=full, max_new_tokens=8, do_sample=False)
+    ref_out = model.generate(ids, **with_cache(model, full), max_new_tokens=8, do_sample=False)
     cache = attach(model, parse_method(spec))
-    assert torch.equal(model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False), ref_out)
+    assert torch.equal(model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False), ref_out)
     return model, ids, full
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
 
     model, ids, full = token_identical_to_full("kivi:residual=128")  # every token fits in the residual
     # quantized: prefill, decode steps, then a question chunk; it holds less than full
     cache = attach(model, parse_method("kivi:residual=32"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
     with torch.no_grad():
-        logits = model(torch.randint(0, 1000, (2, 5)), past_key_values=cache).logits
+        logits = model(torch.randint(0, 1000, (2, 5)), **with_cache(model, cache)).logits
     assert torch.isfinite(logits).all() and cache.get_seq_length() == 112
     assert cache.nbytes() < full.nbytes()
 
@@ -410,12 +410,12 @@ def story_ids(tok) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_generates_sensible_text_on_the_embedded_model(embedded):
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
 
     model, tok = embedded
     ids = story_ids(tok)
     assert ids.shape[1] > 2 * 32  # long enough that keys and values are quantized
     for spec in ("kivi:residual=32", "kivi:bits=4,residual=32"):
         cache = attach(model, parse_method(spec))
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, **with_cache(model, cache), max_new_tokens=16, do_sample=False)
         assert "Paris" in tok.decode(out[0, ids.shape[1]:]), spec

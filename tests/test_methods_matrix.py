@@ -31,14 +31,14 @@ def check_attended(cache, n, B, H):
 
 def run(model, ids, method):
     """Prefill, 6 greedy tokens, the query-agnostic protocol's question chunk, one more step: (cache, logits)."""
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
 
     cache = attach(model, method)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 106) and cache.get_seq_length() == 105
     with torch.no_grad():
-        logits = model(torch.randint(0, 1000, (2, 5)), past_key_values=cache).logits
-        logits = torch.cat([logits, model(torch.randint(0, 1000, (2, 1)), past_key_values=cache).logits], 1)
+        logits = model(torch.randint(0, 1000, (2, 5)), **with_cache(model, cache)).logits
+        logits = torch.cat([logits, model(torch.randint(0, 1000, (2, 1)), **with_cache(model, cache)).logits], 1)
     return cache, logits
 
 

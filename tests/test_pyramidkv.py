@@ -59,14 +59,14 @@ def test_bad_parameters_fail_on_construction():
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full("pyramidkv:capacity=4096")
     cache = attach(model, parse_method("pyramidkv:capacity=40,window=8"))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        logits = model(torch.randint(0, 1000, (2, 1)), past_key_values=cache).logits
+        model(ids, **with_cache(model, cache))
+        logits = model(torch.randint(0, 1000, (2, 1)), **with_cache(model, cache)).logits
     assert torch.isfinite(logits).all()
     kept = [c.positions.shape[-1] for c in cache.layer_caches()]
     assert kept == [71, 9]  # two layers, 100 tokens: 8 + 63 and 8 + 63 - 62; the mean is snapkv's 40

@@ -165,11 +165,11 @@ def test_bad_parameters_fail_on_construction():
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full("qjl:buffer=4096")  # everything stays in the buffer
     cache = attach(model, parse_method("qjl:buffer=32"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
     assert cache.nbytes() < full.nbytes()

@@ -96,12 +96,12 @@ def test_bad_parameters_fail_on_construction():
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full("quest:budget=4096")
     _, _, _ = token_identical_to_full("quest:budget=16,dense_layers=2")  # both tiny layers dense
     cache = attach(model, parse_method("quest:budget=32,page=8,dense_layers=0"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
     assert all(c.attended().shape[-1] <= 32 for c in cache.layer_caches())

@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+from test_fidelity_at_length import fidelity_records
 from typer.testing import CliRunner
 
 pytest.importorskip("plotly", reason="the report needs plotly (the GPU machine has none)")
@@ -107,7 +108,7 @@ def write_records(folder, records_by_suite):
 @pytest.fixture(scope="module")
 def full_page(tmp_path_factory):
     d = tmp_path_factory.mktemp("rep")
-    write_records(d / "cpu", {"accuracy": synthetic_records()["accuracy"]})
+    write_records(d / "cpu", {"accuracy": synthetic_records()["accuracy"], "fidelity": fidelity_records()})
     recs = synthetic_records()
     write_records(d / "gpu", {k: v for k, v in recs.items() if k != "accuracy"})
     (d / "gpu" / "provenance.json").write_text(json.dumps({"command": "kvbench run kernels", "commit": "0123456",
@@ -127,8 +128,8 @@ def test_every_section_is_present_and_every_chart_has_data(full_page):
     assert not inp.problems, inp.problems
     for sid, title, _ in SECTIONS:
         assert f"<section id='{sid}'>" in page
-    for chart in ("pareto", "budget", "needle", "fidelity", "kernels", "prefill", "throughput", "steps",
-                  "memory"):
+    for chart in ("pareto", "budget", "needle", "fidelity", "fidelity-length", "kernels", "prefill", "throughput",
+                  "steps", "memory"):
         assert f'id="chart-{chart}"' in page, chart
     assert "no records for this section" not in page
     assert "test_decode[kivi-32768]" in page and "kvbench run kernels" in page  # benchmark JSON and provenance

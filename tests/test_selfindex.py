@@ -243,14 +243,14 @@ def test_selection_recall_on_the_embedded_models_keys(embedded, record_property)
 
 @pytest.mark.slow
 def test_generates_sensible_text_on_the_embedded_model(embedded):
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
 
     model, tok = embedded
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     for setting in ("2+1", "16+1"):
         cache = attach(model, parse_method(f"selfindex:setting={setting},budget=0.5"))
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, **with_cache(model, cache), max_new_tokens=12, do_sample=False)
         assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 

@@ -136,17 +136,17 @@ def test_bad_parameters_fail_on_construction():
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full("snapkv:capacity=4096")  # keeps everything
     # query-agnostic protocol: the prompt is compressed, then a question chunk arrives and nothing more is evicted
     cache = attach(model, parse_method("snapkv:capacity=0.25,window=16"))
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(model, cache))
         kept = [c.positions.clone() for c in cache.layer_caches()]
-        model(torch.randint(0, 1000, (2, 6)), past_key_values=cache)
-        logits = model(torch.randint(0, 1000, (2, 1)), past_key_values=cache).logits
+        model(torch.randint(0, 1000, (2, 6)), **with_cache(model, cache))
+        logits = model(torch.randint(0, 1000, (2, 1)), **with_cache(model, cache)).logits
     assert torch.isfinite(logits).all() and cache.get_seq_length() == 107
     for c, before in zip(cache.layer_caches(), kept):
         assert torch.equal(c.attended()[..., :25], before)
@@ -155,12 +155,12 @@ def test_through_the_bridge_on_a_tiny_model():
 
 @pytest.mark.slow
 def test_generates_sensible_text_on_the_embedded_model(embedded):
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import story_ids
 
     model, tok = embedded
     ids = story_ids(tok)
     cache = attach(model, parse_method("snapkv:capacity=64"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     assert all(c.positions.shape[-1] == 64 for c in cache.layer_caches()) and ids.shape[1] > 150

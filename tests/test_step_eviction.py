@@ -147,15 +147,15 @@ def test_bad_parameters_fail_on_construction():
 @pytest.mark.parametrize("spec, small", [("h2o:heavy=4096,recent=4", "h2o:heavy=10,recent=10"),
                                          ("tova:capacity=4096", "tova:capacity=25")])
 def test_through_the_bridge_on_a_tiny_model(spec, small):
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full(spec)  # keeps everything
     cache = attach(model, parse_method(small))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
     with torch.no_grad():
-        logits = model(torch.randint(0, 1000, (2, 5)), past_key_values=cache).logits  # a question chunk
+        logits = model(torch.randint(0, 1000, (2, 5)), **with_cache(model, cache)).logits  # a question chunk
     assert torch.isfinite(logits).all() and cache.get_seq_length() == 112
     assert all(c.k.shape[2] == c.budget for c in cache.layer_caches())
     assert cache.nbytes() < full.nbytes() / 2

@@ -60,12 +60,12 @@ def test_bad_parameters_fail_on_construction():
 
 
 def test_through_the_bridge_on_a_tiny_model():
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import token_identical_to_full
 
     model, ids, full = token_identical_to_full("streaming:window=200")  # everything fits
     cache = attach(model, parse_method("streaming:window=28"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 108) and cache.get_seq_length() == 107
     assert all(c.k.shape[2] == 32 for c in cache.layer_caches())
     assert cache.nbytes() < full.nbytes() / 3
@@ -73,13 +73,13 @@ def test_through_the_bridge_on_a_tiny_model():
 
 @pytest.mark.slow
 def test_generates_sensible_text_on_the_embedded_model(embedded):
-    from kvbench.bridge import attach
+    from kvbench.bridge import attach, with_cache
     from test_kivi import story_ids
 
     model, tok = embedded
     ids = story_ids(tok)
     cache = attach(model, parse_method("streaming:window=60"))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, **with_cache(model, cache), max_new_tokens=16, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     assert all(c.k.shape[2] == 64 for c in cache.layer_caches()) and ids.shape[1] > 150
 
