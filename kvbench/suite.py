@@ -47,6 +47,7 @@ SUITES: dict[str, str] = {
     "kernels": "kvbench.suites.kernels",
     "throughput": "kvbench.suites.throughput",
     "agreement": "kvbench.suites.agreement",
+    "rag": "kvbench.suites.rag",
 }
 
 _UNSET: Any = dataclasses.MISSING

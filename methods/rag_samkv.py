@@ -18,12 +18,12 @@ class _QuestionVotes(Observer):
 
     store, want_probs = False, True
 
-    def __init__(self):
+    def __init__(self, window: int):
         self.votes: torch.Tensor | None = None
-        self.layers = 0
+        self.layers, self.window = 0, window
 
     def on_probs(self, layer, probs) -> None:  # [1, Hq, T, S]; the question's own keys come last
-        per_slot = probs[0].sum(1).mean(0)  # [S]
+        per_slot = probs[0, :, -self.window:].sum(1).mean(0)  # [S]
         self.votes = per_slot if self.votes is None else self.votes + per_slot
         self.layers += 1
 
@@ -40,10 +40,11 @@ class SamKV(RagMethod):
     implementation does (every step below is kvbench's choice where the abstract is silent):
 
     1. Probe: the question goes once through the model over the reused composed cache (every document re-rotated to
-       its offset), storing nothing. At every layer its queries' attention over all documents at once is a vote
+       its offset), storing nothing. At every layer the attention of its last `window` queries over all documents at once is a vote
        per token: softmax-normalised across documents, so a token's vote says how much it matters next to the
-       other documents' tokens, not only within its own. Votes are summed over the question's tokens, averaged over
-       heads and layers, and max-pooled over `kernel` neighbours (SnapKV's smoothing, so phrases stay whole).
+       other documents' tokens, not only within its own. Votes are summed over those queries, averaged over
+       heads and layers, max-pooled over `kernel` neighbours (SnapKV's smoothing), and every `chunk` consecutive
+       tokens of a document share their best vote, so phrases are kept whole.
     2. Budget: ceil(budget x n_d) tokens per document d in total. A share `floor` of each document's budget goes to
        its own top tokens (every document keeps something: in a 2-hop question the second document's relevance
        shows only through the first); the rest of the total goes to the top-voted remaining tokens of any document,
@@ -63,12 +64,20 @@ class SamKV(RagMethod):
         Share of each document's budget it keeps by its own votes; the rest is allocated across documents.
     kernel : int, default 7
         Max-pool width of the vote smoothing (1: none).
+    window : int, default 8
+        The last question tokens whose attention votes (the end of the prompt, where the answer starts: SnapKV's
+        observation window; all of a shorter question).
+    chunk : int, default 16
+        Consecutive tokens of a document kept or dropped together, by their best vote (ChunkKV-style: a fact's
+        value sits a few tokens after the words the question matches).
     """
 
     name = "samkv"
     budget: float = param(0.15, "share of the documents' tokens kept and recomputed", gt=0, le=1)
     floor: float = param(0.5, "share of each document's budget kept by its own votes", ge=0, le=1)
     kernel: int = param(7, "max-pool width of the vote smoothing", ge=1)
+    window: int = param(8, "last question tokens whose attention votes", ge=1)
+    chunk: int = param(16, "tokens kept or dropped together (1: single tokens)", ge=1)
 
     def validate(self) -> None:
         check_fraction(self.name, "budget", self.budget)
@@ -78,12 +87,18 @@ class SamKV(RagMethod):
 
     def votes(self, scene) -> torch.Tensor:
         """One smoothed vote per document token [C - P], from the probe pass."""
-        obs = _QuestionVotes()
+        obs = _QuestionVotes(self.window)
         scene.forward(scene.cache(None), scene.empty(), obs)
         P, C = len(scene.prompt.prefix), scene.prompt.context_len
         v = (obs.votes / obs.layers)[P:C].float().cpu()
         if self.kernel > 1:
             v = F.max_pool1d(v.view(1, 1, -1), self.kernel, stride=1, padding=self.kernel // 2).view(-1)[: C - P]
+        if self.chunk > 1:  # every token of a chunk gets the chunk's best vote (its own breaks ties), per document
+            for start, end in scene.prompt.spans():
+                seg = v[start - P: end - P]
+                n = -(-len(seg) // self.chunk) * self.chunk
+                best = F.pad(seg, (0, n - len(seg)), value=float("-inf")).view(-1, self.chunk).amax(1)
+                v[start - P: end - P] = best.repeat_interleave(self.chunk)[: len(seg)] + 1e-6 * seg
         return v
 
     def select(self, scene) -> Selection:
