@@ -394,6 +394,15 @@ class Scene:
             layers.append(PositionedKV(k, v, pos, layer_idx=i))
         return layered_cache(self.model, layers)
 
+    def restrict(self, cache, keep: torch.Tensor):
+        """A new bridge cache holding only the prefix and the `keep` positions of `cache`'s PositionedKV layers."""
+        layers = []
+        for layer in cache.layers:
+            lc = layer.cache
+            want = torch.isin(lc.pos, keep.to(lc.pos.device)) | (lc.pos < len(self.prompt.prefix))
+            layers.append(PositionedKV(lc.k[:, :, want], lc.v[:, :, want], lc.pos[want], lc.layer_idx))
+        return layered_cache(self.model, layers)
+
     def forward(self, cache, recompute: torch.Tensor, observer: Observer | None = None,
                 with_question: bool = True) -> torch.Tensor:
         """The recomputed context tokens (positions) and the question through the model over `cache`; logits of

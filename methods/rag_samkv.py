@@ -49,10 +49,12 @@ class SamKV(RagMethod):
        its own top tokens (every document keeps something: in a 2-hop question the second document's relevance
        shows only through the first); the rest of the total goes to the top-voted remaining tokens of any document,
        so documents the question needs get more than their share.
-    3. Local recompute: everything else is dropped; the kept tokens and the question go through the model at their
-       real positions, attending causally over the prefix and the kept tokens only; their fresh keys and values
-       replace the reused ones, so the kept tokens gain the cross-document attention the stored caches lacked. The
-       cache then holds the prefix, the kept tokens and the question: kept_ratio = recompute_ratio = budget.
+    3. Local recompute: the kept tokens go through the model at their real positions, their fresh keys and values
+       replacing the reused ones, so they gain the cross-document attention the stored caches lacked. With
+       over="all" (default) they attend to the prefix and every document's reused tokens, and the rest is dropped
+       afterwards; with over="kept" the rest is dropped first and they attend to the kept tokens only. Then the
+       question attends to the prefix and the kept tokens. The cache holds the prefix, the kept tokens and the
+       question: kept_ratio = recompute_ratio = budget.
 
     With budget 1 nothing is dropped and everything is recomputed: equal to recompute.
 
@@ -70,6 +72,10 @@ class SamKV(RagMethod):
     chunk : int, default 16
         Consecutive tokens of a document kept or dropped together, by their best vote (ChunkKV-style: a fact's
         value sits a few tokens after the words the question matches).
+    over : str, default "all"
+        "all": the kept tokens are recomputed attending to every document's reused tokens, then the rest is dropped
+        (the question attends to the kept tokens only); "kept": recomputed over the kept tokens alone (the rest
+        dropped first).
     """
 
     name = "samkv"
@@ -78,6 +84,8 @@ class SamKV(RagMethod):
     kernel: int = param(7, "max-pool width of the vote smoothing", ge=1)
     window: int = param(8, "last question tokens whose attention votes", ge=1)
     chunk: int = param(16, "tokens kept or dropped together (1: single tokens)", ge=1)
+    over: str = param("all", "the kept tokens are recomputed attending to all documents, or to the kept ones only",
+                      choices=("all", "kept"))
 
     def validate(self) -> None:
         check_fraction(self.name, "budget", self.budget)
@@ -117,4 +125,15 @@ class SamKV(RagMethod):
             free = votes.masked_fill(taken, float("-inf"))
             taken[free.topk(rest).indices] = True
         kept = P + taken.nonzero().view(-1)
-        return Selection(keep=kept, recompute=kept, facts={"floor": self.floor})
+        return Selection(keep=kept, recompute=kept, facts={"floor": self.floor, "recompute_over": self.over})
+
+    def first_token(self, scene):
+        if self.over == "kept":
+            return super().first_token(scene)
+        sel = self.select(scene)  # recompute the kept tokens over every document, then drop the rest
+        full = scene.cache(None)
+        scene.forward(full, sel.recompute, with_question=False)
+        cache = scene.restrict(full, sel.keep)
+        del full
+        logits = scene.forward(cache, scene.empty())
+        return cache, logits, {**sel.facts, **scene.ratios(sel)}
