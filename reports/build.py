@@ -27,6 +27,7 @@ from typing import Any, Iterable
 from plotly.offline import get_plotlyjs
 from plotly.utils import PlotlyJSONEncoder
 
+from kvbench import rag_report
 from kvbench.api import KVBenchError
 from kvbench.records import Problem, machine_label, now_iso, read_records
 from kvbench.reports import plots
@@ -43,6 +44,7 @@ SECTIONS = [  # id, title, the command that produces its records
     ("prefill", "Prefill time against context", "kvbench run kernels --mode prefill"),
     ("throughput", "Throughput against batch", "kvbench run throughput"),
     ("memory", "Memory fit", "kvbench run memory"),
+    ("rag", "RAG: documents cached apart, reused together", "kvbench run rag --quick"),
     ("failures", "Failed and out-of-memory cells", "any suite"),
     ("benchmarks", "pytest-benchmark results",
      "pytest benchmarks --benchmark-json=bench.json, then kvbench report RESULTS bench.json"),
@@ -389,6 +391,7 @@ def render(inp: Inputs, title: str) -> str:
         "prefill": lambda: plots.kernel_time(ker, colors, "prefill"),
         "throughput": lambda: plots.throughput(thr, colors),
         "memory": lambda: plots.memory_fit(mem, colors),
+        "rag": lambda: rag_report.figure(view.get("rag", []), colors),  # the rag suite's own figure (issue 15)
     }
     figs, broken = {}, {}
     for sid, make in makers.items():

@@ -252,6 +252,7 @@ SUITE = Suite(
              _col("EM", "em", ".2f"), _col("TTFT s", "ttft", ".3f"), _col("recompute", "recompute", ".3f"),
              _col("kept", "kept", ".3f"), _col("bytes/rec", "bytes", ".3f"), _col("1st err", "err", ".3f"),
              _col("1st agree", "agree", ".2f"), _col("cells", "cells"), _col("failed", "failed")),
+    report=("rag",),
     model="auto",
     model_help="auto (embedded), embedded, a Hugging Face id or local path, or synthetic:<arch> (random weights: "
                "use --tasks synthetic; TTFT and bytes only).",
