@@ -82,9 +82,9 @@ class RagOptions(Options):
                               "2WikiMQA/HotpotQA/MuSiQue JSONL).", "1hop,2hop", parse=_tasks)
     documents: list[int] = option("Documents per prompt (N), e.g. 2,6,10.", parse=_documents, default="2,6,10",
                                   quick="6")
-    doc_tokens: int = option("Tokens per document.", parse=_doc_tokens, cpu="192", gpu="2K", quick_cpu="128")
+    doc_tokens: int = option("Tokens per document.", parse=_doc_tokens, cpu="192", gpu="2K", quick_cpu="96")
     seeds: list[int] = option("Instance seeds, e.g. 0-9; for file: tasks, line numbers from 0.", parse=_seeds,
-                              default="0-9", quick="0-4")
+                              default="0-9", quick="0-2")
 
 
 def model_name(plan: Plan) -> str:
@@ -217,7 +217,7 @@ def measure(s: Session, cell: Cell) -> dict[str, Any]:
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
-    """One row per method, task and N: mean score, median TTFT, mean ratios and bytes, agreement with recompute."""
+    """One row per method, task and N: mean score, median TTFT, mean ratios and bytes, how often the first token matches recompute."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], r["cell"].get("task"), r["cell"].get("documents")), []).append(r)
