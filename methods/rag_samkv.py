@@ -40,11 +40,11 @@ class SamKV(RagMethod):
     implementation does (every step below is kvbench's choice where the abstract is silent):
 
     1. Probe: the question goes once through the model over the reused composed cache (every document re-rotated to
-       its offset), storing nothing. At every layer the attention of its last `window` queries over all documents at once is a vote
-       per token: softmax-normalised across documents, so a token's vote says how much it matters next to the
-       other documents' tokens, not only within its own. Votes are summed over those queries, averaged over
-       heads and layers, max-pooled over `kernel` neighbours (SnapKV's smoothing), and every `chunk` consecutive
-       tokens of a document share their best vote, so phrases are kept whole.
+       its offset), storing nothing. At every layer the attention of its last `window` queries over all documents
+       at once is a vote per token: softmax-normalised across documents, so a token's vote says how much it
+       matters next to the other documents' tokens, not only within its own. Votes are summed over those queries,
+       averaged over heads and layers, max-pooled over `kernel` neighbours (SnapKV's smoothing), and every `chunk`
+       consecutive tokens of a document share their best vote, so phrases are kept whole.
     2. Budget: ceil(budget x n_d) tokens per document d in total. A share `floor` of each document's budget goes to
        its own top tokens (every document keeps something: in a 2-hop question the second document's relevance
        shows only through the first); the rest of the total goes to the top-voted remaining tokens of any document,

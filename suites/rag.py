@@ -217,7 +217,8 @@ def measure(s: Session, cell: Cell) -> dict[str, Any]:
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
-    """One row per method, task and N: mean score, median TTFT, mean ratios and bytes, how often the first token matches recompute."""
+    """One row per method, task and N: mean score, median TTFT, mean ratios and bytes, how often the first token
+    matches recompute's."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], r["cell"].get("task"), r["cell"].get("documents")), []).append(r)
