@@ -196,10 +196,11 @@ class Rope:
             return k
         freqs = delta * self.inv_freq.to(device=k.device, dtype=torch.float64)
         emb = torch.cat([freqs, freqs])
-        cos, sin = emb.cos().to(k.dtype), emb.sin().to(k.dtype)
+        work = torch.float64 if k.dtype == torch.float64 else torch.float32  # bf16 keys: rotate in float32, once
+        cos, sin, x = emb.cos().to(work), emb.sin().to(work), k.to(work)
         half = k.shape[-1] // 2
-        rotated = torch.cat([-k[..., half:], k[..., :half]], -1)
-        return k * cos + rotated * sin
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return (x * cos + rotated * sin).to(k.dtype)
 
 
 def _forward(model, cache, ids: list[int] | torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
