@@ -103,3 +103,16 @@ def test_synthetic_model_path(tiny, tmp_path):
     assert res.ok == 3 and res.failed == 0, [r.get("error") for r in recs]
     sam = next(r["metrics"] for r in recs if r["method"] == "samkv")
     assert "score" not in sam and sam["ttft_s"] > 0 and sam["bytes_held_vs_recompute"] < 0.5
+
+
+def test_a_comparison_file_takes_a_rag_table(tmp_path):
+    from kvbench.suites.compare import load_comparison
+
+    f = tmp_path / "c.toml"
+    f.write_text("methods = ['snapkv:capacity=0.15']\n[suites.rag]\nrag_methods = ['recompute', 'samkv:budget=0.2']\n"
+                 "tasks = '2hop'\ndocuments = '6'\n")
+    (plan,) = load_comparison(f).suites
+    assert plan.name == "rag" and plan.options["rag_methods"] == ["recompute", "samkv:budget=0.2"]
+    f.write_text("methods = ['full']\n[suites.rag]\nrag_methods = ['samkv:budget=3']\n")
+    with pytest.raises(KVBenchError, match="budget"):
+        load_comparison(f)
