@@ -14,8 +14,8 @@ sentence at a seed-drawn place. Keys are RULER-style "adjective-noun" pairs (sui
 - `file:PATH`: line `seed` of a LongBench JSONL file; its context is split at "Passage N:" into documents, each cut
   to `doc_tokens`, its first `documents` kept.
 
-Scores: `score` is token F1 against the reference (LongBench's qa_f1_score); `exact_match` after normalisation, and
-`substring`: the share of the reference's parts found in the prediction.
+Scores: `f1` (token F1, LongBench's qa_f1_score), `exact_match` after normalisation, `substring` (the share of the
+answer's parts found in the prediction); `score` is f1 for LongBench files and substring for 1hop/2hop.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class RagInstance:
     parts: list[str]  # pieces that must all appear (substring score)
     max_new_tokens: int
     info: dict[str, Any] = field(default_factory=dict)
+    metric: str = "substring"  # which of scores() is the record's `score`
 
 
 def _template(tok) -> tuple[str, str, bool]:
@@ -156,7 +157,7 @@ def file_instance(tok, path: str, n_docs: int, doc_tokens: int, seed: int) -> Ra
     name = row.get("dataset") or p.stem
     inst = RagInstance(_prompt(tok, docs, str(row.get("input", "")), " Answer:"), answers, answers[:1],
                        LONGBENCH.get(name, ("f1", 32))[1], {"dataset": name, "line": seed + 1,
-                                                           "passages": len(passages)})
+                                                           "passages": len(passages)}, metric="f1")
     return inst
 
 
@@ -175,10 +176,13 @@ def make_instance(tok, task: str, n_docs: int, doc_tokens: int, seed: int, vocab
 
 
 def scores(inst: RagInstance, prediction: str) -> dict[str, float]:
-    """F1 (the `score`), exact match and the share of the answer's parts found."""
+    """`f1` (token F1, LongBench's qa_f1_score), `exact_match` (after normalisation), `substring` (the share of the
+    answer's parts found) and `score`: f1 for LongBench files, substring for 1hop/2hop (their references carry
+    template words, "and ends with", that F1 would reward in a wrong answer)."""
     from kvbench.suites.tasks import _normalize, f1, string_match_all
 
     pred = prediction.strip().split("\n")[0]
-    return {"score": f1(pred, inst.answers), "exact_match": float(any(_normalize(pred) == _normalize(a)
-                                                                      for a in inst.answers)),
-            "substring": string_match_all(pred, inst.parts)}
+    out = {"f1": f1(pred, inst.answers),
+           "exact_match": float(any(_normalize(pred) == _normalize(a) for a in inst.answers)),
+           "substring": string_match_all(pred, inst.parts)}
+    return {"score": out[inst.metric], **out}

@@ -49,9 +49,11 @@ def test_scores():
     inst = make_instance(tiny_tokenizer(), "2hop", 2, 64, seed=0)
     a, b = inst.parts
     right = scores(inst, f" {a} and ends with {b}.")
-    assert right == {"score": 1.0, "exact_match": 1.0, "substring": 1.0}
+    assert right == {"score": 1.0, "f1": 1.0, "exact_match": 1.0, "substring": 1.0}
     half = scores(inst, f" {a} and ends with 000")
-    assert half["substring"] == 0.5 and 0 < half["score"] < 1 and half["exact_match"] == 0.0
+    assert half["score"] == half["substring"] == 0.5 and 0 < half["f1"] < 1 and half["exact_match"] == 0.0
+    wrong = scores(inst, " 000 and ends with 000")
+    assert wrong["score"] == 0.0 and wrong["f1"] > 0.5  # why F1 is not the score of the generated tasks
 
 
 def test_longbench_file_gives_its_passages_as_documents(tok):
@@ -85,7 +87,7 @@ def test_suite_writes_every_metric(tiny, tok, tmp_path):
     assert methods == ["recompute", "reuse", "cacheblend", "epic", "samkv", "reuse+snapkv:capacity=0.25"]
     for r in recs:
         m = r["metrics"]
-        for key in ("score", "exact_match", "substring", "ttft_s", "recompute_ratio", "bytes_held",
+        for key in ("score", "f1", "exact_match", "substring", "ttft_s", "recompute_ratio", "bytes_held",
                     "first_logits_rel_err", "first_token_agrees", "prediction"):
             assert key in m, (r["method"], key)
     by = {r["method"]: r["metrics"] for r in recs}
