@@ -6,6 +6,7 @@
     LayerCache.nbytes() -> int             # device bytes the cache really holds, metadata included
     LayerCache.seq_len() -> int            # logical tokens seen (positions continue after eviction)
     LayerCache.capture_safe, reserve(n), advance(n)   # optional: decode steps a CUDA graph can replay (see below)
+    Method.compose(spec, k, v) -> LayerCache          # multi-context (RAG): a cache over documents prefilled apart
 
 q is [B, Hq, T, D], k and v are [B, Hkv, T, D], all after RoPE; outputs are [B, Hq, T, D] (prefill also accepts
 the queries of only the last Tq < T positions).
@@ -244,6 +245,15 @@ class Method:
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         raise NotImplementedError
 
+    def compose(self, spec: LayerSpec, k: torch.Tensor, v: torch.Tensor) -> LayerCache:
+        """Multi-context (RAG) extension: a LayerCache over a context composed of independently prefilled parts (a
+        shared prefix, then documents), k/v [B, Hkv, N, D] after RoPE at the placed positions 0..N-1 (kvbench.rag
+        re-rotates each document to its offset). The next extend() (the question chunk) attends over them; decoding
+        goes on through extend() as usual. Default, for every single-context method: that first chunk is the
+        method's prefill of the whole context with the chunk's queries only (the query tail prefill accepts), so the
+        method compresses the reused context with the question in view. The RAG methods (kvbench.rag) override it."""
+        return ComposedContext(self.make_layer(spec), k, v)
+
     @classmethod
     def describe(cls) -> list[ParamInfo]:
         hints = typing.get_type_hints(cls)
@@ -271,3 +281,33 @@ class Method:
 
     def __str__(self) -> str:
         return self.label()
+
+
+class ComposedContext(LayerCache):
+    """Method.compose's default: holds the composed k/v until the first extend(), which becomes inner.prefill over the
+    context and that chunk together (q: the chunk's queries, the last positions); then everything goes to inner."""
+
+    def __init__(self, inner: LayerCache, k: torch.Tensor, v: torch.Tensor):
+        self.inner, self.k, self.v = inner, k, v
+
+    def prefill(self, q, k, v):
+        raise KVBenchError("a composed (RAG) cache already holds its context; feed the question with extend()")
+
+    def extend(self, q, k, v):
+        if self.k is None:
+            return self.inner.extend(q, k, v)
+        ctx_k, ctx_v, self.k, self.v = self.k, self.v, None, None
+        return self.inner.prefill(q, torch.cat([ctx_k, k], 2), torch.cat([ctx_v, v], 2))
+
+    def nbytes(self) -> int:
+        held = 0 if self.k is None else self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return held + self.inner.nbytes()
+
+    def seq_len(self) -> int:
+        return self.inner.seq_len() if self.k is None else self.k.shape[2]
+
+    def attended(self):
+        return self.inner.attended()
+
+    def info(self):
+        return self.inner.info()

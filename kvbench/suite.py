@@ -49,6 +49,7 @@ SUITES: dict[str, str] = {
     "throughput": "kvbench.suites.throughput",
     "agreement": "kvbench.suites.agreement",
     "fidelity": "kvbench.suites.fidelity_at_length",
+    "rag": "kvbench.suites.rag",
 }
 
 _UNSET: Any = dataclasses.MISSING

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 from plotly.offline import get_plotlyjs
 from plotly.utils import PlotlyJSONEncoder
 
+from kvbench import rag_report
 from kvbench.api import KVBenchError
 from kvbench.records import Problem, machine_label, now_iso, read_records
 from kvbench.reports import plots
@@ -47,6 +48,7 @@ SECTIONS = [  # id, title, the command that produces its records
     ("throughput", "Throughput against batch", "kvbench run throughput"),
     ("steps", "Decode step against its floor", "kvbench run throughput  (GPU: step accounting from the profiler)"),
     ("memory", "Memory fit", "kvbench run memory"),
+    ("rag", "RAG: documents cached apart, reused together", "kvbench run rag --quick"),
     ("failures", "Failed and out-of-memory cells", "any suite"),
     ("benchmarks", "pytest-benchmark results",
      "pytest benchmarks --benchmark-json=bench.json, then kvbench report RESULTS bench.json"),
@@ -395,6 +397,7 @@ def render(inp: Inputs, title: str) -> str:
         "throughput": lambda: plots.throughput(thr, colors),
         "steps": lambda: step_accounting(thr, colors),
         "memory": lambda: plots.memory_fit(mem, colors),
+        "rag": lambda: rag_report.figure(view.get("rag", []), colors),  # the rag suite's own figure (issue 15)
     }
     figs, broken = {}, {}
     for sid, make in makers.items():

@@ -93,6 +93,9 @@ def synthetic_records(seed=0):
     out["accuracy"].append(rec("accuracy", "snapkv:capacity=0.1", {
         "model": "embedded", "task": "passkey", "context": 4096, "depth": 0.5, "protocol": "query-aware", "seed": 0},
         status="failed", error="RuntimeError: boom\nTraceback (most recent call last):\n  File x.py, line 1"))
+    out["rag"] = [rec("rag", m, {"model": "embedded", "task": "2hop", "documents": 6, "doc_tokens": 128, "seed": 0},
+                      {"score": s, "ttft_s": t, "bytes_held_vs_recompute": b, "recompute_ratio": r, "kept_ratio": r})
+                  for m, s, t, b, r in (("recompute", 1.0, 2.0, 1.0, 1.0), ("samkv", 0.9, 0.5, 0.2, 0.15))]
     return out
 
 
@@ -129,7 +132,7 @@ def test_every_section_is_present_and_every_chart_has_data(full_page):
     for sid, title, _ in SECTIONS:
         assert f"<section id='{sid}'>" in page
     for chart in ("pareto", "budget", "needle", "fidelity", "fidelity-length", "kernels", "prefill", "throughput",
-                  "steps", "memory"):
+                  "steps", "memory", "rag"):
         assert f'id="chart-{chart}"' in page, chart
     assert "no records for this section" not in page
     assert "test_decode[kivi-32768]" in page and "kvbench run kernels" in page  # benchmark JSON and provenance

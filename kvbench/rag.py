@@ -1,0 +1,445 @@
+"""Multi-context (RAG) KV caches: documents prefilled on their own, placed at any position, composed behind a prefix.
+
+The scenario (issue 15). A prompt is a shared prefix, N retrieved documents and a question. A RAG store prefills
+each document once, on its own behind the prefix (it attends to the prefix, never to another document), and keeps
+its keys and values. At query time the documents are placed one after the other behind the prefix: each
+document's keys, cached after RoPE at positions P..P+n-1, are re-rotated to their new offset o (RoPE is a rotation,
+R(p + d) = R(d) R(p), so k at o+i is R(o - P) applied to k at P+i: `Rope.shift`). Then a RAG method decides what to
+keep and what to recompute, the question (and the recomputed tokens, at their real positions) goes through the
+model over the composed cache, and decoding continues through the ordinary `extend`.
+
+    store = store_documents(model, prompt)          # offline: the prefix and each document prefilled apart
+    scene = Scene(model, prompt, store)              # one query: compose, probe, recompute
+    cache, logits, facts = first_token(scene, method)  # method: a RagMethod (methods/rag_*.py) or AfterReuse(...)
+
+Everything runs through the stock transformers model and kvbench's bridge: the cache's layers are `PositionedKV`
+LayerCaches whose slots carry their logical positions, so a forward with explicit `position_ids` can overwrite
+(recompute) some tokens in place and attend causally by position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from kvbench import attention
+from kvbench.api import LayerCache, LayerSpec, Method, ParamError, UnknownMethodError
+from kvbench.errors import KVBenchError
+from kvbench.bridge import with_cache
+
+RAG_MODULES = ("rag_recompute", "rag_reuse", "rag_cacheblend", "rag_epic", "rag_samkv")  # kvbench.methods.*
+_RAG: dict[str, type] = {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RAG methods: their own registry (they cannot serve a single causal prompt, so `all` of the other suites and the
+# main registry do not list them)
+
+
+def register_rag(cls):
+    _RAG[cls.name] = cls
+    return cls
+
+
+def rag_methods() -> dict[str, type]:
+    for mod in RAG_MODULES:
+        importlib.import_module(f"kvbench.methods.{mod}")
+    return dict(_RAG)
+
+
+class RagMethod(Method):
+    """Base of the RAG methods: select what to keep and recompute; the Scene does the rest."""
+
+    family: ClassVar[str] = "rag"
+
+    def make_layer(self, spec: LayerSpec) -> LayerCache:
+        raise KVBenchError(f"'{self.name}' is a multi-context (RAG) method; run it in the rag suite (kvbench run rag)")
+
+    def select(self, scene: "Scene") -> "Selection":
+        """Which context tokens the cache keeps and which of them are recomputed."""
+        raise NotImplementedError
+
+    def first_token(self, scene: "Scene"):
+        """(cache, logits [1, V] of the first answer token, facts): keep and recompute what select() says."""
+        sel = self.select(scene)
+        cache = sel.cache if sel.cache is not None else scene.cache(sel.keep)
+        logits = scene.forward(cache, sel.recompute)
+        return cache, logits, {**sel.facts, **scene.ratios(sel)}
+
+
+@dataclass(frozen=True)
+class AfterReuse:
+    """A single-context method applied after `reuse`: the stored caches concatenated (Method.compose), then the
+    method's own prefill over them with the question's queries (e.g. snapkv votes with the question as its window)."""
+
+    inner: Method
+    family: ClassVar[str] = "rag+"
+
+    @property
+    def name(self) -> str:
+        return "reuse+" + self.inner.name
+
+    def label(self) -> str:
+        return "reuse+" + self.inner.label()
+
+    def params(self) -> dict:
+        return {"after": "reuse", **self.inner.params()}
+
+    def budget_fraction(self, context: int) -> float:
+        return self.inner.budget_fraction(context)
+
+    def first_token(self, scene: "Scene"):
+        cache = scene.cache(None, method=self.inner)
+        logits = scene.forward(cache, scene.empty())
+        return cache, logits, {"recompute_ratio": 0.0}
+
+
+def parse_rag(spec: str):
+    """'samkv', 'samkv:budget=0.15', or 'reuse+<any single-context method spec>' -> a RAG method object."""
+    from kvbench.registry import _convert, parse_method
+
+    spec = spec.strip()
+    if spec.startswith("reuse+"):
+        return AfterReuse(parse_method(spec.removeprefix("reuse+")))
+    name, _, rest = spec.partition(":")
+    known = rag_methods()
+    if name not in known:
+        raise UnknownMethodError(name, [*known, "reuse+<method>"])
+    cls = known[name]
+    hints, kwargs = typing.get_type_hints(cls), {}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in fields:
+            raise KVBenchError(f"rag method spec '{spec}': '{item}' is not one of its parameters "
+                               f"({', '.join(sorted(fields)) or 'none'}) as key=value")
+        kwargs[key.strip()] = _convert(name, key.strip(), value.strip(), hints.get(key.strip()))
+    return cls(**kwargs)
+
+
+def check_fraction(method: str, name: str, value: float) -> None:
+    """A share of the documents' tokens: in (0, 1]."""
+    if not 0 < value <= 1:
+        raise ParamError(method, name, value, "a fraction of the documents' tokens in (0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the prompt and the store
+
+
+@dataclass
+class RagPrompt:
+    """Token ids of the shared prefix, each document and the question, tokenized apart so every method sees the
+    same tokens (the concatenation is what `recompute` prefills)."""
+
+    prefix: list[int]
+    docs: list[list[int]]
+    question: list[int]
+
+    def __post_init__(self):
+        if not self.docs:
+            raise KVBenchError("a RAG prompt needs at least one document (N = 0 given)")
+        for i, d in enumerate(self.docs):
+            if not d:
+                raise KVBenchError(f"document {i} is empty; every document needs at least one token")
+        if not self.prefix or not self.question:
+            raise KVBenchError("a RAG prompt needs a non-empty prefix and question")
+
+    def ids(self) -> list[int]:
+        return [t for part in (self.prefix, *self.docs, self.question) for t in part]
+
+    def spans(self) -> list[tuple[int, int]]:
+        """Each document's [start, end) positions once composed behind the prefix."""
+        out, at = [], len(self.prefix)
+        for d in self.docs:
+            out.append((at, at + len(d)))
+            at += len(d)
+        return out
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prefix) + sum(map(len, self.docs))
+
+    @property
+    def doc_tokens(self) -> int:
+        return sum(map(len, self.docs))
+
+
+@dataclass
+class Stored:
+    """What a RAG store keeps: per layer the prefix's k/v and each document's k/v ([1, Hkv, n, D], after RoPE; a
+    document's at positions P..P+n-1, P the prefix length)."""
+
+    prefix: list[tuple[torch.Tensor, torch.Tensor]]
+    docs: list[list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+class Rope:
+    """Re-rotates cached keys to another position: the model's RoPE frequencies (`inv_freq` of its rotary module,
+    rope scaling included), half-split layout as transformers' rotate_half."""
+
+    def __init__(self, model):
+        mods = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+        if not mods:
+            raise KVBenchError(f"{type(model).__name__} has no rotary embedding (inv_freq); the rag suite needs RoPE")
+        self.inv_freq = mods[0].inv_freq
+
+    def shift(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """k [B, H, T, D] rotated by `delta` positions."""
+        if delta == 0:
+            return k
+        freqs = delta * self.inv_freq.to(device=k.device, dtype=torch.float64)
+        emb = torch.cat([freqs, freqs])
+        work = torch.float64 if k.dtype == torch.float64 else torch.float32  # bf16 keys: rotate in float32, once
+        cos, sin, x = emb.cos().to(work), emb.sin().to(work), k.to(work)
+        half = k.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return (x * cos + rotated * sin).to(k.dtype)
+
+
+def _forward(model, cache, ids: list[int] | torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward through the bridge; returns the last position's logits [1, V] (float)."""
+    ids = torch.as_tensor(ids, device=model.device).view(1, -1)
+    kw = {} if positions is None else {"position_ids": positions.to(model.device).view(1, -1)}
+    with torch.inference_mode():
+        out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1, **kw)
+    return out.logits[:, -1].float()
+
+
+def layered_cache(model, layers: list[LayerCache]):
+    """A bridge cache (kvbench.bridge.attach) whose layers are the given LayerCaches."""
+    from kvbench.bridge import attach
+    from kvbench.registry import parse_method
+
+    cache = attach(model, parse_method("full"))
+    for layer, lc in zip(cache.layers, layers):
+        layer.cache, layer.is_initialized = lc, True
+        layer.dtype, layer.device = model.dtype, model.device
+    return cache
+
+
+def store_documents(model, prompt: RagPrompt) -> Stored:
+    """Prefill the prefix once, then each document on its own behind it (what a RAG store holds)."""
+    n_layers = model.config.get_text_config().num_hidden_layers
+    pre = [PositionedKV() for _ in range(n_layers)]
+    _forward(model, layered_cache(model, pre), prompt.prefix)
+    prefix = [(p.k, p.v) for p in pre]
+    P, docs = len(prompt.prefix), []
+    for d in prompt.docs:
+        layers = [PositionedKV(k, v) for k, v in prefix]
+        _forward(model, layered_cache(model, layers), d)
+        docs.append([(lc.k[:, :, P:], lc.v[:, :, P:]) for lc in layers])
+    return Stored(prefix, docs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cache: dense slots with logical positions
+
+
+class Observer:
+    """Hooks a Scene sets on every PositionedKV for one forward: see the fresh k/v written over reused slots
+    (CacheBlend's deviation), see the attention probabilities (SamKV's scores), or attend without storing."""
+
+    store: bool = True
+    want_probs: bool = False
+
+    def on_write(self, layer: "PositionedKV", slots: torch.Tensor, old_k, old_v, new_k, new_v) -> None:
+        pass
+
+    def on_probs(self, layer: "PositionedKV", probs: torch.Tensor) -> None:  # [B, Hq, T, S]
+        pass
+
+
+class StopForward(Exception):
+    """Raised by an Observer to end a forward early (CacheBlend's check pass needs only its first layers)."""
+
+
+class PositionedKV(LayerCache):
+    """Dense k/v [B, Hkv, S, D] whose slots carry logical positions `pos` [S] (increasing, with gaps where tokens
+    were dropped). `incoming` (set by the Scene) gives the positions of the next extend()'s tokens: those already
+    held are overwritten (recomputed), the others appended; queries attend to slots at positions <= their own."""
+
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None, pos: torch.Tensor | None = None,
+                 layer_idx: int = 0):
+        self.k, self.v, self.layer_idx = k, v, layer_idx
+        if k is not None and pos is None:
+            pos = torch.arange(k.shape[2], device=k.device)
+        self.pos = pos
+        self.n = 0 if pos is None else (int(pos[-1]) + 1 if len(pos) else 0)
+        self.incoming: torch.Tensor | None = None
+        self.observer: Observer | None = None
+
+    def prefill(self, q, k, v):
+        self.k, self.v, self.pos, self.n = k, v, torch.arange(k.shape[2], device=k.device), k.shape[2]
+        return attention.dense_attention(q, k, v, causal=True)
+
+    def extend(self, q, k, v):
+        if self.k is None:
+            return self.prefill(q, k, v)
+        qpos = self.incoming if self.incoming is not None else torch.arange(self.n, self.n + k.shape[2])
+        qpos = qpos.to(k.device)
+        obs = self.observer or Observer()
+        K, V, pos = self._placed(qpos, k, v, obs)
+        if obs.store:
+            self.k, self.v, self.pos, self.n = K, V, pos, max(self.n, int(qpos[-1]) + 1)
+        if q.shape[2] == 1 and int(qpos[0]) >= int(pos[-1]):
+            return attention.dense_attention(q, K, V, causal=False)  # a decode step sees every slot
+        return _masked_attention(q, K, V, qpos, pos, obs, self)
+
+    def _placed(self, qpos, k, v, obs: Observer):
+        """The slots after writing k/v at positions qpos: held positions overwritten, new ones appended."""
+        old = qpos < self.n
+        K, V, pos = self.k, self.v, self.pos
+        if bool(old.any()):
+            slots = torch.searchsorted(pos, qpos[old])
+            if bool((slots >= len(pos)).any()) or not bool((pos[slots.clamp(max=len(pos) - 1)] == qpos[old]).all()):
+                raise KVBenchError("a recomputed position is not held by the cache (it was dropped before)")
+            obs.on_write(self, slots, K[:, :, slots], V[:, :, slots], k[:, :, old], v[:, :, old])
+            K, V = K.clone(), V.clone()
+            K[:, :, slots], V[:, :, slots] = k[:, :, old], v[:, :, old]
+        new = ~old
+        if bool(new.any()):
+            K, V = torch.cat([K, k[:, :, new]], 2), torch.cat([V, v[:, :, new]], 2)
+            pos = torch.cat([pos, qpos[new]])
+        return K, V, pos
+
+    def nbytes(self) -> int:
+        if self.k is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+
+    def seq_len(self) -> int:
+        return self.n
+
+
+def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -> torch.Tensor:
+    """q [B, Hq, T, D] at positions qpos attends to K/V [B, Hkv, S, D] at kpos <= its own position."""
+    group = q.shape[1] // K.shape[1]
+    mask = kpos[None, :] <= qpos[:, None]  # [T, S]
+    if obs.want_probs:
+        Kx, Vx = K.repeat_interleave(group, 1), V.repeat_interleave(group, 1)
+        scores = (q.float() @ Kx.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        obs.on_probs(layer, probs)
+        return (probs.to(V.dtype) @ Vx).to(q.dtype)
+    if q.is_cuda:  # SDPA's memory-efficient kernel takes a mask but not GQA: repeat the KV heads
+        K, V = K.repeat_interleave(group, 1), V.repeat_interleave(group, 1)
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=group > 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one query: compose, select, recompute
+
+
+@dataclass
+class Selection:
+    """Context slots the cache keeps (positions, sorted; None: all) and positions recomputed (a subset of keep)."""
+
+    keep: torch.Tensor | None
+    recompute: torch.Tensor
+    facts: dict[str, Any] = field(default_factory=dict)
+    cache: Any = None  # a cache a selection pass already built and partly wrote (CacheBlend's check pass)
+
+
+class Scene:
+    """One query over stored documents: the composed context, and the passes RAG methods run over it."""
+
+    def __init__(self, model, prompt: RagPrompt, stored: Stored, rope: Rope | None = None):
+        self.model, self.prompt, self.stored = model, prompt, stored
+        self.rope = rope or Rope(model)
+        self.n_layers = len(stored.prefix)
+        self._composed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def composed(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer k/v [1, Hkv, C, D] of the prefix and every document, each re-rotated to its offset."""
+        if self._composed is None:
+            P, out = len(self.prompt.prefix), []
+            for layer in range(self.n_layers):
+                ks, vs = [self.stored.prefix[layer][0]], [self.stored.prefix[layer][1]]
+                for (start, _), doc in zip(self.prompt.spans(), self.stored.docs):
+                    ks.append(self.rope.shift(doc[layer][0], start - P))
+                    vs.append(doc[layer][1])
+                out.append((torch.cat(ks, 2), torch.cat(vs, 2)))
+            self._composed = out
+        return self._composed
+
+    def doc_positions(self) -> torch.Tensor:
+        return torch.arange(len(self.prompt.prefix), self.prompt.context_len)
+
+    def empty(self) -> torch.Tensor:
+        return torch.zeros(0, dtype=torch.long)
+
+    def cache(self, keep: torch.Tensor | None, method: Method | None = None):
+        """A bridge cache over the composed context: PositionedKV layers holding the prefix and the kept document
+        tokens (keep: positions, None for all), or `method.compose` layers (single-context methods after reuse)."""
+        from kvbench.api import LayerSpec
+
+        layers = []
+        for i, (k, v) in enumerate(self.composed()):
+            if method is not None:
+                spec = LayerSpec(i, self.n_layers, self.model.config.get_text_config().num_attention_heads,
+                                 k.shape[1], k.shape[3], k.dtype, k.device)
+                layers.append(method.compose(spec, k, v))
+                continue
+            pos = torch.arange(k.shape[2], device=k.device)
+            if keep is not None:
+                pos = torch.cat([pos[: len(self.prompt.prefix)], keep.to(k.device)])
+                k, v = k[:, :, pos], v[:, :, pos]
+            layers.append(PositionedKV(k, v, pos, layer_idx=i))
+        return layered_cache(self.model, layers)
+
+    def restrict(self, cache, keep: torch.Tensor):
+        """A new bridge cache holding only the prefix and the `keep` positions of `cache`'s PositionedKV layers."""
+        layers = []
+        for layer in cache.layers:
+            lc = layer.cache
+            want = torch.isin(lc.pos, keep.to(lc.pos.device)) | (lc.pos < len(self.prompt.prefix))
+            layers.append(PositionedKV(lc.k[:, :, want], lc.v[:, :, want], lc.pos[want], lc.layer_idx))
+        return layered_cache(self.model, layers)
+
+    def forward(self, cache, recompute: torch.Tensor, observer: Observer | None = None,
+                with_question: bool = True) -> torch.Tensor:
+        """The recomputed context tokens (positions) and the question through the model over `cache`; logits of
+        the last position [1, V]."""
+        ids = torch.tensor(self.prompt.ids())
+        C = self.prompt.context_len
+        positions = recompute.sort().values.to(torch.long)
+        if with_question:
+            positions = torch.cat([positions, torch.arange(C, C + len(self.prompt.question))])
+        for layer in cache.layers:
+            if isinstance(layer.cache, PositionedKV):
+                layer.cache.incoming, layer.cache.observer = positions, observer
+        try:
+            return _forward(self.model, cache, ids[positions], positions)
+        finally:
+            for layer in cache.layers:
+                if isinstance(layer.cache, PositionedKV):
+                    layer.cache.incoming = layer.cache.observer = None
+
+    def ratios(self, sel: Selection) -> dict[str, float]:
+        n = self.prompt.doc_tokens
+        kept = n if sel.keep is None else len(sel.keep)
+        return {"recompute_ratio": len(sel.recompute) / n, "kept_ratio": kept / n}
+
+    def doc_of(self) -> torch.Tensor:
+        """Document index of each document position (C - P entries)."""
+        return torch.cat([torch.full((len(d),), i) for i, d in enumerate(self.prompt.docs)])
+
+
+def top_per_doc(scene: Scene, scores: torch.Tensor, share: float) -> torch.Tensor:
+    """Positions of the top ceil(share x n) scored tokens of each document (scores over document positions)."""
+    out = []
+    for (start, end) in scene.prompt.spans():
+        P = len(scene.prompt.prefix)
+        s = scores[start - P: end - P]
+        k = min(len(s), max(1, math.ceil(share * len(s))))
+        out.append(start + s.topk(k).indices)
+    return torch.cat(out).sort().values
