@@ -267,8 +267,7 @@ class Session:
         from kvbench.sweep import console
 
         self.options, loaded = plan.options, plan.loaded
-        if not plan.gpu:
-            console.print(f"[dim]{estimate_text(plan)}[/]")
+        self.announce(plan)
         if loaded is None:
             with console.status(f"loading {plan.model} ..."):
                 loaded = load_model(plan.model, device=plan.torch_device, dtype=plan.options.dtype)
@@ -277,6 +276,13 @@ class Session:
             raise KVBenchError(f"model '{plan.model}' has no tokenizer (synthetic models have random weights); the "
                                "accuracy suite needs a real model, e.g. --model embedded")
         self.instances: dict[tuple, T.Instance] = {}
+
+    def announce(self, plan: Plan) -> None:
+        """On the CPU, the profile's estimated time before the first cell (suites reusing this session override it)."""
+        from kvbench.sweep import console
+
+        if not plan.gpu:
+            console.print(f"[dim]{estimate_text(plan)}[/]")
 
     def instance(self, c: dict) -> T.Instance:
         key = (c["task"], c["context"], c["depth"], c["seed"], c.get("haystack"))
