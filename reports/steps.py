@@ -14,8 +14,9 @@ from plotly.subplots import make_subplots
 from kvbench.records import machine_label
 from kvbench.reports.plots import _grid, _layout, cell, median, metric, ok, origins, short_num
 
-# one colour per quantity (methods are the rows): the step, the part of it the GPU was busy, the bytes floor
-BARS = (("latency_ms", "step", "#33658a"), ("gpu_busy_ms", "GPU busy", "#86bbd8"), ("floor_ms", "floor", "#bdbdbd"))
+# each method in its report colour (as in every chart); the quantity by fill: the step solid, the part of it the GPU
+# was busy hatched, the bytes floor dotted and pale
+BARS = (("latency_ms", "step", "", 1.0), ("gpu_busy_ms", "GPU busy", "/", 0.8), ("floor_ms", "floor", ".", 0.45))
 
 
 def _panels(recs: list[dict]) -> list[tuple[str, int, int]]:
@@ -29,8 +30,7 @@ def _label(r: dict) -> str:
 
 
 def step_accounting(records: list[dict], colors: dict[str, str]) -> go.Figure | None:
-    """(colors: the report's method palette; unused here, where the bars' colours name the quantity.)
-    Grouped horizontal bars per panel (machine, context, batch): step, GPU busy and floor in ms, per method and
+    """Grouped horizontal bars per panel (machine, context, batch): step, GPU busy and floor in ms, per method and
     decode mode; hover gives step / floor and busy / step."""
     recs = [r for r in ok(records) if metric(r, "floor_ms") is not None and metric(r, "latency_ms") is not None]
     if not recs:
@@ -47,16 +47,21 @@ def step_accounting(records: list[dict], colors: dict[str, str]) -> go.Figure | 
         for r in here:
             groups.setdefault(_label(r), []).append(r)
         labels = sorted(groups, key=lambda k: median(metric(r, "latency_ms") for r in groups[k]) or 0)
-        for key, name, color in BARS:
-            vals = [median(metric(r, key) for r in groups[k]) for k in labels]
-            hover = [_hover(k, groups[k]) for k in labels]
-            fig.add_trace(go.Bar(
-                y=labels, x=vals, orientation="h", name=name, legendgroup=name, showlegend=name not in shown,
-                marker=dict(color=color),
-                hovertext=hover, hoverinfo="text"), row=i // cols + 1, col=i % cols + 1)
-            shown.add(name)
+        for key, name, pattern, opacity in BARS:
+            for k in labels:  # one trace per row and quantity: named by its method, so each method keeps its colour
+                method = groups[k][0]["method"]
+                fig.add_trace(go.Bar(
+                    y=[k], x=[median(metric(r, key) for r in groups[k])], orientation="h", name=method,
+                    legendgroup=method, showlegend=key == "latency_ms" and method not in shown, offsetgroup=name,
+                    marker=dict(color=colors.get(method, "#636efa"), opacity=opacity,
+                                pattern=dict(shape=pattern, fgcolor="#ffffff") if pattern else None),
+                    hovertext=[f"{name}<br>{_hover(k, groups[k])}"], hoverinfo="text"), row=i // cols + 1,
+                    col=i % cols + 1)
+                if key == "latency_ms":
+                    shown.add(method)
     fig.update_layout(barmode="group")
-    fig.update_xaxes(title_text="ms per decode step (bars: step, GPU busy, floor)", title_font_size=11,
+    fig.update_xaxes(title_text="ms per decode step (bars: step solid, GPU busy hatched, floor dotted)",
+                     title_font_size=11,
                      rangemode="tozero")
     return _layout(fig, "Decode step time against its floor (weights + attention bytes over copy bandwidth)",
                    max(330, 60 + 26 * max(len({_label(r) for r in recs}), 4)) * rows + 90)

@@ -14,12 +14,14 @@ def _rec(method, mode, step, floor, busy, batch=8, gpu="NVIDIA H200"):
 def test_step_chart_has_one_row_per_method_and_mode_and_the_ratios_in_hover():
     recs = [_rec("full", "graph", 16.0, 11.6, 15.0), _rec("full", "eager", 53.0, 11.6, 14.6),
             _rec("snapkv:capacity=0.1", "eager", 47.0, 4.3, 7.7), _rec("full", "graph", 8.2, 4.5, 7.6, batch=1)]
-    fig = step_accounting(recs, {})
-    assert [t.name for t in fig.data] == ["step", "GPU busy", "floor"] * 2  # two panels: batch 1 and batch 8
-    batch8 = [t for t in fig.data if len(t.y) == 3]
-    assert list(batch8[0].y) == ["full (graph)", "snapkv:capacity=0.1 (eager)", "full (eager)"]  # by step time
-    assert list(batch8[2].x) == [11.6, 4.3, 11.6]
-    hover = batch8[0].hovertext[0]
+    fig = step_accounting(recs, {"full": "#1f77b4", "snapkv:capacity=0.1": "#ff7f0e"})
+    assert len(fig.data) == 3 * 4  # three quantities for each of the four rows (batch 1: one, batch 8: three)
+    steps = [t for t in fig.data if t.offsetgroup == "step"]
+    assert [t.y[0] for t in steps] == ["full (graph)", "full (graph)", "snapkv:capacity=0.1 (eager)", "full (eager)"]
+    floors = {t.y[0]: t.x[0] for t in fig.data if t.offsetgroup == "floor" and t.xaxis == steps[1].xaxis}
+    assert floors == {"full (graph)": 11.6, "snapkv:capacity=0.1 (eager)": 4.3, "full (eager)": 11.6}
+    assert {t.marker.color for t in fig.data if t.name == "full"} == {"#1f77b4"}  # a method keeps its colour
+    hover = steps[1].hovertext[0]
     assert "1.38x floor" in hover and "94% of the step" in hover
 
 
