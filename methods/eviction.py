@@ -158,7 +158,13 @@ class StepEviction(Eviction):
 
 class StepEvictionLayer(LayerCache):
     """A budget of tokens per KV head held at every call: the kept tokens in logical order, [B, Hkv, N, D], their
-    positions [B, Hkv, N] and, for methods that carry them, their scores [B, Hkv, N] fp32."""
+    positions [B, Hkv, N] and, for methods that carry them, their scores [B, Hkv, N] fp32.
+
+    Not capture-safe (h2o and tova decode eagerly under the graph runner, which records why): a step appends with
+    torch.cat and evicts by gathering the kept tokens into new tensors, so every step allocates and the token count is
+    a host-side value. The methods allow a capture-safe step, with budget + 1 fixed slots where the new token overwrites
+    the slot evicted the step before and the lowest score outside the recent positions is found on the device; that
+    layer is not written yet."""
 
     capture_unsafe_reason = ("it evicts while decoding: each step re-scores the kept tokens and gathers the survivors "
                              "into new tensors")

@@ -27,11 +27,7 @@ class TOVA(StepEviction):
     with GQA each KV head keeps what its queries use, at the same memory. The newest token is never evicted (as in
     kvpress; its own attention weight is nearly always high, so this rarely changes the choice).
 
-    Not capture-safe (decodes eagerly under the graph runner, which records why): the step layer (methods/eviction.py,
-    StepEvictionLayer) appends with torch.cat and evicts by gathering the kept tokens into new tensors, so every step
-    allocates and the token count is a host-side value. The method allows a capture-safe step, with budget + 1 fixed
-    slots where the new token overwrites the slot evicted the step before and the lowest score outside the recent
-    positions is found on the device; that layer is not written yet.
+    Not capture-safe: its step layer evicts while decoding (methods/eviction.py, StepEvictionLayer, says why).
 
     Parameters
     ----------
