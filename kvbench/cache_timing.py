@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from kvbench.models import Shape
     from kvbench.timing import Timing
 
-MAX_COPIES = 64  # rotation copies at most (memory permitting): a 10% selfindex step at 32K x 1 reads ~7 MB, so 3x an H200 L2 needs ~20
+# rotation copies at most (memory permitting): a 10% selfindex step at 32K x 1 reads ~7 MB, so 3x an H200's L2 needs ~20
+MAX_COPIES = 64
 EXTEND_MAX_CALLS = 100  # timing extend() grows the cache; keep the growth small next to the context
 
 

@@ -11,7 +11,8 @@ RAG methods (`--rag-methods`, default all five): recompute, reuse, cacheblend, e
 question); their cells are labelled `reuse+<method>`, and `full` there is reuse itself, so it is left out.
 
 Metrics per cell: `score` (LongBench files: token F1; 1hop/2hop: the share of the answer's parts found), `f1`,
-`exact_match`, `substring`, `prediction` and `expected`; `ttft_s`; `recompute_ratio` (document tokens recomputed through every layer / document tokens;
+`exact_match`, `substring`, `prediction` and `expected`; `ttft_s`; `recompute_ratio` (document tokens recomputed through
+every layer / document tokens;
 cacheblend also records `check_layers_fraction`, the layers recomputed for every token) and `kept_ratio`
 (document tokens the cache holds / document tokens); `bytes_held` (the cache's bytes right after the first token:
 prefix, kept tokens and question) and `bytes_held_vs_recompute`; `first_logits_rel_err` (relative L2 error of the
@@ -250,7 +251,8 @@ SUITE = Suite(
          "cacheblend, epic, samkv and single-context methods after reuse: F1, TTFT, recompute and kept ratios, bytes "
          "held, first-token error against recompute.",
     options=RagOptions, cells=cells, setup=Session, measure=measure, rows=summary_rows,
-    columns=(METHOD, _col("task", "task", left=True), _col("N", "documents"), _col("score", "score", ".3f"), _col("F1", "f1", ".3f"),
+    columns=(METHOD, _col("task", "task", left=True), _col("N", "documents"), _col("score", "score", ".3f"),
+             _col("F1", "f1", ".3f"),
              _col("EM", "em", ".2f"), _col("TTFT s", "ttft", ".3f"), _col("recompute", "recompute", ".3f"),
              _col("kept", "kept", ".3f"), _col("bytes/rec", "bytes", ".3f"), _col("1st err", "err", ".3f"),
              _col("1st agree", "agree", ".2f"), _col("cells", "cells"), _col("failed", "failed")),

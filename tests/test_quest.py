@@ -80,7 +80,8 @@ def test_nbytes_is_the_layout_and_dense_layers_are_full():
         q1, (k1, v1) = torch.randn(B, 8, 1, D), rand_kv(B, 2, 1, D)
         torch.testing.assert_close(first.extend(q1, k1, v1), full.extend(q1, k1, v1))
         layer.extend(q1, k1, v1)
-    assert first.attended() is None and layer.attended().shape == (B, 2, 32 + 7)  # 3 pages at the least: 2 + the newest (103 = 6*16+7)
+    # 3 pages at the least: 2 + the newest (103 = 6*16+7)
+    assert first.attended() is None and layer.attended().shape == (B, 2, 32 + 7)
     # the suite's stage closures run on the current state
     fns = layer.decode_fns(torch.randn(B, 8, 1, D))
     assert set(fns) == {"attention", "score", "attend"} and fns["score"]().shape == (B, 2, 7)
