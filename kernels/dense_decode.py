@@ -296,7 +296,8 @@ class PinnedKV:
                  ring: tuple[int, int] | None = None):
         B, H, _, D = k.shape
         self.ring, self.cap = ring, cap
-        self.k, self.v = k.new_empty(B, cap, H, D), v.new_empty(B, cap, H, D)
+        # zeros, not empty: a masked path weighs the not-yet-live slots by 0, and 0 * NaN garbage is NaN
+        self.k, self.v = k.new_zeros(B, cap, H, D), v.new_zeros(B, cap, H, D)
         self.seen = torch.zeros(B, dtype=torch.int32, device=k.device)
         self.live = self.seen if ring is None else torch.zeros_like(self.seen)  # without a ring: one counter
         self.load(k, v, positions, n_seen)

@@ -101,7 +101,7 @@ class QuestLayer(SelectingLayer):
         kmin = F.pad(keys, pad, value=float("inf")).view(B, H, P - p0, page, D).amin(3)
         if self.meta is None or P > self.meta.shape[2]:
             cap = P if self.meta is None else P + max(GROW // page, self.meta.shape[2] // 8)
-            meta = keys.new_empty(B, H, cap, 2 * D)
+            meta = keys.new_zeros(B, H, cap, 2 * D)  # pages not yet live are masked; no NaN garbage to mask
             if self.meta is not None:
                 meta[:, :, :p0] = self.meta[:, :, :p0]
             self.meta = meta
@@ -127,7 +127,7 @@ class QuestLayer(SelectingLayer):
     def grow_summary(self, tokens: int) -> None:
         P = -(-tokens // self.m.page)
         if self.meta.shape[2] < P:
-            meta = self.meta.new_empty(*self.meta.shape[:2], P, self.meta.shape[3])
+            meta = self.meta.new_zeros(*self.meta.shape[:2], P, self.meta.shape[3])
             meta[:, :, : self.meta.shape[2]] = self.meta
             self.meta = meta
 
