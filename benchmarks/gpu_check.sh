@@ -5,10 +5,13 @@
 #    (selfindex also at 160 tokens), CUDA-graph timing;
 # 3. the throughput suite on synthetic Llama-3.1-8B (bf16) at 32K x 8: graph mode where a method is capture-safe,
 #    eager otherwise (the record says which and why).
-# Writes $OUT/<gpu>/{log.txt,tests.txt,kernels.jsonl,throughput.jsonl,...} and prints a table last.
+# Writes $OUT/<gpu>/{log.txt,tests.txt,kernels.jsonl,throughput.jsonl,...} and prints a table last; with $OUT set (the
+# device machine) it then packs $OUT/<gpu>/ into $OUT/<gpu>.tgz, because the device returns at most 8 files.
+# The device's copy of the checkout has no .git: pass the commit as KVBENCH_COMMIT=$(git rev-parse HEAD) in the
+# command line (from a clean tree), or every record says commit null.
 # 4. optionally: eager (--no-graph) decode for NOGRAPH's methods, the rag suite (RAG: its -m/--rag-methods options),
 #    and the largest-batch search at 32K for SEARCH's methods (records under $OUT/<gpu>/search/).
-# Usage: BUDGET=seconds [TESTS="tests/..."] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."] [SEARCH="full ..."]
+# Usage: KVBENCH_COMMIT=<sha> BUDGET=seconds [TESTS="tests/..."] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."] [SEARCH="full ..."]
 #        bash benchmarks/gpu_check.sh
 set -u
 T0=$(date +%s)
@@ -18,6 +21,7 @@ GPU=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].l
 O=${OUT:-results}/$GPU
 mkdir -p "$O"
 LOG=$O/log.txt
+[ -n "${KVBENCH_COMMIT:-}" ] || echo "warning: KVBENCH_COMMIT is not set: records will not name their commit" | tee -a "$LOG"
 python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | grep -v "as the 'root' user"
 python3 -c "import kvbench.kernels, kvbench.suites, kvbench; print('kvbench from', kvbench.__file__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG"
@@ -62,3 +66,6 @@ if [ -n "${SEARCH:-}" ]; then  # the largest batch within device memory at 32K, 
     --fill synthetic --search --search-context 32K --out "$O/search" 2>&1 | tail -15 | tee -a "$LOG"
 fi
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/$GPU.tgz" -C "$OUT" "$GPU" && cp "$LOG" "$OUT/log.txt" && rm -rf "${OUT:?}/$GPU"
+fi
