@@ -20,8 +20,10 @@ LayerCaches whose slots carry their logical positions, so a forward with explici
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -329,10 +331,39 @@ def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         obs.on_probs(layer, probs)
         return (probs.to(V.dtype) @ Vx).to(q.dtype)
+    if q.is_cuda and MASKED_KERNEL == "flex":
+        return _flex_masked(q, K, V, qpos, kpos, group)
     if q.is_cuda:  # SDPA's memory-efficient kernel takes a mask but not GQA: repeat the KV heads
         K, V = K.repeat_interleave(group, 1), V.repeat_interleave(group, 1)
         return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
     return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=group > 1)
+
+
+# Masked (position-causal) attention on the GPU: "flex" runs PyTorch's FlexAttention (a compiled flash-style Triton
+# kernel that skips fully masked blocks and takes GQA as is); "sdpa" SDPA's memory-efficient kernel with a dense
+# boolean mask and the KV heads repeated. KVBENCH_RAG_MASKED overrides (for comparing the two).
+MASKED_KERNEL = os.environ.get("KVBENCH_RAG_MASKED", "flex")
+_block_masks: list = []  # [(qpos, kpos, block mask)] of the last forward: every layer of a Scene shares its positions
+
+
+def _flex_masked(q, K, V, qpos, kpos, group: int) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    hit = next((bm for qp, kp, bm in _block_masks if qp is qpos and kp is kpos), None)
+    if hit is None:  # the tensors are held in the list, so `is` cannot match a freed tensor's reused address
+        def visible(b, h, q_idx, kv_idx):
+            return kpos[kv_idx] <= qpos[q_idx]
+
+        hit = create_block_mask(visible, None, None, q.shape[2], K.shape[2], device=q.device)
+        _block_masks[:] = [(qpos, kpos, hit)]
+    return _compiled_flex()(q, K, V, block_mask=hit, enable_gqa=group > 1)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,18 +413,20 @@ class Scene:
         tokens (keep: positions, None for all), or `method.compose` layers (single-context methods after reuse)."""
         from kvbench.api import LayerSpec
 
-        layers = []
+        layers, shared_pos = [], None  # one positions tensor for every layer (the masked kernel's block-mask cache)
         for i, (k, v) in enumerate(self.composed()):
+            if method is None and shared_pos is None:
+                shared_pos = torch.arange(k.shape[2], device=k.device)
+                if keep is not None:
+                    shared_pos = torch.cat([shared_pos[: len(self.prompt.prefix)], keep.to(k.device)])
             if method is not None:
                 spec = LayerSpec(i, self.n_layers, self.model.config.get_text_config().num_attention_heads,
                                  k.shape[1], k.shape[3], k.dtype, k.device)
                 layers.append(method.compose(spec, k, v))
                 continue
-            pos = torch.arange(k.shape[2], device=k.device)
             if keep is not None:
-                pos = torch.cat([pos[: len(self.prompt.prefix)], keep.to(k.device)])
-                k, v = k[:, :, pos], v[:, :, pos]
-            layers.append(PositionedKV(k, v, pos, layer_idx=i))
+                k, v = k[:, :, shared_pos], v[:, :, shared_pos]
+            layers.append(PositionedKV(k, v, shared_pos, layer_idx=i))
         return layered_cache(self.model, layers)
 
     def restrict(self, cache, keep: torch.Tensor):
@@ -414,9 +447,10 @@ class Scene:
         positions = recompute.sort().values.to(torch.long)
         if with_question:
             positions = torch.cat([positions, torch.arange(C, C + len(self.prompt.question))])
+        incoming = positions.to(self.model.device)  # moved once: every layer sees the same tensor
         for layer in cache.layers:
             if isinstance(layer.cache, PositionedKV):
-                layer.cache.incoming, layer.cache.observer = positions, observer
+                layer.cache.incoming, layer.cache.observer = incoming, observer
         try:
             return _forward(self.model, cache, ids[positions], positions)
         finally:

@@ -1,0 +1,76 @@
+"""Where a RAG method's time to the first token goes, on a GPU: each method's TTFT (median of 3 warm runs) with the
+masked attention on FlexAttention and on SDPA with a dense mask, their first-token logits against each other, and
+a torch.profiler table of the top CUDA kernels of one warm run. The published numbers come from `kvbench run rag`.
+
+    python benchmarks/rag_profile.py [--methods recompute,reuse,cacheblend,samkv] [--docs 8] [--doc-tokens 2048]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from kvbench import rag
+from kvbench.models import load_model
+from kvbench.rag_tasks import make_instance
+from kvbench.timing import sync
+
+
+def ttft(model, method, inst, stored, n: int = 3) -> tuple[float, torch.Tensor]:
+    times = []
+    for _ in range(n + 1):  # the first run warms (compiles, loads kernels)
+        sync(model.device)
+        t0 = time.perf_counter()
+        _, logits, _ = method.first_token(rag.Scene(model, inst.prompt, stored))
+        logits.argmax(-1).tolist()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]), logits.float()
+
+
+def profile(model, method, inst, stored, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        method.first_token(rag.Scene(model, inst.prompt, stored))
+        sync(model.device)
+    events = p.key_averages()
+    cuda_us = sum(e.self_device_time_total for e in events)
+    print(f"  GPU kernel time {cuda_us / 1e3:.1f} ms in one run; top kernels:")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="recompute,reuse,cacheblend,samkv")
+    ap.add_argument("--model", default="synthetic:llama-3.1-8b")
+    ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--doc-tokens", type=int, default=2048)
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args()
+    model, tok = load_model(a.model, device="cuda")
+    inst = make_instance(tok, "synthetic", a.docs, a.doc_tokens, 0, vocab=model.config.get_text_config().vocab_size)
+    with torch.inference_mode():
+        stored = rag.store_documents(model, inst.prompt)
+        rows = []
+        for name in a.methods.split(","):
+            method, res = rag.parse_rag(name), {}
+            for kernel in ("sdpa", "flex"):
+                rag.MASKED_KERNEL = kernel
+                res[kernel] = ttft(model, method, inst, stored)
+            err = ((res["flex"][1] - res["sdpa"][1]).norm() / res["sdpa"][1].norm()).item()
+            same = bool((res["flex"][1].argmax(-1) == res["sdpa"][1].argmax(-1)).all())
+            rows.append((name, res["sdpa"][0], res["flex"][0], err, same))
+            print(f"== {name}: TTFT sdpa {res['sdpa'][0]:.4f} s, flex {res['flex'][0]:.4f} s "
+                  f"(logits rel err {err:.2e}, same first token {same})", flush=True)
+            profile(model, method, inst, stored, a.top)
+    rec = next((r for r in rows if r[0] == "recompute"), None)
+    print(f"\n{torch.cuda.get_device_name()}, {a.docs} docs x {a.doc_tokens} tokens, {a.model}")
+    print(f"{'method':<14}{'sdpa s':>9}{'flex s':>9}{'flex/recompute':>16}{'logits err':>12}{'same':>6}")
+    for name, s, f, err, same in rows:
+        ratio = f / rec[2] if rec else float("nan")
+        print(f"{name:<14}{s:>9.4f}{f:>9.4f}{ratio:>16.3f}{err:>12.2e}{same!s:>6}")
+
+
+if __name__ == "__main__":
+    main()
