@@ -35,9 +35,9 @@ def profile(model, method, inst, stored, top: int) -> None:
         method.first_token(rag.Scene(model, inst.prompt, stored))
         sync(model.device)
     events = p.key_averages()
-    cuda_us = sum(e.self_device_time_total for e in events)
-    print(f"  GPU kernel time {cuda_us / 1e3:.1f} ms in one run; top kernels:")
     print(events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60))
+    print("  by CPU total (rag.forward[n] rows: one pass of n tokens through the model):")
+    print(events.table(sort_by="cpu_time_total", row_limit=top + 8, max_name_column_width=60))
 
 
 def main() -> None:

@@ -347,16 +347,35 @@ _block_masks: list = []  # [(qpos, kpos, block mask)] of the last forward: every
 
 
 def _flex_masked(q, K, V, qpos, kpos, group: int) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask
-
     hit = next((bm for qp, kp, bm in _block_masks if qp is qpos and kp is kpos), None)
     if hit is None:  # the tensors are held in the list, so `is` cannot match a freed tensor's reused address
-        def visible(b, h, q_idx, kv_idx):
-            return kpos[kv_idx] <= qpos[q_idx]
-
-        hit = create_block_mask(visible, None, None, q.shape[2], K.shape[2], device=q.device)
+        hit = position_block_mask(qpos, kpos)
         _block_masks[:] = [(qpos, kpos, hit)]
     return _compiled_flex()(q, K, V, block_mask=hit, enable_gqa=group > 1)
+
+
+def position_block_mask(qpos: torch.Tensor, kpos: torch.Tensor, block: int = 128):
+    """FlexAttention's BlockMask of `kpos[kv] <= qpos[q]` (both sorted), built from block bounds in a few small
+    kernels instead of materialising the T x S mask: a key block is skipped when its first position is past the
+    query block's last, attended unmasked when its last position is at most the query block's first."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    T, S = len(qpos), len(kpos)
+    n_q, n_kv = -(-T // block), -(-S // block)
+    kp = F.pad(kpos.long(), (0, n_kv * block - S), value=2 ** 62)  # padding keys: never visible, never full
+    qp = F.pad(qpos.long(), (0, n_q * block - T), value=-1)  # padding queries: see nothing (their rows are dropped)
+    kb, qb = kp.view(n_kv, block), qp.view(n_q, block)
+    n_vis = torch.searchsorted(kb[:, 0].contiguous(), qb.amax(1), right=True)
+    n_full = torch.minimum(torch.searchsorted(kb[:, -1].contiguous(), qb[:, 0].contiguous(), right=True), n_vis)
+    col = torch.arange(n_kv, device=kp.device)
+    partial = (n_full[:, None] + col).clamp(max=n_kv - 1)
+
+    def visible(b, h, q_idx, kv_idx):
+        return kp[kv_idx] <= qp[q_idx]
+
+    as4d = lambda t: t[None, None].to(torch.int32).contiguous()  # noqa: E731  [B=1, H=1, ...] broadcast
+    return BlockMask.from_kv_blocks(as4d(n_vis - n_full), as4d(partial), as4d(n_full), as4d(col.expand(n_q, -1)),
+                                    BLOCK_SIZE=block, mask_mod=visible, seq_lengths=(T, S))
 
 
 @functools.cache
@@ -452,7 +471,8 @@ class Scene:
             if isinstance(layer.cache, PositionedKV):
                 layer.cache.incoming, layer.cache.observer = incoming, observer
         try:
-            return _forward(self.model, cache, ids[positions], positions)
+            with torch.profiler.record_function(f"rag.forward[{len(positions)} tokens]"):
+                return _forward(self.model, cache, ids[positions], positions)
         finally:
             for layer in cache.layers:
                 if isinstance(layer.cache, PositionedKV):

@@ -1,0 +1,54 @@
+"""The rag suite's masked (position-causal) attention: the block mask (CPU, FlexAttention's eager path) and the
+GPU kernel (compiled FlexAttention), each against SDPA with the dense mask."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvbench import rag
+
+
+def positions(S: int, T: int, gap: int, device="cpu"):
+    kpos = torch.randperm(S + gap, device=device)[:S].sort().values  # gaps where tokens were dropped
+    qpos = kpos[torch.randperm(S, device=device)[:T]].sort().values  # recomputed slots: held positions
+    if T > 1:
+        qpos[-1] = kpos[-1] + 3  # and one past the end (a question token)
+    return qpos, kpos
+
+
+@pytest.mark.parametrize("T,S,gap", [(50, 300, 40), (1, 129, 0), (300, 1000, 5), (129, 257, 300), (128, 128, 0)])
+def test_position_block_mask_marks_full_and_skipped_blocks_exactly(T, S, gap):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(T + S)
+    qpos, kpos = positions(S, T, gap)
+    q, K, V = torch.randn(1, 8, T, 64), torch.randn(1, 2, S, 64), torch.randn(1, 2, S, 64)
+    got = flex_attention(q, K, V, block_mask=rag.position_block_mask(qpos, kpos), enable_gqa=True)
+    want = F.scaled_dot_product_attention(q, K, V, attn_mask=kpos[None, :] <= qpos[:, None], enable_gqa=True)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+SHAPES = [  # B, Hq, Hkv, D, T queries, S slots
+    (1, 32, 8, 128, 300, 2100),
+    (1, 8, 8, 64, 77, 513),
+    (1, 4, 1, 128, 1, 129),
+    (1, 16, 4, 128, 1500, 4099),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flex_masked_attention_matches_sdpa(shape, dtype, monkeypatch):
+    torch.manual_seed(sum(shape))
+    B, Hq, H, D, T, S = shape
+    q = torch.randn(B, Hq, T, D, device="cuda", dtype=dtype)
+    K, V = (torch.randn(B, H, S, D, device="cuda", dtype=dtype) for _ in range(2))
+    qpos, kpos = positions(S, T, 40, "cuda")
+    got = {}
+    for kernel in ("sdpa", "flex"):
+        monkeypatch.setattr(rag, "MASKED_KERNEL", kernel)
+        got[kernel] = rag._masked_attention(q, K, V, qpos, kpos, rag.Observer(), None).float()
+    want = got["sdpa"]
+    err = ((got["flex"] - want).norm() / want.norm()).item()
+    assert err < 1e-2, err
