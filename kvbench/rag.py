@@ -339,10 +339,13 @@ def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -
     return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=group > 1)
 
 
-# Masked (position-causal) attention on the GPU: "flex" runs PyTorch's FlexAttention (a compiled flash-style Triton
-# kernel that skips fully masked blocks and takes GQA as is); "sdpa" SDPA's memory-efficient kernel with a dense
-# boolean mask and the KV heads repeated. KVBENCH_RAG_MASKED overrides (for comparing the two).
-MASKED_KERNEL = os.environ.get("KVBENCH_RAG_MASKED", "flex")
+# Masked (position-causal) attention on the GPU: "sdpa" (default) runs SDPA's memory-efficient kernel with a dense
+# boolean mask and the KV heads repeated; "flex" PyTorch's FlexAttention (a compiled flash-style Triton kernel that
+# skips fully masked blocks and takes GQA as is). KVBENCH_RAG_MASKED=flex selects it. Measured on an H200
+# (benchmarks/rag_profile.py, synthetic Llama-3.1-8B, 8 docs x 2K tokens): flex's kernel is fast but each call costs
+# about 3 ms of host time (guards, block-mask metadata), so TTFT got worse: reuse 0.093 -> 0.203 s, samkv 0.355 ->
+# 0.518 s; the passes here are host-bound (about 10 host syncs per layer), not attention-bound.
+MASKED_KERNEL = os.environ.get("KVBENCH_RAG_MASKED", "sdpa")
 _block_masks: list = []  # [(qpos, kpos, block mask)] of the last forward: every layer of a Scene shares its positions
 
 
