@@ -266,51 +266,77 @@ class StopForward(Exception):
 class PositionedKV(LayerCache):
     """Dense k/v [B, Hkv, S, D] whose slots carry logical positions `pos` [S] (increasing, with gaps where tokens
     were dropped). `incoming` (set by the Scene) gives the positions of the next extend()'s tokens: those already
-    held are overwritten (recomputed), the others appended; queries attend to slots at positions <= their own."""
+    held are overwritten (recomputed), the others appended; queries attend to slots at positions <= their own.
+
+    Positions live on the host (`pos`, `incoming`), so the bookkeeping of a forward (which slots are overwritten,
+    which appended, the checks) never waits for the GPU; their device copies (`pos_dev`, `incoming_dev`) feed the
+    masks. Measured on an H200: host syncs in this bookkeeping (about 10 per layer) made the passes host-bound."""
 
     def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None, pos: torch.Tensor | None = None,
-                 layer_idx: int = 0):
+                 layer_idx: int = 0, pos_dev: torch.Tensor | None = None):
         self.k, self.v, self.layer_idx = k, v, layer_idx
         if k is not None and pos is None:
-            pos = torch.arange(k.shape[2], device=k.device)
-        self.pos = pos
-        self.n = 0 if pos is None else (int(pos[-1]) + 1 if len(pos) else 0)
+            pos = torch.arange(k.shape[2])
+        self.pos = None if pos is None else pos.cpu()
+        self._pos_dev = pos_dev if pos_dev is not None else (pos if pos is not None and pos.device.type != "cpu"
+                                                             else None)
+        self.n = 0 if pos is None else (int(self.pos[-1]) + 1 if len(self.pos) else 0)
         self.incoming: torch.Tensor | None = None
+        self.incoming_dev: torch.Tensor | None = None
         self.observer: Observer | None = None
 
+    def pos_dev(self) -> torch.Tensor:
+        if self._pos_dev is None:
+            self._pos_dev = self.pos.to(self.k.device)
+        return self._pos_dev
+
     def prefill(self, q, k, v):
-        self.k, self.v, self.pos, self.n = k, v, torch.arange(k.shape[2], device=k.device), k.shape[2]
+        self.k, self.v, self.pos, self._pos_dev, self.n = k, v, torch.arange(k.shape[2]), None, k.shape[2]
         return attention.dense_attention(q, k, v, causal=True)
 
     def extend(self, q, k, v):
         if self.k is None:
             return self.prefill(q, k, v)
-        qpos = self.incoming if self.incoming is not None else torch.arange(self.n, self.n + k.shape[2])
-        qpos = qpos.to(k.device)
+        if self.incoming is not None:
+            qpos = self.incoming.cpu()
+            qdev = self.incoming_dev if self.incoming_dev is not None else qpos.to(k.device)
+        else:
+            qpos = torch.arange(self.n, self.n + k.shape[2])
+            qdev = qpos.to(k.device)
         obs = self.observer or Observer()
-        K, V, pos = self._placed(qpos, k, v, obs)
+        K, V, pos, pos_dev = self._placed(qpos, k, v, obs)
         if obs.store:
-            self.k, self.v, self.pos, self.n = K, V, pos, max(self.n, int(qpos[-1]) + 1)
+            self.k, self.v, self.pos, self._pos_dev = K, V, pos, pos_dev
+            self.n = max(self.n, int(qpos[-1]) + 1)
         if q.shape[2] == 1 and int(qpos[0]) >= int(pos[-1]):
             return attention.dense_attention(q, K, V, causal=False)  # a decode step sees every slot
-        return _masked_attention(q, K, V, qpos, pos, obs, self)
+        return _masked_attention(q, K, V, qdev, pos_dev, obs, self)
 
     def _placed(self, qpos, k, v, obs: Observer):
-        """The slots after writing k/v at positions qpos: held positions overwritten, new ones appended."""
+        """The slots after writing k/v at (host) positions qpos: held positions overwritten, new ones appended;
+        returns K, V and the positions on the host and on the device."""
         old = qpos < self.n
-        K, V, pos = self.k, self.v, self.pos
-        if bool(old.any()):
+        K, V, pos, pos_dev = self.k, self.v, self.pos, self.pos_dev()
+        on_dev = lambda idx: idx.to(K.device)  # noqa: E731  host index -> device (no sync: a pageable H2D copy)
+        n_old = int(old.sum())
+        if n_old:
             slots = torch.searchsorted(pos, qpos[old])
             if bool((slots >= len(pos)).any()) or not bool((pos[slots.clamp(max=len(pos) - 1)] == qpos[old]).all()):
                 raise KVBenchError("a recomputed position is not held by the cache (it was dropped before)")
-            obs.on_write(self, slots, K[:, :, slots], V[:, :, slots], k[:, :, old], v[:, :, old])
+            src = None if n_old == len(qpos) else on_dev(old.nonzero().view(-1))
+            new_k, new_v = (k, v) if src is None else (k[:, :, src], v[:, :, src])
+            slots = on_dev(slots)
+            obs.on_write(self, slots, K[:, :, slots], V[:, :, slots], new_k, new_v)
             K, V = K.clone(), V.clone()
-            K[:, :, slots], V[:, :, slots] = k[:, :, old], v[:, :, old]
-        new = ~old
-        if bool(new.any()):
-            K, V = torch.cat([K, k[:, :, new]], 2), torch.cat([V, v[:, :, new]], 2)
+            K[:, :, slots], V[:, :, slots] = new_k, new_v
+        if n_old < len(qpos):
+            new = ~old
+            src = None if not n_old else on_dev(new.nonzero().view(-1))
+            K = torch.cat([K, k if src is None else k[:, :, src]], 2)
+            V = torch.cat([V, v if src is None else v[:, :, src]], 2)
             pos = torch.cat([pos, qpos[new]])
-        return K, V, pos
+            pos_dev = on_dev(pos)
+        return K, V, pos, pos_dev
 
     def nbytes(self) -> int:
         if self.k is None:
@@ -438,17 +464,18 @@ class Scene:
         layers, shared_pos = [], None  # one positions tensor for every layer (the masked kernel's block-mask cache)
         for i, (k, v) in enumerate(self.composed()):
             if method is None and shared_pos is None:
-                shared_pos = torch.arange(k.shape[2], device=k.device)
+                shared_pos = torch.arange(k.shape[2])
                 if keep is not None:
-                    shared_pos = torch.cat([shared_pos[: len(self.prompt.prefix)], keep.to(k.device)])
+                    shared_pos = torch.cat([shared_pos[: len(self.prompt.prefix)], keep.cpu()])
+                shared_dev = shared_pos.to(k.device)
             if method is not None:
                 spec = LayerSpec(i, self.n_layers, self.model.config.get_text_config().num_attention_heads,
                                  k.shape[1], k.shape[3], k.dtype, k.device)
                 layers.append(method.compose(spec, k, v))
                 continue
             if keep is not None:
-                k, v = k[:, :, shared_pos], v[:, :, shared_pos]
-            layers.append(PositionedKV(k, v, shared_pos, layer_idx=i))
+                k, v = k[:, :, shared_dev], v[:, :, shared_dev]
+            layers.append(PositionedKV(k, v, shared_pos, layer_idx=i, pos_dev=shared_dev))
         return layered_cache(self.model, layers)
 
     def restrict(self, cache, keep: torch.Tensor):
@@ -456,8 +483,9 @@ class Scene:
         layers = []
         for layer in cache.layers:
             lc = layer.cache
-            want = torch.isin(lc.pos, keep.to(lc.pos.device)) | (lc.pos < len(self.prompt.prefix))
-            layers.append(PositionedKV(lc.k[:, :, want], lc.v[:, :, want], lc.pos[want], lc.layer_idx))
+            want = torch.isin(lc.pos, keep.cpu()) | (lc.pos < len(self.prompt.prefix))  # host positions: no sync
+            idx = want.nonzero().view(-1).to(lc.k.device)
+            layers.append(PositionedKV(lc.k[:, :, idx], lc.v[:, :, idx], lc.pos[want], lc.layer_idx))
         return layered_cache(self.model, layers)
 
     def forward(self, cache, recompute: torch.Tensor, observer: Observer | None = None,
@@ -472,14 +500,14 @@ class Scene:
         incoming = positions.to(self.model.device)  # moved once: every layer sees the same tensor
         for layer in cache.layers:
             if isinstance(layer.cache, PositionedKV):
-                layer.cache.incoming, layer.cache.observer = incoming, observer
+                layer.cache.incoming, layer.cache.incoming_dev, layer.cache.observer = positions, incoming, observer
         try:
             with torch.profiler.record_function(f"rag.forward[{len(positions)} tokens]"):
                 return _forward(self.model, cache, ids[positions], positions)
         finally:
             for layer in cache.layers:
                 if isinstance(layer.cache, PositionedKV):
-                    layer.cache.incoming = layer.cache.observer = None
+                    layer.cache.incoming = layer.cache.incoming_dev = layer.cache.observer = None
 
     def ratios(self, sel: Selection) -> dict[str, float]:
         n = self.prompt.doc_tokens
