@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from typing import Optional
 
 import typer
@@ -121,6 +120,9 @@ def generate_cmd(
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when present)."),
     dtype: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
     raw: bool = typer.Option(False, help="Feed the prompt as is, without the chat template."),
+    graph: bool = typer.Option(True, "--graph/--no-graph", help="On a CUDA device, replay the decode steps from a "
+                               "CUDA graph when the method is capture-safe (else eager); --no-graph: transformers' "
+                               "generate."),
 ):
     """Generate text greedily with one method's cache, then print the text, speed and cache size."""
     from kvbench.registry import parse_method
@@ -131,7 +133,9 @@ def generate_cmd(
     check_model_name(model)
     import torch
 
-    from kvbench.bridge import attach, with_cache
+    from kvbench.bridge import attach
+    from kvbench.decoding import eos_ids
+    from kvbench.graph_decode import generate_greedy
     from kvbench.models import load_model
 
     with err_console.status(f"loading {model} ..."):
@@ -146,15 +150,14 @@ def generate_cmd(
     m.check_context(ids.shape[1])  # e.g. a capacity below the observation window: refused before the model runs
     ids = ids.to(mdl.device)
     cache = attach(mdl, m)
-    t0 = time.perf_counter()
     with torch.inference_mode():
-        out = mdl.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(mdl, cache),
-                           max_new_tokens=max_new_tokens, do_sample=False)
-    dt = time.perf_counter() - t0
-    new = out[0, ids.shape[1]:]
+        out, facts = generate_greedy(mdl, cache, ids, max_new_tokens, stop=eos_ids(mdl, tok), graph=graph)
+    new = out[0]
     console.print(tok.decode(new, skip_special_tokens=True))
+    mode = facts["decode_mode"] + (f" ({facts['graph_fallback']})" if facts.get("graph_fallback") else "")
     err_console.print(f"[dim]{escape(m.label())} on {mdl.device} | {ids.shape[1]} prompt + {len(new)} new tokens in "
-                      f"{dt:.2f} s | {escape(cache_line(cache))}[/]", soft_wrap=True)
+                      f"{facts['seconds']:.2f} s | decode {escape(mode)} | {escape(cache_line(cache))}[/]",
+                      soft_wrap=True)
 
 
 def cache_line(cache) -> str:

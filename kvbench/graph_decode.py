@@ -162,6 +162,46 @@ def decode_run(model, cache: KVBenchCache, next_ids: torch.Tensor, warmup: int, 
     return run
 
 
+def generate_greedy(model, cache: KVBenchCache, ids: torch.Tensor, max_new: int, stop: set[int] = frozenset(),
+                    graph: bool = True) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Greedy generation for `kvbench generate`, batch 1. On a CUDA device with graph=True: the prompt prefilled,
+    then the one-token steps replayed from a CUDA graph when the cache is capture-safe (they run to max_new, then
+    the tokens are cut after the first stop token: a graph cannot stop early), else the same steps eagerly. On the
+    CPU or with graph=False: transformers' own generate. Returns the new tokens [1, n] and facts (decode_mode, the
+    reason when eager, seconds)."""
+    sync(model.device)
+    t0 = time.perf_counter()
+    if not graph or model.device.type != "cuda":
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(model, cache),
+                             max_new_tokens=max_new, do_sample=False)
+        return out[:, ids.shape[1]:], {"decode_mode": "eager", "graph_fallback": "--no-graph" if not graph else
+                                       "CUDA graphs need a CUDA device", "seconds": time.perf_counter() - t0}
+    out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].argmax(-1, keepdim=True)
+    steps, reason = max_new - 1, unsafe_reason(cache, model.device)
+    facts: dict[str, Any] = {"decode_mode": "graph" if reason is None else "eager", "graph_fallback": reason}
+    if steps > 0 and reason is None:
+        cache.reserve(steps)
+        sg = StepGraph(model, cache, first, steps)
+        sg.capture(1)  # one eager step (the second token), then the capture
+        while sg.n_run < steps:
+            sg.replay()
+        new = torch.cat([first, sg.tokens[:, : sg.n_run]], 1)
+    else:
+        toks = [first]
+        while len(toks) <= steps and int(toks[-1]) not in stop:
+            pos = torch.full((1, 1), cache.get_seq_length(), dtype=torch.long, device=model.device)
+            out = model(input_ids=toks[-1], position_ids=pos, **with_cache(model, cache), use_cache=True,
+                        logits_to_keep=1)
+            toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        new = torch.cat(toks, 1)
+    sync(model.device)
+    facts["seconds"] = time.perf_counter() - t0
+    row = new[0].tolist()
+    cut = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+    return new[:, :cut], facts
+
+
 def _eager_step(model, cache: KVBenchCache, next_ids: torch.Tensor) -> Callable[[], None]:
     """One more plain eager step (for the profiler), continuing the cache's positions."""
     def step():

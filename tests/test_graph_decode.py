@@ -282,3 +282,40 @@ def test_graph_replays_of_the_compressing_methods_are_token_identical_to_eager_s
     assert a.get_seq_length() == b.get_seq_length() == 300 + 32
     with pytest.raises(ReservedRoomError):
         sg.replay()
+
+
+# --- kvbench generate: graph-replayed greedy generation ---
+
+def test_generate_greedy_on_the_cpu_is_transformers_generate():
+    from kvbench.bridge import attach
+    from kvbench.graph_decode import generate_greedy
+
+    model = tiny_model()
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)[:, 30:]
+    with torch.inference_mode():
+        got, facts = generate_greedy(model, attach(model, parse_method("full")), ids, 12)
+    assert torch.equal(got, want)
+    assert facts["decode_mode"] == "eager" and facts["graph_fallback"] == "CUDA graphs need a CUDA device"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", ["full", "selfindex:budget=0.3,sinks=4,window=8", "kivi"])
+def test_generate_greedy_replays_graphs_token_identical_to_transformers_generate(spec):
+    """kvbench generate's path on the GPU (graph for capture-safe methods, eager steps for kivi) gives the tokens of
+    transformers' generate through the same method's cache, and cuts after the first stop token."""
+    from kvbench.bridge import attach
+    from kvbench.graph_decode import generate_greedy
+
+    model = tiny_model(torch.bfloat16, "cuda")
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(6)).cuda()
+    with torch.inference_mode():
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(model, attach(
+            model, parse_method(spec))), max_new_tokens=24, do_sample=False)[:, 300:]
+        got, facts = generate_greedy(model, attach(model, parse_method(spec)), ids, 24)
+        assert facts["decode_mode"] == ("eager" if spec == "kivi" else "graph"), facts
+        assert torch.equal(got, want)
+        stop = int(want[0, 5])
+        cut, _ = generate_greedy(model, attach(model, parse_method(spec)), ids, 24, stop={stop})
+        first = want[0].tolist().index(stop)
+        assert torch.equal(cut, want[:, : first + 1])
