@@ -85,7 +85,13 @@ def measure_decode(method: Method, spec: LayerSpec, batch: int, context: int, *,
         k1, v1 = (torch.randn(batch, spec.n_kv_heads, 1, spec.head_dim, generator=gen, device=spec.device,
                               dtype=spec.dtype) for _ in range(2))
         calls = [lambda c=c: c.extend(q, k1, v1) for c in copies]
-        kw.update(max_repeat=EXTEND_MAX_CALLS // 2, max_warmup=EXTEND_MAX_CALLS // 4, min_repeat=3, graph=False)
+        # a capture-safe layer is timed on its reserved one-token path, replayed from a graph like a decode step
+        # (room for more calls than bench makes: a graph of fewer than 8 copies calls each one several times)
+        safe = all(getattr(c, "capture_safe", False) for c in copies)
+        for c in copies if safe else ():
+            c.reserve(EXTEND_MAX_CALLS * 8)
+        kw.update(max_repeat=EXTEND_MAX_CALLS // 2, max_warmup=EXTEND_MAX_CALLS // 4, min_repeat=3,
+                  graph=graph and safe)
         t = bench(calls, **kw)
         m.update(timed="extend", stage_us={},
                  context_growth=sum(c.seq_len() for c in copies) // len(copies) - context)

@@ -8,8 +8,9 @@ Two storage layers:
   so the kept tokens are `full`'s storage, and capture-safe as `full` is: reserve() pins them in a PinnedKV with
   device-side lengths, and a one-token step is an in-place append and a live-length dense decode.
 - StepEvictionLayer: a budget held while decoding too (h2o, tova): each call appends its tokens, attends over what is
-  kept, scores the kept tokens from that attention and drops the lowest until the budget holds again.
-Both store exactly the kept tokens ([B, Hkv, N, D] per buffer), so what is evicted is freed.
+  kept, scores the kept tokens from that attention and drops the lowest until the budget holds again; capture-safe
+  through reserve(), which moves the kept tokens into budget + 1 fixed slots (EvictionSlots).
+Both store only the kept tokens ([B, Hkv, N, D] per buffer; the slots one more), so what is evicted is freed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.api import LayerCache, LayerSpec, Method, ReservedRoomError
+from kvbench.api import LayerCache, LayerSpec, Method, ReservedRoomError, capturing
 from kvbench.attention import dense_attention
 from kvbench.methods.full import FullLayer
 
@@ -160,14 +161,13 @@ class StepEvictionLayer(LayerCache):
     """A budget of tokens per KV head held at every call: the kept tokens in logical order, [B, Hkv, N, D], their
     positions [B, Hkv, N] and, for methods that carry them, their scores [B, Hkv, N] fp32.
 
-    Not capture-safe (h2o and tova decode eagerly under the graph runner, which records why): a step appends with
-    torch.cat and evicts by gathering the kept tokens into new tensors, so every step allocates and the token count is
-    a host-side value. The methods allow a capture-safe step, with budget + 1 fixed slots where the new token overwrites
-    the slot evicted the step before and the lowest score outside the recent positions is found on the device; that
-    layer is not written yet."""
+    Capture-safe: reserve() moves the kept tokens into budget + 1 fixed slots per KV head (EvictionSlots), where each
+    one-token step writes the new token into the slot evicted the step before, attends and re-scores in one pass over
+    the slots, and finds the next slot to evict on the device (the lowest score outside the recent positions). Without
+    reserve() (and for chunks of more than one token) a call appends with torch.cat and evicts by gathering the kept
+    tokens into new tensors; both paths keep the same tokens."""
 
-    capture_unsafe_reason = ("it evicts while decoding: each step re-scores the kept tokens and gathers the survivors "
-                             "into new tensors")
+    capture_safe = True
 
     def __init__(self, spec: LayerSpec, method: StepEviction):
         self.spec, self.method = spec, method
@@ -175,6 +175,7 @@ class StepEvictionLayer(LayerCache):
         self.n = 0  # tokens seen
         self.budget = self.recent = 0
         self.last_pos: torch.Tensor | None = None  # positions the last call attended
+        self.slots: EvictionSlots | None = None  # after reserve()
 
     def prefill(self, q, k, v):
         out = dense_attention(q, k, v, causal=True)  # the prompt attends in full
@@ -187,6 +188,22 @@ class StepEvictionLayer(LayerCache):
         return out
 
     def extend(self, q, k, v):
+        if self.slots is not None:
+            if k.shape[2] == 1:
+                out = self.slots.step(q, k, v)
+                self.last_pos = None  # the slots' own record from now on
+                if not capturing(q):
+                    self.n += 1
+                return out
+            self.k, self.v, self.pos, scores = self.slots.ordered()  # a chunk: the plain path, then back in slots
+            self.scores = scores if self.method.keeps_scores() else None
+            out = self._extend(q, k, v)
+            self.slots = EvictionSlots(self)
+            self.k = self.v = self.pos = self.scores = None
+            return out
+        return self._extend(q, k, v)
+
+    def _extend(self, q, k, v):
         B, H, T, _ = k.shape
         self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
         new = torch.arange(self.n, self.n + T, device=k.device).expand(B, H, T)
@@ -207,7 +224,20 @@ class StepEvictionLayer(LayerCache):
             self.pos, scores = self.pos.gather(2, idx), scores.gather(2, idx)
         self.scores = scores if self.method.keeps_scores() else None
 
+    def reserve(self, n_new: int) -> None:
+        """Any number of steps fits: the slots are as many as the budget ever holds, plus the new token."""
+        if self.k is None and self.slots is None:
+            raise ReservedRoomError(f"{self.method.name}: reserve() before prefill", 0, n_new, 0)
+        if self.slots is None:
+            self.slots = EvictionSlots(self)
+            self.k = self.v = self.pos = self.scores = None  # last_pos: what prefill attended, until a step
+
+    def advance(self, n: int) -> None:
+        self.n += n
+
     def nbytes(self) -> int:
+        if self.slots is not None:
+            return self.slots.nbytes()
         if self.k is None:
             return 0
         tensors = [self.k, self.v, self.pos] + ([self.scores] if self.scores is not None else [])
@@ -217,12 +247,82 @@ class StepEvictionLayer(LayerCache):
         return self.n
 
     def attended(self) -> torch.Tensor | None:
-        return self.last_pos
+        return self.last_pos if self.slots is None or self.last_pos is not None else self.slots.attended()
 
     def info(self):
         # no decode_fns: a step's attention is not the whole step (the scores are updated from it and a token is
-        # evicted), so the kernel suite times extend(), PyTorch code, and its record says so
-        return {"budget": self.budget, "kept": 0 if self.k is None else self.k.shape[2], "impl": "torch"}
+        # evicted), so the kernel suite times extend() (after reserve(): the slot step), PyTorch code, and says so
+        kept = self.slots.budget if self.slots is not None else (0 if self.k is None else self.k.shape[2])
+        return {"budget": self.budget, "kept": kept, "impl": "torch", "pinned": self.slots is not None}
 
     def decode_bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        k = self.slots.k if self.slots is not None else self.k
+        return 2 * k.numel() * k.element_size()
+
+
+class EvictionSlots:
+    """A StepEvictionLayer's tokens in budget + 1 fixed slots per KV head, with device-side state only: `valid` slots,
+    positions, fp32 scores, the slot the next token goes to (`free`) and the tokens seen (`n`). A one-token step does
+    no allocation that outlives it, no host sync and no shape change, so a CUDA graph can replay it."""
+
+    def __init__(self, layer: StepEvictionLayer):
+        k, v, pos, scores = layer.k, layer.v, layer.pos, layer.scores
+        B, H, N, D = k.shape
+        S = layer.budget + 1
+        self.budget, self.recent, self.accumulate = layer.budget, min(layer.recent, layer.budget), \
+            layer.method.keeps_scores()
+        self.k, self.v = k.new_zeros(B, H, S, D), v.new_zeros(B, H, S, D)
+        self.k[:, :, :N], self.v[:, :, :N] = k, v
+        self.pos = torch.full((B, H, S), -1, dtype=torch.long, device=k.device)
+        self.pos[..., :N] = pos
+        self.scores = torch.zeros(B, H, S, dtype=torch.float32, device=k.device)
+        if scores is not None:
+            self.scores[..., :N] = scores
+        self.valid = torch.zeros(B, H, S, dtype=torch.bool, device=k.device)
+        self.valid[..., :N] = True
+        self.seen = self.valid.clone()  # the slots the last step attended
+        self.free = torch.full((B, H, 1), N, dtype=torch.long, device=k.device)  # N <= budget < S
+        self.n = torch.full((1, 1, 1), layer.n, dtype=torch.long, device=k.device)
+
+    def step(self, q, k, v) -> torch.Tensor:
+        B, H, S, D = self.k.shape
+        Hq = q.shape[1]
+        f = self.free
+        self.k.scatter_(2, f[..., None].expand(-1, -1, 1, D), k)
+        self.v.scatter_(2, f[..., None].expand(-1, -1, 1, D), v)
+        self.pos.scatter_(2, f, self.n.expand(B, H, 1))
+        self.scores.scatter_(2, f, 0.0)  # the new token starts from what it gets now
+        self.valid.scatter_(2, f, True)
+        self.n.add_(1)
+        # one pass over the slots gives the output and the GQA-mean probabilities the scores need (fp32)
+        s = q.float().reshape(B, H, Hq // H, D) @ self.k.float().transpose(-1, -2) * D**-0.5  # [B, H, g, S]
+        p = s.masked_fill(~self.valid[:, :, None], float("-inf")).softmax(-1)
+        out = (p @ self.v.float()).reshape(B, Hq, 1, D).to(q.dtype)
+        if self.accumulate:
+            self.scores.add_(p.mean(2))
+        else:
+            self.scores.copy_(p.mean(2))
+        self.seen.copy_(self.valid)
+        # over budget: evict the lowest score outside the `recent` newest positions; else the next empty slot
+        over = self.valid.sum(-1, keepdim=True) > self.budget
+        protected = self.pos >= self.n - self.recent
+        victim = self.scores.masked_fill(~self.valid | protected, float("inf")).argmin(-1, keepdim=True)
+        empty = (~self.valid).to(torch.uint8).argmax(-1, keepdim=True)
+        self.valid.scatter_(2, victim, ~over & self.valid.gather(2, victim))
+        self.free.copy_(torch.where(over, victim, empty))
+        return out
+
+    def ordered(self):
+        """The valid slots in position order: k, v [B, H, N, D], positions and scores [B, H, N] (a host sync)."""
+        N = int(self.valid[0, 0].sum())
+        order = self.pos.masked_fill(~self.valid, torch.iinfo(torch.long).max).argsort(-1)[..., :N]
+        take = order[..., None].expand(-1, -1, -1, self.k.shape[3])
+        return self.k.gather(2, take), self.v.gather(2, take), self.pos.gather(2, order), self.scores.gather(2, order)
+
+    def attended(self) -> torch.Tensor:
+        N = int(self.seen[0, 0].sum())
+        return self.pos.masked_fill(~self.seen, torch.iinfo(torch.long).max).sort(-1).values[..., :N]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos, self.scores, self.valid,
+                                                         self.seen, self.free, self.n))

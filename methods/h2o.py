@@ -30,7 +30,8 @@ class H2O(StepEviction):
     attends densely (as theirs does) and its queries' probabilities are summed in chunks rather than kept as one
     T x T matrix. When prefill is given only the last Tq queries (the kernel and memory suites), only those vote.
 
-    Not capture-safe: its step layer evicts while decoding (methods/eviction.py, StepEvictionLayer, says why).
+    Capture-safe: after reserve() a decode step writes, attends, re-scores and evicts in budget + 1 fixed slots
+    (methods/eviction.py, EvictionSlots), the same tokens kept as the plain path's.
 
     Parameters
     ----------

@@ -27,7 +27,8 @@ class TOVA(StepEviction):
     with GQA each KV head keeps what its queries use, at the same memory. The newest token is never evicted (as in
     kvpress; its own attention weight is nearly always high, so this rarely changes the choice).
 
-    Not capture-safe: its step layer evicts while decoding (methods/eviction.py, StepEvictionLayer, says why).
+    Capture-safe: after reserve() a decode step writes, attends, re-scores and evicts in budget + 1 fixed slots
+    (methods/eviction.py, EvictionSlots), the same tokens kept as the plain path's.
 
     Parameters
     ----------

@@ -90,7 +90,7 @@ def test_streaming_ring_needs_no_room_once_full():
     assert layer.seq_len() == 30 and layer.pin.k.shape[1] == 8
 
 
-@pytest.mark.parametrize("spec", ["selfindex:budget=0.5,impl=torch", "kivi", "h2o"])
+@pytest.mark.parametrize("spec", ["selfindex:budget=0.5,impl=torch", "kivi"])
 def test_capture_unsafe_method_falls_back_to_eager_with_the_reason(spec):
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
@@ -262,7 +262,8 @@ def test_throughput_records_say_which_decode_mode_ran_and_why(graph, tmp_path):
 
 CAPTURE_SAFE = ["snapkv:capacity=48,window=8", "pyramidkv:capacity=48,window=8", "adakv:capacity=48,window=8",
                 "selfindex:budget=0.3,sinks=4,window=8", "selfindex:budget=0.3,sinks=4,window=8,setting=16+1",
-                "selfindex:budget=64,sinks=8,window=16,fixed=scored", "selfindex:budget=0.1"]
+                "selfindex:budget=64,sinks=8,window=16,fixed=scored", "selfindex:budget=0.1",
+                "h2o:heavy=0.1,recent=0.05", "tova:capacity=0.15"]
 
 
 @pytest.mark.gpu

@@ -159,3 +159,26 @@ def test_through_the_bridge_on_a_tiny_model(spec, small):
     assert torch.isfinite(logits).all() and cache.get_seq_length() == 112
     assert all(c.k.shape[2] == c.budget for c in cache.layer_caches())
     assert cache.nbytes() < full.nbytes() / 2
+
+
+@pytest.mark.parametrize("spec, hq, hkv", [(c[0], c[2], c[3]) for c in CASES] + [("h2o:heavy=40,recent=10", 8, 2)])
+def test_reserved_slot_steps_keep_the_plain_paths_tokens(spec, hq, hkv):
+    """After reserve(), one-token steps run in fixed slots (capture-safe) and a chunk goes back through the plain
+    path: every output, attended set and seq_len equals the plain layer's (the last case's 30-token prompt is under
+    its 50-token budget, so the slots fill before they evict)."""
+    torch.manual_seed(1)
+    B, D = 2, 32
+    plain, slots = make(spec, hq, hkv, D), make(spec, hq, hkv, D)
+    prompt = 30 if "heavy=40" in spec else 60
+    for i, t in enumerate([prompt] + [1] * 25 + [4] + [1] * 10):
+        q, k, v = torch.randn(B, hq, t, D), torch.randn(B, hkv, t, D), torch.randn(B, hkv, t, D)
+        if i == 0:
+            plain.prefill(q, k, v), slots.prefill(q, k, v)
+            slots.reserve(40)
+            assert slots.info()["pinned"] and slots.capture_safe
+            continue
+        want, got = plain.extend(q, k, v), slots.extend(q, k, v)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(slots.attended(), plain.attended().sort(-1).values), i
+        assert slots.seq_len() == plain.seq_len()
+    assert slots.nbytes() > 0 and slots.info()["kept"] == plain.budget
