@@ -219,7 +219,13 @@ class AdaKVLayer(LayerCache):
                 "backend": backend, "pinned": self.pk is not None}
 
     def decode_fns(self, q):
-        return {"attention": lambda: self._attend(q)}
+        """The decode step's attention as decoding runs it: over the pinned per-head sequences (pinned here first if
+        they are not; that changes the layout, not what is stored), without the append."""
+        if self.pk is None:
+            self.reserve(1)
+        B, Hq, _, D = q.shape
+        H = self.spec.n_kv_heads
+        return {"attention": lambda: self.decoder(q.reshape(B * H, Hq // H, 1, D), self.seen).view(B, Hq, 1, D)}
 
     def decode_bytes(self) -> int:
         es = self.fk.element_size()
