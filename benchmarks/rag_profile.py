@@ -1,6 +1,7 @@
 """Where a RAG method's time to the first token goes, on a GPU: each method's TTFT (median of 3 warm runs) with the
-masked attention on FlexAttention and on SDPA with a dense mask, their first-token logits against each other, and
-a torch.profiler table of the top CUDA kernels of one warm run. The published numbers come from `kvbench run rag`.
+masked attention on SDPA with a dense mask, on FlexAttention and on `auto` (kvbench/rag.py), their first-token
+logits against each other, and a torch.profiler table of one warm run. The published numbers come from `kvbench run
+rag`.
 
     python benchmarks/rag_profile.py [--methods recompute,reuse,cacheblend,samkv] [--docs 8] [--doc-tokens 2048]
 """
@@ -55,21 +56,21 @@ def main() -> None:
         rows = []
         for name in a.methods.split(","):
             method, res = rag.parse_rag(name), {}
-            for kernel in ("sdpa", "flex"):
+            for kernel in ("sdpa", "flex", "auto"):
                 rag.MASKED_KERNEL = kernel
                 res[kernel] = ttft(model, method, inst, stored)
             err = ((res["flex"][1] - res["sdpa"][1]).norm() / res["sdpa"][1].norm()).item()
             same = bool((res["flex"][1].argmax(-1) == res["sdpa"][1].argmax(-1)).all())
-            rows.append((name, res["sdpa"][0], res["flex"][0], err, same))
-            print(f"== {name}: TTFT sdpa {res['sdpa'][0]:.4f} s, flex {res['flex'][0]:.4f} s "
-                  f"(logits rel err {err:.2e}, same first token {same})", flush=True)
+            rows.append((name, res["sdpa"][0], res["flex"][0], res["auto"][0], err, same))
+            print(f"== {name}: TTFT sdpa {res['sdpa'][0]:.4f} s, flex {res['flex'][0]:.4f} s, auto "
+                  f"{res['auto'][0]:.4f} s (logits rel err {err:.2e}, same first token {same})", flush=True)
             profile(model, method, inst, stored, a.top)
     rec = next((r for r in rows if r[0] == "recompute"), None)
     print(f"\n{torch.cuda.get_device_name()}, {a.docs} docs x {a.doc_tokens} tokens, {a.model}")
-    print(f"{'method':<14}{'sdpa s':>9}{'flex s':>9}{'flex/recompute':>16}{'logits err':>12}{'same':>6}")
-    for name, s, f, err, same in rows:
-        ratio = f / rec[2] if rec else float("nan")
-        print(f"{name:<14}{s:>9.4f}{f:>9.4f}{ratio:>16.3f}{err:>12.2e}{same!s:>6}")
+    print(f"{'method':<14}{'sdpa s':>9}{'flex s':>9}{'auto s':>9}{'auto/recompute':>16}{'logits err':>12}{'same':>6}")
+    for name, s, f, a_s, err, same in rows:
+        ratio = a_s / rec[3] if rec else float("nan")
+        print(f"{name:<14}{s:>9.4f}{f:>9.4f}{a_s:>9.4f}{ratio:>16.3f}{err:>12.2e}{same!s:>6}")
 
 
 if __name__ == "__main__":

@@ -357,7 +357,7 @@ def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         obs.on_probs(layer, probs)
         return (probs.to(V.dtype) @ Vx).to(q.dtype)
-    if q.is_cuda and MASKED_KERNEL == "flex":
+    if q.is_cuda and masked_kernel(q.shape[2], K.shape[2]) == "flex":
         return _flex_masked(q, K, V, qpos, kpos, group)
     if q.is_cuda:  # SDPA's memory-efficient kernel takes a mask but not GQA: repeat the KV heads
         K, V = K.repeat_interleave(group, 1), V.repeat_interleave(group, 1)
@@ -365,13 +365,24 @@ def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -
     return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=group > 1)
 
 
-# Masked (position-causal) attention on the GPU: "sdpa" (default) runs SDPA's memory-efficient kernel with a dense
-# boolean mask and the KV heads repeated; "flex" PyTorch's FlexAttention (a compiled flash-style Triton kernel that
-# skips fully masked blocks and takes GQA as is). KVBENCH_RAG_MASKED=flex selects it. Measured on an H200
-# (benchmarks/rag_profile.py, synthetic Llama-3.1-8B, 8 docs x 2K tokens): flex's kernel is fast but each call costs
-# about 3 ms of host time (guards, block-mask metadata), so TTFT got worse: reuse 0.093 -> 0.203 s, samkv 0.355 ->
-# 0.518 s; the passes here are host-bound (about 10 host syncs per layer), not attention-bound.
-MASKED_KERNEL = os.environ.get("KVBENCH_RAG_MASKED", "sdpa")
+# Masked (position-causal) attention on the GPU: "sdpa" runs SDPA's memory-efficient kernel with a dense boolean mask
+# and the KV heads repeated; "flex" PyTorch's FlexAttention (a compiled flash-style Triton kernel that skips fully
+# masked blocks and takes GQA as is); "auto" (default) flex for passes of at least FLEX_MIN_WORK query x slot pairs,
+# sdpa below. KVBENCH_RAG_MASKED picks one. Measured on an H200 (benchmarks/rag_profile.py, synthetic Llama-3.1-8B,
+# 8 docs x 2K tokens, benchmarks/records/rag-profile-h200.txt): flex's kernel is the faster one, but each call costs
+# about 3 ms of host time (guards, block-mask metadata), which a 32-token pass cannot hide: flex everywhere took
+# reuse's TTFT from 0.093 to 0.203 s and samkv's from 0.355 to 0.518 s (with the host syncs PositionedKV had then).
+MASKED_KERNEL = os.environ.get("KVBENCH_RAG_MASKED", "auto")
+FLEX_MIN_WORK = 2**24  # e.g. 1K recomputed tokens over 16K slots
+
+
+def masked_kernel(n_queries: int, n_slots: int) -> str:
+    """The kernel a masked pass of n_queries over n_slots runs on the GPU (MASKED_KERNEL, "auto" resolved)."""
+    if MASKED_KERNEL != "auto":
+        return MASKED_KERNEL
+    return "flex" if n_queries * n_slots >= FLEX_MIN_WORK else "sdpa"
+
+
 _block_masks: list = []  # [(qpos, kpos, block mask)] of the last forward: every layer of a Scene shares its positions
 
 

@@ -189,6 +189,7 @@ def decode_answer(model, tok, cache, logits, max_new: int) -> tuple[list[int], f
 
 
 def measure(s: Session, cell: Cell) -> dict[str, Any]:
+    from kvbench import rag
     from kvbench.rag import parse_rag
     from kvbench.rag_tasks import scores
 
@@ -208,6 +209,7 @@ def measure(s: Session, cell: Cell) -> dict[str, Any]:
                          "first_logits_rel_err": float((logits - ref_logits).norm() / ref_logits.norm()),
                          "first_token_agrees": bool(logits.argmax(-1).eq(ref_logits.argmax(-1)).all()),
                          "store_s": round(store_s, 4), "prompt_tokens": len(inst.prompt.ids()),
+                         "masked_kernel": rag.MASKED_KERNEL,  # on the GPU; the CPU runs SDPA
                          "doc_tokens": inst.prompt.doc_tokens, **inst.info}
     toks, decode_s = decode_answer(s.model, s.tok, cache, logits, inst.max_new_tokens)
     m.update(new_tokens=len(toks), decode_s=round(decode_s, 4), seq_len=cache.get_seq_length())
