@@ -39,10 +39,9 @@ class QJL(Method):
     Where it differs, and why: the authors store the whole key's norm and derive the inlier norm from it; here both
     norms are stored (the same two fp16 per key) so no square root of a rounded difference is taken. kvbench's
     selfindex keeps 1-bit signs too, of the centred keys themselves rather than of a projection, and uses them to
-    select tokens; qjl attends every token with its estimated score. On CUDA a one-token step is one Triton kernel
-    (kernels/qjl_attend.py: the estimator's scores from the sign bits, the softmax and P.V over the values
-    dequantized in registers, the buffer exactly); the estimator alone is kernels/score_triton.py (sign_rowdot
-    without outliers, qjl_outlier_scores with them), for multi-token chunks and the `score` stage.
+    select tokens; qjl attends every token with its estimated score. On CUDA the estimator runs as Triton kernels
+    (kernels/score_triton.py: sign_rowdot without outliers, qjl_outlier_scores with them); the softmax and P.V over
+    dequantized values are PyTorch.
 
     Not capture-safe (decodes eagerly under the graph runner, which records why): the step that fills the buffer
     quantizes it as a block, so the quantized part grows by `buffer` tokens at data-dependent steps (a shape change and
@@ -206,12 +205,6 @@ class QJLLayer(LayerCache):
         self.outlier_bits = min(out_bits, self.sketch_bits) if m.outliers else 0  # S' is the first columns of S
         self.proj = sketch(spec.head_dim, self.sketch_bits, m.seed, spec.device)
         self.triton = use_triton(m.name, m.impl, spec.device)
-        self.fused = False  # one-token steps: scores, softmax and P.V in one kernel (kernels/qjl_attend.py)
-        if self.triton:
-            from kvbench.kernels import qjl_attend
-
-            self.fused = qjl_attend.supported(spec.head_dim, self.sketch_bits, self.outlier_bits or self.sketch_bits,
-                                              m.outliers, m.group, m.value_bits)
         self.keys: OutlierKeys | None = None
         self.signs = self.norms = self.vq = self.vs = self.vm = self.rk = self.rv = None
         self.nq = 0
@@ -270,11 +263,6 @@ class QJLLayer(LayerCache):
         rk, rv = self.rk, self.rv
         if k_new is not None:
             rk, rv = torch.cat([rk, k_new], 2), torch.cat([rv, v_new], 2)
-        if self.fused and Tq == 1:
-            from kvbench.kernels.qjl_attend import qjl_attention
-
-            return qjl_attention(q[:, :, 0], self.proj, self.keys, self.signs, self.norms, self.vq, self.vs, self.vm,
-                                 self.nq, self.m.value_bits, rk, rv, self.m.group).to(q.dtype)
         exact = q.float().reshape(B, H, -1, D) @ rk.float().transpose(-1, -2)  # [B, Hkv, g * Tq, M]
         M = rk.shape[2]
         causal = torch.arange(M, device=q.device) > torch.arange(M - Tq, M, device=q.device)[:, None]  # [Tq, M]
@@ -301,7 +289,7 @@ class QJLLayer(LayerCache):
         return 0 if self.rk is None else self.nq + self.rk.shape[2]
 
     def info(self):
-        return {"impl": "triton" if self.triton else "torch", "fused": self.fused, "sketch_bits": self.sketch_bits,
+        return {"impl": "triton" if self.triton else "torch", "sketch_bits": self.sketch_bits,
                 "outlier_bits": self.outlier_bits, "quantized": self.nq,
                 "buffer": 0 if self.rk is None else self.rk.shape[2]}
 
