@@ -25,7 +25,8 @@ from kvbench.kernels.kivi import _fix_interpreter_for_numpy_2_4
 
 _fix_interpreter_for_numpy_2_4()  # kivi's fix for Triton 3.6's interpreter under numpy >= 2.4 (idempotent)
 
-BLOCK_N = 64  # tokens (or pages) per program
+BLOCK_N = 64  # tokens (or pages) per program (sign_rowdot, qjl_outlier_scores)
+ROWDOT_BLOCK = None  # rowdot's rows per program; None: about 16K elements a program (short label rows get many)
 
 
 def interpreting() -> bool:
@@ -78,10 +79,13 @@ def rowdot(x: torch.Tensor, w: torch.Tensor, meta: torch.Tensor | None = None, n
     w = w.float().contiguous()
     out = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
     m = x if meta is None else meta
+    CP = triton.next_power_of_2(C)
+    # doublesparse's 16-channel labels at 64 rows a program made 512-byte programs: latency, not bandwidth
+    block = ROWDOT_BLOCK or max(BLOCK_N, min(1024, 16384 // CP))
     if N:
-        _rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
+        _rowdot_kernel[(B * H, triton.cdiv(N, block))](
             x, w, m, out, N, C, H, x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1), m.stride(2),
-            BLOCK=BLOCK_N, CP=triton.next_power_of_2(C), NIBBLES=nibbles, AFFINE=meta is not None)
+            BLOCK=block, CP=CP, NIBBLES=nibbles, AFFINE=meta is not None)
     return out
 
 

@@ -37,8 +37,8 @@ class DoubleSparse(Method):
     codes are packed two per byte at 4 bits, with each token's step and minimum in fp16 (the authors dequantize in
     place and keep fp16 labels: their 4 bits are a fidelity setting, here they are the bytes stored and read).
     label_bits=16 keeps the labels in the model dtype. Prefill and multi-token extends attend densely. On CUDA the
-    label scores are a Triton kernel (kernels/score_triton.py, reading the codes); top-k and the exact attention are
-    PyTorch.
+    label scores are a Triton kernel (kernels/score_triton.py, reading the codes), the top-k is PyTorch's (unsorted:
+    the set matters), and one Triton kernel attends the chosen tokens in place in the cache (kernels/select_attend.py).
 
     Parameters
     ----------
@@ -263,7 +263,7 @@ class DoubleSparseLayer(SelectingLayer):
         return label_scores_ref(q1, labels, self.channels, meta, self.bits)
 
     def select(self, q1: torch.Tensor) -> torch.Tensor:
-        return self.scores(q1).topk(self.n_select(), dim=-1).indices
+        return self.scores(q1).topk(self.n_select(), dim=-1, sorted=False).indices  # the set matters, not its order
 
     def info(self):
         return {"impl": "triton" if self.triton else "torch", "selected": self.n_select(), "channels": self.r,

@@ -33,8 +33,9 @@ class Quest(Method):
     Where it differs, and why: Quest's models are multi-head and select per head; with GQA one set of pages per KV
     head serves its query heads, ranked by the sum of their bounds (itself an upper bound of the sum of their q.k),
     so the pages are read once per KV head. Prefill and multi-token extends (a question chunk) attend densely;
-    selection is how decode steps save time. On CUDA the bounds are a Triton kernel (kernels/score_triton.py); the
-    top-k and the attention over the chosen tokens are PyTorch. `budget_fraction` reports the selecting layers' share.
+    selection is how decode steps save time. On CUDA the bounds are a Triton kernel (kernels/score_triton.py), the
+    top-k is PyTorch's, and one Triton kernel attends the chosen pages in place in the cache
+    (kernels/select_attend.py). `budget_fraction` reports the selecting layers' share.
 
     Parameters
     ----------

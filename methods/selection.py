@@ -9,6 +9,10 @@ attend (fixed by reserve), keeps the first k of them (k computed on the device f
 follows the context as on the eager path) and attends over their tokens with the positions past the live length
 masked: no host sync, no shape that changes, so a CUDA graph can replay it. The tokens chosen are the eager path's
 (up to ties in the scores); the softmax runs over a fixed-size gathered set, with the rest masked.
+
+On CUDA (impl triton) every selecting step, eager or pinned, attends through one Triton kernel that reads the chosen
+rows in place in the bf16 cache (kernels/select_attend.py; the pinned step passes its bounds as device tensors), so a
+graph replay runs the same reduction as the eager step it stands for; elsewhere PyTorch gathers and attends.
 """
 
 from __future__ import annotations
@@ -44,8 +48,13 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
     return (p @ vv).view(B, Hq, 1, D).to(q.dtype)
 
 
-def attend_positions(q: torch.Tensor, kv: FullLayer, idx: torch.Tensor) -> torch.Tensor:
-    """Exact attention of q [B, Hq, 1, D] over the positions idx [B, Hkv, N] of a full cache."""
+def attend_positions(q: torch.Tensor, kv: FullLayer, idx: torch.Tensor, triton: bool = False) -> torch.Tensor:
+    """Exact attention of q [B, Hq, 1, D] over the positions idx [B, Hkv, N] of a full cache: with `triton` one
+    kernel reads the chosen rows in place (kernels/select_attend.py), else a PyTorch gather then dense attention."""
+    if triton:
+        from kvbench.kernels.select_attend import select_attend
+
+        return select_attend(q, kv.k, kv.v, idx)
     i = idx[..., None].expand(-1, -1, -1, q.shape[3])
     return dense_attention(q, kv.keys().gather(2, i), kv.values().gather(2, i), causal=False)
 
@@ -130,10 +139,15 @@ class SelectingLayer(LayerCache):
         self.summarize_last(pin.seen)
         top = self.device_scores(q[:, :, 0], pin.seen).topk(self.k_most, dim=-1).indices  # sorted, best first
         idx = self.row_tokens(top)
-        keep = (self.ranks < self.rows_attended(pin.seen[:1]))[None, None]  # the first k of the k_most rows
-        keep = keep.repeat_interleave(idx.shape[-1] // self.k_most, dim=-1)
+        k_live = self.rows_attended(pin.seen[:1])  # [1]: the first k of the k_most rows are attended
+        per_row = idx.shape[-1] // self.k_most
+        keep = (self.ranks < k_live)[None, None].repeat_interleave(per_row, dim=-1)
         ok = keep & (idx < pin.seen[:, None, None])
         self.last_idx, self.last_ok = idx, ok
+        if self.triton:  # the same kernel as the eager steps' (one reduction order, so replays match them)
+            from kvbench.kernels.select_attend import select_attend
+
+            return select_attend(q, pin.k, pin.v, idx, k_live * per_row, pin.seen)
         return attend_masked(q, pin.k, pin.v, idx.clamp(max=pin.cap - 1), ok)
 
     def dense_layer(self) -> bool:
@@ -160,7 +174,7 @@ class SelectingLayer(LayerCache):
         if not self.sparse():  # a dense layer, or the budget covers every token: full's path
             return dense_attention(q, self.kv.keys(), self.kv.values(), causal=False)
         self.last_idx = self.select(q[:, :, 0])
-        return attend_positions(q, self.kv, self.last_idx)
+        return attend_positions(q, self.kv, self.last_idx, self.triton)
 
     def nbytes(self) -> int:
         return 0 if self.kv.k is None else self.kv.nbytes() + sum(t.numel() * t.element_size() for t in self.summary())
@@ -178,8 +192,9 @@ class SelectingLayer(LayerCache):
             return self.kv.decode_fns(q)
         q1 = q[:, :, 0]
         idx = self.select(q1)
-        return {"attention": lambda: attend_positions(q, self.kv, self.select(q1)), "score": lambda: self.scores(q1),
-                "attend": lambda: attend_positions(q, self.kv, idx)}
+        return {"attention": lambda: attend_positions(q, self.kv, self.select(q1), self.triton),
+                "score": lambda: self.scores(q1), "select": lambda: self.select(q1),  # select: score and top-k
+                "attend": lambda: attend_positions(q, self.kv, idx, self.triton)}
 
     def decode_bytes(self) -> int:
         return self.sparse_bytes() if self.sparse() else self.kv.decode_bytes()

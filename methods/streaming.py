@@ -114,6 +114,18 @@ class StreamingLayer(LayerCache):
     def info(self):
         return {"backend": self.pin.decoder.backend if self.pin else attention.last_backend, "pinned": bool(self.pin)}
 
+    def decode_fns(self, q):
+        """One step's attention over the kept tokens, appending nothing: the kernel suite times this instead of
+        extend(), whose eager cat of the whole window per call measured the timing path, not the method."""
+        if self.pin is not None:
+            return {"attention": lambda: self.pin.decoder(q, self.pin.live)}
+        k, v = self.k, self.v
+        return {"attention": lambda: dense_attention(q, k, v, causal=False)}
+
+    def decode_bytes(self) -> int:
+        k = self.k if self.pin is None else self.pin.k[:, : self.pin.held]  # the kept keys; values as many
+        return 2 * k.numel() * k.element_size()
+
     def attended(self) -> torch.Tensor:
         """Positions the last call attended: the sinks, then the most recent tokens; [B, Hkv, N]."""
         n, m = self.n, self.attended_len

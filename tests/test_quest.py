@@ -84,7 +84,7 @@ def test_nbytes_is_the_layout_and_dense_layers_are_full():
     assert first.attended() is None and layer.attended().shape == (B, 2, 32 + 7)
     # the suite's stage closures run on the current state
     fns = layer.decode_fns(torch.randn(B, 8, 1, D))
-    assert set(fns) == {"attention", "score", "attend"} and fns["score"]().shape == (B, 2, 7)
+    assert set(fns) == {"attention", "score", "select", "attend"} and fns["score"]().shape == (B, 2, 7)
     assert layer.decode_bytes() == B * 2 * (7 * 2 * D * 4 + 39 * 2 * D * 4)
 
 

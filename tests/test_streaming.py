@@ -91,3 +91,22 @@ def test_readme_shows_this_very_file():
     source = (root / "methods" / "streaming.py").read_text()
     assert "```python\n" + source + "```" in readme
     assert f"in {len(source.splitlines())} lines" in readme
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_decode_fns_attend_the_kept_tokens_without_appending(pinned):
+    """The kernel suite times decode_fns' attention (one step over the sinks and the window), not extend()."""
+    torch.manual_seed(1)
+    B, hq, hkv, D = 2, 8, 2, 32
+    layer = make("streaming:sinks=4,window=16", hq, hkv, D)
+    k, v = torch.randn(B, hkv, 50, D), torch.randn(B, hkv, 50, D)
+    layer.prefill(torch.randn(B, hq, 4, D), k, v)
+    if pinned:
+        layer.reserve(4)
+    q = torch.randn(B, hq, 1, D)
+    pos = torch.tensor(list(range(4)) + list(range(34, 50)))
+    fns = layer.decode_fns(q)
+    assert set(fns) == {"attention"}
+    torch.testing.assert_close(fns["attention"]().double(), naive_attention(q, k[:, :, pos], v[:, :, pos]),
+                               atol=1e-5, rtol=1e-5)
+    assert layer.seq_len() == 50 and layer.decode_bytes() == 2 * B * hkv * 20 * D * 4
