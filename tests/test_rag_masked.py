@@ -28,10 +28,9 @@ def test_position_block_mask_marks_full_and_skipped_blocks_exactly(T, S, gap):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
-SHAPES = [  # B, Hq, Hkv, D, T queries, S slots
+SHAPES = [  # B, Hq, Hkv, D, T queries, S slots (each new shape compiles FlexAttention once: a few seconds)
     (1, 32, 8, 128, 300, 2100),
     (1, 8, 8, 64, 77, 513),
-    (1, 4, 1, 128, 1, 129),
     (1, 16, 4, 128, 1500, 4099),
 ]
 
