@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.api import BUDGET_VALID, LayerCache, LayerSpec, Method, budget_share, check_budget, param
-from kvbench.methods.selection import GROW, SelectingLayer, tokens_of_budget
+from kvbench.methods.selection import GROW, SelectingLayer, tokens_of_budget, top_indices
 from kvbench.registry import register
 
 MIN_PAGES = 3  # pages a selecting step attends at the least, however small the budget (the authors' code)
@@ -172,7 +172,7 @@ class QuestLayer(SelectingLayer):
         """Token positions [B, Hkv, N] of the top pages for q1 [B, Hq, D], the newest page last."""
         P, K = self.n_pages()
         page = self.m.page
-        top = self.scores(q1)[..., : P - 1].topk(K - 1, dim=-1).indices  # [B, Hkv, K - 1]
+        top = top_indices(self.scores(q1)[..., : P - 1], K - 1)  # [B, Hkv, K - 1]
         tokens = (top[..., None] * page + torch.arange(page, device=top.device)).flatten(2)
         newest = torch.arange((P - 1) * page, self.kv.n, device=top.device).expand(*top.shape[:2], -1)
         return torch.cat([tokens, newest], -1)

@@ -36,6 +36,19 @@ def tokens_of_budget(budget: float, n):
     return torch.full_like(n, int(budget), dtype=torch.long)
 
 
+SORT_MAX = 4096  # rows up to this long are ranked by a full sort (one shared-memory bitonic sort per row on CUDA)
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores along the last dim, best first. Short rows (quest's pages: 2,048 at 32K) are
+    sorted whole, which PyTorch does per row in shared memory, where topk's radix select makes several passes over
+    each row (it was most of quest's selection time on an H200); a stable sort also breaks ties by index, the same
+    way on every call. Longer rows (a top-k over tokens) keep topk."""
+    if scores.shape[-1] <= SORT_MAX:
+        return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    return scores.topk(k, dim=-1).indices
+
+
 def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, ok: torch.Tensor):
     """Attention of q [B, Hq, 1, D] over the slots idx [B, Hkv, N] of k, v [B, cap, Hkv, D], those where ok [B, Hkv, N]
     is False left out (fp32 softmax) -> [B, Hq, 1, D]."""
@@ -137,7 +150,7 @@ class SelectingLayer(LayerCache):
         append_token(pin.k, pin.v, k, v, pin.seen, pin.live)
         self.kv.n = pin.n
         self.summarize_last(pin.seen)
-        top = self.device_scores(q[:, :, 0], pin.seen).topk(self.k_most, dim=-1).indices  # sorted, best first
+        top = top_indices(self.device_scores(q[:, :, 0], pin.seen), self.k_most)  # best first
         idx = self.row_tokens(top)
         k_live = self.rows_attended(pin.seen[:1])  # [1]: the first k of the k_most rows are attended
         per_row = idx.shape[-1] // self.k_most
