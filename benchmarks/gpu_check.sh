@@ -11,7 +11,8 @@
 # command line (from a clean tree), or every record says commit null.
 # 4. optionally: eager (--no-graph) decode for NOGRAPH's methods, the rag suite (RAG: its -m/--rag-methods options),
 #    and the largest-batch search at 32K for SEARCH's methods (records under $OUT/<gpu>/search/).
-# Usage: KVBENCH_COMMIT=<sha> BUDGET=seconds [TESTS="tests/..."] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."] [SEARCH="full ..."]
+# Usage: KVBENCH_COMMIT=<sha> BUDGET=seconds [TESTS="tests/..."] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."]
+#        [RAG_PROFILE=1] [SEARCH="full ..."]
 #        bash benchmarks/gpu_check.sh
 set -u
 T0=$(date +%s)
@@ -58,6 +59,11 @@ if [ -n "${RAG:-}" ]; then  # the rag suite on synthetic Llama-3.1-8B: TTFT and 
   echo "== rag ($(left) s left)" | tee -a "$LOG"
   timeout $(( $(left) - 15 )) kvbench run rag --model synthetic:llama-3.1-8b --tasks synthetic --documents 8 \
     --doc-tokens 2K --seeds 0-2 $RAG --out "$O" 2>&1 | tail -25 | tee -a "$LOG"
+fi
+if [ "${RAG_PROFILE:-0}" = 1 ]; then  # TTFT per masked-attention kernel and a profiler table (benchmarks/rag_profile.py)
+  echo "== rag profile ($(left) s left)" | tee -a "$LOG"
+  timeout $(( $(left) - 15 )) python3 benchmarks/rag_profile.py --methods recompute,reuse,cacheblend,samkv \
+    > "$O/rag-profile.txt" 2>&1; tail -7 "$O/rag-profile.txt" | tee -a "$LOG"
 fi
 if [ -n "${SEARCH:-}" ]; then  # the largest batch within device memory at 32K, and its throughput
   echo "== throughput batch search ($(left) s left)" | tee -a "$LOG"
