@@ -44,13 +44,22 @@ MIN_SPLIT = 64  # selected tokens per program at least: fewer programs than that
 PROGRAMS_PER_SM = 16  # the selection is cut into about this many programs per SM: short ones hide gather latency
 MAX_PARTS = 64  # but into no more parts per (b, h) than this: the last program merges them one block of 32 at a time
 NUM_WARPS, NUM_STAGES = 4, 2
-USE_CUDA = False  # 2+1 storage takes the CUDA kernel where cuda_path() allows (csrc/selfindex.cu: attend_kernel)
+# Which kernel runs 2+1 attention: "triton" (this file's kernel, the landed path), "cuda" (csrc/selfindex.cu's
+# attend_kernel: 2-bit rows dequantized straight into mma.sync fragments, 57 instructions a token in its loop against
+# this kernel's 102, by the SASS of both compiled for sm_90) or "triton-ptx" (this kernel with the unpacking in inline
+# PTX, 1416 instructions a tile against 1641). The two new ones are off until their GPU parity tests
+# (tests/test_selfindex_kernels.py: test_attend_paths_match_reference) have passed on a GPU; this environment variable
+# picks one for a run, the module attributes below for a process (benchmarks/selfindex_dev.py --sweep).
+ATTEND_PATHS = ("triton", "cuda", "triton-ptx")
+_PATH = os.environ.get("KVBENCH_SELFINDEX_ATTEND", "triton")
+if _PATH not in ATTEND_PATHS:
+    raise ValueError(f"KVBENCH_SELFINDEX_ATTEND={_PATH!r}: one of {ATTEND_PATHS}")
+USE_CUDA = _PATH == "cuda"  # 2+1 storage takes the CUDA kernel where cuda_path() allows
 CUDA_PROGRAMS_PER_SM = 4  # its blocks per SM over the selection (3 are resident at a time: 168 registers a thread)
 CUDA_MAX_PARTS, CUDA_MAX_GROUP = 128, 8  # csrc/selfindex.h: kAttMaxParts, kAttMaxGroup
 # 2-bit rows unpacked by inline PTX, two channels per 32-bit register (rotate, mask, OR into fp16 1024 + code, one
-# packed subtract and FMA, the sign bit XOR-ed in): about 5 instructions per key channel instead of 12 (the unpacking
-# was most of the tile loop's instructions). The interpreter cannot run PTX: it takes the plain Triton path.
-FAST_DEQUANT = False
+# packed subtract and FMA, the sign bit XOR-ed in). The interpreter cannot run PTX: it takes the plain Triton path.
+FAST_DEQUANT = _PATH == "triton-ptx"
 
 
 @triton.jit

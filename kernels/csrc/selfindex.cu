@@ -1,5 +1,5 @@
-// Self-indexing 1-bit VQ cache kernels: pack, append, score-and-select, and the sparse decode attention of 2+1 storage
-// (16+1 and query groups above 8 use the Triton kernel in kernels/selfindex_attend.py).
+// Self-indexing 1-bit VQ cache kernels: pack, append, score-and-select, and a sparse decode attention of 2+1 storage
+// (opt-in: kernels/selfindex_attend.py's Triton kernel runs by default, and always for 16+1 and query groups above 8).
 // Raw pointers only (no torch headers): nvcc compiles this file in seconds, and CI compiles it without a GPU.
 // Every kernel has a PyTorch reference of the same name in kernels/selfindex.py; tests/test_selfindex_kernels.py
 // checks one against the other.
