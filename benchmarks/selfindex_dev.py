@@ -24,7 +24,9 @@ def graph_us(make_fns, name, per_copy_bytes):
 
 
 # (module, attribute overrides) per sweep point: selfindex_attend's paths and plans, then the select grid
-ATTEND_SWEEP = [("cuda pps=%d" % n, dict(USE_CUDA=True, CUDA_PROGRAMS_PER_SM=n)) for n in (2, 3, 4, 6, 8, 12, 16)] + [
+ATTEND_SWEEP = [("cuda pps=%d" % n, dict(USE_CUDA=True, CUDA_ASYNC=True, CUDA_PROGRAMS_PER_SM=n))
+                for n in (2, 3, 4, 6, 8, 12, 16)] + [
+    ("cuda registers pps=%d" % n, dict(USE_CUDA=True, CUDA_ASYNC=False, CUDA_PROGRAMS_PER_SM=n)) for n in (3, 6)] + [
     ("triton", dict(USE_CUDA=False, FAST_DEQUANT=False)), ("triton ptx", dict(USE_CUDA=False, FAST_DEQUANT=True)),
     ("triton ptx pps=4", dict(USE_CUDA=False, FAST_DEQUANT=True, PROGRAMS_PER_SM=4)),
     ("triton ptx 128x8", dict(USE_CUDA=False, FAST_DEQUANT=True, BLOCK_N=128, NUM_WARPS=8))]
@@ -56,8 +58,8 @@ def sweep(cells, dev, bw):
                 break
         fns = [c.decode_fns(q) for c in copies]
         floor = nb / bw / 1e3
-        saved = {n: getattr(sa, n) for n in ("USE_CUDA", "FAST_DEQUANT", "CUDA_PROGRAMS_PER_SM", "PROGRAMS_PER_SM",
-                                             "BLOCK_N", "NUM_WARPS")}
+        saved = {n: getattr(sa, n) for n in ("USE_CUDA", "CUDA_ASYNC", "FAST_DEQUANT", "CUDA_PROGRAMS_PER_SM",
+                                             "PROGRAMS_PER_SM", "BLOCK_N", "NUM_WARPS")}
         for label, over in ATTEND_SWEEP:
             for n, val in over.items():
                 setattr(sa, n, val)

@@ -57,6 +57,7 @@ if _PATH not in ATTEND_PATHS:
 USE_CUDA = _PATH == "cuda"  # 2+1 storage takes the CUDA kernel where cuda_path() allows
 CUDA_PROGRAMS_PER_SM = 4  # its blocks per SM over the selection (3 are resident at a time: 168 registers a thread)
 CUDA_MAX_PARTS, CUDA_MAX_GROUP = 128, 8  # csrc/selfindex.h: kAttMaxParts, kAttMaxGroup
+CUDA_ASYNC = True  # rows staged through shared memory by cp.async, 2 tiles a warp in flight (else registers)
 # 2-bit rows unpacked by inline PTX, two channels per 32-bit register (rotate, mask, OR into fp16 1024 + code, one
 # packed subtract and FMA, the sign bit XOR-ed in). The interpreter cannot run PTX: it takes the plain Triton path.
 FAST_DEQUANT = _PATH == "triton-ptx"
@@ -330,7 +331,8 @@ def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None, *, 
         if idx.dtype != torch.int32 or not idx.is_contiguous():  # an eager caller's selection; planned ones are both
             idx = idx.to(torch.int32).contiguous()
         cuda_ops().attend(q, kv.fk, kv.fv, kv.fpos, idx if n_sel else idx.new_zeros(B, H, 1), kv.signs, kv.kmag,
-                          kv.kscale, kv.vq, kv.vscale, kv.chmax, kv.mu, op, lse, out, ctr, nsel, n_sel, split, n_parts)
+                          kv.kscale, kv.vq, kv.vscale, kv.chmax, kv.mu, op, lse, out, ctr, nsel, n_sel, split, n_parts,
+                          int(CUDA_ASYNC))
         return out
     rows = _rows(kv)
     # with nothing selected IDX still needs a valid pointer of idx's integer type: Triton types `tok` from it

@@ -17,6 +17,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #ifndef INFINITY
 #define INFINITY (__builtin_inff())
 #endif
@@ -27,6 +28,20 @@ using std::min; using std::max;
 inline std::barrier<>* g_block_bar = nullptr;
 inline std::barrier<>* g_warp_bar[4] = {nullptr, nullptr, nullptr, nullptr};
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
+inline void __syncwarp() { g_warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }
+// cp.async: copies wait in per-thread groups and land only when a wait_group lets their group complete, so a tile
+// read before its wait (a wrong group count) reads stale shared memory
+struct EmuCopy { void* dst; const void* src; int n; };
+inline thread_local std::vector<std::vector<EmuCopy>> t_groups;
+inline thread_local std::vector<EmuCopy> t_open;
+template <int D> inline void cp_async_chunk(void* smem, const void* gmem) { t_open.push_back({smem, gmem, D / 8}); }
+inline void cp_async_commit() { t_groups.push_back(std::move(t_open)); t_open.clear(); }
+template <int N> inline void cp_async_wait() {
+  while (t_groups.size() > static_cast<size_t>(N)) {
+    for (const EmuCopy& c : t_groups.front()) std::memcpy(c.dst, c.src, c.n);
+    t_groups.erase(t_groups.begin());
+  }
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <typename T> inline T __ldg(const T* p) { return *p; }

@@ -29,6 +29,9 @@ def host_source() -> str:
     m0 = body.index("__device__ __forceinline__ void mma_rows8(")
     m1 = body.index("}\n", body.index('asm("mma.sync', m0)) + 2
     body = body[:m0] + body[m1:]
+    c0 = body.index("template <int D>\n__device__ __forceinline__ void cp_async_chunk(")  # cp.async: emulated too
+    c1 = body.index("\n", body.index("void cp_async_wait()")) + 1
+    body = body[:c0] + body[c1:]
     vec = src[src.index("template <typename T> struct Vec;"):src.index("// 4 consecutive elements")]
     params = hdr[hdr.index("constexpr int kAttMaxGroup"):hdr.index("cudaError_t pack(")]
     return f"""#include "selfindex_emu.h"
@@ -38,7 +41,8 @@ constexpr int kCounters = {hdr.split("kCounters = ")[1].split(";")[0]};
 {params}{vec}{body}
 }}  // namespace si
 template <typename T, int D> static void run(const si::AttendParams* p) {{
-  emu_launch<T, D>(*p, p->n_parts, p->B * p->H, si::attend_kernel<T, D>);
+  if (p->mode == 1) emu_launch<T, D>(*p, p->n_parts, p->B * p->H, si::attend_kernel<T, D, true>);
+  else emu_launch<T, D>(*p, p->n_parts, p->B * p->H, si::attend_kernel<T, D, false>);
 }}
 extern "C" void run_attend(const si::AttendParams* p, int bf16, int D) {{
   if (bf16) D == 128 ? run<__nv_bfloat16, 128>(p) : run<__nv_bfloat16, 64>(p);
@@ -70,10 +74,10 @@ class Params(ctypes.Structure):  # csrc/selfindex.h: AttendParams
                 ("signs", V), ("kmag", V), ("kscale", V), ("vq", V), ("vscale", V), ("chmax", V), ("mu", V),
                 ("part_o", V), ("part_lse", V), ("out", V), ("ctr", V), ("nsel", V), ("B", I32), ("H", I32),
                 ("group", I32), ("F", I32), ("cap", I32), ("n_sel", I32), ("split", I32), ("n_parts", I32),
-                ("qk_scale", F32)]
+                ("qk_scale", F32), ("mode", I32)]
 
 
-def emulated_attend(lib, q, kv, idx, split=None, nsel=None):
+def emulated_attend(lib, q, kv, idx, split=None, nsel=None, mode=1):
     """What selfindex_attend.attend does on the CUDA path, with the kernel run by the emulator."""
     B, Hq, D = q.shape
     H, F = kv.fk.shape[1], kv.fk.shape[2]
@@ -88,7 +92,7 @@ def emulated_attend(lib, q, kv, idx, split=None, nsel=None):
                idx.data_ptr(), idx.shape[2], kv.signs.data_ptr(), kv.kmag.data_ptr(), kv.kscale.data_ptr(),
                kv.vq.data_ptr(), kv.vscale.data_ptr(), kv.chmax.data_ptr(), kv.mu.data_ptr(), part_o.data_ptr(),
                part_lse.data_ptr(), out.data_ptr(), ctr.data_ptr(), None if nsel is None else nsel.data_ptr(),
-               B, H, Hq // H, F, kv.cap, n_sel, split, n_parts, 1.4426950408889634 / math.sqrt(D))
+               B, H, Hq // H, F, kv.cap, n_sel, split, n_parts, 1.4426950408889634 / math.sqrt(D), mode)
     lib.run_attend(ctypes.byref(p), int(q.dtype == torch.bfloat16), D)
     assert not ctr.any(), "the last part of each (b, h) resets its counter"
     return out
@@ -96,7 +100,8 @@ def emulated_attend(lib, q, kv, idx, split=None, nsel=None):
 
 @pytest.mark.parametrize("shape,dtype", [((1, 8, 8, 64, 333), torch.bfloat16), ((3, 8, 2, 64, 500), torch.float16),
                                          ((2, 32, 8, 128, 700), torch.bfloat16), ((2, 8, 1, 128, 401), torch.float16)])
-def test_attend_kernel_source_matches_reference(emulator, shape, dtype):
+@pytest.mark.parametrize("mode", [0, 1], ids=["registers", "cp.async"])
+def test_attend_kernel_source_matches_reference(emulator, shape, dtype, mode):
     torch.manual_seed(0)
     B, Hq, H, D, T = shape
     lay = parse_method("selfindex:budget=0.3,sinks=8,window=8,impl=torch").make_layer(
@@ -107,13 +112,13 @@ def test_attend_kernel_source_matches_reference(emulator, shape, dtype):
         lay.extend(torch.randn(B, Hq, 1, D).to(dtype), *rand_kv(B, H, 1, D, dtype))
     lo, hi = lay.selectable()
     q = torch.randn(B, Hq, D).to(dtype)
-    for K in (0, 5, min(hi - lo, 300)):
+    for K in (0, min(hi - lo, 300)):  # nothing selected; a partial last tile and several parts
         idx = torch.stack([torch.stack([torch.randperm(hi - lo)[:K] + lo for _ in range(H)]) for _ in range(B)])
         want = lay._attend(q, idx).float()
         for split in (None, 64):
-            torch.testing.assert_close(emulated_attend(emulator, q, lay.kv, idx, split).float(), want,
+            torch.testing.assert_close(emulated_attend(emulator, q, lay.kv, idx, split, mode=mode).float(), want,
                                        rtol=2e-2, atol=2e-2)
         buf = torch.zeros(B, H, K + 100, dtype=torch.int32)  # planned: K live of a larger buffer
         buf[:, :, :K] = idx
-        got = emulated_attend(emulator, q, lay.kv, buf, nsel=torch.tensor([K], dtype=torch.int32))
+        got = emulated_attend(emulator, q, lay.kv, buf, nsel=torch.tensor([K], dtype=torch.int32), mode=mode)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)

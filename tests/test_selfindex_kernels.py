@@ -210,7 +210,8 @@ def test_selection_is_deterministic_and_planned_steps_equal_eager_ones(setting, 
 
 
 ATTEND_PATHS = {  # selfindex_attend's module switches: the CUDA kernel, the Triton kernel, Triton with PTX unpacking
-    "cuda": dict(USE_CUDA=True), "triton": dict(USE_CUDA=False, FAST_DEQUANT=False),
+    "cuda": dict(USE_CUDA=True, CUDA_ASYNC=True), "cuda-registers": dict(USE_CUDA=True, CUDA_ASYNC=False),
+    "triton": dict(USE_CUDA=False, FAST_DEQUANT=False),
     "triton-ptx": dict(USE_CUDA=False, FAST_DEQUANT=True)}
 
 

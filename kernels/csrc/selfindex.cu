@@ -556,7 +556,7 @@ __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__
 // d = A * B + d over rows 0-7 of A (a_lo: k 0-7 of this lane's row, a_hi: k 8-15); rows 8-15 are zero and dropped
 __device__ __forceinline__ void mma_rows8(float& d0, float& d1, uint32_t a_lo, uint32_t a_hi, uint32_t b0,
                                           uint32_t b1) {
-  float x2, x3;
+  [[maybe_unused]] float x2, x3;  // rows 8-15 of D: padding
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};"
       : "=f"(d0), "=f"(d1), "=f"(x2), "=f"(x3)
       : "r"(a_lo), "r"(0u), "r"(a_hi), "r"(0u), "r"(b0), "r"(b1), "f"(d0), "f"(d1), "f"(0.f), "f"(0.f));
@@ -646,21 +646,40 @@ __device__ __forceinline__ void quant_tiles(const AttendParams& p, int64_t bh, i
   const int* idx = p.idx + bh * p.kmax;
   const int64_t row0 = bh * p.cap;
   for (int t0 = lo + warp * 16; t0 < hi; t0 += kAttWarps * 16) {
+    // this lane's rows: keys of tokens t0 + nt*8 + g (its B columns of S), values of tokens t0 + 2qd, +1, +8, +9
+    // (its B rows of O). (Loading the next tile's positions early costs 17 spilled registers at 3 blocks an SM.)
+    int tk[2], tv[4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) tk[nt] = t0 + nt * 8 + g < hi ? __ldg(idx + t0 + nt * 8 + g) : 0;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int j = t0 + (r >> 1) * 8 + 2 * qd + (r & 1);
+      tv[r] = j < hi ? __ldg(idx + j) : 0;
+    }
+    // every row of the tile issued at once (ptxas still sinks some value loads below the first key dots)
+    uint32_t km[2][D / 16], sg[2][D / 32], sz[2][D / 32], vw[4][D / 16], vs[4][D / 32];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int64_t tok = row0 + tk[nt];
+      load_words(p.kmag + tok * (D / 4), km[nt]);
+      load_words(p.signs + tok * (D / 8), sg[nt]);
+      load_words(static_cast<const __half2*>(p.kscale) + tok * (D / 32), sz[nt]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t tok = row0 + tv[r];
+      load_words(p.vq + tok * (D / 4), vw[r]);
+      load_words(static_cast<const __half2*>(p.vscale) + tok * (D / 32), vs[r]);
+    }
     float s[2][2];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {  // this lane loads the key row of token t0 + nt*8 + g (its B column)
-      const int j = t0 + nt * 8 + g;
-      const int64_t tok = row0 + (j < hi ? __ldg(idx + j) : 0);
-      uint32_t km[D / 16], sg[D / 32], sz[D / 32];
-      load_words(p.kmag + tok * (D / 4), km);
-      load_words(p.signs + tok * (D / 8), sg);
-      load_words(static_cast<const __half2*>(p.kscale) + tok * (D / 32), sz);
+    for (int nt = 0; nt < 2; ++nt) {
       float d0 = 0.f, d1 = 0.f;
 #pragma unroll
       for (int k = 0; k < D / 16; ++k) {  // channels 16k + 2qd + {0,1} (pair a) and 16k + 8 + 2qd + {0,1} (pair b)
-        const uint32_t y = km[k] >> (4 * qd);
-        const uint32_t u = sg[k >> 1] >> (16 * (k & 1) + 2 * qd);  // sign bits: pair a at 0-1, pair b at 8-9
-        const __half2 szk = u2h(sz[k >> 1]);
+        const uint32_t y = km[nt][k] >> (4 * qd);
+        const uint32_t u = sg[nt][k >> 1] >> (16 * (k & 1) + 2 * qd);  // sign bits: pair a at 0-1, pair b at 8-9
+        const __half2 szk = u2h(sz[nt][k >> 1]);
         const __half2 sc = __low2half2(szk), ze = __high2half2(szk);
         uint32_t ka = dq2((y & 0x3u) | ((y << 14) & 0x30000u), sc, ze);
         uint32_t kb = dq2(((y >> 16) & 0x3u) | ((y >> 2) & 0x30000u), sc, ze);
@@ -674,15 +693,6 @@ __device__ __forceinline__ void quant_tiles(const AttendParams& p, int64_t bh, i
     }
     uint32_t pa, pb;
     st.softmax(s, pa, pb);
-    // values: this lane's B rows are tokens 2qd, 2qd + 1 (b0) and 8 + 2qd, 9 + 2qd (b1), channels 8j + g
-    uint32_t vw[4][D / 16], vs[4][D / 32];
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int j = t0 + (r >> 1) * 8 + 2 * qd + (r & 1);
-      const int64_t tok = row0 + (j < hi ? __ldg(idx + j) : 0);
-      load_words(p.vq + tok * (D / 4), vw[r]);
-      load_words(static_cast<const __half2*>(p.vscale) + tok * (D / 32), vs[r]);
-    }
 #pragma unroll
     for (int w = 0; w < D / 16; ++w) {  // word w: channels 16w + g (n-tile 2w) and 16w + 8 + g (n-tile 2w + 1)
       uint32_t h[4];
@@ -697,6 +707,143 @@ __device__ __forceinline__ void quant_tiles(const AttendParams& p, int64_t bh, i
                 __byte_perm(h[2], h[3], 0x7632));
     }
   }
+}
+
+// The same over a ring of kAttStages tiles per warp in shared memory, filled by cp.async (no registers hold a load in
+// flight, so each warp keeps kAttStages - 1 tiles of rows in the air while it computes one; the register version
+// above waits for each tile's rows). A tile's row of token r: 7 chunks of D/8 bytes, [kmag 2][signs][kscale][vq 2]
+// [vscale]; lane l copies token l % 16's key chunks (l < 16) or value chunks (l >= 16). Positions are loaded one
+// tile ahead of their copies.
+constexpr int kAttStages = 3;
+
+template <int D>
+__device__ __forceinline__ void cp_async_chunk(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  if constexpr (D / 8 == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem) : "memory");
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+template <int N, int VEC>  // N 32-bit words from shared memory aligned to VEC bytes
+__device__ __forceinline__ void lds_words(const uint8_t* p, uint32_t (&w)[N]) {
+  if constexpr (VEC == 16 && N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void quant_tiles_async(const AttendParams& p, int64_t bh, int lo, int hi,
+                                                  const uint32_t (&qa)[D / 16], const uint32_t (&qb)[D / 16],
+                                                  float bias, WarpState<D>& st, uint8_t* ring) {
+  constexpr int C = D / 8, ROW = 7 * C, TILE = 16 * ROW;  // chunk, row and tile bytes
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
+  const int* idx = p.idx + bh * p.kmax;
+  const int64_t row0 = bh * p.cap;
+  const int first = lo + warp * 16;
+  const int n_tiles = first < hi ? (hi - first + kAttWarps * 16 - 1) / (kAttWarps * 16) : 0;  // warp-uniform
+  auto position = [&](int i) {  // this lane's token of tile i
+    const int j = first + i * kAttWarps * 16 + (lane & 15);
+    return i < n_tiles && j < hi ? __ldg(idx + j) : 0;
+  };
+  auto issue = [&](int i, int pos) {  // tile i's rows into stage i % kAttStages; a group per call, empty or not
+    if (i < n_tiles) {
+      const int64_t tok = row0 + pos;
+      uint8_t* row = ring + (i % kAttStages) * TILE + (lane & 15) * ROW;
+      if (lane < 16) {
+        cp_async_chunk<D>(row, p.kmag + tok * (D / 4));
+        cp_async_chunk<D>(row + C, p.kmag + tok * (D / 4) + C);
+        cp_async_chunk<D>(row + 2 * C, p.signs + tok * (D / 8));
+        cp_async_chunk<D>(row + 3 * C, static_cast<const uint8_t*>(p.kscale) + tok * C);
+      } else {
+        cp_async_chunk<D>(row + 4 * C, p.vq + tok * (D / 4));
+        cp_async_chunk<D>(row + 5 * C, p.vq + tok * (D / 4) + C);
+        cp_async_chunk<D>(row + 6 * C, static_cast<const uint8_t*>(p.vscale) + tok * C);
+      }
+    }
+    cp_async_commit();
+  };
+  int next = position(0);
+#pragma unroll
+  for (int i = 0; i < kAttStages - 1; ++i) {
+    const int pos = next;
+    next = position(i + 1);
+    issue(i, pos);
+  }
+  for (int i = 0; i < n_tiles; ++i) {
+    {
+      const int pos = next;
+      next = position(i + kAttStages);
+      issue(i + kAttStages - 1, pos);
+    }
+    cp_async_wait<kAttStages - 1>();  // this lane's copies of tile i have landed
+    __syncwarp();                     // and every lane's
+    const int t0 = first + i * kAttWarps * 16;
+    const uint8_t* tile = ring + (i % kAttStages) * TILE;
+    float s[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const uint8_t* row = tile + (nt * 8 + g) * ROW;
+      uint32_t km[D / 16], sg[D / 32], sz[D / 32];
+      lds_words<D / 16, C>(row, km);
+      lds_words<D / 32, C>(row + 2 * C, sg);
+      lds_words<D / 32, C>(row + 3 * C, sz);
+      float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        const uint32_t y = km[k] >> (4 * qd);
+        const uint32_t u = sg[k >> 1] >> (16 * (k & 1) + 2 * qd);
+        const __half2 szk = u2h(sz[k >> 1]);
+        const __half2 sc = __low2half2(szk), ze = __high2half2(szk);
+        uint32_t ka = dq2((y & 0x3u) | ((y << 14) & 0x30000u), sc, ze);
+        uint32_t kb = dq2(((y >> 16) & 0x3u) | ((y >> 2) & 0x30000u), sc, ze);
+        ka ^= ((~u & 0x1u) << 15) | ((~u & 0x2u) << 30);
+        kb ^= ((~u & 0x100u) << 7) | ((~u & 0x200u) << 22);
+        mma_rows8(d0, d1, qa[k], qb[k], ka, kb);
+      }
+      const int c = t0 + nt * 8 + 2 * qd;
+      s[nt][0] = c < hi ? d0 + bias : -INFINITY;
+      s[nt][1] = c + 1 < hi ? d1 + bias : -INFINITY;
+    }
+    uint32_t pa, pb;
+    st.softmax(s, pa, pb);
+    uint32_t vw[4][D / 16], vs[4][D / 32];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* row = tile + ((r >> 1) * 8 + 2 * qd + (r & 1)) * ROW;
+      lds_words<D / 16, C>(row + 4 * C, vw[r]);
+      lds_words<D / 32, C>(row + 6 * C, vs[r]);
+    }
+#pragma unroll
+    for (int w = 0; w < D / 16; ++w) {
+      uint32_t h[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const __half2 szw = u2h(vs[r][w >> 1]);
+        h[r] = dq2(vw[r][w] >> (2 * g), __low2half2(szw), __high2half2(szw));
+      }
+      mma_rows8(st.o[2 * w][0], st.o[2 * w][1], pa, pb, __byte_perm(h[0], h[1], 0x5410),
+                __byte_perm(h[2], h[3], 0x5410));
+      mma_rows8(st.o[2 * w + 1][0], st.o[2 * w + 1][1], pa, pb, __byte_perm(h[0], h[1], 0x7632),
+                __byte_perm(h[2], h[3], 0x7632));
+    }
+    __syncwarp();  // every lane is done with this stage before a later issue() overwrites it
+  }
+  cp_async_wait<0>();  // nothing in flight into shared memory when the block moves on
 }
 
 // The full-precision set: slots [0, F), those with fpos >= 0; keys and values of the model dtype as fp16.
@@ -734,8 +881,9 @@ __device__ __forceinline__ void full_tiles(const AttendParams& p, int64_t bh, co
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool ASYNC>
 __global__ void __launch_bounds__(kAttWarps * 32, 3) attend_kernel(AttendParams p) {
+  __shared__ __align__(16) uint8_t s_ring[ASYNC ? kAttWarps * kAttStages * 16 * 7 * (D / 8) : 16];
   __shared__ float s_o[kAttWarps][kAttMaxGroup][D];
   __shared__ float s_m[kAttWarps][kAttMaxGroup], s_l[kAttWarps][kAttMaxGroup];
   __shared__ float s_lse[kAttMaxGroup][kAttMaxParts];
@@ -779,7 +927,11 @@ __global__ void __launch_bounds__(kAttWarps * 32, 3) attend_kernel(AttendParams 
     full_tiles<T, D>(p, bh, qa, qb, st);
   } else {
     const int lo = (part - 1) * p.split, hi = min(lo + p.split, n_sel);
-    quant_tiles<D>(p, bh, lo, hi, qa, qb, bias, st);
+    if constexpr (ASYNC) {
+      quant_tiles_async<D>(p, bh, lo, hi, qa, qb, bias, st, s_ring + warp * kAttStages * 16 * 7 * (D / 8));
+    } else {
+      quant_tiles<D>(p, bh, lo, hi, qa, qb, bias, st);
+    }
   }
   // merge the warps: lane-partial l summed over the 4 lanes of a head
   st.l += __shfl_xor_sync(kFull, st.l, 1);
@@ -924,7 +1076,12 @@ template <typename T, int D> struct SelectLaunch {
 template <typename T, int D> struct AttendLaunch {
   static cudaError_t run(const AttendParams& p, cudaStream_t s) {
     if (p.group > kAttMaxGroup || p.n_parts > kAttMaxParts || p.n_parts < 1) return cudaErrorInvalidValue;
-    attend_kernel<T, D><<<dim3(p.n_parts, p.B * p.H), kAttWarps * 32, 0, s>>>(p);
+    const dim3 grid(p.n_parts, p.B * p.H);
+    if (p.mode == 1) {
+      attend_kernel<T, D, true><<<grid, kAttWarps * 32, 0, s>>>(p);
+    } else {
+      attend_kernel<T, D, false><<<grid, kAttWarps * 32, 0, s>>>(p);
+    }
     return cudaGetLastError();
   }
 };

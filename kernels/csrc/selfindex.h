@@ -83,6 +83,7 @@ struct AttendParams {
   const int* nsel;                              // device selection size (planned steps), or null: n_sel
   int B, H, group, F, cap, n_sel, split, n_parts;
   float qk_scale;                               // D^-0.5 * log2(e): scores in base 2
+  int mode;                                     // 1: rows staged through shared memory by cp.async; 0: registers
 };
 
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);

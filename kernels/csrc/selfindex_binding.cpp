@@ -164,10 +164,10 @@ void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64
 
 // sparse decode attention of 2+1 storage: q [B, Hq, D] over the full-precision set fk/fv/fpos and the positions
 // idx[:, :, :n_sel] (n_sel from nsel on the device when given), split-KV into n_parts parts of `split` tokens (part 0:
-// the full-precision set); out [B, Hq, D] in q's dtype
+// the full-precision set); out [B, Hq, D] in q's dtype; mode 1 stages the rows through shared memory (cp.async)
 void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, Tensor signs, Tensor kmag, Tensor kscale,
             Tensor vq, Tensor vscale, Tensor chmax, Tensor mu, Tensor part_o, Tensor part_lse, Tensor out, Tensor ctr,
-            Opt nsel, int64_t n_sel, int64_t split, int64_t n_parts) {
+            Opt nsel, int64_t n_sel, int64_t split, int64_t n_parts, int64_t mode) {
   check_rows(q, "q", 3);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   check(fk, "fk", q.scalar_type(), 4);
@@ -205,6 +205,7 @@ void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, Tensor sign
   p.out = out.data_ptr(); p.ctr = ctr.data_ptr<int>(); p.nsel = ptr<const int>(nsel);
   p.B = B; p.H = H; p.group = Hq / H; p.F = F; p.cap = cap; p.n_sel = n_sel; p.split = split; p.n_parts = n_parts;
   p.qk_scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(D)));
+  p.mode = static_cast<int>(mode);
   ok(si::attend(p, dtype_of(q), D, at::cuda::getCurrentCUDAStream()), "attend");
 }
 
