@@ -45,11 +45,13 @@ PROGRAMS_PER_SM = 16  # the selection is cut into about this many programs per S
 MAX_PARTS = 64  # but into no more parts per (b, h) than this: the last program merges them one block of 32 at a time
 NUM_WARPS, NUM_STAGES = 4, 2
 # Which kernel runs 2+1 attention: "triton" (this file's kernel, the landed path), "cuda" (csrc/selfindex.cu's
-# attend_kernel: 2-bit rows dequantized straight into mma.sync fragments, 57 instructions a token in its loop against
-# this kernel's 102, by the SASS of both compiled for sm_90) or "triton-ptx" (this kernel with the unpacking in inline
-# PTX, 1416 instructions a tile against 1641). The two new ones are off until their GPU parity tests
-# (tests/test_selfindex_kernels.py: test_attend_paths_match_reference) have passed on a GPU; this environment variable
-# picks one for a run, the module attributes below for a process (benchmarks/selfindex_dev.py --sweep).
+# attend_kernel: 2-bit rows staged through shared memory by cp.async and dequantized straight into mma.sync fragments,
+# 56 instructions a token in its loop against this kernel's 102, by the SASS of both for sm_90) or "triton-ptx" (this
+# kernel with the unpacking in inline PTX: 1416 instructions a 64-token tile against 1641). The new two are opt-in
+# until their GPU parity test (tests/test_selfindex_kernels.py: test_attend_paths_match_reference) has passed on a
+# GPU: they were written in a session without one. The CUDA kernel's own source passes the reference on the CPU
+# (tests/test_selfindex_emulated.py). This environment variable picks one for a run, the module attributes below for
+# a process (benchmarks/selfindex_dev.py --sweep).
 ATTEND_PATHS = ("triton", "cuda", "triton-ptx")
 _PATH = os.environ.get("KVBENCH_SELFINDEX_ATTEND", "triton")
 if _PATH not in ATTEND_PATHS:
