@@ -973,23 +973,45 @@ __global__ void __launch_bounds__(kAttWarps * 32, 3) attend_kernel(AttendParams 
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  for (int e = tid; e < p.group * p.n_parts; e += blockDim.x)
-    s_lse[e / p.n_parts][e % p.n_parts] = __ldcg(&p.part_lse[(rows0 + e / p.n_parts) * p.n_parts + e % p.n_parts]);
+  for (int e = tid; e < p.group * p.n_parts; e += blockDim.x) {  // weights exp2(lse - max) per head and part
+    const int hd = e / p.n_parts, i = e % p.n_parts;
+    s_lse[hd][i] = __ldcg(&p.part_lse[(rows0 + hd) * p.n_parts + i]);
+  }
   __syncthreads();
-  for (int e = tid; e < p.group * D; e += blockDim.x) {
-    const int hd = e / D, c = e % D;
+  if (tid < p.group) {
     float mx = -INFINITY;
-    for (int i = 0; i < p.n_parts; ++i) mx = fmaxf(mx, s_lse[hd][i]);
-    const float mu_ = mx == -INFINITY ? 0.f : mx;
-    const float* po = p.part_o + (rows0 + hd) * p.n_parts * D + c;
-    float o = 0.f, l = 0.f;
+    for (int i = 0; i < p.n_parts; ++i) mx = fmaxf(mx, s_lse[tid][i]);
+    s_m[0][tid] = mx == -INFINITY ? 0.f : mx;
+  }
+  __syncthreads();
+  for (int e = tid; e < p.group * p.n_parts; e += blockDim.x) {
+    const int hd = e / p.n_parts, i = e % p.n_parts;
+    s_lse[hd][i] = exp2f(s_lse[hd][i] - s_m[0][hd]);  // an empty part (lse -inf) weighs 0
+  }
+  __syncthreads();
+  // this thread's output entries e = tid + 128 k, every part's row of each loaded together: the tail of the step
+  // waits on n_parts / 4 round trips to L2, not on n_parts per entry one entry after another
+  constexpr int E = kAttMaxGroup * D / (kAttWarps * 32);
+  float o[E], l[E];
+#pragma unroll
+  for (int k = 0; k < E; ++k) o[k] = l[k] = 0.f;
 #pragma unroll 4
-    for (int i = 0; i < p.n_parts; ++i) {
-      const float a = exp2f(s_lse[hd][i] - mu_);
-      o += a * __ldcg(po + static_cast<int64_t>(i) * D);
-      l += a;
+  for (int i = 0; i < p.n_parts; ++i) {
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int e = tid + k * kAttWarps * 32;
+      if (e < p.group * D) {
+        const int hd = e / D, c = e % D;
+        const float a = s_lse[hd][i];
+        o[k] += a * __ldcg(p.part_o + ((rows0 + hd) * p.n_parts + i) * D + c);
+        l[k] += a;
+      }
     }
-    static_cast<T*>(p.out)[(rows0 + hd) * D + c] = Vec<T>::from(l > 0.f ? o / l : 0.f);
+  }
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    const int e = tid + k * kAttWarps * 32;
+    if (e < p.group * D) static_cast<T*>(p.out)[rows0 * D + e] = Vec<T>::from(l[k] > 0.f ? o[k] / l[k] : 0.f);
   }
   if (tid == 0) p.ctr[bh * kCounters] = 0;  // every part has counted: ready for the next step
 }
