@@ -235,6 +235,7 @@ def cuda_ops():
 
 
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
+SELECT_BLOCKS = 0  # score/select blocks per (b, h); 0: the launcher sizes one wave (selfindex_dev.py sweeps it)
 MAX_CHUNKS = 1024  # csrc/selfindex.h: kMaxChunks
 PLAN = 5  # csrc/selfindex.h: a step plan is (pos, slot, old, hi, k)
 class Workspace:
@@ -413,7 +414,7 @@ class IndexedKV:
                 ws = Workspace.get(q.device)
                 bins, hist, ctr = ws.select_buffers(B * H, self.cap)
                 cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
-                                        0, ws.chunk_counts(B * H), None)  # 0 blocks: the launcher sizes one wave
+                                        SELECT_BLOCKS, ws.chunk_counts(B * H), None)
             return idx
         if K == 0:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
@@ -464,7 +465,8 @@ class IndexedKV:
         ws.select_buffers(B * H, self.cap), ws.chunk_counts(B * H)
         from kvbench.kernels import selfindex_attend
 
-        selfindex_attend.scratch(B, n_heads, H, D, self.idx_buf.shape[2], self.cap, dev)
+        selfindex_attend.scratch(B, n_heads, H, D, self.idx_buf.shape[2], self.cap, dev,
+                                 cuda=selfindex_attend.cuda_path(self.quantized, n_heads // H, D, dev))
 
     def unpin(self) -> None:
         self.plan_table = self.plan = self.plan_step = self.idx_buf = self.out_buf = None
@@ -487,7 +489,7 @@ class IndexedKV:
             ws = Workspace.get(q.device)
             bins, hist, ctr = ws.select_buffers(B * H, self.cap)
             cuda_ops().score_select(q, self.cb, self.signs, self.excl, self.plan_lo, self.hi_max, self.k_max, bins,
-                                    hist, ctr, self.idx_buf, 0, ws.chunk_counts(B * H), self.plan)
+                                    hist, ctr, self.idx_buf, SELECT_BLOCKS, ws.chunk_counts(B * H), self.plan)
         out = selfindex_attend.attend(q, self, self.idx_buf, nsel=self.plan[4:5], out=self.out_buf)
         return out, self.idx_buf
 

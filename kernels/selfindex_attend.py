@@ -30,6 +30,7 @@ fp16's range (fp16 has more mantissa), which holds for attention keys and values
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -42,6 +43,26 @@ ATTEND_COUNTER = 7  # the workspace counter per (b, h) that counts finished part
 MIN_SPLIT = 64  # selected tokens per program at least: fewer programs than that are not worth their partials
 PROGRAMS_PER_SM = 16  # the selection is cut into about this many programs per SM: short ones hide gather latency
 MAX_PARTS = 64  # but into no more parts per (b, h) than this: the last program merges them one block of 32 at a time
+NUM_WARPS, NUM_STAGES = 4, 2
+# Which kernel runs 2+1 attention: "triton" (this file's kernel, the landed path), "cuda" (csrc/selfindex.cu's
+# attend_kernel: 2-bit rows staged through shared memory by cp.async and dequantized straight into mma.sync fragments,
+# 56 instructions a token in its loop against this kernel's 102, by the SASS of both for sm_90) or "triton-ptx" (this
+# kernel with the unpacking in inline PTX: 1416 instructions a 64-token tile against 1641). The new two are opt-in
+# until their GPU parity test (tests/test_selfindex_kernels.py: test_attend_paths_match_reference) has passed on a
+# GPU: they were written in a session without one. The CUDA kernel's own source passes the reference on the CPU
+# (tests/test_selfindex_emulated.py). This environment variable picks one for a run, the module attributes below for
+# a process (benchmarks/selfindex_dev.py --sweep).
+ATTEND_PATHS = ("triton", "cuda", "triton-ptx")
+_PATH = os.environ.get("KVBENCH_SELFINDEX_ATTEND", "triton")
+if _PATH not in ATTEND_PATHS:
+    raise ValueError(f"KVBENCH_SELFINDEX_ATTEND={_PATH!r}: one of {ATTEND_PATHS}")
+USE_CUDA = _PATH == "cuda"  # 2+1 storage takes the CUDA kernel where cuda_path() allows
+CUDA_PROGRAMS_PER_SM = 4  # its blocks per SM over the selection (3 are resident at a time: 168 registers a thread)
+CUDA_MAX_PARTS, CUDA_MAX_GROUP = 128, 8  # csrc/selfindex.h: kAttMaxParts, kAttMaxGroup
+CUDA_ASYNC = True  # rows staged through shared memory by cp.async, 2 tiles a warp in flight (else registers)
+# 2-bit rows unpacked by inline PTX, two channels per 32-bit register (rotate, mask, OR into fp16 1024 + code, one
+# packed subtract and FMA, the sign bit XOR-ed in). The interpreter cannot run PTX: it takes the plain Triton path.
+FAST_DEQUANT = _PATH == "triton-ptx"
 
 
 @triton.jit
@@ -52,6 +73,61 @@ def _dequant(words, sz, D: tl.constexpr, BITS: tl.constexpr, SPREAD: tl.constexp
     codes = tl.reshape(_codes(words, BITS, SPREAD, D, tl.float16), (BLOCK_N, NG, 32))
     scale, zero = tl.split(tl.reshape(sz, (BLOCK_N, NG, 2)))
     return tl.reshape(codes * scale[:, :, None] + zero[:, :, None], (BLOCK_N, D))
+
+
+# Inline PTX over pairs of channels (pack=2: element 0 of a pair is the low half of each 32-bit fp16-pair register;
+# which elements pair up is Triton's layout's business, so every input is per element and nothing assumes that a
+# pair is two neighbouring channels). Per element: w the 32-bit word holding its 2-bit code, ra / rb rotations that
+# bring element 0's code to bit 0 and element 1's to bit 16 (shf.wrap rotates by the amount mod 32), s / z its fp16
+# (scale, zero); keys also: sw the word holding its sign bit, r15 / r31 rotations bringing element 0's sign bit to
+# bit 15 and element 1's to bit 31. 1024 + code is an fp16 by OR-ing the code into 0x6400's mantissa.
+# Operands: $0 out; $1 $2 w; $3 $4 ra; $5 $6 rb; $7 s; $8 z; $9 $10 sw; $11 $12 r15; $13 $14 r31.
+_MAG_PTX = """
+    shf.r.wrap.b32 a, $1, $1, $3;
+    shf.r.wrap.b32 b, $2, $2, $6;
+    lop3.b32 a, a, 3, 0x64006400, 0xEA;
+    lop3.b32 a, b, 0x30000, a, 0xEA;
+    mov.b32 b, 0x64006400;
+    sub.rn.f16x2 a, a, b;
+    fma.rn.f16x2 a, a, $7, $8;
+"""
+_V_PTX = tl.constexpr("{ .reg .b32 a, b;" + _MAG_PTX + "    mov.b32 $0, a;\n}")
+# lop3 0xEA: (a & b) | c; 0xE4: (a & c) | (b & ~c), the two sign bits into bits 15 and 31 of one word; 0xD2:
+# a ^ (~b & c), the fp16 sign flipped where the key's sign bit is 0 (the magnitude is never negative)
+_K_PTX = tl.constexpr("{ .reg .b32 a, b, m, n;" + _MAG_PTX + """    shf.r.wrap.b32 m, $9, $9, $11;
+    shf.r.wrap.b32 n, $10, $10, $14;
+    lop3.b32 m, m, n, 0x8000, 0xE4;
+    lop3.b32 $0, a, m, 0x80008000, 0xD2;
+}""")
+
+
+@triton.jit
+def _per_word(x, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """[BLOCK_N, W/2] per 32-channel group -> [BLOCK_N, W, 1] per 16-channel word (group g = word // 2)."""
+    return tl.reshape(tl.join(x, x), (BLOCK_N, W))[:, :, None]
+
+
+@triton.jit
+def _rows_fast(kw, sw, ks, vw, vs, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The fast path's keys and values of a tile: kw, vw [BLOCK_N, D/16] words of 2-bit codes, sw [BLOCK_N, D/32]
+    sign words, ks, vs [BLOCK_N, D/16] fp16 (scale, zero) pairs -> k, v fp16 [BLOCK_N, D] (k = +-(zero + scale *
+    code), v = zero + scale * code), as words x 16 channels, channel c = 16 * word + j."""
+    W: tl.constexpr = D // 16
+    NG: tl.constexpr = D // 32
+    c = (16 * tl.arange(0, W)[:, None] + tl.arange(0, 16)[None, :])[None, :, :]  # [1, W, 16]
+    ra = 2 * c
+    rb = ra + 16
+    ks_s, ks_z = tl.split(tl.reshape(ks, (BLOCK_N, NG, 2)))
+    vs_s, vs_z = tl.split(tl.reshape(vs, (BLOCK_N, NG, 2)))
+    k = tl.inline_asm_elementwise(
+        _K_PTX, "=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [kw[:, :, None], ra, rb, _per_word(ks_s, BLOCK_N, W), _per_word(ks_z, BLOCK_N, W),
+         _per_word(sw, BLOCK_N, W), c + 17, c + 1], dtype=tl.float16, is_pure=True, pack=2)
+    v = tl.inline_asm_elementwise(
+        _V_PTX, "=r,r,r,r,r,r,r,r,r",
+        [vw[:, :, None], ra, rb, _per_word(vs_s, BLOCK_N, W), _per_word(vs_z, BLOCK_N, W)],
+        dtype=tl.float16, is_pure=True, pack=2)
+    return tl.reshape(k, (BLOCK_N, D)), tl.reshape(v, (BLOCK_N, D))
 
 
 @triton.jit
@@ -75,6 +151,7 @@ def _selfindex_attend_kernel(
     stride_qb, stride_qh, n_sel, kmax, cap, split, n_parts, qk_scale,
     H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, NC: tl.constexpr, DYN: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     if DYN:  # a planned step: how many of the kmax slots of IDX hold this step's selection, read on the device
         n_sel = tl.load(NSEL)
@@ -116,14 +193,19 @@ def _selfindex_attend_kernel(
             if QUANT:
                 signs = tl.load(SG + tok[:, None] * (D // 32) + tl.arange(0, D // 32)[None, :], mask=ok[:, None],
                                 other=0)
-                neg = _codes(signs, 1, 5, D, tl.int32) == 0
                 W: tl.constexpr = D // 16
                 sz_offs = tok[:, None] * (D // 16) + tl.arange(0, D // 16)[None, :]
                 kw = tl.load(KM + tok[:, None] * W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
-                mag = _dequant(kw, tl.load(KS + sz_offs, mask=ok[:, None], other=0.0), D, 2, 4, BLOCK_N)
-                k = tl.where(neg, -mag, mag)
+                ks = tl.load(KS + sz_offs, mask=ok[:, None], other=0.0)
                 vw = tl.load(VQ + tok[:, None] * W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
-                v = _dequant(vw, tl.load(VS + sz_offs, mask=ok[:, None], other=0.0), D, 2, 4, BLOCK_N)
+                vs = tl.load(VS + sz_offs, mask=ok[:, None], other=0.0)
+                if FAST:
+                    k, v = _rows_fast(kw, signs, ks, vw, vs, D, BLOCK_N)
+                else:
+                    neg = _codes(signs, 1, 5, D, tl.int32) == 0
+                    mag = _dequant(kw, ks, D, 2, 4, BLOCK_N)
+                    k = tl.where(neg, -mag, mag)
+                    v = _dequant(vw, vs, D, 2, 4, BLOCK_N)
             else:
                 rows = tok[:, None] * D + offs_d[None, :]
                 k = tl.load(KF + rows, mask=ok[:, None], other=0.0).to(tl.float16)
@@ -180,15 +262,22 @@ def _merge_parts(OP, LSE, OUT, row0, n_parts, GROUP: tl.constexpr, M: tl.constex
              mask=(offs_m < GROUP)[:, None])
 
 
-def plan(n_sel: int, bh: int, device: torch.device, split: int | None = None) -> tuple[int, int]:
+def cuda_path(quantized: bool, group: int, D: int, device: torch.device) -> bool:
+    """Whether attend() runs the CUDA kernel (csrc/selfindex.cu: attend_kernel): 2+1 storage, up to 8 query heads
+    per KV head, head_dim 64 or 128, on a GPU. Elsewhere (16+1, wider groups, the interpreter) the Triton kernel."""
+    return (USE_CUDA and quantized and group <= CUDA_MAX_GROUP and D in (64, 128) and device.type == "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1")
+
+
+def plan(n_sel: int, bh: int, device: torch.device, split: int | None = None, cuda: bool = False) -> tuple[int, int]:
     """(split, n_parts): selected tokens per program, a multiple of BLOCK_N, and parts per (b, h) including the
-    full-precision one. About PROGRAMS_PER_SM programs per SM over the selection, at least MIN_SPLIT tokens each, at
-    most MAX_PARTS parts."""
+    full-precision one. About PROGRAMS_PER_SM programs per SM over the selection (CUDA_PROGRAMS_PER_SM for the CUDA
+    kernel), at least MIN_SPLIT tokens each, at most MAX_PARTS parts (CUDA_MAX_PARTS - 1 selected ones)."""
     if n_sel == 0:
         return BLOCK_N, 1
+    per_sm, max_parts = (CUDA_PROGRAMS_PER_SM, CUDA_MAX_PARTS - 1) if cuda else (PROGRAMS_PER_SM, MAX_PARTS)
     if split is None:
-        split = max(MIN_SPLIT, triton.cdiv(n_sel * bh, PROGRAMS_PER_SM * _sm_count(device)),
-                    triton.cdiv(n_sel, MAX_PARTS))
+        split = max(MIN_SPLIT, triton.cdiv(n_sel * bh, per_sm * _sm_count(device)), triton.cdiv(n_sel, max_parts))
     split = triton.cdiv(split, BLOCK_N) * BLOCK_N
     return split, triton.cdiv(n_sel, split) + 1
 
@@ -208,12 +297,14 @@ def _rows(kv) -> list[torch.Tensor]:
     return rows
 
 
-def scratch(B: int, Hq: int, H: int, D: int, n_sel: int, cap: int, device: torch.device, split: int | None = None):
+def scratch(B: int, Hq: int, H: int, D: int, n_sel: int, cap: int, device: torch.device, split: int | None = None,
+            cuda: bool = False):
     """(split, n_parts, partial outputs, lse, counters) for a call over n_sel selected tokens: the workspace's
-    buffers, grown here when too small (so a planned step calls it once at reserve(), and never allocates after)."""
+    buffers, grown here when too small (so a planned step calls it once at reserve(), and never allocates after).
+    `cuda`: the CUDA kernel's plan (cuda_path())."""
     from kvbench.kernels.selfindex import Workspace
 
-    split, n_parts = plan(n_sel, B * H, device, split)
+    split, n_parts = plan(n_sel, B * H, device, split, cuda)
     ws = Workspace.get(device)
     op, lse = ws.partials(B * Hq * n_parts, D)
     _, _, ctr = ws.select_buffers(B * H, cap)
@@ -226,18 +317,26 @@ def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None, *, 
     positions idx [B, H, K]: [B, Hq, D] in q's dtype. `split`: selected tokens per program (default: plan()).
     A planned step passes nsel (int32 on the device: how many of idx's K slots are live; the grid is sized for K)
     and `out`, so the launch is the same every step."""
-    from kvbench.kernels.selfindex import N_COUNTERS
+    from kvbench.kernels.selfindex import N_COUNTERS, cuda_ops
 
     B, Hq, D = q.shape
     H, F = kv.fk.shape[1], kv.fk.shape[2]
     if q.stride(-1) != 1:
         q = q.contiguous()
     n_sel = idx.shape[2]
-    split, n_parts, op, lse, ctr = scratch(B, Hq, H, D, n_sel, kv.cap, q.device, split)
+    group = Hq // H
+    cuda = cuda_path(kv.quantized, group, D, q.device)
+    split, n_parts, op, lse, ctr = scratch(B, Hq, H, D, n_sel, kv.cap, q.device, split, cuda)
     if out is None:
         out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    if cuda and n_parts <= CUDA_MAX_PARTS:
+        if idx.dtype != torch.int32 or not idx.is_contiguous():  # an eager caller's selection; planned ones are both
+            idx = idx.to(torch.int32).contiguous()
+        cuda_ops().attend(q, kv.fk, kv.fv, kv.fpos, idx if n_sel else idx.new_zeros(B, H, 1), kv.signs, kv.kmag,
+                          kv.kscale, kv.vq, kv.vscale, kv.chmax, kv.mu, op, lse, out, ctr, nsel, n_sel, split, n_parts,
+                          int(CUDA_ASYNC))
+        return out
     rows = _rows(kv)
-    group = Hq // H
     # with nothing selected IDX still needs a valid pointer of idx's integer type: Triton types `tok` from it
     _selfindex_attend_kernel[(B * H, n_parts)](
         q, kv.fk, kv.fv, kv.fpos, idx if n_sel else idx.new_zeros(1), *rows, op, lse, out, ctr,
@@ -245,7 +344,8 @@ def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None, *, 
         q.stride(0), q.stride(1), n_sel, max(1, n_sel), kv.cap, split, n_parts, D**-0.5 * math.log2(math.e),
         H=H, GROUP=group, M=max(16, triton.next_power_of_2(group)), D=D, F=F,
         BLOCK_F=max(16, triton.next_power_of_2(F)), BLOCK_N=BLOCK_N, QUANT=kv.quantized, NC=N_COUNTERS,
-        DYN=nsel is not None, num_warps=4, num_stages=2,
+        DYN=nsel is not None, FAST=FAST_DEQUANT and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
 

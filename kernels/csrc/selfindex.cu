@@ -1,5 +1,5 @@
-// Self-indexing 1-bit VQ cache kernels: pack, append, score-and-select. The sparse decode attention over the
-// selection is a Triton kernel (kernels/selfindex_attend.py).
+// Self-indexing 1-bit VQ cache kernels: pack, append, score-and-select, and a sparse decode attention of 2+1 storage
+// (opt-in: kernels/selfindex_attend.py's Triton kernel runs by default, and always for 16+1 and query groups above 8).
 // Raw pointers only (no torch headers): nvcc compiles this file in seconds, and CI compiles it without a GPU.
 // Every kernel has a PyTorch reference of the same name in kernels/selfindex.py; tests/test_selfindex_kernels.py
 // checks one against the other.
@@ -538,6 +538,485 @@ __global__ void __launch_bounds__(kSelThreads) place_kernel(SelectParams p) {
 }
 
 // ------------------------------------------------------------------------------------------------------------------
+// sparse decode attention (2+1): flash-decoding over the full-precision set (part 0) and `split` selected tokens per
+// part, with m16n8k16 tensor-core dots. Rows of the A operand are the query heads of the KV head (group <= 8: rows
+// 8-15 are zero padding, their outputs dropped), so a warp's lane l works for head l/4. Each lane dequantizes exactly
+// the key and value pairs its B fragments need, from whole packed rows (16-byte loads), two fp16 channels per 32-bit
+// register: OR the 2-bit code into the mantissa of 1024 (0x6400), one packed subtract and one packed FMA with the
+// group's (scale, zero), the sign bit XOR-ed in. (The Triton kernel it replaces spent about 12 instructions per
+// channel unpacking, most of its loop.) Warps take 16-token tiles in turn; the block merges its 4 warps' online
+// softmax states, the last block of a (b, h) merges the parts with a log-sum-exp, in part order (deterministic).
+
+constexpr int kAttWarps = 4;
+constexpr uint32_t kF16Magic = 0x64006400u;  // the fp16 pair (1024, 1024)
+
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+__device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<__half2*>(&u); }
+
+// d = A * B + d over rows 0-7 of A (a_lo: k 0-7 of this lane's row, a_hi: k 8-15); rows 8-15 are zero and dropped
+__device__ __forceinline__ void mma_rows8(float& d0, float& d1, uint32_t a_lo, uint32_t a_hi, uint32_t b0,
+                                          uint32_t b1) {
+  [[maybe_unused]] float x2, x3;  // rows 8-15 of D: padding
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};"
+      : "=f"(d0), "=f"(d1), "=f"(x2), "=f"(x3)
+      : "r"(a_lo), "r"(0u), "r"(a_hi), "r"(0u), "r"(b0), "r"(b1), "f"(d0), "f"(d1), "f"(0.f), "f"(0.f));
+}
+
+// two 2-bit codes at bits 0-1 and 16-17 of x -> the fp16 pair zero + scale * code
+__device__ __forceinline__ uint32_t dq2(uint32_t x, __half2 scale, __half2 zero) {
+  const uint32_t h = (x & 0x00030003u) | kF16Magic;
+  return h2u(__hfma2(__hsub2(u2h(h), u2h(kF16Magic)), scale, zero));
+}
+
+template <int N>
+__device__ __forceinline__ void load_words(const void* p, uint32_t (&w)[N]) {
+  static_assert(N % 2 == 0, "rows are whole 8-byte words");
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + i);
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pair_to_h2(const T* p) {  // two consecutive elements -> an fp16 pair
+  if constexpr (std::is_same<T, __half>::value) {
+    return *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    return h2u(__float22half2_rn(__bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p))));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t two_to_h2(const T* a, const T* b) {  // one element of two rows -> an fp16 pair
+  return h2u(__floats2half2_rn(Vec<T>::to(*a), Vec<T>::to(*b)));
+}
+
+// One warp's online softmax over its tiles: S = Q K^T for head row lane/4, then O += P V. State per lane: m and a
+// lane-partial l for its head, o[j][0..1] = O[head][8j + 2(lane%4) + {0, 1}].
+template <int D>
+struct WarpState {
+  float m = -INFINITY, l = 0.f;
+  float o[D / 8][2];
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = 0.f;
+  }
+  // s[nt][e]: scores (base 2, bias included) of tokens nt*8 + 2(lane%4) + e of the tile, -inf where masked;
+  // returns the fp16 A fragments of P (pa: tokens 0-7, pb: 8-15) after rescaling o
+  __device__ __forceinline__ void softmax(float (&s)[2][2], uint32_t& pa, uint32_t& pb) {
+    float mx = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing but masked tokens so far
+    const float alpha = exp2f(m - m_use);
+    float p[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) p[nt][e] = exp2f(s[nt][e] - m_use);
+    l = l * alpha + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[j][0] *= alpha;
+      o[j][1] *= alpha;
+    }
+    m = m_new;
+    pa = h2u(__floats2half2_rn(p[0][0], p[0][1]));
+    pb = h2u(__floats2half2_rn(p[1][0], p[1][1]));
+  }
+};
+
+// Selected tokens [lo, hi) of the list, 2-bit rows. qa/qb[s]: this lane's fp16 query pairs (q * scale * chmax) at
+// channels 16s + 2(lane%4) and 16s + 8 + 2(lane%4); bias: q . mu (base 2) of its head.
+template <int D>
+__device__ __forceinline__ void quant_tiles(const AttendParams& p, int64_t bh, int lo, int hi,
+                                            const uint32_t (&qa)[D / 16], const uint32_t (&qb)[D / 16], float bias,
+                                            WarpState<D>& st) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
+  const int* idx = p.idx + bh * p.kmax;
+  const int64_t row0 = bh * p.cap;
+  for (int t0 = lo + warp * 16; t0 < hi; t0 += kAttWarps * 16) {
+    // this lane's rows: keys of tokens t0 + nt*8 + g (its B columns of S), values of tokens t0 + 2qd, +1, +8, +9
+    // (its B rows of O). (Loading the next tile's positions early costs 17 spilled registers at 3 blocks an SM.)
+    int tk[2], tv[4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) tk[nt] = t0 + nt * 8 + g < hi ? __ldg(idx + t0 + nt * 8 + g) : 0;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int j = t0 + (r >> 1) * 8 + 2 * qd + (r & 1);
+      tv[r] = j < hi ? __ldg(idx + j) : 0;
+    }
+    // every row of the tile issued at once (ptxas still sinks some value loads below the first key dots)
+    uint32_t km[2][D / 16], sg[2][D / 32], sz[2][D / 32], vw[4][D / 16], vs[4][D / 32];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int64_t tok = row0 + tk[nt];
+      load_words(p.kmag + tok * (D / 4), km[nt]);
+      load_words(p.signs + tok * (D / 8), sg[nt]);
+      load_words(static_cast<const __half2*>(p.kscale) + tok * (D / 32), sz[nt]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t tok = row0 + tv[r];
+      load_words(p.vq + tok * (D / 4), vw[r]);
+      load_words(static_cast<const __half2*>(p.vscale) + tok * (D / 32), vs[r]);
+    }
+    float s[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {  // channels 16k + 2qd + {0,1} (pair a) and 16k + 8 + 2qd + {0,1} (pair b)
+        const uint32_t y = km[nt][k] >> (4 * qd);
+        const uint32_t u = sg[nt][k >> 1] >> (16 * (k & 1) + 2 * qd);  // sign bits: pair a at 0-1, pair b at 8-9
+        const __half2 szk = u2h(sz[nt][k >> 1]);
+        const __half2 sc = __low2half2(szk), ze = __high2half2(szk);
+        uint32_t ka = dq2((y & 0x3u) | ((y << 14) & 0x30000u), sc, ze);
+        uint32_t kb = dq2(((y >> 16) & 0x3u) | ((y >> 2) & 0x30000u), sc, ze);
+        ka ^= ((~u & 0x1u) << 15) | ((~u & 0x2u) << 30);  // magnitudes are >= 0: a clear sign bit negates
+        kb ^= ((~u & 0x100u) << 7) | ((~u & 0x200u) << 22);
+        mma_rows8(d0, d1, qa[k], qb[k], ka, kb);
+      }
+      const int c = t0 + nt * 8 + 2 * qd;  // C fragment: tokens c, c + 1 for head g
+      s[nt][0] = c < hi ? d0 + bias : -INFINITY;
+      s[nt][1] = c + 1 < hi ? d1 + bias : -INFINITY;
+    }
+    uint32_t pa, pb;
+    st.softmax(s, pa, pb);
+#pragma unroll
+    for (int w = 0; w < D / 16; ++w) {  // word w: channels 16w + g (n-tile 2w) and 16w + 8 + g (n-tile 2w + 1)
+      uint32_t h[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const __half2 szw = u2h(vs[r][w >> 1]);
+        h[r] = dq2(vw[r][w] >> (2 * g), __low2half2(szw), __high2half2(szw));
+      }
+      mma_rows8(st.o[2 * w][0], st.o[2 * w][1], pa, pb, __byte_perm(h[0], h[1], 0x5410),
+                __byte_perm(h[2], h[3], 0x5410));
+      mma_rows8(st.o[2 * w + 1][0], st.o[2 * w + 1][1], pa, pb, __byte_perm(h[0], h[1], 0x7632),
+                __byte_perm(h[2], h[3], 0x7632));
+    }
+  }
+}
+
+// The same over a ring of kAttStages tiles per warp in shared memory, filled by cp.async (no registers hold a load in
+// flight, so each warp keeps kAttStages - 1 tiles of rows in the air while it computes one; the register version
+// above waits for each tile's rows). A tile's row of token r: 7 chunks of D/8 bytes, [kmag 2][signs][kscale][vq 2]
+// [vscale]; lane l copies token l % 16's key chunks (l < 16) or value chunks (l >= 16). Positions are loaded one
+// tile ahead of their copies.
+constexpr int kAttStages = 3;
+
+template <int D>
+__device__ __forceinline__ void cp_async_chunk(void* smem, const void* gmem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  if constexpr (D / 8 == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem) : "memory");
+  }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+template <int N, int VEC>  // N 32-bit words from shared memory aligned to VEC bytes
+__device__ __forceinline__ void lds_words(const uint8_t* p, uint32_t (&w)[N]) {
+  if constexpr (VEC == 16 && N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N / 4; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+      w[2 * i] = v.x; w[2 * i + 1] = v.y;
+    }
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void quant_tiles_async(const AttendParams& p, int64_t bh, int lo, int hi,
+                                                  const uint32_t (&qa)[D / 16], const uint32_t (&qb)[D / 16],
+                                                  float bias, WarpState<D>& st, uint8_t* ring) {
+  constexpr int C = D / 8, ROW = 7 * C, TILE = 16 * ROW;  // chunk, row and tile bytes
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
+  const int* idx = p.idx + bh * p.kmax;
+  const int64_t row0 = bh * p.cap;
+  const int first = lo + warp * 16;
+  const int n_tiles = first < hi ? (hi - first + kAttWarps * 16 - 1) / (kAttWarps * 16) : 0;  // warp-uniform
+  auto position = [&](int i) {  // this lane's token of tile i
+    const int j = first + i * kAttWarps * 16 + (lane & 15);
+    return i < n_tiles && j < hi ? __ldg(idx + j) : 0;
+  };
+  auto issue = [&](int i, int pos) {  // tile i's rows into stage i % kAttStages; a group per call, empty or not
+    if (i < n_tiles) {
+      const int64_t tok = row0 + pos;
+      uint8_t* row = ring + (i % kAttStages) * TILE + (lane & 15) * ROW;
+      if (lane < 16) {
+        cp_async_chunk<D>(row, p.kmag + tok * (D / 4));
+        cp_async_chunk<D>(row + C, p.kmag + tok * (D / 4) + C);
+        cp_async_chunk<D>(row + 2 * C, p.signs + tok * (D / 8));
+        cp_async_chunk<D>(row + 3 * C, static_cast<const uint8_t*>(p.kscale) + tok * C);
+      } else {
+        cp_async_chunk<D>(row + 4 * C, p.vq + tok * (D / 4));
+        cp_async_chunk<D>(row + 5 * C, p.vq + tok * (D / 4) + C);
+        cp_async_chunk<D>(row + 6 * C, static_cast<const uint8_t*>(p.vscale) + tok * C);
+      }
+    }
+    cp_async_commit();
+  };
+  int next = position(0);
+#pragma unroll
+  for (int i = 0; i < kAttStages - 1; ++i) {
+    const int pos = next;
+    next = position(i + 1);
+    issue(i, pos);
+  }
+  for (int i = 0; i < n_tiles; ++i) {
+    {
+      const int pos = next;
+      next = position(i + kAttStages);
+      issue(i + kAttStages - 1, pos);
+    }
+    cp_async_wait<kAttStages - 1>();  // this lane's copies of tile i have landed
+    __syncwarp();                     // and every lane's
+    const int t0 = first + i * kAttWarps * 16;
+    const uint8_t* tile = ring + (i % kAttStages) * TILE;
+    float s[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const uint8_t* row = tile + (nt * 8 + g) * ROW;
+      uint32_t km[D / 16], sg[D / 32], sz[D / 32];
+      lds_words<D / 16, C>(row, km);
+      lds_words<D / 32, C>(row + 2 * C, sg);
+      lds_words<D / 32, C>(row + 3 * C, sz);
+      float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        const uint32_t y = km[k] >> (4 * qd);
+        const uint32_t u = sg[k >> 1] >> (16 * (k & 1) + 2 * qd);
+        const __half2 szk = u2h(sz[k >> 1]);
+        const __half2 sc = __low2half2(szk), ze = __high2half2(szk);
+        uint32_t ka = dq2((y & 0x3u) | ((y << 14) & 0x30000u), sc, ze);
+        uint32_t kb = dq2(((y >> 16) & 0x3u) | ((y >> 2) & 0x30000u), sc, ze);
+        ka ^= ((~u & 0x1u) << 15) | ((~u & 0x2u) << 30);
+        kb ^= ((~u & 0x100u) << 7) | ((~u & 0x200u) << 22);
+        mma_rows8(d0, d1, qa[k], qb[k], ka, kb);
+      }
+      const int c = t0 + nt * 8 + 2 * qd;
+      s[nt][0] = c < hi ? d0 + bias : -INFINITY;
+      s[nt][1] = c + 1 < hi ? d1 + bias : -INFINITY;
+    }
+    uint32_t pa, pb;
+    st.softmax(s, pa, pb);
+    uint32_t vw[4][D / 16], vs[4][D / 32];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t* row = tile + ((r >> 1) * 8 + 2 * qd + (r & 1)) * ROW;
+      lds_words<D / 16, C>(row + 4 * C, vw[r]);
+      lds_words<D / 32, C>(row + 6 * C, vs[r]);
+    }
+#pragma unroll
+    for (int w = 0; w < D / 16; ++w) {
+      uint32_t h[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const __half2 szw = u2h(vs[r][w >> 1]);
+        h[r] = dq2(vw[r][w] >> (2 * g), __low2half2(szw), __high2half2(szw));
+      }
+      mma_rows8(st.o[2 * w][0], st.o[2 * w][1], pa, pb, __byte_perm(h[0], h[1], 0x5410),
+                __byte_perm(h[2], h[3], 0x5410));
+      mma_rows8(st.o[2 * w + 1][0], st.o[2 * w + 1][1], pa, pb, __byte_perm(h[0], h[1], 0x7632),
+                __byte_perm(h[2], h[3], 0x7632));
+    }
+    __syncwarp();  // every lane is done with this stage before a later issue() overwrites it
+  }
+  cp_async_wait<0>();  // nothing in flight into shared memory when the block moves on
+}
+
+// The full-precision set: slots [0, F), those with fpos >= 0; keys and values of the model dtype as fp16.
+template <typename T, int D>
+__device__ __forceinline__ void full_tiles(const AttendParams& p, int64_t bh, const uint32_t (&qa)[D / 16],
+                                           const uint32_t (&qb)[D / 16], WarpState<D>& st) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
+  const T* fk = static_cast<const T*>(p.fk) + bh * p.F * D;
+  const T* fv = static_cast<const T*>(p.fv) + bh * p.F * D;
+  const int64_t* fpos = p.fpos + bh * p.F;
+  for (int t0 = warp * 16; t0 < p.F; t0 += kAttWarps * 16) {
+    float s[2][2];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int j = min(t0 + nt * 8 + g, p.F - 1);
+      const T* kr = fk + static_cast<int64_t>(j) * D + 2 * qd;
+      float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k)
+        mma_rows8(d0, d1, qa[k], qb[k], pair_to_h2(kr + 16 * k), pair_to_h2(kr + 16 * k + 8));
+      const int c = t0 + nt * 8 + 2 * qd;
+      s[nt][0] = (c < p.F && fpos[c] >= 0) ? d0 : -INFINITY;
+      s[nt][1] = (c + 1 < p.F && fpos[c + 1] >= 0) ? d1 : -INFINITY;
+    }
+    uint32_t pa, pb;
+    st.softmax(s, pa, pb);
+    const T* vr[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      vr[r] = fv + static_cast<int64_t>(min(t0 + (r >> 1) * 8 + 2 * qd + (r & 1), p.F - 1)) * D + g;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      mma_rows8(st.o[j][0], st.o[j][1], pa, pb, two_to_h2(vr[0] + 8 * j, vr[1] + 8 * j),
+                two_to_h2(vr[2] + 8 * j, vr[3] + 8 * j));
+  }
+}
+
+template <typename T, int D, bool ASYNC>
+__global__ void __launch_bounds__(kAttWarps * 32, 3) attend_kernel(AttendParams p) {
+  __shared__ __align__(16) uint8_t s_ring[ASYNC ? kAttWarps * kAttStages * 16 * 7 * (D / 8) : 16];
+  __shared__ float s_o[kAttWarps][kAttMaxGroup][D];
+  __shared__ float s_m[kAttWarps][kAttMaxGroup], s_l[kAttWarps][kAttMaxGroup];
+  __shared__ float s_lse[kAttMaxGroup][kAttMaxParts];
+  __shared__ int s_last;
+  const int part = blockIdx.x, bhi = blockIdx.y, b = bhi / p.H, h = bhi % p.H;
+  const int64_t bh = bhi;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+  const int Hq = p.H * p.group;
+  const int n_sel = p.nsel ? min(*p.nsel, p.kmax) : p.n_sel;
+  // this lane's query pairs for head g (zero for padding heads), scaled; the selected parts fold chmax in
+  uint32_t qa[D / 16], qb[D / 16];
+  float bias = 0.f;
+  {
+    const bool live = g < p.group;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h * p.group + (live ? g : 0)) * p.q_sh;
+    const float* chm = p.chmax + bh * D;
+    const float* mu = p.mu + bh * D;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      float2 v[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int c = 16 * k + 8 * half + 2 * qd;
+        float x0 = live ? Vec<T>::to(q[c]) * p.qk_scale : 0.f, x1 = live ? Vec<T>::to(q[c + 1]) * p.qk_scale : 0.f;
+        if (part > 0) {
+          bias += x0 * mu[c] + x1 * mu[c + 1];
+          x0 *= chm[c];
+          x1 *= chm[c + 1];
+        }
+        v[half] = make_float2(x0, x1);
+      }
+      qa[k] = h2u(__float22half2_rn(v[0]));
+      qb[k] = h2u(__float22half2_rn(v[1]));
+    }
+    bias += __shfl_xor_sync(kFull, bias, 1);
+    bias += __shfl_xor_sync(kFull, bias, 2);
+  }
+  WarpState<D> st;
+  st.init();
+  if (part == 0) {
+    full_tiles<T, D>(p, bh, qa, qb, st);
+  } else {
+    const int lo = (part - 1) * p.split, hi = min(lo + p.split, n_sel);
+    if constexpr (ASYNC) {
+      quant_tiles_async<D>(p, bh, lo, hi, qa, qb, bias, st, s_ring + warp * kAttStages * 16 * 7 * (D / 8));
+    } else {
+      quant_tiles<D>(p, bh, lo, hi, qa, qb, bias, st);
+    }
+  }
+  // merge the warps: lane-partial l summed over the 4 lanes of a head
+  st.l += __shfl_xor_sync(kFull, st.l, 1);
+  st.l += __shfl_xor_sync(kFull, st.l, 2);
+  if (g < p.group) {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      s_o[warp][g][8 * j + 2 * qd] = st.o[j][0];
+      s_o[warp][g][8 * j + 2 * qd + 1] = st.o[j][1];
+    }
+    if (qd == 0) {
+      s_m[warp][g] = st.m;
+      s_l[warp][g] = st.l;
+    }
+  }
+  __syncthreads();
+  const int64_t rows0 = static_cast<int64_t>(b) * Hq + h * p.group;  // first query head of this (b, h)
+  for (int e = tid; e < p.group * D; e += blockDim.x) {
+    const int hd = e / D, c = e % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kAttWarps; ++w) mx = fmaxf(mx, s_m[w][hd]);
+    const float mu_ = mx == -INFINITY ? 0.f : mx;
+    float o = 0.f, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kAttWarps; ++w) {
+      const float a = exp2f(s_m[w][hd] - mu_);
+      o += a * s_o[w][hd][c];
+      l += a * s_l[w][hd];
+    }
+    const int64_t row = (rows0 + hd) * p.n_parts + part;
+    p.part_o[row * D + c] = l > 0.f ? o / l : 0.f;
+    if (c == 0) p.part_lse[row] = l > 0.f ? mu_ + log2f(l) : -INFINITY;  // an empty part weighs nothing
+  }
+  // the last part of this (b, h) to finish merges them all
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(&p.ctr[bh * kCounters], 1) == p.n_parts - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int e = tid; e < p.group * p.n_parts; e += blockDim.x) {  // weights exp2(lse - max) per head and part
+    const int hd = e / p.n_parts, i = e % p.n_parts;
+    s_lse[hd][i] = __ldcg(&p.part_lse[(rows0 + hd) * p.n_parts + i]);
+  }
+  __syncthreads();
+  if (tid < p.group) {
+    float mx = -INFINITY;
+    for (int i = 0; i < p.n_parts; ++i) mx = fmaxf(mx, s_lse[tid][i]);
+    s_m[0][tid] = mx == -INFINITY ? 0.f : mx;
+  }
+  __syncthreads();
+  for (int e = tid; e < p.group * p.n_parts; e += blockDim.x) {
+    const int hd = e / p.n_parts, i = e % p.n_parts;
+    s_lse[hd][i] = exp2f(s_lse[hd][i] - s_m[0][hd]);  // an empty part (lse -inf) weighs 0
+  }
+  __syncthreads();
+  // this thread's output entries e = tid + 128 k, every part's row of each loaded together: the tail of the step
+  // waits on n_parts / 4 round trips to L2, not on n_parts per entry one entry after another
+  constexpr int E = kAttMaxGroup * D / (kAttWarps * 32);
+  float o[E], l[E];
+#pragma unroll
+  for (int k = 0; k < E; ++k) o[k] = l[k] = 0.f;
+#pragma unroll 4
+  for (int i = 0; i < p.n_parts; ++i) {
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int e = tid + k * kAttWarps * 32;
+      if (e < p.group * D) {
+        const int hd = e / D, c = e % D;
+        const float a = s_lse[hd][i];
+        o[k] += a * __ldcg(p.part_o + ((rows0 + hd) * p.n_parts + i) * D + c);
+        l[k] += a;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    const int e = tid + k * kAttWarps * 32;
+    if (e < p.group * D) static_cast<T*>(p.out)[rows0 * D + e] = Vec<T>::from(l[k] > 0.f ? o[k] / l[k] : 0.f);
+  }
+  if (tid == 0) p.ctr[bh * kCounters] = 0;  // every part has counted: ready for the next step
+}
+
+// ------------------------------------------------------------------------------------------------------------------
 // dispatch on dtype and head_dim
 
 template <template <typename, int> class Fn, typename... Args>
@@ -616,8 +1095,24 @@ template <typename T, int D> struct SelectLaunch {
   }
 };
 
+template <typename T, int D> struct AttendLaunch {
+  static cudaError_t run(const AttendParams& p, cudaStream_t s) {
+    if (p.group > kAttMaxGroup || p.n_parts > kAttMaxParts || p.n_parts < 1) return cudaErrorInvalidValue;
+    const dim3 grid(p.n_parts, p.B * p.H);
+    if (p.mode == 1) {
+      attend_kernel<T, D, true><<<grid, kAttWarps * 32, 0, s>>>(p);
+    } else {
+      attend_kernel<T, D, false><<<grid, kAttWarps * 32, 0, s>>>(p);
+    }
+    return cudaGetLastError();
+  }
+};
+
 }  // namespace
 
+cudaError_t attend(const AttendParams& p, DType dt, int head_dim, cudaStream_t stream) {
+  return dispatch<AttendLaunch>(dt, head_dim, p, stream);
+}
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream) {
   return dispatch<PackLaunch>(dt, head_dim, p, stream);
 }

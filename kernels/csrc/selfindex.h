@@ -65,7 +65,29 @@ struct SelectParams {
   const int* plan;                              // device step plan (hi, k from it; hi, k above are their maxima)
 };
 
+// Sparse decode attention of 2+1 storage: the full-precision set (part 0) and the selected tokens (parts 1..: `split`
+// of the list each), dequantized in registers straight into tensor-core fragments; each part writes its normalized
+// output and log2-sum-exp2, the last part of a (b, h) to finish merges them into out. group <= kAttMaxGroup.
+constexpr int kAttMaxGroup = 8;
+constexpr int kAttMaxParts = 128;
+struct AttendParams {
+  const void* q; int64_t q_sb, q_sh;            // [B, Hq, D], last dim contiguous
+  const void* fk; const void* fv;               // [B, H, F, D]
+  const int64_t* fpos;                          // [B, H, F]: position in each slot, < 0 empty
+  const int* idx; int kmax;                     // [B, H, kmax] selected positions
+  const uint8_t* signs; const uint8_t* kmag; const void* kscale; const uint8_t* vq; const void* vscale;
+  const float* chmax; const float* mu;          // [B, H, D]
+  float* part_o; float* part_lse;               // workspace [B * Hq * n_parts, D], [B * Hq * n_parts]
+  void* out;                                    // [B, Hq, D] contiguous
+  int* ctr;                                     // finished parts per (b, h), stride kCounters, zero between calls
+  const int* nsel;                              // device selection size (planned steps), or null: n_sel
+  int B, H, group, F, cap, n_sel, split, n_parts;
+  float qk_scale;                               // D^-0.5 * log2(e): scores in base 2
+  int mode;                                     // 1: rows staged through shared memory by cp.async; 0: registers
+};
+
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);
+cudaError_t attend(const AttendParams& p, DType dt, int head_dim, cudaStream_t stream);
 cudaError_t append(const AppendParams& p, DType dt, int head_dim, cudaStream_t stream);
 // nblocks <= 0: one full wave of score blocks, as many as fit on the GPU at once, split over the (b, h) pairs
 cudaError_t score_select(const SelectParams& p, DType dt, int head_dim, int nblocks, cudaStream_t stream);

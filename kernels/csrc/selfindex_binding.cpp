@@ -3,6 +3,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <torch/extension.h>
 
+#include <cmath>
 #include <optional>
 
 #include "selfindex.h"
@@ -161,7 +162,55 @@ void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64
      "score_select");
 }
 
+// sparse decode attention of 2+1 storage: q [B, Hq, D] over the full-precision set fk/fv/fpos and the positions
+// idx[:, :, :n_sel] (n_sel from nsel on the device when given), split-KV into n_parts parts of `split` tokens (part 0:
+// the full-precision set); out [B, Hq, D] in q's dtype; mode 1 stages the rows through shared memory (cp.async)
+void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, Tensor signs, Tensor kmag, Tensor kscale,
+            Tensor vq, Tensor vscale, Tensor chmax, Tensor mu, Tensor part_o, Tensor part_lse, Tensor out, Tensor ctr,
+            Opt nsel, int64_t n_sel, int64_t split, int64_t n_parts, int64_t mode) {
+  check_rows(q, "q", 3);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  check(fk, "fk", q.scalar_type(), 4);
+  check(fv, "fv", q.scalar_type(), 4);
+  check(fpos, "fpos", at::kLong, 3);
+  check(idx, "idx", at::kInt, 3);
+  check(signs, "signs", at::kByte, 4);
+  check(kmag, "kmag", at::kByte, 4);
+  check(vq, "vq", at::kByte, 4);
+  check(kscale, "kscale", at::kHalf, 5);
+  check(vscale, "vscale", at::kHalf, 5);
+  check(chmax, "chmax", at::kFloat, 3);
+  check(mu, "mu", at::kFloat, 3);
+  check(out, "out", q.scalar_type(), 3);
+  const int64_t H = fk.size(1), F = fk.size(2), cap = signs.size(2);
+  TORCH_CHECK(fk.size(0) == B && fk.size(3) == D && Hq % H == 0, "fk must be [B, Hkv, F, D] for q [B, Hq, D]");
+  TORCH_CHECK(F >= 1, "the full-precision set needs a slot");
+  TORCH_CHECK(idx.size(0) == B && idx.size(1) == H && n_sel <= idx.size(2), "idx must be [B, Hkv, >= n_sel]");
+  TORCH_CHECK(kmag.size(2) == cap && vq.size(2) == cap && kmag.size(3) == D / 4, "2-bit buffers: [B, Hkv, cap, D/4]");
+  TORCH_CHECK(out.size(0) == B && out.size(1) == Hq && out.size(2) == D, "out must be [B, Hq, D]");
+  TORCH_CHECK(n_parts >= 1 && split >= 1 && (n_parts - 1) * split >= (nsel ? idx.size(2) : n_sel),
+              "the parts must cover the selection");
+  TORCH_CHECK(part_o.scalar_type() == at::kFloat && part_o.numel() >= B * Hq * n_parts * D, "part_o too small");
+  TORCH_CHECK(part_lse.scalar_type() == at::kFloat && part_lse.numel() >= B * Hq * n_parts, "part_lse too small");
+  TORCH_CHECK(ctr.scalar_type() == at::kInt && ctr.numel() >= (B * H - 1) * si::kCounters + 1, "ctr too small");
+  if (nsel) TORCH_CHECK(nsel->is_cuda() && nsel->scalar_type() == at::kInt && nsel->numel() >= 1, "nsel: int32");
+  si::AttendParams p{};
+  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1);
+  p.fk = fk.data_ptr(); p.fv = fv.data_ptr(); p.fpos = fpos.data_ptr<int64_t>();
+  p.idx = idx.data_ptr<int>(); p.kmax = idx.size(2);
+  p.signs = signs.data_ptr<uint8_t>(); p.kmag = kmag.data_ptr<uint8_t>(); p.kscale = kscale.data_ptr();
+  p.vq = vq.data_ptr<uint8_t>(); p.vscale = vscale.data_ptr();
+  p.chmax = chmax.data_ptr<float>(); p.mu = mu.data_ptr<float>();
+  p.part_o = part_o.data_ptr<float>(); p.part_lse = part_lse.data_ptr<float>();
+  p.out = out.data_ptr(); p.ctr = ctr.data_ptr<int>(); p.nsel = ptr<const int>(nsel);
+  p.B = B; p.H = H; p.group = Hq / H; p.F = F; p.cap = cap; p.n_sel = n_sel; p.split = split; p.n_parts = n_parts;
+  p.qk_scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(D)));
+  p.mode = static_cast<int>(mode);
+  ok(si::attend(p, dtype_of(q), D, at::cuda::getCurrentCUDAStream()), "attend");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attend", &attend, "sparse decode attention over 2+1 storage");
   m.def("pack", &pack, "centre, signs, 2-bit storage and codebook sums of a chunk");
   m.def("append", &append, "one decode step's append and window slide");
   m.def("score_select", &score_select, "LUT scoring and histogram top-k");
