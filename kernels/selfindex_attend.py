@@ -44,20 +44,22 @@ MIN_SPLIT = 64  # selected tokens per program at least: fewer programs than that
 PROGRAMS_PER_SM = 16  # the selection is cut into about this many programs per SM: short ones hide gather latency
 MAX_PARTS = 64  # but into no more parts per (b, h) than this: the last program merges them one block of 32 at a time
 NUM_WARPS, NUM_STAGES = 4, 2
-# Which kernel runs 2+1 attention: "triton" (this file's kernel, the landed path), "cuda" (csrc/selfindex.cu's
-# attend_kernel: 2-bit rows staged through shared memory by cp.async and dequantized straight into mma.sync fragments,
-# 56 instructions a token in its loop against this kernel's 102, by the SASS of both for sm_90) or "triton-ptx" (this
-# kernel with the unpacking in inline PTX: 1416 instructions a 64-token tile against 1641). The new two are opt-in
-# until their GPU parity test (tests/test_selfindex_kernels.py: test_attend_paths_match_reference) has passed on a
-# GPU: they were written in a session without one. The CUDA kernel's own source passes the reference on the CPU
-# (tests/test_selfindex_emulated.py). This environment variable picks one for a run, the module attributes below for
-# a process (benchmarks/selfindex_dev.py --sweep).
+# Which kernel runs 2+1 attention: "cuda" (default: csrc/selfindex.cu's attend_kernel, 2-bit rows staged through
+# shared memory by cp.async and dequantized straight into mma.sync fragments, 56 instructions a token in its loop
+# against the Triton kernel's 102 by the SASS of both for sm_90), "triton" (this file's kernel, the earlier path; the
+# CPU interpreter's and the 16+1 setting's) or "triton-ptx" (this kernel with the unpacking in inline PTX, 1416
+# instructions a 64-token tile against 1641; opt-in: its GPU parity test has not run yet). The CUDA kernel passed its
+# GPU parity test (tests/test_selfindex_kernels.py: test_attend_paths_match_reference, 7 shapes x bf16/fp16, both the
+# cp.async and the register variants) on an H200, and took 41.3 us against Triton's 56.2 at 32K x 8, 10% (sweep of
+# benchmarks/selfindex_dev.py, CUDA_PROGRAMS_PER_SM 3 the best of 2-16); its source also passes the reference on the
+# CPU (tests/test_selfindex_emulated.py). This environment variable picks one for a run, the module attributes below
+# for a process (benchmarks/selfindex_dev.py --sweep).
 ATTEND_PATHS = ("triton", "cuda", "triton-ptx")
-_PATH = os.environ.get("KVBENCH_SELFINDEX_ATTEND", "triton")
+_PATH = os.environ.get("KVBENCH_SELFINDEX_ATTEND", "cuda")
 if _PATH not in ATTEND_PATHS:
     raise ValueError(f"KVBENCH_SELFINDEX_ATTEND={_PATH!r}: one of {ATTEND_PATHS}")
 USE_CUDA = _PATH == "cuda"  # 2+1 storage takes the CUDA kernel where cuda_path() allows
-CUDA_PROGRAMS_PER_SM = 4  # its blocks per SM over the selection (3 are resident at a time: 168 registers a thread)
+CUDA_PROGRAMS_PER_SM = 3  # its blocks per SM over the selection (3 are resident at a time: 168 registers a thread)
 CUDA_MAX_PARTS, CUDA_MAX_GROUP = 128, 8  # csrc/selfindex.h: kAttMaxParts, kAttMaxGroup
 CUDA_ASYNC = True  # rows staged through shared memory by cp.async, 2 tiles a warp in flight (else registers)
 # 2-bit rows unpacked by inline PTX, two channels per 32-bit register (rotate, mask, OR into fp16 1024 + code, one

@@ -315,5 +315,11 @@ class SelfIndexLayer(LayerCache):
                         + kv.cb[0, 0].numel() * 4)
 
     def info(self):
+        attend = "torch"
+        if self.kv.cuda:  # which kernel attends the picks (kernels/selfindex_attend.py: KVBENCH_SELFINDEX_ATTEND)
+            from kvbench.kernels import selfindex_attend as sa
+
+            cuda = sa.cuda_path(self.kv.quantized, self.spec.group, self.spec.head_dim, self.kv.fk.device)
+            attend = "cuda" if cuda else ("triton-ptx" if sa.FAST_DEQUANT else "triton")
         return {"selected": self.n_select(), "full_precision": self.n_fp(), "impl": "cuda" if self.kv.cuda else "torch",
-                "backend": "selfindex-cuda" if self.kv.cuda else "torch", "pinned": self.kv.pinned}
+                "backend": "selfindex-cuda" if self.kv.cuda else "torch", "attend": attend, "pinned": self.kv.pinned}

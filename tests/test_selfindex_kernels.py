@@ -215,13 +215,14 @@ ATTEND_PATHS = {  # selfindex_attend's module switches: the CUDA kernel, the Tri
     "triton-ptx": dict(USE_CUDA=False, FAST_DEQUANT=True)}
 
 
-# the CUDA and PTX paths were written and compiled (sm_90) in a session without a GPU: opt-in until this has passed
+# the PTX path was written and compiled (sm_90) without a GPU run of this test: opt-in until it has passed (the CUDA
+# paths passed on an H200)
 NOT_YET_ON_A_GPU = pytest.mark.xfail(reason="not yet run on a GPU (opt-in: KVBENCH_SELFINDEX_ATTEND)", strict=False)
 
 
 @pytest.mark.parametrize("shape", SHAPES + [(2, 8, 1, 128, 3001), (1, 32, 8, 64, 1500)])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("path", [pytest.param(p, marks=NOT_YET_ON_A_GPU) if p != "triton" else p
+@pytest.mark.parametrize("path", [pytest.param(p, marks=NOT_YET_ON_A_GPU) if p == "triton-ptx" else p
                                   for p in ATTEND_PATHS])
 def test_attend_paths_match_reference(shape, dtype, path, monkeypatch):
     """Each implementation of the 2+1 sparse attention against the reference over the same selection: random
