@@ -143,7 +143,8 @@ def _kivi_split_kernel(
     stride_qb, stride_qh, stride_nb, stride_nh,  # q [B, Hq, D] and the new token [B, H, D]
     s_kq, s_ks, s_vq, s_vs, s_r,  # per-(batch, KV head) strides of the packed and ring buffers
     n_k, n_v, n_tok, split_tokens, n_parts, qk_scale,
-    H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    H, GROUP,  # KV heads and query heads per KV head: runtime values, so shapes differing only there share a build
+    M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     SPREAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -206,8 +207,7 @@ def _kivi_split_kernel(
 
 
 @triton.jit
-def _kivi_combine_kernel(OP, LSE, OUT, n_parts, stride_ob, stride_oh, HQ: tl.constexpr, D: tl.constexpr,
-                         P: tl.constexpr):
+def _kivi_combine_kernel(OP, LSE, OUT, n_parts, stride_ob, stride_oh, HQ, D: tl.constexpr, P: tl.constexpr):
     row = tl.program_id(0)  # b * Hq + query head
     b = row // HQ
     hq = row % HQ
@@ -315,20 +315,55 @@ def supported(D: int, bits: int, group: int, residual: int) -> bool:
         and bits in (2, 4)
 
 
-def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = None) -> tuple[int, int, int]:
+# tokens per packed range at least: below this a program's fixed cost (query load, output store, its share of the
+# combine) outweighs its tiles
+MIN_SPLIT = 128
+# programs per SM assumed where the compiled kernel cannot be asked (the interpreter; a failed query): sm_90 builds of
+# the default configuration take 128 registers and 56 KB of shared memory, so 4 fit
+RESIDENT_DEFAULT = 4
+
+
+def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = None,
+         slots: int | None = None) -> tuple[int, int, int]:
     """(block_n, split_tokens, n_parts): tiles of block_n tokens; the packed tokens [0, Nv) cut into ranges of
-    split_tokens, +1 part per head for the ring. By default about 8 programs per SM (so the last wave is a small
-    fraction of the work even at batch 1) and at least 256 tokens per range (so the combine stays small)."""
+    split_tokens, +1 part per head for the ring.
+
+    By default the ranges fit the programs that run at once (`slots`, programs per SM x SMs): the split kernel takes
+    about waves x (tiles per range + 1), waves = ceil(B x H x ranges / slots), since equal ranges finish together. The
+    old rule (8 ranges per SM) made 17 ranges per head at 32K x 8 on 132 SMs, 2.06 waves of 4-per-SM programs, which
+    cost what 3 full waves do; here it is 8 ranges of 4096 tokens, one wave."""
     H = kv.rk.shape[1]
     block_n = max(block_n or 64, kv.group)  # whole key groups per tile
     if kv.nv == 0:
         return block_n, block_n, 1
+    tiles = triton.cdiv(kv.nv, block_n)
     if splits is None:
-        split_tokens = max(256, triton.cdiv(kv.nv * B * H, 8 * _sm_count(kv.rk.device)))
+        heads = B * H
+        slots = slots or RESIDENT_DEFAULT * _sm_count(kv.rk.device)
+        most = max(1, min(tiles, triton.cdiv(kv.nv, MIN_SPLIT), triton.cdiv(4 * slots, heads)))
+        best = None
+        for p in range(1, most + 1):
+            per = triton.cdiv(tiles, p)
+            cost = triton.cdiv(heads * triton.cdiv(tiles, per), slots) * (per + 1)
+            if best is None or cost < best[0]:  # ties: fewer ranges (a smaller combine)
+                best = (cost, per)
+        per = best[1]
     else:
-        split_tokens = triton.cdiv(kv.nv, max(1, splits))
-    split_tokens = triton.cdiv(split_tokens, block_n) * block_n
-    return block_n, split_tokens, triton.cdiv(kv.nv, split_tokens) + 1
+        per = triton.cdiv(tiles, max(1, splits))
+    return block_n, per * block_n, triton.cdiv(tiles, per) + 1
+
+
+_RESIDENT: dict[tuple, int | None] = {}  # programs per SM by split-kernel configuration (Decoder._resident)
+
+
+def _resident(device: torch.device, n_regs: int, shared: int, num_warps: int) -> int:
+    """Programs of one compiled kernel that fit on an SM at once: registers (allocated per warp in units of 256),
+    shared memory (plus 1 KB the driver reserves per block) and warps."""
+    props = torch.cuda.get_device_properties(device)
+    regs = 65536 // (triton.cdiv(max(n_regs, 1) * 32, 256) * 256 * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024) if shared else 32
+    warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    return max(1, min(regs, smem, warps, 32))
 
 
 class Decoder:
@@ -347,19 +382,40 @@ class Decoder:
         for t in kv.tensors():
             assert t.is_contiguous(), "the packed cache must be contiguous"
         self.q, self.kv, self.group = q, kv, Hq // H
-        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits)
         # 128 registers: 4 programs of 4 warps per SM instead of 3 (at 166 registers); sm_90 builds show no spills in
         # the main loop at this cap, and 4 x 56 KB of shared memory still fit
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
-        self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
-        self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)
-        self.out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
         # zero-size buffers (nothing packed yet) still need a valid pointer
         dummy = lambda t: t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)  # noqa: E731
         self.buffers = [dummy(t) for t in kv.tensors()]
         self.strides = [kv.kq.stride(1), kv.ks.stride(1), kv.vq.stride(1), kv.vs.stride(1), kv.rk.stride(1)]
+        self.block_n = max(block_n or 64, kv.group)
+        # stand-ins of the right dtype for the compile query below (warmup compiles, it does not launch)
+        self.op = self.lse = torch.empty(1, dtype=torch.float32, device=q.device)
+        self.resident = self._resident() if splits is None else None
+        slots = (self.resident or RESIDENT_DEFAULT) * _sm_count(q.device)
+        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits, slots)
+        self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
+        self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)
+        self.out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
 
-    def split(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+    def _resident(self) -> int | None:
+        """Programs per SM of this configuration's compiled split kernel (compiled now, as the first launch would);
+        None in the interpreter or where Triton cannot say."""
+        if not self.q.is_cuda:
+            return None
+        args, kw = self._launch(None, None, split_tokens=self.block_n, n_parts=2)
+        key = (self.q.device, self.q.dtype, *sorted((n, str(v)) for n, v in kw.items()))
+        if key not in _RESIDENT:  # once per configuration: a Decoder is built at every eager decode step
+            try:
+                k = _kivi_split_kernel.warmup(*args, grid=(1,), **kw)
+                k._init_handles()
+                _RESIDENT[key] = _resident(self.q.device, k.n_regs, k.metadata.shared, k.metadata.num_warps)
+            except Exception:  # noqa: BLE001 - Triton internals differ between versions; the default then holds
+                _RESIDENT[key] = None
+        return _RESIDENT[key]
+
+    def _launch(self, k_new, v_new, split_tokens: int, n_parts: int) -> tuple[list, dict]:
         q, kv = self.q, self.kv
         B, Hq, _, D = q.shape
         H = kv.rk.shape[1]
@@ -368,24 +424,31 @@ class Decoder:
         vn = v_new if has_new else q
         if has_new and (kn.stride(-1) != 1 or vn.stride(-1) != 1 or kn.stride() != vn.stride()):
             kn, vn = kn.contiguous(), vn.contiguous()
-        _kivi_split_kernel[(B * H, self.n_parts)](
-            q, *self.buffers, kn, vn, self.op, self.lse,
-            q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
-            *self.strides,
-            kv.nk, kv.nv, kv.n, self.split_tokens, self.n_parts, D**-0.5 * math.log2(math.e),
-            H=H, GROUP=self.group, M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
+        args = [q, *self.buffers, kn, vn, self.op, self.lse,
+                q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
+                *self.strides,
+                kv.nk, kv.nv, kv.n, split_tokens, n_parts, D**-0.5 * math.log2(math.e), H, self.group]
+        kw = dict(
+            M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
             SPREAD=int(math.log2(32 // kv.bits)), G=kv.group, R=kv.residual, BLOCK_N=self.block_n, HAS_NEW=has_new,
             DOT=tl.float32 if q.dtype == torch.float32 else tl.float16,
             # fp32 models: tf32 tensor cores on the GPU (an fp32 FMA dot spills), exact fp32 in the interpreter
             PRECISION="tf32" if q.is_cuda else "ieee",
             num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg,
         )
+        return args, kw
+
+    def split(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+        B = self.q.shape[0]
+        H = self.kv.rk.shape[1]
+        args, kw = self._launch(k_new, v_new, self.split_tokens, self.n_parts)
+        _kivi_split_kernel[(B * H, self.n_parts)](*args, **kw)
 
     def combine(self) -> torch.Tensor:
         B, Hq, _, D = self.q.shape
         _kivi_combine_kernel[(B * Hq,)](
-            self.op, self.lse, self.out, self.n_parts, self.out.stride(0), self.out.stride(1),
-            HQ=Hq, D=D, P=triton.next_power_of_2(self.n_parts), num_warps=4,
+            self.op, self.lse, self.out, self.n_parts, self.out.stride(0), self.out.stride(1), Hq,
+            D=D, P=triton.next_power_of_2(self.n_parts), num_warps=4,
         )
         return self.out
 

@@ -46,7 +46,11 @@ def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     mn = lo.half()
     mn = torch.where(mn.float() > lo, torch.nextafter(mn, torch.full_like(mn, float("-inf"))), mn)
-    want = (hi - mn.float()) / levels
+    # divided by a tensor, not the Python int: CUDA torch computes x / scalar as x * fl(1 / scalar). Where x / 15 is
+    # exactly an fp16 value (common: bf16/fp16 inputs), x * fl(1/15) lands one fp32 step above it and the outward
+    # rounding then takes the next fp16 up, so 4-bit scales on the GPU differed from the CPU's and from the fused
+    # writer's div_rn in ~4% of groups (the "fused 4-bit writer bug"); fl(1/3) = (1 + 2^-25) / 3 always rounds back
+    want = (hi - mn.float()) / torch.full_like(hi, levels)
     scale = want.half()
     scale = torch.where(scale.float() < want, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     safe = torch.where(scale > 0, scale.float(), 1.0)
