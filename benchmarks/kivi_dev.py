@@ -100,7 +100,8 @@ def main() -> None:
         old = Decoder(q, kivi.kv, splits=old_splits(kivi.kv.nv, B, H, _sm_count(dev)))
         t_old = bench(old, device=dev).median_us
         print(f"    wave plan: {dec.n_parts - 1} ranges of {dec.split_tokens} tokens per head, {dec.resident} programs "
-              f"per SM (compiled kernel); the old rule's {old.n_parts - 1} ranges of {old.split_tokens}: {t_old:.1f} us")
+              f"per SM (compiled kernel); the old rule's {old.n_parts - 1} ranges of {old.split_tokens}: "
+              f"{t_old:.1f} us")
         if args.sweep:
             results = []
             sms = _sm_count(dev)

@@ -21,12 +21,16 @@ is built to stay at the memory floor:
 - scores and P.V accumulate in fp32 with the softmax in base 2; each split writes (o, lse) and a second small kernel
   combines them with a log-sum-exp, as in flash-decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html).
 
-Where it stands: compiled for sm_90 (Triton 3.6, 4 warps, 64-token tiles) the main loop issues ~6.8 instructions per
-unpacked element (shift/mask/OR per pair of codes, HADD2 and HFMA2 per pair, scale reads, operand staging, moves). On
-an H100 (reports/data/h100, commit 424502a) it ran 1.1-1.4x faster than dense decode from 8K x 1 up, at about 4.6x
-its memory floor, with 4 bits as fast as 2: it is bound by instruction issue, not bytes. The register cap of 128
-(4 programs per SM instead of 3) came after that measurement; `python benchmarks/kivi_dev.py --sweep` times it.
-
+Where it stands: compiled for sm_90 (Triton 3.6, 4 warps, 64-token tiles) the main loop issues ~7 instructions per
+unpacked element (per warp and 64-token tile: 889 instructions for 4096 elements, 160 of them register moves, 112
+shifts, 136 LOP3, 64 PRMT, 64 HADD2 + 64 HFMA2, and the dequantized fp16 tiles go through shared memory, STS then
+LDSM, to reach the tensor-core operand layout). On an H200 (2026-12-02, kernel suite, graph timing) it runs at ~0.7
+TB/s: 32K x 8 285.6 us against dense 246.8 (floor 47.8), 128K x 8 1,056 against 981, 32K x 1 41.5 against 47.4,
+8K x 1 15.9 against 22.7; a sweep of tiles (32-128), warps (2-8), stages (2-4), the register cap and range counts
+found nothing below 283 us at 32K x 8. Triton variants tried offline (codes by broadcasting words over a third axis,
+per-element word gathers, keys packed along tokens so the unpacking is elementwise up to the dot) compiled to more
+shared-memory traffic, not less. Reaching the floor needs a kernel that dequantizes straight into the mma fragments
+(Marlin's approach: the packed layout chosen so each thread's words hold the codes of its own fragment), i.e. CUDA.
 `python benchmarks/kivi_dev.py` on a GPU runs a parity check and a timing of kivi against full.
 """
 
@@ -330,8 +334,9 @@ def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = 
 
     By default the ranges fit the programs that run at once (`slots`, programs per SM x SMs): the split kernel takes
     about waves x (tiles per range + 1), waves = ceil(B x H x ranges / slots), since equal ranges finish together. The
-    old rule (8 ranges per SM) made 17 ranges per head at 32K x 8 on 132 SMs, 2.06 waves of 4-per-SM programs, which
-    cost what 3 full waves do; here it is 8 ranges of 4096 tokens, one wave."""
+    old rule (8 programs per SM) made 17 ranges per head at 32K x 8 on 132 SMs: 1088 programs, just over 2 waves of
+    4 per SM. In one process on an H200 (benchmarks/kivi_dev.py --sweep): 17 ranges above 306 us, 16 ranges 283 us,
+    this plan's 8 (one wave of 4096-token ranges) 284 us."""
     H = kv.rk.shape[1]
     block_n = max(block_n or 64, kv.group)  # whole key groups per tile
     if kv.nv == 0:

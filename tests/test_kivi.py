@@ -105,6 +105,22 @@ def test_chunked_quantization_packs_what_one_piece_packs(bits, monkeypatch):
         assert torch.equal(getattr(whole, name)[:, :, :rows], getattr(chunked, name)[:, :, :rows]), name
 
 
+@pytest.mark.parametrize("B, T", [(1, 300), (2, 5000), (4, 20000)])
+def test_quantizer_transient_stays_below_fulls_cache(B, T, monkeypatch):
+    """Each quantizer call takes at most max(1/8 of the tensor, MIN_CHUNK_ELEMENTS) elements: its ~20 B per element
+    of intermediates stay below the 4 B per element of full's fp16 K and V (the memory target: kivi fits wherever
+    full fits, 128K x 64 included)."""
+    monkeypatch.setattr(ref, "MIN_CHUNK_ELEMENTS", 2**10)  # small shapes exercise the 1/8 bound
+    seen = []
+    quantize = ref.quantize
+    monkeypatch.setattr(ref, "quantize", lambda x, *a: seen.append(x.numel()) or quantize(x, *a))
+    k, v = rand_kv(B, 2, T, 64, torch.float16)
+    kv = ref.PackedKV.empty(B, 2, 64, torch.float16, "cpu", 2, 32, 128)
+    kv.append(k, v)
+    assert len(seen) > 2 and max(seen) <= k.numel() // 8
+    assert max(seen) * 20 < 2 * k.numel() * k.element_size()
+
+
 def test_decode_bytes_is_96_bytes_per_token_per_head_at_2_bits():
     layer = make("kivi", 32, 8, 128, torch.float16)
     T = 4096 + 64
