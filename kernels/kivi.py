@@ -31,6 +31,11 @@ found nothing below 283 us at 32K x 8. Triton variants tried offline (codes by b
 per-element word gathers, keys packed along tokens so the unpacking is elementwise up to the dot) compiled to more
 shared-memory traffic, not less. Reaching the floor needs a kernel that dequantizes straight into the mma fragments
 (Marlin's approach: the packed layout chosen so each thread's words hold the codes of its own fragment), i.e. CUDA.
+Capture-safe decode (methods/kivi.py reserve()): the cache is pinned at its final size with the length in a device
+counter (PackedKV.ndev); the split kernel reads it (DEVICE_LEN) over ranges planned for the reserved length, and
+_kivi_append_pinned_kernel packs the value leaving the residual and, every R steps, the completed key block, with
+the branches taken on the device, so a CUDA graph can replay a step.
+
 `python benchmarks/kivi_dev.py` on a GPU runs a parity check and a timing of kivi against full.
 """
 
@@ -148,10 +153,15 @@ def _kivi_split_kernel(
     s_kq, s_ks, s_vq, s_vs, s_r,  # per-(batch, KV head) strides of the packed and ring buffers
     n_k, n_v, n_tok, split_tokens, n_parts, qk_scale,
     H, GROUP,  # KV heads and query heads per KV head: runtime values, so shapes differing only there share a build
+    LEN,  # with DEVICE_LEN: int32 [1], the tokens seen (n_k, n_v and n_tok follow from it), read on the device
     M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     SPREAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, DEVICE_LEN: tl.constexpr = False,
 ):
+    if DEVICE_LEN:  # a pinned cache (capture-safe steps): the ranges were planned for the reserved length
+        n_tok = tl.load(LEN)
+        n_k = n_tok // R * R
+        n_v = tl.maximum(n_tok - R, 0)
     bh = tl.program_id(0)
     part = tl.program_id(1)
     b = bh // H
@@ -305,6 +315,92 @@ def append_one(kv: PackedKV, k: torch.Tensor, v: torch.Tensor) -> None:
         kv.pack_keys(kv.rk, kv.n - R)
 
 
+@triton.jit
+def _quantize_groups(x, AXIS: tl.constexpr, BITS: tl.constexpr):
+    """kivi_ref.quantize of fp32 x (2-D) over groups along AXIS: codes (int32, x's shape), scale and min (fp16, AXIS
+    reduced); bit for bit the reference's arithmetic (div_rn; fp16 rounded outwards; round half to even)."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    lo = tl.min(x, AXIS)
+    hi = tl.max(x, AXIS)
+    mn = lo.to(tl.float16)
+    mn = tl.where(mn.to(tl.float32) > lo, _fp16_step(mn, False), mn)
+    want = tl.math.div_rn(hi - mn.to(tl.float32), tl.full(hi.shape, LEVELS, tl.float32))
+    scale = want.to(tl.float16)
+    scale = tl.where(scale.to(tl.float32) < want, _fp16_step(scale, True), scale)
+    safe = tl.where(scale > 0, scale.to(tl.float32), 1.0)
+    y = tl.math.div_rn(x - tl.expand_dims(mn.to(tl.float32), AXIS),
+                       tl.broadcast_to(tl.expand_dims(safe, AXIS), x.shape))
+    y = (y + 8388608.0) - 8388608.0  # round half to even, as torch.round (exact for 0 <= y < 2^22)
+    return tl.minimum(tl.maximum(y, 0.0), LEVELS).to(tl.int32), scale, mn
+
+
+@triton.jit
+def _pack_rows(codes, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """codes int32 [N, D] -> words int32 [N, D * BITS / 32] in kivi_ref.pack's layout."""
+    E: tl.constexpr = 32 // BITS
+    shift = tl.arange(0, E) * BITS
+    return tl.reduce(tl.reshape(codes, (N, D // E, E)) << shift[None, None, :], 2, _or)
+
+
+@triton.jit
+def _kivi_append_pinned_kernel(
+    KN, VN, RK, RV, KQ, KS, KM, VQ, VS, VM, LEN,
+    stride_nb, stride_nh,  # the new token k, v [B, H, D]
+    s_r, s_kq, s_ks, s_vq, s_vs, H,
+    D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+):
+    """append_one with the length n read from LEN (a pinned cache): the value of token n - R is packed when n >= R,
+    the new token goes to ring slot n % R, and when it completes a key block ((n + 1) % R == 0) the block's R keys,
+    ring slots 0 .. R-1 in token order, are packed too, as kivi_ref.PackedKV.pack_keys does. No host branch, so a
+    CUDA graph replays it; the caller moves LEN on afterwards."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    offs = tl.arange(0, D)
+    n_tok = tl.load(LEN)
+    ring = bh64 * s_r + (n_tok % R) * D + offs
+    DG: tl.constexpr = D // G
+    W: tl.constexpr = D * BITS // 32
+    if n_tok >= R:
+        x = tl.reshape(tl.load(RV + ring).to(tl.float32), (DG, G))
+        codes, scale, mn = _quantize_groups(x, 1, BITS)
+        words = tl.reshape(_pack_rows(tl.reshape(codes, (1, D)), 1, D, BITS), (W,))
+        row = (n_tok - R).to(tl.int64)
+        tl.store(VQ + bh64 * s_vq + row * W + tl.arange(0, W), words)
+        tl.store(VS + bh64 * s_vs + row * DG + tl.arange(0, DG), scale)
+        tl.store(VM + bh64 * s_vs + row * DG + tl.arange(0, DG), mn)
+    tl.debug_barrier()  # the old value is read before its slot is overwritten
+    tl.store(RK + ring, tl.load(KN + b * stride_nb + h * stride_nh + offs))
+    tl.store(RV + ring, tl.load(VN + b * stride_nb + h * stride_nh + offs))
+    if (n_tok + 1) % R == 0:
+        tl.debug_barrier()  # the new key is in the ring before the block is read
+        row0 = (n_tok + 1 - R).to(tl.int64)
+        for gi in tl.static_range(R // G):  # per channel over each group of G tokens
+            t = gi * G + tl.arange(0, G)
+            x = tl.load(RK + bh64 * s_r + t[:, None] * D + offs[None, :]).to(tl.float32)
+            codes, scale, mn = _quantize_groups(x, 0, BITS)
+            words = _pack_rows(codes, G, D, BITS)
+            tl.store(KQ + bh64 * s_kq + (row0 + t)[:, None] * W + tl.arange(0, W)[None, :], words)
+            tl.store(KS + bh64 * s_ks + (row0 // G + gi) * D + offs, scale)
+            tl.store(KM + bh64 * s_ks + (row0 // G + gi) * D + offs, mn)
+
+
+def append_pinned(kv: PackedKV, k: torch.Tensor, v: torch.Tensor) -> None:
+    """One token k, v [B, H, 1, D] into a pinned cache (kv.ndev set, room reserved): the device counter says where,
+    and is moved on; kv.n, the host mirror, is the caller's (KiviLayer.advance)."""
+    B, H, _, D = k.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    live = lambda t: t if t.numel() else kv.rk  # noqa: E731 - a buffer never written in this run may be empty
+    _kivi_append_pinned_kernel[(B * H,)](
+        k, v, kv.rk, kv.rv, *(live(t) for t in (kv.kq, kv.ks, kv.km, kv.vq, kv.vs, kv.vm)), kv.ndev,
+        k.stride(0), k.stride(1), kv.rk.stride(1), kv.kq.stride(1), kv.ks.stride(1), kv.vq.stride(1),
+        kv.vs.stride(1), H, D=D, BITS=kv.bits, G=kv.group, R=kv.residual, num_warps=4,
+    )
+    kv.ndev.add_(1)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -328,7 +424,7 @@ RESIDENT_DEFAULT = 4
 
 
 def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = None,
-         slots: int | None = None) -> tuple[int, int, int]:
+         slots: int | None = None, nv: int | None = None) -> tuple[int, int, int]:
     """(block_n, split_tokens, n_parts): tiles of block_n tokens; the packed tokens [0, Nv) cut into ranges of
     split_tokens, +1 part per head for the ring.
 
@@ -338,14 +434,15 @@ def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = 
     4 per SM. In one process on an H200 (benchmarks/kivi_dev.py --sweep): 17 ranges above 306 us, 16 ranges 283 us,
     this plan's 8 (one wave of 4096-token ranges) 284 us."""
     H = kv.rk.shape[1]
+    nv = kv.nv if nv is None else nv  # packed values to plan for: now, or at the end of a reserved run
     block_n = max(block_n or 64, kv.group)  # whole key groups per tile
-    if kv.nv == 0:
+    if nv == 0:
         return block_n, block_n, 1
-    tiles = triton.cdiv(kv.nv, block_n)
+    tiles = triton.cdiv(nv, block_n)
     if splits is None:
         heads = B * H
         slots = slots or RESIDENT_DEFAULT * _sm_count(kv.rk.device)
-        most = max(1, min(tiles, triton.cdiv(kv.nv, MIN_SPLIT), triton.cdiv(4 * slots, heads)))
+        most = max(1, min(tiles, triton.cdiv(nv, MIN_SPLIT), triton.cdiv(4 * slots, heads)))
         best = None
         for p in range(1, most + 1):
             per = triton.cdiv(tiles, p)
@@ -377,7 +474,10 @@ class Decoder:
     suite times them as stages). Build a new Decoder after the cache changes."""
 
     def __init__(self, q: torch.Tensor, kv: PackedKV, *, block_n: int | None = None, splits: int | None = None,
-                 num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = 128):
+                 num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = 128, max_tokens: int | None = None):
+        """max_tokens: a pinned cache (kv.ndev set, room reserved up to max_tokens): the kernels read the length from
+        kv.ndev, the ranges are planned for max_tokens (those past the live tokens are empty), and step(q, ...) takes
+        each step's query, so one Decoder serves every step of a reserved run."""
         B, Hq, Tq, D = q.shape
         H = kv.rk.shape[1]
         if Tq != 1:
@@ -397,9 +497,11 @@ class Decoder:
         self.block_n = max(block_n or 64, kv.group)
         # stand-ins of the right dtype for the compile query below (warmup compiles, it does not launch)
         self.op = self.lse = torch.empty(1, dtype=torch.float32, device=q.device)
+        self.pinned = max_tokens is not None
         self.resident = self._resident() if splits is None else None
         slots = (self.resident or RESIDENT_DEFAULT) * _sm_count(q.device)
-        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits, slots)
+        nv = max(0, max_tokens - kv.residual) if self.pinned else None
+        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits, slots, nv)
         self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
         self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)
         self.out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
@@ -429,16 +531,19 @@ class Decoder:
         vn = v_new if has_new else q
         if has_new and (kn.stride(-1) != 1 or vn.stride(-1) != 1 or kn.stride() != vn.stride()):
             kn, vn = kn.contiguous(), vn.contiguous()
+        pinned = self.pinned
+        lengths = (0, 0, 0) if pinned else (kv.nk, kv.nv, kv.n)  # pinned: read from kv.ndev on the device
         args = [q, *self.buffers, kn, vn, self.op, self.lse,
                 q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
                 *self.strides,
-                kv.nk, kv.nv, kv.n, split_tokens, n_parts, D**-0.5 * math.log2(math.e), H, self.group]
+                *lengths, split_tokens, n_parts, D**-0.5 * math.log2(math.e), H, self.group,
+                kv.ndev if pinned else self.op]
         kw = dict(
             M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
             SPREAD=int(math.log2(32 // kv.bits)), G=kv.group, R=kv.residual, BLOCK_N=self.block_n, HAS_NEW=has_new,
             DOT=tl.float32 if q.dtype == torch.float32 else tl.float16,
             # fp32 models: tf32 tensor cores on the GPU (an fp32 FMA dot spills), exact fp32 in the interpreter
-            PRECISION="tf32" if q.is_cuda else "ieee",
+            PRECISION="tf32" if q.is_cuda else "ieee", DEVICE_LEN=pinned,
             num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg,
         )
         return args, kw
@@ -460,6 +565,15 @@ class Decoder:
     def __call__(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
         self.split(k_new, v_new)
         return self.combine()
+
+    def step(self, q: torch.Tensor, k_new: torch.Tensor | None = None,
+             v_new: torch.Tensor | None = None) -> torch.Tensor:
+        """This step's query q (the shape and dtype the Decoder was built for) over the cache and the new token:
+        no allocation (the output buffer is reused) and no host synchronisation."""
+        if q.shape != self.q.shape or q.dtype != self.q.dtype:
+            raise ValueError(f"Decoder built for {tuple(self.q.shape)} {self.q.dtype}, got {tuple(q.shape)} {q.dtype}")
+        self.q = q if q.stride(-1) == 1 else q.contiguous()
+        return self(k_new, v_new)
 
 
 def decode_attention(q: torch.Tensor, kv: PackedKV, k_new: torch.Tensor | None = None,

@@ -137,6 +137,9 @@ class PackedKV:
     rk: torch.Tensor
     rv: torch.Tensor
     n: int = 0
+    # a pinned cache (capture-safe decode, methods/kivi.py reserve()): int32 [1], the tokens seen, kept on the device
+    # by kernels.kivi.append_pinned; n is its host mirror
+    ndev: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, B: int, H: int, D: int, dtype: torch.dtype, device, bits: int, group: int, residual: int):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvbench import KVBenchError, LayerSpec, ParamError, parse_method
+from kvbench.api import ReservedRoomError
 from kvbench.kernels import kivi_ref as ref
 from interpreter import run_interpreted
 from oracles import naive_attention
@@ -284,6 +285,68 @@ INTERPRETER_CHECK = textwrap.dedent("""
 """)
 
 
+PINNED_CHECK = textwrap.dedent("""
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from kvbench import LayerSpec, parse_method
+    from kvbench.api import ReservedRoomError
+    torch.manual_seed(0)
+    B, Hq, H, D = 2, 4, 2, 32
+    for dtype, bits, G, R, prompt in ((torch.float32, 2, 8, 16, 21), (torch.float16, 4, 16, 32, 30)):
+        spec = f"kivi:impl=triton,bits={bits},group={G},residual={R}"
+        mk = lambda: parse_method(spec).make_layer(LayerSpec(0, 1, Hq, H, D, dtype, torch.device("cpu")))
+        rand = lambda h, t, scale=1.0: (torch.randn(B, h, t, D) * scale + (scale - 1)).to(dtype)
+        plain, pinned = mk(), mk()
+        q, k, v = rand(Hq, prompt), rand(H, prompt, 2.0), rand(H, prompt)
+        plain.prefill(q, k, v), pinned.prefill(q, k, v)
+        steps = 40
+        pinned.reserve(steps + 2)  # 40 steps, one of them a 3-token chunk: room for exactly 42 tokens
+        assert pinned.capture_safe and pinned.info()["pinned"]
+        for i in range(steps):
+            t = 3 if i == 7 else 1
+            q, k, v = rand(Hq, t), rand(H, t, 2.0), rand(H, t)
+            a, b = plain.extend(q, k, v), pinned.extend(q, k, v)
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+            assert pinned.seq_len() == plain.seq_len() == int(pinned.kv.ndev)
+        x, y = plain.kv, pinned.kv
+        assert y.nk >= 2 * R  # key blocks completed on the device during the run
+        for name, rows in (("kq", x.nk), ("ks", x.nk // G), ("km", x.nk // G), ("vq", x.nv), ("vs", x.nv),
+                           ("vm", x.nv), ("rk", R), ("rv", R)):
+            assert torch.equal(getattr(x, name)[:, :, :rows], getattr(y, name)[:, :, :rows]), (name, bits)
+        # the room is spent: the next step fails before any write, and so does a replay's advance()
+        bits_of = lambda: [t.clone().view(torch.uint8) for t in y.tensors()] + [y.n, int(y.ndev)]  # NaN-proof
+        before = bits_of()
+        for call in (lambda: pinned.extend(rand(Hq, 1), rand(H, 1), rand(H, 1)), lambda: pinned.advance(1)):
+            try:
+                call()
+                raise AssertionError("stepped past the reserved room")
+            except ReservedRoomError:
+                pass
+        after = bits_of()
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(before, after))
+    print("pinned steps equal the plain ones")
+""")
+
+
+def test_reserved_steps_equal_the_plain_path_in_the_interpreter():
+    """The capture-safe path (reserve(): device length, ranges planned for the reserved length, one write kernel that
+    packs values and completed key blocks on the device) gives the plain path's outputs and the very same packed
+    cache, across key blocks and a 3-token chunk; past the room it refuses before writing."""
+    r = run_interpreted(PINNED_CHECK)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "pinned steps equal the plain ones" in r.stdout
+
+
+def test_kivi_on_the_torch_path_is_not_capture_safe():
+    layer = make("kivi")  # on the CPU: the PyTorch reference
+    assert not layer.capture_safe and "PyTorch path" in layer.capture_unsafe_reason
+    layer.prefill(torch.randn(1, 8, 40, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64))
+    with pytest.raises(KVBenchError, match="not capture-safe"):
+        layer.reserve(4)
+
+
 def test_triton_kernel_matches_reference_in_the_interpreter():
     """The very kernel the GPU runs, executed by Triton's interpreter on small shapes (a subprocess, because
     TRITON_INTERPRET must be set before triton is imported)."""
@@ -391,6 +454,55 @@ def test_method_decodes_with_the_kernel_on_gpu(dtype, bits):
     fns = layer.decode_fns(q)
     torch.testing.assert_close(fns["attention"](), ref.attention_ref(q, layer.kv), atol=2e-2, rtol=2e-2)
     fns["split"](), fns["combine"]()
+
+
+@pytest.mark.gpu
+@DTYPES
+@BITS
+def test_reserved_steps_equal_the_plain_path_on_gpu(dtype, bits):
+    """The pinned path at the Llama shape on the GPU: outputs of 300 steps (two key blocks) and the packed cache."""
+    torch.manual_seed(6)
+    B, Hq, H, D = 3, 32, 8, 128
+    plain, pinned = (make(f"kivi:bits={bits}", Hq, H, D, dtype, "cuda") for _ in range(2))
+    k, v = rand_kv(B, H, 1000, D, dtype, "cuda")
+    q = torch.randn(B, Hq, 8, D, device="cuda", dtype=dtype)
+    plain.prefill(q, k, v), pinned.prefill(q, k, v)
+    pinned.reserve(300)
+    for _ in range(300):
+        q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
+        k, v = rand_kv(B, H, 1, D, dtype, "cuda")
+        torch.testing.assert_close(pinned.extend(q, k, v), plain.extend(q, k, v), atol=2e-2, rtol=2e-2)
+    x, y = plain.kv, pinned.kv
+    assert y.n == x.n == int(y.ndev) == 1300
+    for name, rows in (("kq", x.nk), ("ks", x.nk // 32), ("km", x.nk // 32), ("vq", x.nv), ("vs", x.nv),
+                       ("vm", x.nv), ("rk", 128), ("rv", 128)):
+        assert torch.equal(getattr(x, name)[:, :, :rows], getattr(y, name)[:, :, :rows]), name
+    with pytest.raises(ReservedRoomError):
+        pinned.extend(q, k, v)
+
+
+@pytest.mark.gpu
+@BITS
+def test_graph_replays_are_token_identical_to_eager_steps_on_gpu(bits):
+    """32 steps of the tiny model over a 360-token prompt (crossing a key block at 384): the CUDA graph's tokens are
+    the eager steps' tokens, and the reserved room is enforced at the end."""
+    from test_graph_decode import tiny_model as graph_tiny_model
+
+    from kvbench.decoding import real_prefill
+    from kvbench.graph_decode import graph_decode, unsafe_reason
+
+    model = graph_tiny_model(torch.bfloat16, "cuda")
+    ids = torch.randint(0, 256, (2, 360), generator=torch.Generator().manual_seed(4)).cuda()
+    a, nxt, _ = real_prefill(model, parse_method(f"kivi:bits={bits}"), ids)
+    b, _, _ = real_prefill(model, parse_method(f"kivi:bits={bits}"), ids)
+    assert unsafe_reason(b, torch.device("cuda")) is None
+    eager, _ = graph_decode(model, a, nxt, 2, 30, graph=False, extra=0)
+    graph, sg = graph_decode(model, b, nxt, 2, 30, graph=True, extra=0)
+    assert graph.facts["decode_mode"] == "graph" and sg.graph is not None, graph.facts
+    assert torch.equal(eager.tokens, graph.tokens)
+    assert a.get_seq_length() == b.get_seq_length() == 360 + 32
+    with pytest.raises(ReservedRoomError):
+        sg.replay()
 
 
 # --- inside a transformers model ---
