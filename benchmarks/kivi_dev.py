@@ -3,6 +3,7 @@ timing against full at Llama-3.1-8B's attention shape; --sweep also times launch
 come from `kvbench run kernels`.
 
     python benchmarks/kivi_dev.py --contexts 8192 32768 --batches 1 8 [--sweep] [--memory 131072x64]
+    compute-sanitizer --tool memcheck python benchmarks/kivi_dev.py --sanitize   # (and --tool racecheck)
 """
 
 import argparse
@@ -26,6 +27,43 @@ def old_splits(nv: int, B: int, H: int, sms: int, block_n: int = 64) -> int:
     """The ranges per head of the rule before the wave plan: at least 256 tokens, about 8 programs per SM."""
     st = -(-max(256, -(-nv * B * H // (8 * sms))) // block_n) * block_n
     return -(-nv // st)
+
+
+def sanitize_run(dev: torch.device) -> None:
+    """Every KIVI kernel once or more at the parity tests' smallest shapes, for compute-sanitizer: split + combine
+    (default plan and 3 ranges, with and without the new token), the fused writer across a key block, and the pinned
+    (capture-safe) steps; raises if an output leaves the reference's tolerance."""
+    from kvbench.kernels import kivi as K
+    from kvbench.kernels import kivi_ref as ref
+
+    torch.manual_seed(0)
+    for bits in (2, 4):
+        for B, Hq, H, D, T in ((1, 8, 8, 64, 333), (2, 32, 8, 128, 127), (3, 8, 2, 64, 300)):
+            spec = LayerSpec(0, 1, Hq, H, D, torch.bfloat16, dev)
+            kv = ref.PackedKV.empty(B, H, D, torch.bfloat16, dev, bits, 32, 128)
+            k, v = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            kv.append(k, v)
+            q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
+            kn, vn = (torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            err = 0.0
+            for args in ((), (kn, vn)):
+                for cfg in ({}, dict(splits=3)):
+                    out = K.decode_attention(q, kv, *args, **cfg)
+                    err = max(err, (out.float() - ref.attention_ref(q, kv, *args).float()).abs().max().item())
+            for _ in range(130):  # quantizes a value every step, a key block at the next multiple of 128
+                K.append_one(kv, kn, vn)
+            impl = ",impl=triton" if dev.type == "cpu" else ""  # the interpreter (a CPU smoke test of this mode)
+            layer = parse_method(f"kivi:bits={bits}{impl}").make_layer(spec)
+            layer.prefill(q, k, v)
+            layer.reserve(130)
+            for _ in range(130):
+                layer.extend(q, kn, vn)
+            err = max(err, (layer.kv.keys().float() - kv.keys().float()).abs().max().item())  # the pinned writer
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            print(f"sanitize {bits}-bit B {B} Hq {Hq} Hkv {H} D {D} T {T}: max error {err:.1e}", flush=True)
+            if err > 2e-2:
+                raise SystemExit(f"kivi kernels disagree with the reference by {err}")
 
 
 def memory_check(spec, context: int, batch: int, bits: int) -> None:
@@ -58,6 +96,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2, choices=(2, 4))
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     ap.add_argument("--sweep", action="store_true", help="also time block_n x num_warps x num_stages x splits")
+    ap.add_argument("--sanitize", action="store_true",
+                    help="only run every kernel at small shapes (under compute-sanitizer), then exit")
     ap.add_argument("--memory", nargs="*", default=[], metavar="TxB",
                     help="peak prefill memory of kivi against full's cache bytes at these cells, e.g. 131072x64")
     ap.add_argument("--device", default="cuda", help="cuda; or cpu under TRITON_INTERPRET=1 (slow: a smoke test)")
@@ -65,6 +105,8 @@ def main() -> None:
     dev, dtype = torch.device(args.device), {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)")
+    if args.sanitize:
+        return sanitize_run(dev)
     Hq, H, D = 32, 8, 128
     spec = LayerSpec(0, 32, Hq, H, D, dtype, dev)
     copy_gbs = copy_bandwidth(device=dev)["copy_gbs"]
