@@ -21,11 +21,20 @@ is built to stay at the memory floor:
 - scores and P.V accumulate in fp32 with the softmax in base 2; each split writes (o, lse) and a second small kernel
   combines them with a log-sum-exp, as in flash-decoding (https://crfm.stanford.edu/2023/10/12/flashdecoding.html).
 
-Where it stands: compiled for sm_90 (Triton 3.6, 4 warps, 64-token tiles) the main loop issues ~6.8 instructions per
-unpacked element (shift/mask/OR per pair of codes, HADD2 and HFMA2 per pair, scale reads, operand staging, moves). On
-an H100 (reports/data/h100, commit 424502a) it ran 1.1-1.4x faster than dense decode from 8K x 1 up, at about 4.6x
-its memory floor, with 4 bits as fast as 2: it is bound by instruction issue, not bytes. The register cap of 128
-(4 programs per SM instead of 3) came after that measurement; `python benchmarks/kivi_dev.py --sweep` times it.
+Where it stands: compiled for sm_90 (Triton 3.6, 4 warps, 64-token tiles) the main loop issues ~7 instructions per
+unpacked element (per warp and 64-token tile: 889 instructions for 4096 elements, 160 of them register moves, 112
+shifts, 136 LOP3, 64 PRMT, 64 HADD2 + 64 HFMA2, and the dequantized fp16 tiles go through shared memory, STS then
+LDSM, to reach the tensor-core operand layout). On an H200 (2026-12-02, kernel suite, graph timing) it runs at ~0.7
+TB/s: 32K x 8 285.6 us against dense 246.8 (floor 47.8), 128K x 8 1,056 against 981, 32K x 1 41.5 against 47.4,
+8K x 1 15.9 against 22.7; a sweep of tiles (32-128), warps (2-8), stages (2-4), the register cap and range counts
+found nothing below 283 us at 32K x 8. Triton variants tried offline (codes by broadcasting words over a third axis,
+per-element word gathers, keys packed along tokens so the unpacking is elementwise up to the dot) compiled to more
+shared-memory traffic, not less. Reaching the floor needs a kernel that dequantizes straight into the mma fragments
+(Marlin's approach: the packed layout chosen so each thread's words hold the codes of its own fragment), i.e. CUDA.
+Capture-safe decode (methods/kivi.py reserve()): the cache is pinned at its final size with the length in a device
+counter (PackedKV.ndev); the split kernel reads it (DEVICE_LEN) over ranges planned for the reserved length, and
+_kivi_append_pinned_kernel packs the value leaving the residual and, every R steps, the completed key block, with
+the branches taken on the device, so a CUDA graph can replay a step.
 
 `python benchmarks/kivi_dev.py` on a GPU runs a parity check and a timing of kivi against full.
 """
@@ -143,10 +152,16 @@ def _kivi_split_kernel(
     stride_qb, stride_qh, stride_nb, stride_nh,  # q [B, Hq, D] and the new token [B, H, D]
     s_kq, s_ks, s_vq, s_vs, s_r,  # per-(batch, KV head) strides of the packed and ring buffers
     n_k, n_v, n_tok, split_tokens, n_parts, qk_scale,
-    H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    H, GROUP,  # KV heads and query heads per KV head: runtime values, so shapes differing only there share a build
+    LEN,  # with DEVICE_LEN: int32 [1], the tokens seen (n_k, n_v and n_tok follow from it), read on the device
+    M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     SPREAD: tl.constexpr, G: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_NEW: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, DEVICE_LEN: tl.constexpr = False,
 ):
+    if DEVICE_LEN:  # a pinned cache (capture-safe steps): the ranges were planned for the reserved length
+        n_tok = tl.load(LEN)
+        n_k = n_tok // R * R
+        n_v = tl.maximum(n_tok - R, 0)
     bh = tl.program_id(0)
     part = tl.program_id(1)
     b = bh // H
@@ -206,8 +221,7 @@ def _kivi_split_kernel(
 
 
 @triton.jit
-def _kivi_combine_kernel(OP, LSE, OUT, n_parts, stride_ob, stride_oh, HQ: tl.constexpr, D: tl.constexpr,
-                         P: tl.constexpr):
+def _kivi_combine_kernel(OP, LSE, OUT, n_parts, stride_ob, stride_oh, HQ, D: tl.constexpr, P: tl.constexpr):
     row = tl.program_id(0)  # b * Hq + query head
     b = row // HQ
     hq = row % HQ
@@ -301,6 +315,92 @@ def append_one(kv: PackedKV, k: torch.Tensor, v: torch.Tensor) -> None:
         kv.pack_keys(kv.rk, kv.n - R)
 
 
+@triton.jit
+def _quantize_groups(x, AXIS: tl.constexpr, BITS: tl.constexpr):
+    """kivi_ref.quantize of fp32 x (2-D) over groups along AXIS: codes (int32, x's shape), scale and min (fp16, AXIS
+    reduced); bit for bit the reference's arithmetic (div_rn; fp16 rounded outwards; round half to even)."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    lo = tl.min(x, AXIS)
+    hi = tl.max(x, AXIS)
+    mn = lo.to(tl.float16)
+    mn = tl.where(mn.to(tl.float32) > lo, _fp16_step(mn, False), mn)
+    want = tl.math.div_rn(hi - mn.to(tl.float32), tl.full(hi.shape, LEVELS, tl.float32))
+    scale = want.to(tl.float16)
+    scale = tl.where(scale.to(tl.float32) < want, _fp16_step(scale, True), scale)
+    safe = tl.where(scale > 0, scale.to(tl.float32), 1.0)
+    y = tl.math.div_rn(x - tl.expand_dims(mn.to(tl.float32), AXIS),
+                       tl.broadcast_to(tl.expand_dims(safe, AXIS), x.shape))
+    y = (y + 8388608.0) - 8388608.0  # round half to even, as torch.round (exact for 0 <= y < 2^22)
+    return tl.minimum(tl.maximum(y, 0.0), LEVELS).to(tl.int32), scale, mn
+
+
+@triton.jit
+def _pack_rows(codes, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """codes int32 [N, D] -> words int32 [N, D * BITS / 32] in kivi_ref.pack's layout."""
+    E: tl.constexpr = 32 // BITS
+    shift = tl.arange(0, E) * BITS
+    return tl.reduce(tl.reshape(codes, (N, D // E, E)) << shift[None, None, :], 2, _or)
+
+
+@triton.jit
+def _kivi_append_pinned_kernel(
+    KN, VN, RK, RV, KQ, KS, KM, VQ, VS, VM, LEN,
+    stride_nb, stride_nh,  # the new token k, v [B, H, D]
+    s_r, s_kq, s_ks, s_vq, s_vs, H,
+    D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+):
+    """append_one with the length n read from LEN (a pinned cache): the value of token n - R is packed when n >= R,
+    the new token goes to ring slot n % R, and when it completes a key block ((n + 1) % R == 0) the block's R keys,
+    ring slots 0 .. R-1 in token order, are packed too, as kivi_ref.PackedKV.pack_keys does. No host branch, so a
+    CUDA graph replays it; the caller moves LEN on afterwards."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(tl.int64)
+    offs = tl.arange(0, D)
+    n_tok = tl.load(LEN)
+    ring = bh64 * s_r + (n_tok % R) * D + offs
+    DG: tl.constexpr = D // G
+    W: tl.constexpr = D * BITS // 32
+    if n_tok >= R:
+        x = tl.reshape(tl.load(RV + ring).to(tl.float32), (DG, G))
+        codes, scale, mn = _quantize_groups(x, 1, BITS)
+        words = tl.reshape(_pack_rows(tl.reshape(codes, (1, D)), 1, D, BITS), (W,))
+        row = (n_tok - R).to(tl.int64)
+        tl.store(VQ + bh64 * s_vq + row * W + tl.arange(0, W), words)
+        tl.store(VS + bh64 * s_vs + row * DG + tl.arange(0, DG), scale)
+        tl.store(VM + bh64 * s_vs + row * DG + tl.arange(0, DG), mn)
+    tl.debug_barrier()  # the old value is read before its slot is overwritten
+    tl.store(RK + ring, tl.load(KN + b * stride_nb + h * stride_nh + offs))
+    tl.store(RV + ring, tl.load(VN + b * stride_nb + h * stride_nh + offs))
+    if (n_tok + 1) % R == 0:
+        tl.debug_barrier()  # the new key is in the ring before the block is read
+        row0 = (n_tok + 1 - R).to(tl.int64)
+        for gi in tl.static_range(R // G):  # per channel over each group of G tokens
+            t = gi * G + tl.arange(0, G)
+            x = tl.load(RK + bh64 * s_r + t[:, None] * D + offs[None, :]).to(tl.float32)
+            codes, scale, mn = _quantize_groups(x, 0, BITS)
+            words = _pack_rows(codes, G, D, BITS)
+            tl.store(KQ + bh64 * s_kq + (row0 + t)[:, None] * W + tl.arange(0, W)[None, :], words)
+            tl.store(KS + bh64 * s_ks + (row0 // G + gi) * D + offs, scale)
+            tl.store(KM + bh64 * s_ks + (row0 // G + gi) * D + offs, mn)
+
+
+def append_pinned(kv: PackedKV, k: torch.Tensor, v: torch.Tensor) -> None:
+    """One token k, v [B, H, 1, D] into a pinned cache (kv.ndev set, room reserved): the device counter says where,
+    and is moved on; kv.n, the host mirror, is the caller's (KiviLayer.advance)."""
+    B, H, _, D = k.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    live = lambda t: t if t.numel() else kv.rk  # noqa: E731 - a buffer never written in this run may be empty
+    _kivi_append_pinned_kernel[(B * H,)](
+        k, v, kv.rk, kv.rv, *(live(t) for t in (kv.kq, kv.ks, kv.km, kv.vq, kv.vs, kv.vm)), kv.ndev,
+        k.stride(0), k.stride(1), kv.rk.stride(1), kv.kq.stride(1), kv.ks.stride(1), kv.vq.stride(1),
+        kv.vs.stride(1), H, D=D, BITS=kv.bits, G=kv.group, R=kv.residual, num_warps=4,
+    )
+    kv.ndev.add_(1)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -315,20 +415,57 @@ def supported(D: int, bits: int, group: int, residual: int) -> bool:
         and bits in (2, 4)
 
 
-def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = None) -> tuple[int, int, int]:
+# tokens per packed range at least: below this a program's fixed cost (query load, output store, its share of the
+# combine) outweighs its tiles
+MIN_SPLIT = 128
+# programs per SM assumed where the compiled kernel cannot be asked (the interpreter; a failed query): sm_90 builds of
+# the default configuration take 128 registers and 56 KB of shared memory, so 4 fit
+RESIDENT_DEFAULT = 4
+
+
+def plan(kv: PackedKV, B: int, block_n: int | None = None, splits: int | None = None,
+         slots: int | None = None, nv: int | None = None) -> tuple[int, int, int]:
     """(block_n, split_tokens, n_parts): tiles of block_n tokens; the packed tokens [0, Nv) cut into ranges of
-    split_tokens, +1 part per head for the ring. By default about 8 programs per SM (so the last wave is a small
-    fraction of the work even at batch 1) and at least 256 tokens per range (so the combine stays small)."""
+    split_tokens, +1 part per head for the ring.
+
+    By default the ranges fit the programs that run at once (`slots`, programs per SM x SMs): the split kernel takes
+    about waves x (tiles per range + 1), waves = ceil(B x H x ranges / slots), since equal ranges finish together. The
+    old rule (8 programs per SM) made 17 ranges per head at 32K x 8 on 132 SMs: 1088 programs, just over 2 waves of
+    4 per SM. In one process on an H200 (benchmarks/kivi_dev.py --sweep): 17 ranges above 306 us, 16 ranges 283 us,
+    this plan's 8 (one wave of 4096-token ranges) 284 us."""
     H = kv.rk.shape[1]
+    nv = kv.nv if nv is None else nv  # packed values to plan for: now, or at the end of a reserved run
     block_n = max(block_n or 64, kv.group)  # whole key groups per tile
-    if kv.nv == 0:
+    if nv == 0:
         return block_n, block_n, 1
+    tiles = triton.cdiv(nv, block_n)
     if splits is None:
-        split_tokens = max(256, triton.cdiv(kv.nv * B * H, 8 * _sm_count(kv.rk.device)))
+        heads = B * H
+        slots = slots or RESIDENT_DEFAULT * _sm_count(kv.rk.device)
+        most = max(1, min(tiles, triton.cdiv(nv, MIN_SPLIT), triton.cdiv(4 * slots, heads)))
+        best = None
+        for p in range(1, most + 1):
+            per = triton.cdiv(tiles, p)
+            cost = triton.cdiv(heads * triton.cdiv(tiles, per), slots) * (per + 1)
+            if best is None or cost < best[0]:  # ties: fewer ranges (a smaller combine)
+                best = (cost, per)
+        per = best[1]
     else:
-        split_tokens = triton.cdiv(kv.nv, max(1, splits))
-    split_tokens = triton.cdiv(split_tokens, block_n) * block_n
-    return block_n, split_tokens, triton.cdiv(kv.nv, split_tokens) + 1
+        per = triton.cdiv(tiles, max(1, splits))
+    return block_n, per * block_n, triton.cdiv(tiles, per) + 1
+
+
+_RESIDENT: dict[tuple, int | None] = {}  # programs per SM by split-kernel configuration (Decoder._resident)
+
+
+def _resident(device: torch.device, n_regs: int, shared: int, num_warps: int) -> int:
+    """Programs of one compiled kernel that fit on an SM at once: registers (allocated per warp in units of 256),
+    shared memory (plus 1 KB the driver reserves per block) and warps."""
+    props = torch.cuda.get_device_properties(device)
+    regs = 65536 // (triton.cdiv(max(n_regs, 1) * 32, 256) * 256 * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (shared + 1024) if shared else 32
+    warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    return max(1, min(regs, smem, warps, 32))
 
 
 class Decoder:
@@ -337,7 +474,10 @@ class Decoder:
     suite times them as stages). Build a new Decoder after the cache changes."""
 
     def __init__(self, q: torch.Tensor, kv: PackedKV, *, block_n: int | None = None, splits: int | None = None,
-                 num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = 128):
+                 num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = 128, max_tokens: int | None = None):
+        """max_tokens: a pinned cache (kv.ndev set, room reserved up to max_tokens): the kernels read the length from
+        kv.ndev, the ranges are planned for max_tokens (those past the live tokens are empty), and step(q, ...) takes
+        each step's query, so one Decoder serves every step of a reserved run."""
         B, Hq, Tq, D = q.shape
         H = kv.rk.shape[1]
         if Tq != 1:
@@ -347,19 +487,42 @@ class Decoder:
         for t in kv.tensors():
             assert t.is_contiguous(), "the packed cache must be contiguous"
         self.q, self.kv, self.group = q, kv, Hq // H
-        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits)
         # 128 registers: 4 programs of 4 warps per SM instead of 3 (at 166 registers); sm_90 builds show no spills in
         # the main loop at this cap, and 4 x 56 KB of shared memory still fit
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
-        self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
-        self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)
-        self.out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
         # zero-size buffers (nothing packed yet) still need a valid pointer
         dummy = lambda t: t if t.numel() else torch.empty(1, dtype=t.dtype, device=t.device)  # noqa: E731
         self.buffers = [dummy(t) for t in kv.tensors()]
         self.strides = [kv.kq.stride(1), kv.ks.stride(1), kv.vq.stride(1), kv.vs.stride(1), kv.rk.stride(1)]
+        self.block_n = max(block_n or 64, kv.group)
+        # stand-ins of the right dtype for the compile query below (warmup compiles, it does not launch)
+        self.op = self.lse = torch.empty(1, dtype=torch.float32, device=q.device)
+        self.pinned = max_tokens is not None
+        self.resident = self._resident() if splits is None else None
+        slots = (self.resident or RESIDENT_DEFAULT) * _sm_count(q.device)
+        nv = max(0, max_tokens - kv.residual) if self.pinned else None
+        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits, slots, nv)
+        self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
+        self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)
+        self.out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
 
-    def split(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+    def _resident(self) -> int | None:
+        """Programs per SM of this configuration's compiled split kernel (compiled now, as the first launch would);
+        None in the interpreter or where Triton cannot say."""
+        if not self.q.is_cuda:
+            return None
+        args, kw = self._launch(None, None, split_tokens=self.block_n, n_parts=2)
+        key = (self.q.device, self.q.dtype, *sorted((n, str(v)) for n, v in kw.items()))
+        if key not in _RESIDENT:  # once per configuration: a Decoder is built at every eager decode step
+            try:
+                k = _kivi_split_kernel.warmup(*args, grid=(1,), **kw)
+                k._init_handles()
+                _RESIDENT[key] = _resident(self.q.device, k.n_regs, k.metadata.shared, k.metadata.num_warps)
+            except Exception:  # noqa: BLE001 - Triton internals differ between versions; the default then holds
+                _RESIDENT[key] = None
+        return _RESIDENT[key]
+
+    def _launch(self, k_new, v_new, split_tokens: int, n_parts: int) -> tuple[list, dict]:
         q, kv = self.q, self.kv
         B, Hq, _, D = q.shape
         H = kv.rk.shape[1]
@@ -368,30 +531,49 @@ class Decoder:
         vn = v_new if has_new else q
         if has_new and (kn.stride(-1) != 1 or vn.stride(-1) != 1 or kn.stride() != vn.stride()):
             kn, vn = kn.contiguous(), vn.contiguous()
-        _kivi_split_kernel[(B * H, self.n_parts)](
-            q, *self.buffers, kn, vn, self.op, self.lse,
-            q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
-            *self.strides,
-            kv.nk, kv.nv, kv.n, self.split_tokens, self.n_parts, D**-0.5 * math.log2(math.e),
-            H=H, GROUP=self.group, M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
+        pinned = self.pinned
+        lengths = (0, 0, 0) if pinned else (kv.nk, kv.nv, kv.n)  # pinned: read from kv.ndev on the device
+        args = [q, *self.buffers, kn, vn, self.op, self.lse,
+                q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
+                *self.strides,
+                *lengths, split_tokens, n_parts, D**-0.5 * math.log2(math.e), H, self.group,
+                kv.ndev if pinned else self.op]
+        kw = dict(
+            M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
             SPREAD=int(math.log2(32 // kv.bits)), G=kv.group, R=kv.residual, BLOCK_N=self.block_n, HAS_NEW=has_new,
             DOT=tl.float32 if q.dtype == torch.float32 else tl.float16,
             # fp32 models: tf32 tensor cores on the GPU (an fp32 FMA dot spills), exact fp32 in the interpreter
-            PRECISION="tf32" if q.is_cuda else "ieee",
+            PRECISION="tf32" if q.is_cuda else "ieee", DEVICE_LEN=pinned,
             num_warps=self.num_warps, num_stages=self.num_stages, maxnreg=self.maxnreg,
         )
+        return args, kw
+
+    def split(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+        B = self.q.shape[0]
+        H = self.kv.rk.shape[1]
+        args, kw = self._launch(k_new, v_new, self.split_tokens, self.n_parts)
+        _kivi_split_kernel[(B * H, self.n_parts)](*args, **kw)
 
     def combine(self) -> torch.Tensor:
         B, Hq, _, D = self.q.shape
         _kivi_combine_kernel[(B * Hq,)](
-            self.op, self.lse, self.out, self.n_parts, self.out.stride(0), self.out.stride(1),
-            HQ=Hq, D=D, P=triton.next_power_of_2(self.n_parts), num_warps=4,
+            self.op, self.lse, self.out, self.n_parts, self.out.stride(0), self.out.stride(1), Hq,
+            D=D, P=triton.next_power_of_2(self.n_parts), num_warps=4,
         )
         return self.out
 
     def __call__(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
         self.split(k_new, v_new)
         return self.combine()
+
+    def step(self, q: torch.Tensor, k_new: torch.Tensor | None = None,
+             v_new: torch.Tensor | None = None) -> torch.Tensor:
+        """This step's query q (the shape and dtype the Decoder was built for) over the cache and the new token:
+        no allocation (the output buffer is reused) and no host synchronisation."""
+        if q.shape != self.q.shape or q.dtype != self.q.dtype:
+            raise ValueError(f"Decoder built for {tuple(self.q.shape)} {self.q.dtype}, got {tuple(q.shape)} {q.dtype}")
+        self.q = q if q.stride(-1) == 1 else q.contiguous()
+        return self(k_new, v_new)
 
 
 def decode_attention(q: torch.Tensor, kv: PackedKV, k_new: torch.Tensor | None = None,

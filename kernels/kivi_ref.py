@@ -35,6 +35,9 @@ GROW = 256
 VALUE_ROWS = 16
 # elements (B x H x tokens x D) quantized at a time by pack_keys/pack_values: 2^27 elements, ~2.7 GB of intermediates
 CHUNK_ELEMENTS = 2**27
+# and at most 1/8 of the tensor being packed (but at least this many): ~20 B of intermediates per element of a chunk
+# then stay below the 4 B per element that full's own K and V take at 16 bits, at every size, not only the largest
+MIN_CHUNK_ELEMENTS = 2**20
 
 
 def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +49,11 @@ def quantize(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.
     lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     mn = lo.half()
     mn = torch.where(mn.float() > lo, torch.nextafter(mn, torch.full_like(mn, float("-inf"))), mn)
-    want = (hi - mn.float()) / levels
+    # divided by a tensor, not the Python int: CUDA torch computes x / scalar as x * fl(1 / scalar). Where x / 15 is
+    # exactly an fp16 value (common: bf16/fp16 inputs), x * fl(1/15) lands one fp32 step above it and the outward
+    # rounding then takes the next fp16 up, so 4-bit scales on the GPU differed from the CPU's and from the fused
+    # writer's div_rn in ~4% of groups (the "fused 4-bit writer bug"); fl(1/3) = (1 + 2^-25) / 3 always rounds back
+    want = (hi - mn.float()) / torch.full_like(hi, levels)
     scale = want.half()
     scale = torch.where(scale.float() < want, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     safe = torch.where(scale > 0, scale.float(), 1.0)
@@ -130,6 +137,9 @@ class PackedKV:
     rk: torch.Tensor
     rv: torch.Tensor
     n: int = 0
+    # a pinned cache (capture-safe decode, methods/kivi.py reserve()): int32 [1], the tokens seen, kept on the device
+    # by kernels.kivi.append_pinned; n is its host mirror
+    ndev: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, B: int, H: int, D: int, dtype: torch.dtype, device, bits: int, group: int, residual: int):
@@ -194,11 +204,13 @@ class PackedKV:
         self.vq, self.vs, self.vm = _resized(self.vq, cap), _resized(self.vs, cap), _resized(self.vm, cap)
 
     def _chunk(self, x: torch.Tensor) -> int:
-        """Tokens quantized at a time: about CHUNK_ELEMENTS elements, whole key groups. The quantizer's float and
-        int64 intermediates take ~20 bytes per element, so a 128K x 64 prefill in one piece needed 10x the memory of
-        the bf16 cache it compresses; in chunks its transient memory is a few GiB at most."""
+        """Tokens quantized at a time: at most CHUNK_ELEMENTS elements and 1/8 of x (MIN_CHUNK_ELEMENTS at least),
+        whole key groups. The quantizer's float and int64 intermediates take ~20 bytes per element, so a 128K x 64
+        prefill in one piece needed 10x the memory of the bf16 cache it compresses (a 32 GiB allocation); in chunks
+        its transient memory is at most ~2.7 GB, and below what full's own cache takes for the same tokens."""
         B, H, _, D = x.shape
-        return max(self.group, CHUNK_ELEMENTS // (B * H * D) // self.group * self.group)
+        cap = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, x.numel() // 8))
+        return max(self.group, cap // (B * H * D) // self.group * self.group)
 
     def pack_keys(self, k: torch.Tensor, start: int) -> None:
         """Quantize keys k [B, H, N, D] of tokens start .. start + N - 1 (whole groups) into their reserved rows."""

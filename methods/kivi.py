@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.api import KVBenchError, LayerCache, LayerSpec, Method, ParamError, param
+from kvbench.api import KVBenchError, LayerCache, LayerSpec, Method, ParamError, ReservedRoomError, capturing, param
 from kvbench import attention
 from kvbench.attention import dense_attention
 from kvbench.kernels import kivi_ref
@@ -63,16 +63,46 @@ class Kivi(Method):
 
 
 class KiviLayer(LayerCache):
-    # not yet: a device-side residual counter and a flush kernel that runs every step (doing nothing on most) would
-    # make it capture-safe, as selfindex's planned steps are
-    capture_unsafe_reason = ("kivi quantizes its key residual as a block once it is full, a host-side branch, and its "
-                             "kernels take the packed and residual lengths as host integers")
+    """Capture-safe with the Triton kernels (kivi_ref.PackedKV pinned by reserve()): the length lives in a device
+    counter, the decode kernel's ranges are planned for the reserved length, and one write kernel packs the value
+    leaving the residual and, every R steps, the completed key block, deciding on the device."""
+
+    capture_unsafe_reason = ("kivi's PyTorch path (impl=torch, or no CUDA) dequantizes the cache and quantizes its key "
+                             "residual with host-side branches at every step")
 
     def __init__(self, spec: LayerSpec, method: Kivi):
         self.spec, self.method = spec, method
         self.kv: kivi_ref.PackedKV | None = None
         self.use_triton = self._use_triton(spec.device)
         self.last = "none"
+        self.pin = None  # after reserve(): the Decoder over the pinned cache, planned for `room` tokens
+        self.room = 0
+
+    @property
+    def capture_safe(self) -> bool:
+        return self.use_triton
+
+    def reserve(self, n_new: int) -> None:
+        if not self.use_triton:
+            raise KVBenchError(f"kivi is not capture-safe here: {self.capture_unsafe_reason}")
+        if self.kv is None:
+            raise ReservedRoomError("kivi: reserve() before prefill", 0, n_new, 0)
+        from kvbench.kernels import kivi as kernel
+
+        kv, R = self.kv, self.kv.residual
+        self.room = kv.n + n_new
+        kv.reserve(self.room // R * R, max(0, self.room - R))  # every buffer at its final size: no step allocates
+        kv.ndev = torch.full((1,), kv.n, dtype=torch.int32, device=kv.rk.device)
+        s = self.spec
+        q = torch.zeros(kv.rk.shape[0], s.n_heads, 1, s.head_dim, dtype=kv.rk.dtype, device=kv.rk.device)
+        self.pin = kernel.Decoder(q, kv, max_tokens=self.room)
+
+    def advance(self, n: int) -> None:
+        if self.pin is None:
+            raise KVBenchError("kivi: advance() needs reserve() first")
+        if self.kv.n + n > self.room:
+            raise ReservedRoomError("kivi", self.kv.n, n, self.room)
+        self.kv.n += n
 
     def _use_triton(self, device: torch.device) -> bool:
         m = self.method
@@ -99,6 +129,7 @@ class KiviLayer(LayerCache):
     def prefill(self, q, k, v):
         m = self.method
         B, H, _, D = k.shape
+        self.pin, self.room = None, 0
         self.kv = kivi_ref.PackedKV.empty(B, H, D, k.dtype, k.device, m.bits, m.group, m.residual)
         self.kv.append(k, v)
         out = dense_attention(q, k, v, causal=True)  # the prompt attends in full precision, as in the authors' code
@@ -106,14 +137,13 @@ class KiviLayer(LayerCache):
         return out
 
     def extend(self, q, k, v):
+        if self.pin is not None:
+            return self._extend_pinned(q, k, v)
         if q.shape[2] == 1 and self.use_triton:  # a decode step: attention on the packed words, then a fused write
             from kvbench.kernels import kivi as kernel
 
             out = kernel.decode_attention(q, self.kv, k, v)
-            if self.kv.bits == 2:
-                kernel.append_one(self.kv, k, v)
-            else:  # the fused 4-bit writer disagrees with the reference on an H100 (tests/test_kivi.py, xfail)
-                self.kv.append(k, v)
+            kernel.append_one(self.kv, k, v)
             self.last = "triton"
             return out
         # a question chunk, or the reference: dequantize, then dense attention
@@ -122,14 +152,36 @@ class KiviLayer(LayerCache):
         self.last = "torch"
         return out
 
+    def _extend_pinned(self, q, k, v):
+        """A step of a reserved run: no allocation, no host sync (the room is checked first, outside a capture; a
+        graph's replays are checked by advance()). A chunk of T > 1 tokens takes the eager path within the room."""
+        from kvbench.kernels import kivi as kernel
+
+        if q.shape[2] == 1:
+            if not capturing(q):
+                self.advance(1)
+            out = self.pin.step(q, k, v)  # attends before the token is written, as the plain path does
+            kernel.append_pinned(self.kv, k, v)
+            self.last = "triton"
+            return out
+        if self.kv.n + k.shape[2] > self.room:
+            raise ReservedRoomError("kivi", self.kv.n, k.shape[2], self.room)
+        out = kivi_ref.attention_ref(q, self.kv, k, v)
+        self.kv.append(k, v)  # within the reserved capacity: no buffer moves, so the pinned Decoder stays valid
+        self.kv.ndev.fill_(self.kv.n)
+        self.last = "torch"
+        return out
+
     def nbytes(self) -> int:
-        return self.kv.nbytes() if self.kv is not None else 0
+        if self.kv is None:
+            return 0
+        return self.kv.nbytes() + (4 if self.kv.ndev is not None else 0)
 
     def seq_len(self) -> int:
         return self.kv.n if self.kv is not None else 0
 
     def info(self):
-        return {"backend": self.last}
+        return {"backend": self.last, "pinned": self.pin is not None}
 
     def decode_fns(self, q):
         if not self.use_triton:
