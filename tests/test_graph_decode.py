@@ -263,7 +263,7 @@ def test_throughput_records_say_which_decode_mode_ran_and_why(graph, tmp_path):
 CAPTURE_SAFE = ["snapkv:capacity=48,window=8", "pyramidkv:capacity=48,window=8", "adakv:capacity=48,window=8",
                 "selfindex:budget=0.3,sinks=4,window=8", "selfindex:budget=0.3,sinks=4,window=8,setting=16+1",
                 "selfindex:budget=64,sinks=8,window=16,fixed=scored", "selfindex:budget=0.1",
-                "h2o:heavy=0.1,recent=0.05", "tova:capacity=0.15"]
+                "h2o:heavy=0.1,recent=0.05", "tova:capacity=0.15", "kivi", "kivi:bits=4"]
 
 
 @pytest.mark.gpu
@@ -301,9 +301,9 @@ def test_generate_greedy_on_the_cpu_is_transformers_generate():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("spec", ["full", "selfindex:budget=0.3,sinks=4,window=8", "kivi"])
+@pytest.mark.parametrize("spec", ["full", "selfindex:budget=0.3,sinks=4,window=8", "kivi", "qjl"])
 def test_generate_greedy_replays_graphs_token_identical_to_transformers_generate(spec):
-    """kvbench generate's path on the GPU (graph for capture-safe methods, eager steps for kivi) gives the tokens of
+    """kvbench generate's path on the GPU (graph for capture-safe methods, eager steps for qjl) gives the tokens of
     transformers' generate through the same method's cache, and cuts after the first stop token."""
     from kvbench.bridge import attach
     from kvbench.graph_decode import generate_greedy
@@ -314,7 +314,7 @@ def test_generate_greedy_replays_graphs_token_identical_to_transformers_generate
         want = model.generate(ids, attention_mask=torch.ones_like(ids), **with_cache(model, attach(
             model, parse_method(spec))), max_new_tokens=24, do_sample=False)[:, 300:]
         got, facts = generate_greedy(model, attach(model, parse_method(spec)), ids, 24)
-        assert facts["decode_mode"] == ("eager" if spec == "kivi" else "graph"), facts
+        assert facts["decode_mode"] == ("eager" if spec == "qjl" else "graph"), facts
         assert torch.equal(got, want)
         stop = int(want[0, 5])
         cut, _ = generate_greedy(model, attach(model, parse_method(spec)), ids, 24, stop={stop})
