@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from kvbench.decoding import run_instance
+from kvbench.decoding import Prefixes, run_instance
 from kvbench.errors import KVBenchError
 from kvbench.intervals import mean_interval, paired_against
 from kvbench.metrics import BYTES_PER_TOKEN, PPL, SCORE
@@ -162,16 +162,21 @@ class AccuracyOptions(Options):
     score_tokens: int = option("ppl: tokens scored one decode step at a time after the prefix.", 64, min=1)
     fidelity: bool = option("Measure attention fidelity against the full cache at each decode step (costs a shadow "
                             "full cache).", True)
+    share_prefill: bool = option("On the CPU, run each prompt's dense prefill once and replay it into the cache of each "
+                                 "method whose prefill is dense (full, selfindex, kivi, snapkv): the same records, "
+                                 "a fraction of the time (kvbench/decoding.py).", True)
 
 
-def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True) -> dict[str, Any]:
-    """One cell: run `method` on `inst` under `protocol`; returns the record's metrics."""
+def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True,
+             prefixes: Prefixes | None = None) -> dict[str, Any]:
+    """One cell: run `method` on `inst` under `protocol`; returns the record's metrics. `prefixes`: the shared
+    prefills to take this cell's from where the method allows (kvbench.decoding.Prefixes), or None."""
     from kvbench.bridge import attach
     from kvbench.suites.fidelity import Fidelity
 
     wrapped = Fidelity(inner=method) if fidelity else method
     cache = attach(model, wrapped)
-    o = run_instance(model, tok, cache, inst, question_chunk=protocol == T.QUERY_AGNOSTIC)
+    o = run_instance(model, tok, cache, inst, question_chunk=protocol == T.QUERY_AGNOSTIC, prefixes=prefixes)
     m: dict[str, Any] = {}
     if inst.score_tokens:
         m[PPL] = math.exp(o.nll / inst.score_tokens)
@@ -276,6 +281,8 @@ class Session:
             raise KVBenchError(f"model '{plan.model}' has no tokenizer (synthetic models have random weights); the "
                                "accuracy suite needs a real model, e.g. --model embedded")
         self.instances: dict[tuple, T.Instance] = {}
+        # suites reusing this session (fidelity_at_length) have options of their own, without share_prefill
+        self.prefixes = Prefixes(self.model) if getattr(self.options, "share_prefill", False) else None
 
     def announce(self, plan: Plan) -> None:
         """On the CPU, the profile's estimated time before the first cell (suites reusing this session override it)."""
@@ -295,7 +302,7 @@ class Session:
 
 def measure(s: Session, cell: Cell) -> dict[str, Any]:
     return evaluate(s.model, s.tok, cell.parsed, s.instance(cell.cell), cell.cell["protocol"],
-                    fidelity=s.options.fidelity)
+                    fidelity=s.options.fidelity, prefixes=s.prefixes)
 
 
 def _test_key(r: dict) -> tuple:
