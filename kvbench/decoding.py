@@ -1,18 +1,30 @@
 """Driving a transformers model through a method's cache (kvbench.bridge): a task instance prefilled whole or as
 context then question, greedy answers and token-by-token perplexity (the accuracy suite); random prompts, a timed real
-prefill, a cache filled with synthetic keys and values layer by layer, and timed decode steps (the throughput suite)."""
+prefill, a cache filled with synthetic keys and values layer by layer, and timed decode steps (the throughput suite).
+
+Shared prefills (`Prefixes`, issue 13): the methods in `prefill_queries` attend densely during prefill
+(`attention.dense_attention(q, k, v, causal=True)` on the keys and values as the model made them) and only compress
+what they store, so the model's whole prefill pass, every layer's queries, keys and values and the last logits
+included, is the same whichever of them runs. On the CPU, `run_instance` then runs that pass once per token prefix
+(the whole prompt, or the context of the query-agnostic protocol), records each layer's keys, values and last queries,
+and replays them into each method's cache through `LayerCache.prefill`: the cache ends in the state its own pass
+would have left, while the model's linear layers (about 90% of a prefill at 1K-4K tokens) run once instead of once
+per method and protocol. tests/test_accuracy.py checks that the records are the same with and without it.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from kvbench.api import LayerCache, LayerSpec, Method
 
 if TYPE_CHECKING:
     import torch
 
-    from kvbench.api import Method
     from kvbench.bridge import KVBenchCache
     from kvbench.suites.tasks import Instance
 
@@ -37,10 +49,99 @@ def eos_ids(model, tok) -> set[int]:
     return ids
 
 
-def run_instance(model, tok, cache, inst: Instance, question_chunk: bool) -> Outcome:
+def prefill_queries(method) -> int | None:
+    """How many of the last prompt queries `method`'s prefill state depends on, for a method whose prefill output is
+    `dense_attention(q, k, v, causal=True)` and whose stored state is a function of k, v and those queries alone;
+    None for any other method (it runs its own prefill pass). Exact classes only: a subclass may prefill otherwise."""
+    from kvbench.methods.full import Full
+    from kvbench.methods.kivi import Kivi
+    from kvbench.methods.selfindex import SelfIndex
+    from kvbench.methods.snapkv import SnapKV
+    from kvbench.suites.fidelity import Fidelity
+
+    kind = type(method)
+    if kind is Fidelity:  # its shadow full cache only stores k and v; drive=full returns the shadow's output instead
+        return prefill_queries(method.inner) if method.drive == "method" else None
+    if kind in (Full, Kivi):  # stores (quantizes) k and v; its dense output reads the stored view, bitwise the same
+        return 1
+    if kind is SelfIndex:  # packs k and v; fixed=scored reads the last query's attention
+        return 1
+    if kind is SnapKV:  # its votes read the last `window` queries
+        return method.window
+    return None
+
+
+PREFIX_QUERIES = 128  # last prompt queries a recorded prefill keeps per layer: more than any method above reads
+
+
+@dataclass
+class Prefix:
+    """One dense prefill pass of a token prefix: per layer the last PREFIX_QUERIES queries [B, Hq, <=128, D] and every
+    key and value [B, Hkv, T, D] as the attention function received them, the last position's logits [B, V] (fp32),
+    and the pass's seconds."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+    seconds: float
+
+
+class Prefixes:
+    """The recorded prefills of one model, the `keep` most recently used (the instance-major cell order of the
+    accuracy suite needs two at a time: an instance's whole prompt and its context)."""
+
+    def __init__(self, model, keep: int = 2):
+        self.model, self.keep = model, keep
+        self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
+        self.recorded = 0  # passes run, for tests and benchmarks
+
+    def get(self, ids: torch.Tensor) -> Prefix:
+        """The prefill of ids [1, T], recorded on the first request."""
+        key = tuple(ids[0].tolist())
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        while len(self.entries) >= self.keep:
+            self.entries.popitem(last=False)  # free the oldest before the new pass allocates
+        self.entries[key] = prefix = record_prefill(self.model, ids)
+        self.recorded += 1
+        return prefix
+
+
+def record_prefill(model, ids: torch.Tensor) -> Prefix:
+    """Run the dense prefill of ids [1, T] once, keeping what each layer's attention was given."""
+    import torch
+
+    from kvbench.bridge import attach, with_cache
+    from kvbench.timing import sync
+
+    method = _Record()
+    cache = attach(model, method)
+    sync(model.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model(ids, **with_cache(model, cache), logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+    sync(model.device)
+    layers = [(c.q, c.k, c.v) for c in cache.layer_caches()]
+    return Prefix(layers, logits, time.perf_counter() - t0)
+
+
+def replay(cache: KVBenchCache, prefix: Prefix, n_queries: int) -> None:
+    """Prefill every layer of `cache` from a recorded pass, as the model's own pass would (the output is dropped: it
+    is the recorded pass's). Keys and values are copied, strides kept, so no cache can alter the shared ones."""
+    for layer, (q, k, v) in zip(cache.layers, prefix.layers, strict=True):
+        k, v = k.clone(), v.clone()
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        layer.attend(q[:, :, -n_queries:], k, v)
+
+
+def run_instance(model, tok, cache, inst: Instance, question_chunk: bool, prefixes: Prefixes | None = None) -> Outcome:
     """Feed one task instance (kvbench.suites.tasks) through the model with `cache`: prefill the whole prompt, or
     (question_chunk) the context first and then the question as one extend chunk; then decode greedily, or, for ppl,
-    score the last tokens one decode step at a time."""
+    score the last tokens one decode step at a time. With `prefixes`, on the CPU, a method in `prefill_queries` gets
+    its prefill replayed from the shared pass (module docstring); `prefill_s` is then the shared pass's seconds plus
+    this cell's replay (and question chunk), and `prefill_shared` is set."""
     import torch
 
     from kvbench.bridge import with_cache
@@ -50,21 +151,33 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool) -> Out
     ids = torch.tensor([inst.ids], device=dev)
     kw = with_cache(model, cache)  # the cache under the name this transformers takes
     o = Outcome()
+    n_queries = prefill_queries(cache.method) if prefixes is not None and dev.type == "cpu" else None
+    shared = n_queries is not None and n_queries <= PREFIX_QUERIES and ids.shape[0] == 1
+
+    def prefill(prefix_ids):
+        """Logits [B, V] of the last prefix position, the cache prefilled; seconds of a shared pass, else 0."""
+        if shared:
+            prefix = prefixes.get(prefix_ids)
+            replay(cache, prefix, n_queries)
+            return prefix.logits, prefix.seconds
+        return model(prefix_ids, **kw, logits_to_keep=1).logits[:, -1].float(), 0.0
+
     with torch.inference_mode():
         sync(dev)
         t0 = time.perf_counter()
         if inst.score_tokens or (question_chunk and 0 < inst.split < len(inst.ids)):
-            out = model(ids[:, : inst.split], **kw, logits_to_keep=1)
+            logits, pass_s = prefill(ids[:, : inst.split])
             sync(dev)
-            o.extra["context_prefill_s"] = round(time.perf_counter() - t0, 4)
+            o.extra["context_prefill_s"] = round(pass_s + time.perf_counter() - t0, 4)
             if not inst.score_tokens:  # the question arrives after the context was compressed: one extend chunk
-                out = model(ids[:, inst.split:], **kw, logits_to_keep=1)
+                logits = model(ids[:, inst.split:], **kw, logits_to_keep=1).logits[:, -1].float()
         else:
-            out = model(ids, **kw, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
+            logits, pass_s = prefill(ids)
         sync(dev)
         t1 = time.perf_counter()
-        o.prefill_s = t1 - t0
+        o.prefill_s = pass_s + t1 - t0
+        if shared:
+            o.extra["prefill_shared"] = True
         if inst.score_tokens:
             targets = inst.ids[inst.split:]
             nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on the device: no sync per token
@@ -88,6 +201,39 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool) -> Out
         sync(dev)
         o.decode_s = time.perf_counter() - t1
     return o
+
+
+class _RecordLayer(LayerCache):
+    """A layer of the recording pass: dense causal attention, as each method in prefill_queries computes it, keeping
+    the last queries and the keys and values it was given (the model's own tensors, not copies)."""
+
+    def __init__(self, spec: LayerSpec):
+        self.spec, self.q, self.k, self.v = spec, None, None, None
+
+    def prefill(self, q, k, v):
+        from kvbench.attention import dense_attention
+
+        self.q, self.k, self.v = q[:, :, -PREFIX_QUERIES:].clone(), k, v
+        return dense_attention(q, k, v, causal=True)
+
+    def extend(self, q, k, v):
+        raise RuntimeError("a recorded prefill is one pass")
+
+    def seq_len(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class _Record(Method):
+    """record-prefill: the recording pass's method (internal, not registered)."""
+
+    name = "record-prefill"
+
+    def make_layer(self, spec: LayerSpec) -> LayerCache:
+        return _RecordLayer(spec)
 
 
 def random_ids(model, batch: int, tokens: int, gen: torch.Generator) -> torch.Tensor:

@@ -19,15 +19,19 @@ haystack and in CPython's documentation prose, vt, at depths 0.1/0.5/0.9 and see
 per method and protocol, every method on the same cells, so `summary_rows` can pair each one with full. The table
 shows each mean with its bootstrap 95% interval over cells and the paired difference from full (kvbench.intervals);
 the same rows go to `<out>/accuracy.summary.json`. On a CPU the suite prints its estimated time from the cost model
-below: about 8.6 hours on 2 idle cores for the whole profile, 4 hours for the four methods at one budget each, 36
-minutes for full alone: a cell costs 3-10 s there, and 100 cells per method and protocol at 1K-4K do not fit an hour.
+below: on 2 idle cores about 80 minutes for the whole profile, 47 minutes for the four methods at one budget each
+(`kvbench run accuracy -m full -m selfindex:budget=0.1 -m kivi -m snapkv:capacity=0.1`), 21 minutes for full alone.
+Most of that is decode steps (50-160 ms each on 2 cores at 1K-4K, fidelity included) and the dense prefill passes
+(1.2-6 s), which the four methods share: each prompt's prefill runs once and is replayed into every method's cache
+(kvbench/decoding.py, issue 13; `--no-share-prefill` runs one pass per cell, about twice the time, same records).
 
 The quick profile (`--quick`) runs full, selfindex (budget 10% of the context), kivi (2 bits) and snapkv (capacity
 10%) in both protocols on the embedded SmolLM2-135M with 1K-token prompts: passkey, niah_single and niah_multikey
-(noise haystack) at depths 0.2/0.5/0.8 and ppl, seeds 0 and 1; 152 cells, 19 minutes near idle on 2 CPU cores (issue
-18). niah_multivalue and niah_multiquery are left out of both profiles: the 135M model scores 0.6-0.9 on them even
-with the full cache (suites/tasks.py), so they would measure the model more than the cache, and each decodes 48 tokens
-(four times a needle cell's decode); `--tasks` adds them.
+(noise haystack) at depths 0.2/0.5/0.8 and ppl, seeds 0 and 1; 152 cells, about 3.5 minutes on 2 idle CPU cores by
+the cost model (issue 18 measured 19 minutes before prefills were shared, on a busier machine). niah_multivalue and
+niah_multiquery are left out of both profiles: the 135M model scores 0.6-0.9 on them even with the full cache
+(suites/tasks.py), so they would measure the model more than the cache, and each decodes 48 tokens (four times a
+needle cell's decode); `--tasks` adds them.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from kvbench.decoding import run_instance
+from kvbench.decoding import Prefixes, run_instance
 from kvbench.errors import KVBenchError
 from kvbench.intervals import mean_interval, paired_against
 from kvbench.metrics import BYTES_PER_TOKEN, PPL, SCORE
@@ -57,18 +61,26 @@ QUICK_METHODS = ("full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1")
 DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "selfindex:budget=0.1", "kivi",
                    "snapkv:capacity=160", "snapkv:capacity=0.075", "snapkv:capacity=0.1")
 
-# The cost model behind the estimate a CPU run prints (estimate_s). Unit: one `full` cell at 1K tokens (prefill,
-# PREFILL_SHARE of it, plus STEP_SHARE per decode step) on 2 idle CPU cores, UNIT_S seconds: the quick profile (152
-# cells, 334.3 such units with these factors) took 19 minutes near idle for issue 18. The factors are CPU-second ratios
-# measured on this 2-core machine under load (nice -n 5, load 5-12, one niah_single cell of each kind per length,
-# benchmarks/accuracy_cell_costs.py, records in benchmarks/records/accuracy-cell-costs.jsonl;
-# fidelity on, 2026-12-02): per method against full at the same length (averaged over 1K, 2K, 4K), per length against
-# 1K for full. Loaded-machine ratios are rough (about +-30%); the estimate is a design check, not a measurement.
-UNIT_S = 3.4
-METHOD_COST = {"full": 1.0, "selfindex": 2.5, "kivi": 1.7, "snapkv": 1.35}
-UNKNOWN_METHOD_COST = 2.5  # a method not measured here: as costly as the costliest measured one
-LENGTH_COST = {1024: 1.0, 2048: 1.45, 4096: 2.3}
-PREFILL_SHARE, STEP_SHARE = 0.5, 0.06  # of a 1K needle cell: prefill, one decode step (a 63-step ppl cell: 4.5x)
+# The cost model behind the estimate a CPU run prints (estimate_s), in seconds on 2 idle CPU cores. A cell costs its
+# method's own prefill work (REPLAY_S: building its cache from the dense pass), the question chunk in the
+# query-agnostic protocol (QUESTION_S) and its decode steps (STEP_S, fidelity on); the model's dense prefill pass
+# (PASS_S) is paid once per token prefix (an instance's whole prompt, its context) for the methods that share it
+# (kvbench.decoding.prefill_queries; the default, share_prefill), once per cell otherwise. Measured 2026-12-02 by
+# benchmarks/accuracy_cell_costs.py (niah_single, one thread, process CPU seconds on the shared 2-core machine at load
+# 3-9; records in benchmarks/records/accuracy-cell-costs.jsonl), divided by the CPU seconds per idle 2-core second
+# measured near idle on the same cells (PASS_CPU_PER_S for the pass, whose matrix products use both cores; CPU_PER_S
+# for the rest). Lengths between and beyond 1K, 2K and 4K are interpolated as a power of the length; a method not
+# measured here costs what the costliest measured one does and runs its own pass. Rough (about +-30%): a design
+# check, not a measurement.
+PASS_CPU_PER_S, CPU_PER_S = 2.0, 1.7
+PASS_S = {1024: 2.31, 2048: 4.67, 4096: 12.01}
+REPLAY_S = {"full": {1024: 0.059, 2048: 0.084, 4096: 0.203}, "selfindex": {1024: 0.41, 2048: 0.94, 4096: 2.31},
+            "kivi": {1024: 0.101, 2048: 0.261, 4096: 0.459}, "snapkv": {1024: 0.094, 2048: 0.195, 4096: 0.385}}
+QUESTION_S = {"full": {1024: 0.217, 2048: 0.325, 4096: 0.496}, "selfindex": {1024: 0.52, 2048: 0.67, 4096: 0.90},
+              "kivi": {1024: 0.250, 2048: 0.385, 4096: 0.562}, "snapkv": {1024: 0.178, 2048: 0.205, 4096: 0.256}}
+STEP_S = {"full": {1024: 0.081, 2048: 0.109, 4096: 0.167}, "selfindex": {1024: 0.126, 2048: 0.154, 4096: 0.213},
+          "kivi": {1024: 0.119, 2048: 0.187, 4096: 0.264}, "snapkv": {1024: 0.083, 2048: 0.099, 4096: 0.126}}
+SHARED = ("full", "selfindex", "kivi", "snapkv")  # the methods of kvbench.decoding.prefill_queries
 
 
 def _list(value, kind, flag: str) -> list:
@@ -162,16 +174,21 @@ class AccuracyOptions(Options):
     score_tokens: int = option("ppl: tokens scored one decode step at a time after the prefix.", 64, min=1)
     fidelity: bool = option("Measure attention fidelity against the full cache at each decode step (costs a shadow "
                             "full cache).", True)
+    share_prefill: bool = option("On the CPU, run each prompt's dense prefill once and replay it into the cache of "
+                                 "each method whose prefill is dense (full, selfindex, kivi, snapkv): the same "
+                                 "records in about half the time (kvbench/decoding.py).", True)
 
 
-def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True) -> dict[str, Any]:
-    """One cell: run `method` on `inst` under `protocol`; returns the record's metrics."""
+def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True,
+             prefixes: Prefixes | None = None) -> dict[str, Any]:
+    """One cell: run `method` on `inst` under `protocol`; returns the record's metrics. `prefixes`: the shared
+    prefills to take this cell's from where the method allows (kvbench.decoding.Prefixes), or None."""
     from kvbench.bridge import attach
     from kvbench.suites.fidelity import Fidelity
 
     wrapped = Fidelity(inner=method) if fidelity else method
     cache = attach(model, wrapped)
-    o = run_instance(model, tok, cache, inst, question_chunk=protocol == T.QUERY_AGNOSTIC)
+    o = run_instance(model, tok, cache, inst, question_chunk=protocol == T.QUERY_AGNOSTIC, prefixes=prefixes)
     m: dict[str, Any] = {}
     if inst.score_tokens:
         m[PPL] = math.exp(o.nll / inst.score_tokens)
@@ -223,21 +240,36 @@ def cells(plan: Plan) -> list[Cell]:
     return out
 
 
-def _length_cost(length: int) -> float:
-    """LENGTH_COST, interpolated (and extrapolated past its ends) as a power of the length between measured points."""
-    known = sorted(LENGTH_COST)
+def _at(table: dict[int, float], length: int) -> float:
+    """table (length -> CPU seconds) at `length`, interpolated (and extrapolated past its ends) as a power of the
+    length between measured points."""
+    known = sorted(table)
     lo = max([n for n in known[:-1] if n <= length], default=known[0])
     hi = known[known.index(lo) + 1]
-    slope = math.log(LENGTH_COST[hi] / LENGTH_COST[lo]) / math.log(hi / lo)
-    return LENGTH_COST[lo] * (length / lo) ** slope
+    slope = math.log(table[hi] / table[lo]) / math.log(hi / lo)
+    return table[lo] * (length / lo) ** slope
 
 
-def cell_cost_s(c: Cell, max_new_tokens: int, score_tokens: int = 0) -> float:
-    """Estimated seconds of one cell on 2 idle CPU cores (the cost model above)."""
-    name = c.method.partition(":")[0]
+def _costliest(table: dict[str, dict[int, float]], length: int) -> float:
+    return max(_at(t, length) for t in table.values())
+
+
+def cell_cost_s(c: Cell, max_new_tokens: int, score_tokens: int = 0, shared: bool = False) -> float:
+    """Estimated seconds of one cell on 2 idle CPU cores (the cost model above); `shared`: its dense prefill pass is
+    counted apart (estimate_s), not here."""
+    name, length = c.method.partition(":")[0], int(c.cell["context"])
     steps = score_tokens - 1 if score_tokens else max_new_tokens
-    unit = PREFILL_SHARE + STEP_SHARE * steps
-    return UNIT_S * METHOD_COST.get(name, UNKNOWN_METHOD_COST) * _length_cost(int(c.cell["context"])) * unit
+    part = (lambda t: _at(t[name], length)) if name in STEP_S else (lambda t: _costliest(t, length))
+    cpu = part(REPLAY_S) + steps * part(STEP_S)
+    if c.cell["protocol"] == T.QUERY_AGNOSTIC and not score_tokens:
+        cpu += part(QUESTION_S)
+    return cpu / CPU_PER_S + (0 if shared else _at(PASS_S, length) / PASS_CPU_PER_S)
+
+
+def _prefix(c: Cell) -> tuple:
+    """The token prefix a cell prefills: its instance's whole prompt, or (query-agnostic, ppl) its context."""
+    whole = c.cell["protocol"] == T.QUERY_AWARE and c.cell["task"] != "ppl"
+    return (_test_key({"cell": {k: v for k, v in c.cell.items() if k != "protocol"}}), whole)
 
 
 # decode tokens a task asks for at most (suites/tasks.py): the estimate counts them all
@@ -245,18 +277,23 @@ MAX_NEW_TOKENS = {"passkey": 10, "niah_single": 12, "niah_multikey": 12, "niah_m
                   "niah_multiquery": 48, "vt": 30}
 
 
-def estimate_s(cell_list: list[Cell]) -> float:
+def estimate_s(cell_list: list[Cell], share_prefill: bool = True) -> float:
     """Estimated seconds of a list of cells on 2 idle CPU cores; a file: task counts as 64 new tokens."""
-    return sum(cell_cost_s(c, MAX_NEW_TOKENS.get(c.cell["task"], 64), c.cell.get("score_tokens") or 0)
-               for c in cell_list)
+    total, prefixes = 0.0, {}
+    for c in cell_list:
+        shared = share_prefill and c.method.partition(":")[0] in SHARED
+        if shared:
+            prefixes[_prefix(c)] = int(c.cell["context"])
+        total += cell_cost_s(c, MAX_NEW_TOKENS.get(c.cell["task"], 64), c.cell.get("score_tokens") or 0, shared)
+    return total + sum(_at(PASS_S, n) for n in prefixes.values()) / PASS_CPU_PER_S
 
 
 def estimate_text(plan: Plan) -> str:
     cell_list = cells(plan)
     scored = Counter((c.method, c.cell["protocol"]) for c in cell_list if c.cell["task"] != "ppl")
     return (f"accuracy: {len(cell_list)} cells ({min(scored.values(), default=0)} scored cells per method and "
-            f"protocol); estimated {estimate_s(cell_list) / 60:.0f} minutes on 2 idle CPU cores "
-            "(suites/accuracy.py's cost model; finished cells are skipped, a busy machine takes longer)")
+            f"protocol); estimated {estimate_s(cell_list, plan.options.share_prefill) / 60:.0f} minutes on 2 idle CPU "
+            "cores (suites/accuracy.py's cost model; finished cells are skipped, a busy machine takes longer)")
 
 
 class Session:
@@ -276,6 +313,8 @@ class Session:
             raise KVBenchError(f"model '{plan.model}' has no tokenizer (synthetic models have random weights); the "
                                "accuracy suite needs a real model, e.g. --model embedded")
         self.instances: dict[tuple, T.Instance] = {}
+        # suites reusing this session (fidelity_at_length) have options of their own, without share_prefill
+        self.prefixes = Prefixes(self.model) if getattr(self.options, "share_prefill", False) else None
 
     def announce(self, plan: Plan) -> None:
         """On the CPU, the profile's estimated time before the first cell (suites reusing this session override it)."""
@@ -295,7 +334,7 @@ class Session:
 
 def measure(s: Session, cell: Cell) -> dict[str, Any]:
     return evaluate(s.model, s.tok, cell.parsed, s.instance(cell.cell), cell.cell["protocol"],
-                    fidelity=s.options.fidelity)
+                    fidelity=s.options.fidelity, prefixes=s.prefixes)
 
 
 def _test_key(r: dict) -> tuple:

@@ -24,6 +24,10 @@ Definitions, per layer, decode step, batch row b and KV head g (T = tokens seen,
 Each is averaged over decode steps, batch rows and heads per layer (`<metric>_layers`, one value per layer), and over
 layers (`<metric>`). Prefill and multi-token extends (a question chunk) are fed to both caches but not measured.
 
+The reference of a decode step: with `drive="method"` in fp32 (the CPU), full attention computed from the logits
+the metrics need anyway (`exact_attention`, equal to FullLayer's SDPA output to fp32 rounding and about 10x cheaper
+on the CPU at 4K tokens); otherwise the shadow FullLayer's own output.
+
 `drive` says whose outputs the model runs on: "method" (the default: the task score is the method's own, and each
 layer is measured on the queries and keys the method's earlier errors produced) or "full" (teacher forcing: the model
 runs on full attention's outputs, so every method and layer is measured on the same queries and keys, and a layer's
@@ -72,12 +76,23 @@ class FidelityStats:
         return out
 
 
+def exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full attention of one decode step in fp32, from the logits step_metrics scores with: q [B, Hq, 1, D], keys,
+    values [B, Hkv, T, D] -> (output [B, Hq, 1, D] fp32, logits [B, Hkv, g, T]). On the CPU about 10x cheaper than
+    dense_attention's SDPA at 4K tokens (no GQA copy of the keys and values); equal to it to fp32 rounding."""
+    B, Hq, _, D = q.shape
+    Hkv = keys.shape[1]
+    logits = (q.float().view(B, Hkv, Hq // Hkv, D) @ keys.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, g, T]
+    return (torch.softmax(logits, dim=-1) @ values.float()).view(B, Hq, 1, D), logits
+
+
 def step_metrics(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, ref: torch.Tensor,
-                 attended: torch.Tensor | None, values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 attended: torch.Tensor | None, values: torch.Tensor | None = None,
+                 logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Fidelity of one decode step. q [B, Hq, 1, D]; keys, values [B, Hkv, T, D] (every token, logical order); out,
-    ref [B, Hq, 1, D] (the method's and full attention's outputs); attended [B, Hkv, N] positions or None (all).
-    Returns topk_recall, attn_mass, attended_frac [B, Hkv] and out_rel_err [B, Hq]; with values also sel_out_err and
-    storage_err [B, Hq]."""
+    ref [B, Hq, 1, D] (the method's and full attention's outputs); attended [B, Hkv, N] positions or None (all);
+    logits [B, Hkv, g, T] as exact_attention returns them, when already computed. Returns topk_recall, attn_mass,
+    attended_frac [B, Hkv] and out_rel_err [B, Hq]; with values also sel_out_err and storage_err [B, Hq]."""
     B, Hq, _, D = q.shape
     Hkv, T = keys.shape[1], keys.shape[2]
     ref32 = ref.float()
@@ -88,7 +103,8 @@ def step_metrics(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, ref: to
         stages = {} if values is None else dict(sel_out_err=torch.zeros_like(err), storage_err=err)
         return dict(topk_recall=ones, attn_mass=ones, out_rel_err=err, attended_frac=ones, **stages)
     g = Hq // Hkv
-    logits = (q.float().view(B, Hkv, g, D) @ keys.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, g, T]
+    if logits is None:  # the expression exact_attention uses, so given or computed here they are the same bits
+        logits = (q.float().view(B, Hkv, g, D) @ keys.float().transpose(-1, -2)) * D**-0.5  # [B, Hkv, g, T]
     p = torch.softmax(logits, dim=-1).mean(dim=2)  # [B, Hkv, T]: GQA-mean probabilities
     pos = attended.to(p.device).long()
     valid = (pos >= 0) & (pos < T)
@@ -137,8 +153,13 @@ class FidelityLayer(LayerCache):
         if q.shape[2] != 1:
             ref = self.full.extend(q if self.drive_full else q[:, :, -1:], k, v)
             return ref if self.drive_full else out
-        ref = self.full.extend(q, k, v)
-        m = step_metrics(q, self.full.keys(), out, ref, self.inner.attended(), self.full.values())
+        logits = None
+        if self.drive_full or q.dtype != torch.float32:  # full's own kernel: what drives the model, or a half dtype
+            ref = self.full.extend(q, k, v)
+        else:  # fp32: the reference from the logits the metrics need anyway, equal to full's output to fp32 rounding
+            self.full._append(k, v)
+            ref, logits = exact_attention(q, self.full.keys(), self.full.values())
+        m = step_metrics(q, self.full.keys(), out, ref, self.inner.attended(), self.full.values(), logits)
         for name, values in m.items():
             self.stats.add(self.spec.layer_idx, name, values)
         return ref if self.drive_full else out

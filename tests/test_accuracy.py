@@ -270,9 +270,12 @@ def test_quick_profile_keeps_its_four_methods_and_its_cost():
     plan = A.SUITE.plan(None, model="embedded", quick=True, device="cpu")
     cells = A.SUITE.cells(plan)
     assert len(cells) == 152 and {c.cell["context"] for c in cells} == {1024}
-    # the cost model reproduces the quick profile's measured 19 minutes (its calibration) and ranks the standard one
+    # the cost model: a few minutes for the quick profile with shared prefills, about twice that without; the four
+    # methods' standard profile within the issue's hour, the whole default list more
     quick_min = A.estimate_s(cells) / 60
-    assert 17 <= quick_min <= 21
+    assert 2 <= quick_min <= 5 and 1.4 * quick_min < A.estimate_s(cells, share_prefill=False) / 60
+    four = A.SUITE.cells(A.SUITE.plan(list(A.QUICK_METHODS), model="embedded", device="cpu"))
+    assert 30 <= A.estimate_s(four) / 60 <= 60
     standard = A.SUITE.cells(A.SUITE.plan(None, model="embedded", device="cpu"))
     assert A.estimate_s(standard) > 10 * A.estimate_s(cells)
     assert "estimated" in A.estimate_text(plan) and "18 scored cells per method and protocol" in A.estimate_text(plan)
@@ -294,3 +297,70 @@ def test_summary_rows_give_intervals_and_paired_differences_from_full():
     assert x["vs_full_ci"][0] < -0.25 < x["vs_full_ci"][1] < 0
     shown = [col.value(x) for col in A.SUITE.columns]
     assert "-0.250 [" in shown[4] and shown[2].startswith("0.732 [")
+
+
+@pytest.fixture(scope="module")
+def tiny32(tiny):
+    """The tiny model with head dim 32, so selfindex (a multiple of 32) and kivi (group 32) run on it too."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = tiny[1]
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=None)
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(cfg).eval(), tok
+
+
+SHAREABLE = ["full", "selfindex:budget=0.2", "selfindex:budget=0.2,fixed=scored,setting=16+1", "kivi",
+             "snapkv:capacity=0.3", "snapkv:capacity=0.3,window=8,pool=avg"]
+
+
+def test_shared_prefill_gives_the_same_records(tiny32, tmp_path):
+    """One dense prefill per prompt, replayed into each method's cache, changes no record but its timings (and says
+    that it was shared); a method outside kvbench.decoding.prefill_queries runs its own pass."""
+    grid = {**GRID, "tasks": "passkey,niah_multikey,ppl", "seeds": "3"}
+    methods = SHAREABLE + [DropTop()]
+    own = A.run(methods, tmp_path / "own", model="tiny", loaded=tiny32, share_prefill=False, **grid)
+    shared = A.run(methods, tmp_path / "shared", model="tiny", loaded=tiny32, **grid)
+    assert (own.ok, own.failed) == (shared.ok, shared.failed) == (35, 0)
+    for a, b in zip(own.records, shared.records, strict=True):
+        assert "prefill_shared" not in a["metrics"]
+        assert b["metrics"].pop("prefill_shared", False) == (b["method"] != "droptop")
+        assert strip_timing(a) == strip_timing(b)  # scores, predictions, ppl and fidelity to the last bit
+
+
+def test_one_recorded_prefill_serves_every_method_and_protocol_of_an_instance(tiny32):
+    from kvbench.decoding import Prefixes
+    from kvbench.registry import parse_method
+    from kvbench.suites import tasks as T
+
+    model, tok = tiny32
+    inst = T.make_instance(tok, "niah_single", 300, 0.5, 0)
+    prefixes = Prefixes(model)
+    for label in SHAREABLE:
+        for protocol in T.PROTOCOLS:
+            m = A.evaluate(model, tok, parse_method(label), inst, protocol, prefixes=prefixes)
+            assert m["prefill_shared"]
+    assert prefixes.recorded == 2  # the whole prompt and the context, each run once
+    A.evaluate(model, tok, DropTop(), inst, "query-aware", prefixes=prefixes)  # runs its own pass
+    assert prefixes.recorded == 2
+    other = T.make_instance(tok, "niah_single", 300, 0.5, 1)
+    A.evaluate(model, tok, parse_method("full"), other, "query-aware", prefixes=prefixes)
+    assert prefixes.recorded == 3 and len(prefixes.entries) == 2  # the oldest is freed
+
+
+def test_shared_prefill_leaves_subclasses_and_teacher_forcing_alone():
+    from kvbench.decoding import prefill_queries
+    from kvbench.methods.full import Full
+    from kvbench.registry import parse_method
+    from kvbench.suites.fidelity import Fidelity
+
+    @dataclass(frozen=True)
+    class MyFull(Full):
+        name = "myfull"
+
+    assert prefill_queries(parse_method("snapkv:window=16")) == 16
+    assert prefill_queries(Fidelity(inner=parse_method("kivi"))) == 1
+    assert prefill_queries(Fidelity(inner=parse_method("kivi"), drive="full")) is None
+    assert prefill_queries(MyFull()) is None and prefill_queries(parse_method("streaming")) is None

@@ -162,3 +162,48 @@ def test_wrapper_on_a_method_that_drops_the_top_token():
 
 def test_empty_stats_summarize_to_nothing():
     assert FidelityStats().summary() == {} and FidelityStats().steps() == 0
+
+
+def test_the_fp32_reference_equals_full_attention_and_its_logits_change_no_metric():
+    """The shadow's fp32 reference (exact_attention, from the logits the metrics use) is full's SDPA output to fp32
+    rounding, and handing those logits to step_metrics gives the bits it computes itself."""
+    from kvbench.suites.fidelity import exact_attention
+
+    torch.manual_seed(0)
+    for B, Hq, Hkv, T in ((1, 9, 3, 700), (2, 4, 4, 33)):
+        q, k, v = torch.randn(B, Hq, 1, 64), torch.randn(B, Hkv, T, 64), torch.randn(B, Hkv, T, 64)
+        ref, logits = exact_attention(q, k, v)
+        torch.testing.assert_close(ref, dense_attention(q, k, v, causal=True), rtol=1e-5, atol=1e-6)
+        out, attended = ref + 0.01 * torch.randn_like(ref), torch.randint(0, T, (B, Hkv, 20))
+        a = step_metrics(q, k, out, ref, attended, v)
+        b = step_metrics(q, k, out, ref, attended, v, logits)
+        assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_fidelity_stats_with_the_fp32_reference_match_the_sdpa_shadow():
+    """A fp32 Fidelity run (the fp32 reference) against the same run with full's SDPA output as the reference (what the
+    shadow gave before, and still gives in a half dtype or with drive=full): the metrics agree to float tolerance."""
+    import kvbench.suites.fidelity as F
+
+    torch.manual_seed(0)
+    spec = LayerSpec(0, 1, 4, 2, 32, torch.float32, torch.device("cpu"))
+    steps = [(torch.randn(1, 4, T, 32), torch.randn(1, 2, T, 32), torch.randn(1, 2, T, 32)) for T in (50, 1, 1, 1)]
+
+    def stats() -> dict:
+        f = Fidelity(inner=DropTop())
+        layer = f.make_layer(spec)
+        for i, (q, k, v) in enumerate(steps):
+            (layer.prefill if i == 0 else layer.extend)(q, k, v)
+        return f.stats.summary()
+
+    orig = F.exact_attention
+    try:
+        a = stats()
+        F.exact_attention = lambda q, k, v: (dense_attention(q, k, v, causal=True), None)  # the SDPA reference
+        b = stats()
+    finally:
+        F.exact_attention = orig
+    assert a.keys() == b.keys() and a["topk_recall"] == b["topk_recall"]
+    for name in a:
+        if not name.endswith("_layers"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-6), name
