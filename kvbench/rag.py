@@ -193,17 +193,26 @@ class Rope:
             raise KVBenchError(f"{type(model).__name__} has no rotary embedding (inv_freq); the rag suite needs RoPE")
         self.inv_freq = mods[0].inv_freq
 
-    def shift(self, k: torch.Tensor, delta: int) -> torch.Tensor:
-        """k [B, H, T, D] rotated by `delta` positions."""
-        if delta == 0:
+    def shift(self, k: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
+        """k [B, H, T, D] rotated by `delta` positions: one int, or one per token (a [T] tensor)."""
+        if isinstance(delta, int) and delta == 0:
             return k
-        freqs = delta * self.inv_freq.to(device=k.device, dtype=torch.float64)
-        emb = torch.cat([freqs, freqs])
-        work = torch.float64 if k.dtype == torch.float64 else torch.float32  # bf16 keys: rotate in float32, once
-        cos, sin, x = emb.cos().to(work), emb.sin().to(work), k.to(work)
-        half = k.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-        return (x * cos + rotated * sin).to(k.dtype)
+        return self.rotate(k, *self.cos_sin(torch.as_tensor(delta).view(-1), k.device, self.work_dtype(k)))
+
+    @staticmethod
+    def work_dtype(k: torch.Tensor) -> torch.dtype:
+        return torch.float64 if k.dtype == torch.float64 else torch.float32  # bf16 keys: rotate in float32, once
+
+    @staticmethod
+    def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x, half = k.to(cos.dtype), k.shape[-1] // 2
+        return (x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin).to(k.dtype)
+
+    def cos_sin(self, delta: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [len(delta), D] of each shift, computed in float64 (large positions) and cast once."""
+        freqs = delta.to(device=device, dtype=torch.float64)[:, None] * self.inv_freq.to(device, torch.float64)
+        emb = torch.cat([freqs, freqs], -1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _forward(model, cache, ids: list[int] | torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -347,16 +356,26 @@ class PositionedKV(LayerCache):
         return self.n
 
 
+def _attention_with_probs(q, K, V, mask, obs: Observer, layer: PositionedKV) -> torch.Tensor:
+    """Masked attention that hands its probabilities [B, Hq, T, S] to the observer. The query heads of a KV head
+    are folded into its rows ([B, Hkv, group x T, D]), so K and V are read as stored, never repeated per query
+    head (it was 4x the bytes at GQA 4); scores in float32."""
+    B, Hq, T, D = q.shape
+    Hkv = K.shape[1]
+    qg = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
+    scores = (qg.float() @ K.float().transpose(-1, -2)).view(B, Hq, T, -1) * D ** -0.5
+    probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
+    obs.on_probs(layer, probs)
+    out = probs.to(V.dtype).view(B, Hkv, -1, probs.shape[-1]) @ V
+    return out.view(B, Hq, T, D).to(q.dtype)
+
+
 def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -> torch.Tensor:
     """q [B, Hq, T, D] at positions qpos attends to K/V [B, Hkv, S, D] at kpos <= its own position."""
     group = q.shape[1] // K.shape[1]
     mask = kpos[None, :] <= qpos[:, None]  # [T, S]
     if obs.want_probs:
-        Kx, Vx = K.repeat_interleave(group, 1), V.repeat_interleave(group, 1)
-        scores = (q.float() @ Kx.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        obs.on_probs(layer, probs)
-        return (probs.to(V.dtype) @ Vx).to(q.dtype)
+        return _attention_with_probs(q, K, V, mask, obs, layer)
     if q.is_cuda and masked_kernel(q.shape[2], K.shape[2]) == "flex":
         return _flex_masked(q, K, V, qpos, kpos, group)
     if q.is_cuda:  # SDPA's memory-efficient kernel takes a mask but not GQA: repeat the KV heads
@@ -451,15 +470,22 @@ class Scene:
     def composed(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer k/v [1, Hkv, C, D] of the prefix and every document, each re-rotated to its offset."""
         if self._composed is None:
-            P, out = len(self.prompt.prefix), []
-            for layer in range(self.n_layers):
-                ks, vs = [self.stored.prefix[layer][0]], [self.stored.prefix[layer][1]]
-                for (start, _), doc in zip(self.prompt.spans(), self.stored.docs):
-                    ks.append(self.rope.shift(doc[layer][0], start - P))
-                    vs.append(doc[layer][1])
-                out.append((torch.cat(ks, 2), torch.cat(vs, 2)))
-            self._composed = out
+            P = len(self.prompt.prefix)
+            # one shift per document token, so each layer's documents rotate in one pass (launches, not bytes,
+            # bound this on a GPU: per document and layer it was 8 x 32 small rotations)
+            shift = torch.cat([torch.full((end - start,), start - P) for start, end in self.prompt.spans()])
+            with torch.profiler.record_function("rag.compose"):
+                pk = self.stored.prefix[0][0]
+                cos_sin = self.rope.cos_sin(shift, pk.device, self.rope.work_dtype(pk)) if len(shift) else None
+                self._composed = [self._compose_layer(layer, cos_sin) for layer in range(self.n_layers)]
         return self._composed
+
+    def _compose_layer(self, layer: int, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        (pk, pv), docs = self.stored.prefix[layer], [d[layer] for d in self.stored.docs]
+        if not docs:
+            return pk, pv
+        k = self.rope.rotate(torch.cat([dk for dk, _ in docs], 2), *cos_sin)
+        return torch.cat([pk, k], 2), torch.cat([pv] + [dv for _, dv in docs], 2)
 
     def doc_positions(self) -> torch.Tensor:
         return torch.arange(len(self.prompt.prefix), self.prompt.context_len)
@@ -491,12 +517,16 @@ class Scene:
 
     def restrict(self, cache, keep: torch.Tensor):
         """A new bridge cache holding only the prefix and the `keep` positions of `cache`'s PositionedKV layers."""
-        layers = []
-        for layer in cache.layers:
-            lc = layer.cache
-            want = torch.isin(lc.pos, keep.cpu()) | (lc.pos < len(self.prompt.prefix))  # host positions: no sync
-            idx = want.nonzero().view(-1).to(lc.k.device)
-            layers.append(PositionedKV(lc.k[:, :, idx], lc.v[:, :, idx], lc.pos[want], lc.layer_idx))
+        layers, picked = [], {}  # layers that share one positions tensor share the host-side pick (isin is slow)
+        with torch.profiler.record_function("rag.restrict"):
+            for layer in cache.layers:
+                lc = layer.cache
+                if id(lc.pos) not in picked:
+                    want = torch.isin(lc.pos, keep.cpu()) | (lc.pos < len(self.prompt.prefix))  # host: no sync
+                    pos = lc.pos[want]
+                    picked[id(lc.pos)] = lc.pos, pos, pos.to(lc.k.device), want.nonzero().view(-1).to(lc.k.device)
+                _, pos, pos_dev, idx = picked[id(lc.pos)]
+                layers.append(PositionedKV(lc.k[:, :, idx], lc.v[:, :, idx], pos, lc.layer_idx, pos_dev=pos_dev))
         return layered_cache(self.model, layers)
 
     def forward(self, cache, recompute: torch.Tensor, observer: Observer | None = None,

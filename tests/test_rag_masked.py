@@ -51,3 +51,24 @@ def test_flex_masked_attention_matches_sdpa(shape, dtype, monkeypatch):
     want = got["sdpa"]
     err = ((got["flex"] - want).norm() / want.norm()).item()
     assert err < 1e-2, err
+
+
+class _KeepProbs(rag.Observer):
+    want_probs = True
+
+    def on_probs(self, layer, probs):
+        self.probs = probs
+
+
+@pytest.mark.parametrize("Hq,Hkv,T,S", [(8, 2, 5, 40), (4, 4, 1, 17), (12, 3, 33, 100)])
+def test_attention_with_probs_equals_the_repeated_heads_reference(Hq, Hkv, T, S):
+    torch.manual_seed(Hq * T + S)
+    qpos, kpos = positions(S, T, 7)
+    q, K, V = torch.randn(2, Hq, T, 32), torch.randn(2, Hkv, S, 32), torch.randn(2, Hkv, S, 32)
+    obs = _KeepProbs()
+    got = rag._masked_attention(q, K, V, qpos, kpos, obs, None)
+    Kx, Vx = K.repeat_interleave(Hq // Hkv, 1), V.repeat_interleave(Hq // Hkv, 1)  # query head h reads KV h // group
+    mask = kpos[None, :] <= qpos[:, None]
+    probs = ((q @ Kx.transpose(-1, -2)) * 32 ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+    torch.testing.assert_close(obs.probs, probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, probs @ Vx, rtol=1e-5, atol=1e-5)
