@@ -215,10 +215,19 @@ class Rope:
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the GPU: a copy from pageable memory first synchronises the
+    stream (CUDA's rule for pageable host-to-device copies), which left the GPU idle while the host launched the next
+    kernels (measured on an H200: 37-140 such syncs per first token); from pinned memory it is asynchronous."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _forward(model, cache, ids: list[int] | torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """One forward through the bridge; returns the last position's logits [1, V] (float)."""
-    ids = torch.as_tensor(ids, device=model.device).view(1, -1)
-    kw = {} if positions is None else {"position_ids": positions.to(model.device).view(1, -1)}
+    ids = to_device(torch.as_tensor(ids), model.device).view(1, -1)
+    kw = {} if positions is None else {"position_ids": to_device(positions, model.device).view(1, -1)}
     with torch.inference_mode():
         out = model(input_ids=ids, **with_cache(model, cache), use_cache=True, logits_to_keep=1, **kw)
     return out.logits[:, -1].float()
@@ -296,7 +305,7 @@ class PositionedKV(LayerCache):
 
     def pos_dev(self) -> torch.Tensor:
         if self._pos_dev is None:
-            self._pos_dev = self.pos.to(self.k.device)
+            self._pos_dev = to_device(self.pos, self.k.device)
         return self._pos_dev
 
     def prefill(self, q, k, v):
@@ -308,10 +317,10 @@ class PositionedKV(LayerCache):
             return self.prefill(q, k, v)
         if self.incoming is not None:
             qpos = self.incoming.cpu()
-            qdev = self.incoming_dev if self.incoming_dev is not None else qpos.to(k.device)
+            qdev = self.incoming_dev if self.incoming_dev is not None else to_device(qpos, k.device)
         else:
             qpos = torch.arange(self.n, self.n + k.shape[2])
-            qdev = qpos.to(k.device)
+            qdev = to_device(qpos, k.device)
         obs = self.observer or Observer()
         K, V, pos, pos_dev = self._placed(qpos, k, v, obs)
         if obs.store:
@@ -326,7 +335,7 @@ class PositionedKV(LayerCache):
         returns K, V and the positions on the host and on the device."""
         old = qpos < self.n
         K, V, pos, pos_dev = self.k, self.v, self.pos, self.pos_dev()
-        on_dev = lambda idx: idx.to(K.device)  # noqa: E731  host index -> device (no sync: a pageable H2D copy)
+        on_dev = lambda idx: to_device(idx, K.device)  # noqa: E731
         n_old = int(old.sum())
         if n_old:
             slots = torch.searchsorted(pos, qpos[old])
@@ -378,16 +387,24 @@ def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -
         return _attention_with_probs(q, K, V, mask, obs, layer)
     if q.is_cuda and masked_kernel(q.shape[2], K.shape[2]) == "flex":
         return _flex_masked(q, K, V, qpos, kpos, group)
-    if q.is_cuda:  # SDPA's memory-efficient kernel takes a mask but not GQA: repeat the KV heads
-        K, V = K.repeat_interleave(group, 1), V.repeat_interleave(group, 1)
-        return F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+    if q.is_cuda:
+        return folded_sdpa(q, K, V, mask)
     return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=group > 1)
 
 
+def folded_sdpa(q, K, V, mask) -> torch.Tensor:
+    """SDPA with a [T, S] mask and GQA: SDPA's memory-efficient kernel takes a mask but not GQA, so each KV head's
+    query heads are folded into its rows; K and V are read as stored (repeating them per query head was 4x the bytes
+    and, with the copy, 9 of reuse's 54 GPU ms on an H200)."""
+    B, Hq, T, D = q.shape
+    group = Hq // K.shape[1]
+    rows = q.reshape(B, K.shape[1], group * T, D)
+    return F.scaled_dot_product_attention(rows, K, V, attn_mask=mask.repeat(group, 1)).view(B, Hq, T, D)
+
+
 # Masked (position-causal) attention on the GPU: "sdpa" runs SDPA's memory-efficient kernel with a dense boolean mask
-# and the KV heads repeated; "flex" PyTorch's FlexAttention (a compiled flash-style Triton kernel that skips fully
-# masked blocks and takes GQA as is); "auto" (default) flex for passes of at least FLEX_MIN_WORK query x slot pairs,
-# sdpa below. KVBENCH_RAG_MASKED picks one. Measured on an H200 (benchmarks/rag_profile.py, synthetic Llama-3.1-8B,
+# (folded_sdpa); "flex" PyTorch's FlexAttention (a compiled flash-style Triton kernel that skips fully masked blocks
+# and takes GQA as is); "auto" (default) flex for passes of at least FLEX_MIN_WORK query x slot pairs, sdpa below. KVBENCH_RAG_MASKED picks one. Measured on an H200 (benchmarks/rag_profile.py, synthetic Llama-3.1-8B,
 # 8 docs x 2K tokens, benchmarks/records/rag-profile-h200.txt): flex's kernel is the faster one, but each call costs
 # about 3 ms of host time (guards, block-mask metadata), which a 32-token pass cannot hide: flex everywhere took
 # reuse's TTFT from 0.093 to 0.203 s and samkv's from 0.355 to 0.518 s (with the host syncs PositionedKV had then).
@@ -504,7 +521,7 @@ class Scene:
                 shared_pos = torch.arange(k.shape[2])
                 if keep is not None:
                     shared_pos = torch.cat([shared_pos[: len(self.prompt.prefix)], keep.cpu()])
-                shared_dev = shared_pos.to(k.device)
+                shared_dev = to_device(shared_pos, k.device)
             if method is not None:
                 spec = LayerSpec(i, self.n_layers, self.model.config.get_text_config().num_attention_heads,
                                  k.shape[1], k.shape[3], k.dtype, k.device)
@@ -524,7 +541,8 @@ class Scene:
                 if id(lc.pos) not in picked:
                     want = torch.isin(lc.pos, keep.cpu()) | (lc.pos < len(self.prompt.prefix))  # host: no sync
                     pos = lc.pos[want]
-                    picked[id(lc.pos)] = lc.pos, pos, pos.to(lc.k.device), want.nonzero().view(-1).to(lc.k.device)
+                    picked[id(lc.pos)] = lc.pos, pos, to_device(pos, lc.k.device), \
+                        to_device(want.nonzero().view(-1), lc.k.device)
                 _, pos, pos_dev, idx = picked[id(lc.pos)]
                 layers.append(PositionedKV(lc.k[:, :, idx], lc.v[:, :, idx], pos, lc.layer_idx, pos_dev=pos_dev))
         return layered_cache(self.model, layers)
@@ -538,7 +556,7 @@ class Scene:
         positions = recompute.sort().values.to(torch.long)
         if with_question:
             positions = torch.cat([positions, torch.arange(C, C + len(self.prompt.question))])
-        incoming = positions.to(self.model.device)  # moved once: every layer sees the same tensor
+        incoming = to_device(positions, self.model.device)  # moved once: every layer sees the same tensor
         for layer in cache.layers:
             if isinstance(layer.cache, PositionedKV):
                 layer.cache.incoming, layer.cache.incoming_dev, layer.cache.observer = positions, incoming, observer

@@ -72,3 +72,13 @@ def test_attention_with_probs_equals_the_repeated_heads_reference(Hq, Hkv, T, S)
     probs = ((q @ Kx.transpose(-1, -2)) * 32 ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
     torch.testing.assert_close(obs.probs, probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, probs @ Vx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Hq,Hkv,T,S", [(8, 2, 5, 40), (4, 4, 1, 17), (12, 3, 33, 100)])
+def test_folded_sdpa_equals_sdpa_with_gqa(Hq, Hkv, T, S):
+    torch.manual_seed(Hq + T * S)
+    qpos, kpos = positions(S, T, 3)
+    q, K, V = torch.randn(1, Hq, T, 64), torch.randn(1, Hkv, S, 64), torch.randn(1, Hkv, S, 64)
+    mask = kpos[None, :] <= qpos[:, None]
+    want = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=Hq != Hkv)
+    torch.testing.assert_close(rag.folded_sdpa(q, K, V, mask), want, rtol=1e-5, atol=1e-5)
