@@ -204,9 +204,12 @@ class Rope:
         return torch.float64 if k.dtype == torch.float64 else torch.float32  # bf16 keys: rotate in float32, once
 
     @staticmethod
-    def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x, half = k.to(cos.dtype), k.shape[-1] // 2
-        return (x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin).to(k.dtype)
+    def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None):
+        """k * cos + rotate_half(k) * sin in cos's dtype (k promoted inside the products, not copied first), cast
+        to k's dtype into `out` when given (a slice of the composed cache: no second copy)."""
+        half = k.shape[-1] // 2
+        rotated = torch.addcmul(k * cos, torch.cat([-k[..., half:], k[..., :half]], -1), sin)
+        return rotated.to(k.dtype) if out is None else out.copy_(rotated)
 
     def cos_sin(self, delta: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [len(delta), D] of each shift, computed in float64 (large positions) and cast once."""
@@ -302,6 +305,7 @@ class PositionedKV(LayerCache):
         self.incoming: torch.Tensor | None = None
         self.incoming_dev: torch.Tensor | None = None
         self.observer: Observer | None = None
+        self.memo: dict | None = None  # shared by the layers of one forward (Scene.forward)
 
     def pos_dev(self) -> torch.Tensor:
         if self._pos_dev is None:
@@ -352,9 +356,20 @@ class PositionedKV(LayerCache):
             src = None if not n_old else on_dev(new.nonzero().view(-1))
             K = torch.cat([K, k if src is None else k[:, :, src]], 2)
             V = torch.cat([V, v if src is None else v[:, :, src]], 2)
-            pos = torch.cat([pos, qpos[new]])
-            pos_dev = on_dev(pos)
+            pos, pos_dev = self._appended(pos, qpos[new], on_dev)
         return K, V, pos, pos_dev
+
+    def _appended(self, pos: torch.Tensor, new: torch.Tensor, on_dev):
+        """pos with the new positions appended, host and device. Every layer of one forward appends the same
+        positions to the same tensor: the first layer's result is shared (Scene.forward's memo), so the device copy
+        and the masked kernel's block mask (cached by tensor identity) are made once per forward, not per layer."""
+        hit = None if self.memo is None else self.memo.get(id(pos))
+        if hit is None or hit[0] is not pos:
+            grown = torch.cat([pos, new])
+            hit = (pos, grown, on_dev(grown))
+            if self.memo is not None:
+                self.memo[id(pos)] = hit
+        return hit[1], hit[2]
 
     def nbytes(self) -> int:
         if self.k is None:
@@ -501,8 +516,11 @@ class Scene:
         (pk, pv), docs = self.stored.prefix[layer], [d[layer] for d in self.stored.docs]
         if not docs:
             return pk, pv
-        k = self.rope.rotate(torch.cat([dk for dk, _ in docs], 2), *cos_sin)
-        return torch.cat([pk, k], 2), torch.cat([pv] + [dv for _, dv in docs], 2)
+        P = pk.shape[2]
+        k = pk.new_empty(pk.shape[0], pk.shape[1], P + len(cos_sin[0]), pk.shape[3])
+        k[:, :, :P] = pk
+        self.rope.rotate(torch.cat([dk for dk, _ in docs], 2), *cos_sin, out=k[:, :, P:])
+        return k, torch.cat([pv] + [dv for _, dv in docs], 2)
 
     def doc_positions(self) -> torch.Tensor:
         return torch.arange(len(self.prompt.prefix), self.prompt.context_len)
@@ -557,16 +575,18 @@ class Scene:
         if with_question:
             positions = torch.cat([positions, torch.arange(C, C + len(self.prompt.question))])
         incoming = to_device(positions, self.model.device)  # moved once: every layer sees the same tensor
+        memo: dict = {}
         for layer in cache.layers:
             if isinstance(layer.cache, PositionedKV):
                 layer.cache.incoming, layer.cache.incoming_dev, layer.cache.observer = positions, incoming, observer
+                layer.cache.memo = memo
         try:
             with torch.profiler.record_function(f"rag.forward[{len(positions)} tokens]"):
                 return _forward(self.model, cache, ids[positions], positions)
         finally:
             for layer in cache.layers:
                 if isinstance(layer.cache, PositionedKV):
-                    layer.cache.incoming = layer.cache.incoming_dev = layer.cache.observer = None
+                    layer.cache.incoming = layer.cache.incoming_dev = layer.cache.observer = layer.cache.memo = None
 
     def ratios(self, sel: Selection) -> dict[str, float]:
         n = self.prompt.doc_tokens

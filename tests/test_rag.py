@@ -134,3 +134,14 @@ def test_bad_inputs_give_clear_errors():
         parse_rag("nope")
     with pytest.raises(KVBenchError, match="not one of its parameters"):
         parse_rag("samkv:size=3")
+
+
+def test_layers_of_one_forward_share_appended_positions(model):
+    """Appending the question gives every layer the same positions tensors (one device copy, one block mask)."""
+    prompt = RagPrompt(prefix=[1, 2], docs=[[5, 6, 7], [8, 9]], question=[10, 11])
+    scene = Scene(model, prompt, store_documents(model, prompt))
+    cache = scene.cache(None)
+    scene.forward(cache, scene.empty())
+    layers = [layer.cache for layer in cache.layers]
+    assert all(lc.pos is layers[0].pos and lc._pos_dev is layers[0]._pos_dev for lc in layers)
+    assert layers[0].pos.tolist() == list(range(prompt.context_len + 2))
