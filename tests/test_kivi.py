@@ -377,7 +377,9 @@ BITS = pytest.mark.parametrize("bits", [2, 4], ids=["b2", "b4"])
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @DTYPES
 @BITS
-def test_triton_kernel_matches_reference_on_gpu(shape, dtype, bits):
+@pytest.mark.parametrize("path", ["cuda", "triton"])
+def test_kernels_match_reference_on_gpu(shape, dtype, bits, path):
+    """Both paths of the packed tokens: csrc/kivi_attend.cu (then Triton's ring part) and Triton's split kernel."""
     from kvbench.kernels import kivi as kernel
 
     torch.manual_seed(sum(shape) + bits)
@@ -393,7 +395,7 @@ def test_triton_kernel_matches_reference_on_gpu(shape, dtype, bits):
         # last is whole tiles; splits=1 leaves one range, 7 a partial tile in the middle of the packed tokens)
         for config in ({}, dict(block_n=128, num_warps=8, splits=7), dict(block_n=32, num_stages=3, maxnreg=None,
                                                                           splits=1)):
-            out = kernel.decode_attention(q, kv, *args, **config)
+            out = kernel.decode_attention(q, kv, *args, path=path, **config)
             torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
         # against float64 over the dequantized cache: the kernel's own error, not just agreement with the reference
         exact = naive_attention(q.cpu(), torch.cat([kv.keys(), *args[:1]], 2).cpu(),
@@ -453,7 +455,9 @@ def test_method_decodes_with_the_kernel_on_gpu(dtype, bits):
     assert layer.info()["backend"] == "triton" and reference.info()["backend"] == "torch"
     fns = layer.decode_fns(q)
     torch.testing.assert_close(fns["attention"](), ref.attention_ref(q, layer.kv), atol=2e-2, rtol=2e-2)
-    fns["split"](), fns["combine"]()
+    for key in fns:  # the stages the kernel suite times (packed and tail on the CUDA path)
+        fns[key]()
+    assert ("packed" in fns) == kernel.cuda_path(q, layer.kv)
 
 
 @pytest.mark.gpu
