@@ -416,8 +416,9 @@ cudaError_t by_bits(const kivi::Params& p, int bits, cudaStream_t s) {
 
 template <typename T>
 const void* kernel_of(int head_dim, int bits) {
-  if (head_dim == 64) return bits == 2 ? (const void*)kivi::attend_kernel<T, 64, 2> : (const void*)kivi::attend_kernel<T, 64, 4>;
-  return bits == 2 ? (const void*)kivi::attend_kernel<T, 128, 2> : (const void*)kivi::attend_kernel<T, 128, 4>;
+  using kivi::attend_kernel;
+  if (head_dim == 64) return bits == 2 ? (const void*)attend_kernel<T, 64, 2> : (const void*)attend_kernel<T, 64, 4>;
+  return bits == 2 ? (const void*)attend_kernel<T, 128, 2> : (const void*)attend_kernel<T, 128, 4>;
 }
 }  // namespace
 
