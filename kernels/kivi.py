@@ -481,6 +481,11 @@ _PATH = os.environ.get("KVBENCH_KIVI_ATTEND", "cuda")
 if _PATH not in ATTEND_PATHS:
     raise ValueError(f"KVBENCH_KIVI_ATTEND={_PATH!r}: one of {ATTEND_PATHS}")
 USE_CUDA = _PATH == "cuda"
+# packed (batch x KV head x token) rows from which the CUDA path runs: below, its three launches (CUDA, Triton ring
+# part, combine) cost more than Triton's two. On an H200 (kernel suite, graph timing, bf16, Llama-3.1-8B shape) the
+# CUDA path took 22.7 us at 8K x 1 (65K rows) where the Triton path had taken 15.9, and won from 32K x 1 (261K rows:
+# 34.4 against 41.4); the threshold lies between those two points, not at a measured crossover.
+CUDA_MIN_ROWS = 1 << 17
 CUDA_BIAS_ROWS = 512  # csrc/kivi_attend.cu: kMaxBiasRows, key groups per part at most (with 2 to spare)
 
 
@@ -522,13 +527,15 @@ def cuda_lib() -> ctypes.CDLL:
     return lib
 
 
-def cuda_path(q: torch.Tensor, kv: PackedKV) -> bool:
+def cuda_path(q: torch.Tensor, kv: PackedKV, nv: int | None = None) -> bool:
     """Whether the packed tokens go through the CUDA kernel: fp16/bf16 on a GPU, head_dim 64 or 128, up to 8 query
-    heads per KV head (the mma's N), groups a multiple of 16 tokens (a tile's keys share their scales) up to 128."""
-    group = q.shape[1] // kv.rk.shape[1]
+    heads per KV head (the mma's N), groups a multiple of 16 tokens (a tile's keys share their scales) up to 128, and
+    at least CUDA_MIN_ROWS packed rows (nv: the packed tokens planned for, default kv.nv)."""
+    H = kv.rk.shape[1]
+    rows = q.shape[0] * H * (kv.nv if nv is None else nv)
     return (USE_CUDA and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) and group <= 8
-            and kv.group % 16 == 0 and kv.group <= 128)
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) and q.shape[1] // H <= 8
+            and kv.group % 16 == 0 and kv.group <= 128 and rows >= CUDA_MIN_ROWS)
 
 
 @functools.cache
@@ -559,7 +566,9 @@ class Decoder:
         for t in kv.tensors():
             assert t.is_contiguous(), "the packed cache must be contiguous"
         self.q, self.kv, self.group = q, kv, Hq // H
-        self.cuda = cuda_path(q, kv) if path is None else path == "cuda"
+        self.pinned = max_tokens is not None
+        nv = max(0, max_tokens - kv.residual) if self.pinned else None
+        self.cuda = cuda_path(q, kv, nv) if path is None else path == "cuda"
         # 128 registers: 4 programs of 4 warps per SM instead of 3 (at 166 registers); sm_90 builds show no spills in
         # the main loop at this cap, and 4 x 56 KB of shared memory still fit
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
@@ -570,8 +579,6 @@ class Decoder:
         self.block_n = max(block_n or 64, kv.group)
         # stand-ins of the right dtype for the compile query below (warmup compiles, it does not launch)
         self.op = self.lse = torch.empty(1, dtype=torch.float32, device=q.device)
-        self.pinned = max_tokens is not None
-        nv = max(0, max_tokens - kv.residual) if self.pinned else None
         self.block_n, self.split_tokens, self.n_parts = self._plan(B, block_n, splits, nv)
         self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
         self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)

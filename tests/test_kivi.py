@@ -440,7 +440,11 @@ def test_quantization_on_gpu_is_bit_identical_to_the_cpu(bits, dtype):
 @pytest.mark.gpu
 @DTYPES
 @BITS
-def test_method_decodes_with_the_kernel_on_gpu(dtype, bits):
+@PATHS
+def test_method_decodes_with_the_kernel_on_gpu(dtype, bits, min_rows, monkeypatch):
+    from kvbench.kernels import kivi as kernel
+
+    monkeypatch.setattr(kernel, "CUDA_MIN_ROWS", min_rows)
     torch.manual_seed(4)
     B, Hq, H, D = 2, 32, 8, 128
     layer = make(f"kivi:bits={bits}", Hq, H, D, dtype, "cuda")  # both bits decode through the fused writer now
@@ -460,11 +464,19 @@ def test_method_decodes_with_the_kernel_on_gpu(dtype, bits):
     assert ("packed" in fns) == kernel.cuda_path(q, layer.kv)
 
 
+# the packed tokens' kernel for the method-level GPU tests: CUDA whatever the size (CUDA_MIN_ROWS 0), or Triton
+PATHS = pytest.mark.parametrize("min_rows", [0, 1 << 62], ids=["cuda", "triton"])
+
+
 @pytest.mark.gpu
 @DTYPES
 @BITS
-def test_reserved_steps_equal_the_plain_path_on_gpu(dtype, bits):
+@PATHS
+def test_reserved_steps_equal_the_plain_path_on_gpu(dtype, bits, min_rows, monkeypatch):
     """The pinned path at the Llama shape on the GPU: outputs of 300 steps (two key blocks) and the packed cache."""
+    from kvbench.kernels import kivi as kernel
+
+    monkeypatch.setattr(kernel, "CUDA_MIN_ROWS", min_rows)
     torch.manual_seed(6)
     B, Hq, H, D = 3, 32, 8, 128
     plain, pinned = (make(f"kivi:bits={bits}", Hq, H, D, dtype, "cuda") for _ in range(2))
@@ -472,6 +484,7 @@ def test_reserved_steps_equal_the_plain_path_on_gpu(dtype, bits):
     q = torch.randn(B, Hq, 8, D, device="cuda", dtype=dtype)
     plain.prefill(q, k, v), pinned.prefill(q, k, v)
     pinned.reserve(300)
+    assert pinned.pin.cuda == (min_rows == 0)
     for _ in range(300):
         q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
         k, v = rand_kv(B, H, 1, D, dtype, "cuda")

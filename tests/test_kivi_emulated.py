@@ -146,13 +146,28 @@ DECODER_CHECK = textwrap.dedent("""
             dec = K.Decoder(q, kv, path="cuda", splits=2)
             assert dec.cuda and dec.n_parts == 3
             torch.testing.assert_close(dec(*args), attention_ref(q, kv, *args), atol=2e-2, rtol=2e-2)
+    # the capture-safe path: a reserved layer's steps read the length from the device counter, over parts planned
+    # for the reserved length, across two key blocks, against the PyTorch path
+    from kvbench import LayerSpec, parse_method
+    K.cuda_path = lambda q, kv, nv=None: True
+    spec = LayerSpec(0, 1, 8, 2, 64, torch.bfloat16, torch.device("cpu"))
+    pinned, plain = (parse_method(f"kivi:residual=64{impl}").make_layer(spec) for impl in (",impl=triton", ""))
+    k, v = (torch.randn(1, 2, 150, 64).to(torch.bfloat16) for _ in range(2))
+    q = torch.randn(1, 8, 1, 64).to(torch.bfloat16)
+    pinned.prefill(q, k, v), plain.prefill(q, k, v)
+    pinned.reserve(60)
+    assert pinned.pin.cuda and pinned.pin.n_parts > 2
+    for _ in range(60):
+        q, k, v = (torch.randn(1, h, 1, 64).to(torch.bfloat16) for h in (8, 2, 2))
+        torch.testing.assert_close(pinned.extend(q, k, v), plain.extend(q, k, v), atol=2e-2, rtol=2e-2)
+    assert int(pinned.kv.ndev) == pinned.seq_len() == 210
     print("decoder on the emulated kernel matches")
 """)
 
 
 def test_decoder_on_the_emulated_kernel_matches_the_reference(tmp_path):
     """kivi.Decoder's CUDA path end to end on the CPU: its Params, the kernel's parts, Triton's ring part (part0) and
-    combine in the interpreter, with and without the new token."""
+    combine in the interpreter, with and without the new token; and a reserved layer's steps (the device length)."""
     so = build_emulator(tmp_path)
     r = run_interpreted(DECODER_CHECK.replace("sys.argv[1]", repr(str(so))))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
