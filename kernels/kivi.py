@@ -1,4 +1,5 @@
-"""KIVI decode attention on the packed cache: a Triton split-KV (flash-decoding) kernel and its combine.
+"""KIVI decode attention on the packed cache: a Triton split-KV (flash-decoding) kernel and its combine, and for large
+steps the CUDA kernel of csrc/kivi_attend.cu over the packed tokens, in front of the same ring part and combine.
 
 Why Triton and not CUDA C++ here: Triton's interpreter (TRITON_INTERPRET=1) runs this very kernel on the CPU, so the
 CPU-only CI checks it against the PyTorch reference (kivi_ref.attention_ref) on every commit, not just that it
@@ -31,6 +32,19 @@ found nothing below 283 us at 32K x 8. Triton variants tried offline (codes by b
 per-element word gathers, keys packed along tokens so the unpacking is elementwise up to the dot) compiled to more
 shared-memory traffic, not less. Reaching the floor needs a kernel that dequantizes straight into the mma fragments
 (Marlin's approach: the packed layout chosen so each thread's words hold the codes of its own fragment), i.e. CUDA.
+
+The CUDA path (csrc/kivi_attend.cu, loaded by cuda_lib(); Decoder.packed() launches it over the parts [0, n - 1),
+then tail() runs this file's split kernel over the ring part alone (part0), then the combine) does that with the
+layout unchanged: transposed m16n8k16 dots (query heads as N), a LOP3 + HSUB2 per key pair with the key scales and
+mins folded into the query, PRMT + LOP3 + HSUB2 + HFMA2 per value pair. On an H200 (2026-12-02, kernel suite, graph
+timing, bf16, Llama-3.1-8B shape, commit 18e7e3a) at 2 bits: 32K x 8 143.5 us against dense 245.3 (1.71x; floor 48.1;
+its stages: packed 132.1, tail 6.3, combine 2.8), 8K x 8 50.0 against 69.0, 32K x 1 34.4 against 47.0, 8K x 1 22.7
+against 22.6 (where the Triton path had taken 15.9: hence CUDA_MIN_ROWS); 4 bits 149.2, 52.6, 35.8, 23.4. The packed
+stage runs at 2.7x its bytes floor; a sweep of parts per head at 32K x 8 found the wave plan's 8 best (147 us; 4: 207,
+16: 152). Its main loop is 568 SASS instructions per warp and 16-token tile as measured (528 since the group index
+became a shift, not re-measured), about half the issue slots of 132 us at 4 blocks of 4 warps an SM; each warp holds
+one tile of rows in flight, so memory latency takes the rest: deeper pipelining (cp.async stages, as
+csrc/selfindex.cu's attend kernel has) and fewer LOP3 (130 a tile, about two per fp16 pair) are the next things to try.
 Capture-safe decode (methods/kivi.py reserve()): the cache is pinned at its final size with the length in a device
 counter (PackedKV.ndev); the split kernel reads it (DEVICE_LEN) over ranges planned for the reserved length, and
 _kivi_append_pinned_kernel packs the value leaving the residual and, every R steps, the completed key block, with
@@ -529,13 +543,13 @@ def cuda_lib() -> ctypes.CDLL:
 
 def cuda_path(q: torch.Tensor, kv: PackedKV, nv: int | None = None) -> bool:
     """Whether the packed tokens go through the CUDA kernel: fp16/bf16 on a GPU, head_dim 64 or 128, up to 8 query
-    heads per KV head (the mma's N), groups a multiple of 16 tokens (a tile's keys share their scales) up to 128, and
+    heads per KV head (the mma's N), groups of 16 to 128 tokens, a power of two (a tile's keys share their scales), and
     at least CUDA_MIN_ROWS packed rows (nv: the packed tokens planned for, default kv.nv)."""
     H = kv.rk.shape[1]
     rows = q.shape[0] * H * (kv.nv if nv is None else nv)
     return (USE_CUDA and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
             and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) and q.shape[1] // H <= 8
-            and kv.group % 16 == 0 and kv.group <= 128 and rows >= CUDA_MIN_ROWS)
+            and kv.group in (16, 32, 64, 128) and rows >= CUDA_MIN_ROWS)
 
 
 @functools.cache

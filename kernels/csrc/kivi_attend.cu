@@ -125,15 +125,16 @@ struct Tile {
   uint32_t s[2], m[2];
 };
 
+// (vgroups, vg: value groups per token and the one holding the lane's channels, computed once per block)
 template <int D, int BITS>
-__device__ __forceinline__ void load_tile(const Params& p, int64_t bh, int t0, int last, Tile<D, BITS>& t) {
+__device__ __forceinline__ void load_tile(const Params& p, int64_t bh, int t0, int last, int vgroups, int vg,
+                                          Tile<D, BITS>& t) {
   using L = Layout<D, BITS>;
   const int lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
   const uint8_t* kq = static_cast<const uint8_t*>(p.kq) + bh * p.s_kq * 4;
   const uint8_t* vq = static_cast<const uint8_t*>(p.vq) + bh * p.s_vq * 4;
   const unsigned short* vs = static_cast<const unsigned short*>(p.vs) + bh * p.s_vs;
   const unsigned short* vm = static_cast<const unsigned short*>(p.vm) + bh * p.s_vs;
-  const int vgroups = D / p.G, vg = g * (D / 8) / p.G;  // the lane's value channels lie in one group
 #pragma unroll
   for (int r = 0; r < 2; ++r) {  // rows past the range are clamped to its last (finite) row, and masked
     const int tok = min(t0 + 8 * r + g, last);
@@ -320,7 +321,10 @@ __global__ void __launch_bounds__(kWarps * 32, 4) attend_kernel(Params p) {
   const int n_tok = p.len ? *p.len : p.n_tok;
   const int n_v = max(n_tok - p.R, 0);
   const int lo = part * p.split, hi = min(lo + p.split, n_v);
-  const int g0 = lo / p.G, ng = hi > lo ? (hi - 1) / p.G + 1 - g0 : 0;
+  int gs = 0;  // log2(G): G is a power of two, and a shift keeps integer division out of the loop
+  while ((1 << gs) < p.G) ++gs;
+  const int g0 = lo >> gs, ng = hi > lo ? ((hi - 1) >> gs) + 1 - g0 : 0;
+  const int vgroups = D >> gs, vg = (g * (D / 8)) >> gs;  // the lane's value channels lie in one group
 
   uint32_t qpow[D / 8], qk[D / 8];
   {
@@ -338,13 +342,13 @@ __global__ void __launch_bounds__(kWarps * 32, 4) attend_kernel(Params p) {
   for (int mt = 0; mt < D / 16; ++mt) st.o[mt][0] = st.o[mt][1] = st.o[mt][2] = st.o[mt][3] = 0.f;
   if (wlo < whi) {
     Tile<D, BITS> cur, nxt;
-    load_tile<D, BITS>(p, bh, wlo, whi - 1, cur);
+    load_tile<D, BITS>(p, bh, wlo, whi - 1, vgroups, vg, cur);
     int kg = -1;
     float bias0 = 0.f, bias1 = 0.f;
     for (int t0 = wlo; t0 < whi; t0 += 16) {
-      load_tile<D, BITS>(p, bh, t0 + 16, whi - 1, nxt);  // the next tile's rows in flight during this one's math
-      if (t0 / p.G != kg) {
-        kg = t0 / p.G;
+      load_tile<D, BITS>(p, bh, t0 + 16, whi - 1, vgroups, vg, nxt);  // in flight during this tile's math
+      if (t0 >> gs != kg) {
+        kg = t0 >> gs;
         scaled_query<D, BITS>(p, bh, kg, qpow, qk);
         bias0 = s_buf[(kg - g0) * kMaxGroup + 2 * qd];
         bias1 = s_buf[(kg - g0) * kMaxGroup + 2 * qd + 1];
@@ -423,10 +427,10 @@ const void* kernel_of(int head_dim, int bits) {
 }  // namespace
 
 // The packed parts [0, n_parts - 1) of one decode step on `stream`; 0 or a cudaError_t. Shapes kivi.py's
-// cuda_path() admits: fp16/bf16 (bf16 = 1), head_dim 64/128, 2 or 4 bits, G a multiple of 16 up to 128, groups <= 8.
+// cuda_path() admits: fp16/bf16 (bf16 = 1), head_dim 64/128, 2 or 4 bits, G a power of two 16..128, groups <= 8.
 extern "C" int kivi_attend(const kivi::Params* p, int bf16, int head_dim, int bits, void* stream) {
   if ((head_dim != 64 && head_dim != 128) || (bits != 2 && bits != 4) || p->group < 1 || p->group > kivi::kMaxGroup ||
-      p->G < 16 || p->G % 16 || p->G > 128 || p->split < 16 || p->split % 16 || p->n_parts < 2 ||
+      p->G < 16 || (p->G & (p->G - 1)) || p->G > 128 || p->split < 16 || p->split % 16 || p->n_parts < 2 ||
       p->split / p->G + 2 > kivi::kMaxBiasRows)
     return cudaErrorInvalidValue;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
