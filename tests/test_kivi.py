@@ -371,6 +371,8 @@ GPU_SHAPES = [  # B, Hq, Hkv, D, T
 # ids, so a GPU run can split the tests over processes that compile in parallel (-k "bf16 and b2", ...)
 DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 BITS = pytest.mark.parametrize("bits", [2, 4], ids=["b2", "b4"])
+# the packed tokens' kernel for the method-level GPU tests: CUDA whatever the size (CUDA_MIN_ROWS 0), or Triton
+PATHS = pytest.mark.parametrize("min_rows", [0, 1 << 62], ids=["cuda", "triton"])
 
 
 @pytest.mark.gpu
@@ -462,10 +464,6 @@ def test_method_decodes_with_the_kernel_on_gpu(dtype, bits, min_rows, monkeypatc
     for key in fns:  # the stages the kernel suite times (packed and tail on the CUDA path)
         fns[key]()
     assert ("packed" in fns) == kernel.cuda_path(q, layer.kv)
-
-
-# the packed tokens' kernel for the method-level GPU tests: CUDA whatever the size (CUDA_MIN_ROWS 0), or Triton
-PATHS = pytest.mark.parametrize("min_rows", [0, 1 << 62], ids=["cuda", "triton"])
 
 
 @pytest.mark.gpu
