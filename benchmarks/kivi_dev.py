@@ -3,6 +3,7 @@ timing against full at Llama-3.1-8B's attention shape; --sweep also times launch
 come from `kvbench run kernels`.
 
     python benchmarks/kivi_dev.py --contexts 8192 32768 --batches 1 8 [--sweep] [--memory 131072x64]
+    python benchmarks/kivi_dev.py --parity      # both paths against the reference over many shapes, then exit
     compute-sanitizer --tool memcheck python benchmarks/kivi_dev.py --sanitize   # (and --tool racecheck)
 """
 
@@ -13,8 +14,8 @@ import torch
 import triton
 
 from kvbench import LayerSpec, parse_method
-from kvbench.kernels.kivi import Decoder, _sm_count
-from kvbench.kernels.kivi_ref import attention_ref
+from kvbench.kernels.kivi import Decoder, _sm_count, cuda_path, decode_attention
+from kvbench.kernels.kivi_ref import PackedKV, attention_ref
 from kvbench.synthetic import synthetic_kv
 from kvbench.timing import bench, copy_bandwidth, floor_us
 
@@ -66,6 +67,56 @@ def sanitize_run(dev: torch.device) -> None:
                 raise SystemExit(f"kivi kernels disagree with the reference by {err}")
 
 
+# B, Hq, Hkv, D, T of --parity: odd lengths, batch > 1, GQA 1/4/8, head_dim 64/128, T below the residual
+PARITY_SHAPES = [(1, 8, 8, 64, 333), (3, 8, 2, 64, 1001), (2, 32, 8, 128, 4097), (1, 16, 2, 128, 2049),
+                 (4, 4, 1, 128, 777), (2, 32, 8, 128, 127), (1, 32, 8, 128, 12345), (2, 8, 1, 64, 5555)]
+
+
+def parity_run(dev: torch.device) -> None:
+    """Every shape of PARITY_SHAPES x bf16/fp16 x 2/4 bits through the CUDA path (default plan and 5 parts) and the
+    Triton path, with and without the new token, against kivi_ref.attention_ref; then 140 pinned steps of each bit
+    width (a key block crossed) against the PyTorch path. Prints one line per case; raises on an error above 2e-2."""
+    from kvbench.kernels import kivi as K
+
+    worst = 0.0
+    for (B, Hq, H, D, T), dtype, bits in itertools.product(PARITY_SHAPES, (torch.bfloat16, torch.float16), (2, 4)):
+        torch.manual_seed(B + Hq + H + D + T + bits)
+        kv = PackedKV.empty(B, H, D, dtype, dev, bits, 32, 128)
+        k = torch.randn(B, H, T, D, device=dev) * torch.linspace(0.5, 3, D, device=dev) + \
+            torch.linspace(-4, 4, D, device=dev)
+        kv.append(k.to(dtype), torch.randn(B, H, T, D, device=dev, dtype=dtype))
+        q = torch.randn(B, Hq, 1, D, device=dev, dtype=dtype)
+        kn, vn = (torch.randn(B, H, 1, D, device=dev, dtype=dtype) for _ in range(2))
+        errs = {}
+        for args in ((), (kn, vn)):
+            want = attention_ref(q, kv, *args).float()
+            for name, cfg in (("cuda", dict(path="cuda")), ("cuda/5", dict(path="cuda", splits=5)),
+                              ("triton", dict(path="triton"))):
+                out = decode_attention(q, kv, *args, **cfg).float()
+                errs[name] = max(errs.get(name, 0.0), (out - want).abs().max().item())
+        worst = max(worst, *errs.values())
+        print(f"parity B {B} Hq {Hq} Hkv {H} D {D} T {T} {str(dtype)[6:]} {bits}-bit (cuda path: "
+              f"{cuda_path(q, kv)}): " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    K.CUDA_MIN_ROWS = 0  # the pinned steps below are too small for the CUDA path's threshold
+    for bits in (2, 4):
+        spec = LayerSpec(0, 1, 32, 8, 128, torch.bfloat16, dev)
+        a, b = (parse_method(f"kivi:bits={bits}{impl}").make_layer(spec) for impl in ("", ",impl=torch"))
+        k, v = (torch.randn(3, 8, 1000, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(3, 32, 8, 128, device=dev, dtype=torch.bfloat16)
+        a.prefill(q, k, v), b.prefill(q, k, v)
+        a.reserve(140)
+        err = 0.0
+        for _ in range(140):
+            q = torch.randn(3, 32, 1, 128, device=dev, dtype=torch.bfloat16)
+            k, v = (torch.randn(3, 8, 1, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            err = max(err, (a.extend(q, k, v).float() - b.extend(q, k, v).float()).abs().max().item())
+        worst = max(worst, err)
+        print(f"parity pinned {bits}-bit, 140 steps from 1000 tokens (cuda path: {a.pin.cuda}): max error {err:.1e}")
+    print(f"parity worst {worst:.1e}: {'ok' if worst <= 2e-2 else 'FAILED'}", flush=True)
+    if worst > 2e-2:
+        raise SystemExit(1)
+
+
 def memory_check(spec, context: int, batch: int, bits: int) -> None:
     """Peak memory of a kivi prefill beyond its inputs, next to the bytes of full's cache at the same cell (the
     suites' synthetic fill): kivi must fit wherever full does."""
@@ -98,6 +149,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time block_n x num_warps x num_stages x splits")
     ap.add_argument("--sanitize", action="store_true",
                     help="only run every kernel at small shapes (under compute-sanitizer), then exit")
+    ap.add_argument("--split-sweep", action="store_true", help="also time the CUDA path at other part counts")
+    ap.add_argument("--parity", action="store_true", help="only check both paths against the reference, then exit")
     ap.add_argument("--memory", nargs="*", default=[], metavar="TxB",
                     help="peak prefill memory of kivi against full's cache bytes at these cells, e.g. 131072x64")
     ap.add_argument("--device", default="cuda", help="cuda; or cpu under TRITON_INTERPRET=1 (slow: a smoke test)")
@@ -107,6 +160,8 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU (or --device cpu under TRITON_INTERPRET=1)")
     if args.sanitize:
         return sanitize_run(dev)
+    if args.parity:
+        return parity_run(dev)
     Hq, H, D = 32, 8, 128
     spec = LayerSpec(0, 32, Hq, H, D, dtype, dev)
     copy_gbs = copy_bandwidth(device=dev)["copy_gbs"]
@@ -118,7 +173,7 @@ def main() -> None:
         memory_check(spec, T, B, args.bits)
         torch.cuda.empty_cache()
     print(f"{'context':>8} {'batch':>5} {'full us':>9} {'kivi us':>9} {'speedup':>7} {'floor us':>8} {'GB/s':>6} "
-          f"{'split us':>8} {'combine':>7} {'max err':>8}")
+          f"{'split us':>8} {'combine':>7} {'max err':>8} {'triton us':>9}")
     for T, B in itertools.product(args.contexts, args.batches):
         torch.manual_seed(0)
         k = torch.randn(B, H, T, D, device=dev, dtype=dtype)
@@ -135,15 +190,20 @@ def main() -> None:
         t_kivi = bench(dec, device=dev).median_us
         t_split = bench(dec.split, device=dev).median_us
         t_comb = bench(dec.combine, device=dev).median_us
+        t_triton = bench(Decoder(q, kivi.kv, path="triton"), device=dev).median_us  # the path before the CUDA one
         nbytes = kivi.decode_bytes()
         print(f"{T:>8} {B:>5} {t_full:>9.1f} {t_kivi:>9.1f} {t_full / t_kivi:>6.2f}x "
               f"{floor_us(nbytes, copy_gbs):>8.1f} {nbytes / t_kivi / 1e3:>6.0f} {t_split:>8.1f} {t_comb:>7.1f} "
-              f"{err:>8.1e}")
+              f"{err:>8.1e} {t_triton:>9.1f}")
         old = Decoder(q, kivi.kv, splits=old_splits(kivi.kv.nv, B, H, _sm_count(dev)))
         t_old = bench(old, device=dev).median_us
         print(f"    wave plan: {dec.n_parts - 1} ranges of {dec.split_tokens} tokens per head, {dec.resident} programs "
               f"per SM (compiled kernel); the old rule's {old.n_parts - 1} ranges of {old.split_tokens}: "
               f"{t_old:.1f} us")
+        if args.split_sweep and dec.cuda:  # the CUDA path's parts per head around the wave plan's choice
+            times = {sp: bench(Decoder(q, kivi.kv, splits=sp), device=dev, warmup_ms=5, rep_ms=20).median_us
+                     for sp in sorted({1, 2, 4, 8, 16, 32, 64, dec.n_parts - 1})}
+            print("    cuda parts per head: " + ", ".join(f"{sp} {t:.1f} us" for sp, t in times.items()))
         if args.sweep:
             results = []
             sms = _sm_count(dev)

@@ -1,4 +1,5 @@
-"""KIVI decode attention on the packed cache: a Triton split-KV (flash-decoding) kernel and its combine.
+"""KIVI decode attention on the packed cache: a Triton split-KV (flash-decoding) kernel and its combine, and for large
+steps the CUDA kernel of csrc/kivi_attend.cu over the packed tokens, in front of the same ring part and combine.
 
 Why Triton and not CUDA C++ here: Triton's interpreter (TRITON_INTERPRET=1) runs this very kernel on the CPU, so the
 CPU-only CI checks it against the PyTorch reference (kivi_ref.attention_ref) on every commit, not just that it
@@ -31,6 +32,19 @@ found nothing below 283 us at 32K x 8. Triton variants tried offline (codes by b
 per-element word gathers, keys packed along tokens so the unpacking is elementwise up to the dot) compiled to more
 shared-memory traffic, not less. Reaching the floor needs a kernel that dequantizes straight into the mma fragments
 (Marlin's approach: the packed layout chosen so each thread's words hold the codes of its own fragment), i.e. CUDA.
+
+The CUDA path (csrc/kivi_attend.cu, loaded by cuda_lib(); Decoder.packed() launches it over the parts [0, n - 1),
+then tail() runs this file's split kernel over the ring part alone (part0), then the combine) does that with the
+layout unchanged: transposed m16n8k16 dots (query heads as N), a LOP3 + HSUB2 per key pair with the key scales and
+mins folded into the query, PRMT + LOP3 + HSUB2 + HFMA2 per value pair. On an H200 (2026-12-02, kernel suite, graph
+timing, bf16, Llama-3.1-8B shape, commit 18e7e3a) at 2 bits: 32K x 8 143.5 us against dense 245.3 (1.71x; floor 48.1;
+its stages: packed 132.1, tail 6.3, combine 2.8), 8K x 8 50.0 against 69.0, 32K x 1 34.4 against 47.0, 8K x 1 22.7
+against 22.6 (where the Triton path had taken 15.9: hence CUDA_MIN_ROWS); 4 bits 149.2, 52.6, 35.8, 23.4. The packed
+stage runs at 2.7x its bytes floor; a sweep of parts per head at 32K x 8 found the wave plan's 8 best (147 us; 4: 207,
+16: 152). Its main loop is 568 SASS instructions per warp and 16-token tile as measured (528 since the group index
+became a shift, not re-measured), about half the issue slots of 132 us at 4 blocks of 4 warps an SM; each warp holds
+one tile of rows in flight, so memory latency takes the rest: deeper pipelining (cp.async stages, as
+csrc/selfindex.cu's attend kernel has) and fewer LOP3 (130 a tile, about two per fp16 pair) are the next things to try.
 Capture-safe decode (methods/kivi.py reserve()): the cache is pinned at its final size with the length in a device
 counter (PackedKV.ndev); the split kernel reads it (DEVICE_LEN) over ranges planned for the reserved length, and
 _kivi_append_pinned_kernel packs the value leaving the residual and, every R steps, the completed key block, with
@@ -41,14 +55,19 @@ the branches taken on the device, so a CUDA graph can replay a step.
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import functools
 import math
 import os
+import shutil
+import subprocess
 
 import torch
 import triton
 import triton.language as tl
 
+from kvbench.errors import KVBenchError
 from kvbench.kernels.kivi_ref import PackedKV
 
 
@@ -151,7 +170,7 @@ def _kivi_split_kernel(
     Q, KQ, KS, KM, VQ, VS, VM, RK, RV, KN, VN, OP, LSE,
     stride_qb, stride_qh, stride_nb, stride_nh,  # q [B, Hq, D] and the new token [B, H, D]
     s_kq, s_ks, s_vq, s_vs, s_r,  # per-(batch, KV head) strides of the packed and ring buffers
-    n_k, n_v, n_tok, split_tokens, n_parts, qk_scale,
+    n_k, n_v, n_tok, split_tokens, n_parts, part0, qk_scale,
     H, GROUP,  # KV heads and query heads per KV head: runtime values, so shapes differing only there share a build
     LEN,  # with DEVICE_LEN: int32 [1], the tokens seen (n_k, n_v and n_tok follow from it), read on the device
     M: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
@@ -163,7 +182,7 @@ def _kivi_split_kernel(
         n_k = n_tok // R * R
         n_v = tl.maximum(n_tok - R, 0)
     bh = tl.program_id(0)
-    part = tl.program_id(1)
+    part = tl.program_id(1) + part0  # part0 > 0: the packed parts ran in the CUDA kernel (packed_attention)
     b = bh // H
     h = bh % H
     bh64 = bh.to(tl.int64)
@@ -468,16 +487,90 @@ def _resident(device: torch.device, n_regs: int, shared: int, num_warps: int) ->
     return max(1, min(regs, smem, warps, 32))
 
 
+# Which kernel attends the packed tokens [0, Nv) on a GPU: "cuda" (csrc/kivi_attend.cu: the words dequantized straight
+# into mma fragments, see that file) where cuda_path() admits the shapes, else "triton" (the split kernel above, for
+# every part). The ring part and the combine are Triton's either way. KVBENCH_KIVI_ATTEND picks one for a process.
+ATTEND_PATHS = ("cuda", "triton")
+_PATH = os.environ.get("KVBENCH_KIVI_ATTEND", "cuda")
+if _PATH not in ATTEND_PATHS:
+    raise ValueError(f"KVBENCH_KIVI_ATTEND={_PATH!r}: one of {ATTEND_PATHS}")
+USE_CUDA = _PATH == "cuda"
+# packed (batch x KV head x token) rows from which the CUDA path runs: below, its three launches (CUDA, Triton ring
+# part, combine) cost more than Triton's two. On an H200 (kernel suite, graph timing, bf16, Llama-3.1-8B shape) the
+# CUDA path took 22.7 us at 8K x 1 (65K rows) where the Triton path had taken 15.9, and won from 32K x 1 (261K rows:
+# 34.4 against 41.4); the threshold lies between those two points, not at a measured crossover.
+CUDA_MIN_ROWS = 1 << 17
+CUDA_BIAS_ROWS = 512  # csrc/kivi_attend.cu: kMaxBiasRows, key groups per part at most (with 2 to spare)
+
+
+class CudaParams(ctypes.Structure):
+    """csrc/kivi_attend.cu's kivi::Params, field for field."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("q", "kq", "ks", "km", "vq", "vs", "vm", "part_o", "part_lse", "len")]
+                + [(n, ctypes.c_int64) for n in ("q_sb", "q_sh", "s_kq", "s_ks", "s_vq", "s_vs")]
+                + [(n, ctypes.c_int) for n in ("B", "H", "group", "n_tok", "R", "G", "split", "n_parts")]
+                + [("qk_scale", ctypes.c_float)])
+
+
+@functools.cache
+def cuda_lib() -> ctypes.CDLL:
+    """csrc/kivi_attend.cu as a shared library, built by nvcc once per source and GPU (jit.build_dir names the folder
+    after both), loaded with ctypes: a raw-pointer C entry point needs no torch headers or pybind, so the build takes
+    seconds rather than the minute a torch extension takes."""
+    from kvbench.kernels import jit
+
+    src = jit.CSRC / "kivi_attend.cu"
+    so = jit.build_dir("kivi_attend", [src]) / "kivi_attend.so"
+    if not so.exists():
+        with open(so.parent / "build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes; the others then find it
+            if not so.exists():
+                nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                           "nvcc")
+                tmp = so.with_name(f"{so.name}.{os.getpid()}")
+                cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", *jit._arch_flags(),
+                       str(src), "-o", str(tmp)]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode:
+                    raise KVBenchError(f"nvcc could not build {src.name}:\n{r.stderr[-3000:]}")
+                tmp.replace(so)
+    lib = ctypes.CDLL(str(so))
+    lib.kivi_attend.argtypes = [ctypes.POINTER(CudaParams), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.kivi_blocks_per_sm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.kivi_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def cuda_path(q: torch.Tensor, kv: PackedKV, nv: int | None = None) -> bool:
+    """Whether the packed tokens go through the CUDA kernel: fp16/bf16 on a GPU, head_dim 64 or 128, up to 8 query
+    heads per KV head (the mma's N), groups of 16 to 128 tokens, a power of two (a tile's keys share their scales), and
+    at least CUDA_MIN_ROWS packed rows (nv: the packed tokens planned for, default kv.nv)."""
+    H = kv.rk.shape[1]
+    rows = q.shape[0] * H * (kv.nv if nv is None else nv)
+    return (USE_CUDA and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128) and q.shape[1] // H <= 8
+            and kv.group in (16, 32, 64, 128) and rows >= CUDA_MIN_ROWS)
+
+
+@functools.cache
+def _cuda_resident(bf16: bool, D: int, bits: int) -> int:
+    """Blocks of the CUDA kernel per SM (the occupancy calculator on the built kernel)."""
+    return max(1, cuda_lib().kivi_blocks_per_sm(int(bf16), D, bits))
+
+
 class Decoder:
     """KIVI decode attention for query q [B, Hq, 1, D] over the current cache (plus an optional new token), with its
-    scratch buffers allocated once: `__call__` runs both kernels, `split()` and `combine()` one each (the kernel
-    suite times them as stages). Build a new Decoder after the cache changes."""
+    scratch buffers allocated once: `__call__` runs split (packed parts, then the ring part) and combine; the kernel
+    suite times them as stages (and, on the CUDA path, `packed` and `tail`, its two launches). Build a new Decoder
+    after the cache changes."""
 
     def __init__(self, q: torch.Tensor, kv: PackedKV, *, block_n: int | None = None, splits: int | None = None,
-                 num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = 128, max_tokens: int | None = None):
+                 num_warps: int = 4, num_stages: int = 2, maxnreg: int | None = 128, max_tokens: int | None = None,
+                 path: str | None = None):
         """max_tokens: a pinned cache (kv.ndev set, room reserved up to max_tokens): the kernels read the length from
         kv.ndev, the ranges are planned for max_tokens (those past the live tokens are empty), and step(q, ...) takes
-        each step's query, so one Decoder serves every step of a reserved run."""
+        each step's query, so one Decoder serves every step of a reserved run. path: "cuda" or "triton" for the
+        packed parts (default: cuda_path())."""
         B, Hq, Tq, D = q.shape
         H = kv.rk.shape[1]
         if Tq != 1:
@@ -487,6 +580,9 @@ class Decoder:
         for t in kv.tensors():
             assert t.is_contiguous(), "the packed cache must be contiguous"
         self.q, self.kv, self.group = q, kv, Hq // H
+        self.pinned = max_tokens is not None
+        nv = max(0, max_tokens - kv.residual) if self.pinned else None
+        self.cuda = cuda_path(q, kv, nv) if path is None else path == "cuda"
         # 128 registers: 4 programs of 4 warps per SM instead of 3 (at 166 registers); sm_90 builds show no spills in
         # the main loop at this cap, and 4 x 56 KB of shared memory still fit
         self.num_warps, self.num_stages, self.maxnreg = num_warps, num_stages, maxnreg
@@ -497,14 +593,41 @@ class Decoder:
         self.block_n = max(block_n or 64, kv.group)
         # stand-ins of the right dtype for the compile query below (warmup compiles, it does not launch)
         self.op = self.lse = torch.empty(1, dtype=torch.float32, device=q.device)
-        self.pinned = max_tokens is not None
-        self.resident = self._resident() if splits is None else None
-        slots = (self.resident or RESIDENT_DEFAULT) * _sm_count(q.device)
-        nv = max(0, max_tokens - kv.residual) if self.pinned else None
-        self.block_n, self.split_tokens, self.n_parts = plan(kv, B, block_n, splits, slots, nv)
+        self.block_n, self.split_tokens, self.n_parts = self._plan(B, block_n, splits, nv)
         self.op = torch.empty(B * Hq * self.n_parts, D, dtype=torch.float32, device=q.device)
         self.lse = torch.empty(B * Hq * self.n_parts, dtype=torch.float32, device=q.device)
         self.out = torch.empty(B, Hq, 1, D, dtype=q.dtype, device=q.device)
+        self.params = self._cuda_params() if self.cuda else None
+
+    def _plan(self, B: int, block_n: int | None, splits: int | None, nv: int | None) -> tuple[int, int, int]:
+        """plan() with this path's programs per SM; the CUDA kernel's parts hold at most CUDA_BIAS_ROWS - 16 key
+        groups (its q . min table) and are whole tiles of 64 tokens (16 per warp)."""
+        kv = self.kv
+        if not self.cuda:
+            self.resident = self._resident() if splits is None else None
+            slots = (self.resident or RESIDENT_DEFAULT) * _sm_count(self.q.device)
+            return plan(kv, B, block_n, splits, slots, nv)
+        self.resident = _cuda_resident(self.q.dtype == torch.bfloat16, self.q.shape[-1], kv.bits) \
+            if self.q.is_cuda else RESIDENT_DEFAULT
+        slots = self.resident * _sm_count(self.q.device)
+        most = (CUDA_BIAS_ROWS - 16) * kv.group // 64 * 64
+        bn, split, parts = plan(kv, B, 64, splits, slots, nv)
+        if split > most:
+            bn, split, parts = plan(kv, B, 64, triton.cdiv(kv.nv if nv is None else nv, most), slots, nv)
+        return bn, split, parts
+
+    def _cuda_params(self) -> CudaParams:
+        q, kv = self.q, self.kv
+        B, Hq, _, D = q.shape
+        H = kv.rk.shape[1]
+        ptr = lambda t: t.data_ptr()  # noqa: E731
+        kq, ks, km, vq, vs, vm = self.buffers[:6]
+        return CudaParams(
+            ptr(q), ptr(kq), ptr(ks), ptr(km), ptr(vq), ptr(vs), ptr(vm), ptr(self.op), ptr(self.lse),
+            kv.ndev.data_ptr() if self.pinned else None,
+            q.stride(0), q.stride(1), kv.kq.stride(1), kv.ks.stride(1), kv.vq.stride(1), kv.vs.stride(1),
+            B, H, self.group, kv.n, kv.residual, kv.group, self.split_tokens, self.n_parts,
+            D**-0.5 * math.log2(math.e))
 
     def _resident(self) -> int | None:
         """Programs per SM of this configuration's compiled split kernel (compiled now, as the first launch would);
@@ -522,7 +645,7 @@ class Decoder:
                 _RESIDENT[key] = None
         return _RESIDENT[key]
 
-    def _launch(self, k_new, v_new, split_tokens: int, n_parts: int) -> tuple[list, dict]:
+    def _launch(self, k_new, v_new, split_tokens: int, n_parts: int, part0: int = 0) -> tuple[list, dict]:
         q, kv = self.q, self.kv
         B, Hq, _, D = q.shape
         H = kv.rk.shape[1]
@@ -536,7 +659,7 @@ class Decoder:
         args = [q, *self.buffers, kn, vn, self.op, self.lse,
                 q.stride(0), q.stride(1), kn.stride(0), kn.stride(1),
                 *self.strides,
-                *lengths, split_tokens, n_parts, D**-0.5 * math.log2(math.e), H, self.group,
+                *lengths, split_tokens, n_parts, part0, D**-0.5 * math.log2(math.e), H, self.group,
                 kv.ndev if pinned else self.op]
         kw = dict(
             M=max(16, triton.next_power_of_2(self.group)), D=D, BITS=kv.bits,
@@ -548,11 +671,30 @@ class Decoder:
         )
         return args, kw
 
-    def split(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+    def packed(self) -> None:
+        """The CUDA kernel over the packed parts [0, n_parts - 1) (nothing on the Triton path, whose split kernel
+        runs every part)."""
+        if not self.cuda or self.n_parts < 2:
+            return
+        q, p = self.q, self.params
+        p.q, p.q_sb, p.q_sh = q.data_ptr(), q.stride(0), q.stride(1)
+        stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else None
+        lib = cuda_lib()
+        err = lib.kivi_attend(ctypes.byref(p), int(q.dtype == torch.bfloat16), q.shape[-1], self.kv.bits, stream)
+        if err:
+            raise KVBenchError(f"kivi CUDA attention: {lib.kivi_error_string(err).decode()}")
+
+    def tail(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+        """The Triton split kernel: the ring part (and the new token), or every part on the Triton path."""
         B = self.q.shape[0]
         H = self.kv.rk.shape[1]
-        args, kw = self._launch(k_new, v_new, self.split_tokens, self.n_parts)
-        _kivi_split_kernel[(B * H, self.n_parts)](*args, **kw)
+        part0 = self.n_parts - 1 if self.cuda else 0
+        args, kw = self._launch(k_new, v_new, self.split_tokens, self.n_parts, part0)
+        _kivi_split_kernel[(B * H, self.n_parts - part0)](*args, **kw)
+
+    def split(self, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> None:
+        self.packed()
+        self.tail(k_new, v_new)
 
     def combine(self) -> torch.Tensor:
         B, Hq, _, D = self.q.shape

@@ -25,7 +25,8 @@ class Kivi(Method):
     over groups of `group` channels, asymmetrically (scale = (max - min) / (2^bits - 1), zero point = min, fp16
     each). The key residual grows to `residual` tokens and is then quantized as one block; values leave the residual
     one per step, so exactly `residual` stay in full precision. Prefill attention is dense over the full-precision
-    prompt; decode attention reads the packed words (a Triton kernel on CUDA, its PyTorch reference elsewhere).
+    prompt; decode attention reads the packed words (on CUDA a CUDA kernel over the packed tokens where its shapes
+    allow, Triton for the residual and the rest; its PyTorch reference elsewhere).
 
     Parameters
     ----------
@@ -36,8 +37,9 @@ class Kivi(Method):
     residual : int, default 128
         Recent tokens kept in full precision; a multiple of `group`.
     impl : str, default "auto"
-        Decode attention: "triton" (the packed-data kernel), "torch" (the reference: dequantize, then dense
-        attention) or "auto" (triton on CUDA, torch elsewhere).
+        Decode attention: "triton" (the packed-data kernels: CUDA over the packed tokens where
+        kernels.kivi.cuda_path() allows, else Triton; KVBENCH_KIVI_ATTEND=triton forces Triton), "torch" (the
+        reference: dequantize, then dense attention) or "auto" (triton on CUDA, torch elsewhere).
     """
 
     name = "kivi"
@@ -189,7 +191,10 @@ class KiviLayer(LayerCache):
         from kvbench.kernels import kivi as kernel
 
         dec = kernel.Decoder(q, self.kv)
-        return {"attention": dec, "split": dec.split, "combine": dec.combine}
+        fns = {"attention": dec, "split": dec.split, "combine": dec.combine}
+        if dec.cuda:  # split's two launches: the CUDA kernel over the packed tokens, Triton's over the residual
+            fns.update(packed=dec.packed, tail=dec.tail)
+        return fns
 
     def decode_bytes(self) -> int:
         return self.kv.read_bytes()

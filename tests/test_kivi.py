@@ -371,13 +371,17 @@ GPU_SHAPES = [  # B, Hq, Hkv, D, T
 # ids, so a GPU run can split the tests over processes that compile in parallel (-k "bf16 and b2", ...)
 DTYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 BITS = pytest.mark.parametrize("bits", [2, 4], ids=["b2", "b4"])
+# the packed tokens' kernel for the method-level GPU tests: CUDA whatever the size (CUDA_MIN_ROWS 0), or Triton
+PATHS = pytest.mark.parametrize("min_rows", [0, 1 << 62], ids=["cuda", "triton"])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @DTYPES
 @BITS
-def test_triton_kernel_matches_reference_on_gpu(shape, dtype, bits):
+@pytest.mark.parametrize("path", ["cuda", "triton"])
+def test_kernels_match_reference_on_gpu(shape, dtype, bits, path):
+    """Both paths of the packed tokens: csrc/kivi_attend.cu (then Triton's ring part) and Triton's split kernel."""
     from kvbench.kernels import kivi as kernel
 
     torch.manual_seed(sum(shape) + bits)
@@ -393,7 +397,7 @@ def test_triton_kernel_matches_reference_on_gpu(shape, dtype, bits):
         # last is whole tiles; splits=1 leaves one range, 7 a partial tile in the middle of the packed tokens)
         for config in ({}, dict(block_n=128, num_warps=8, splits=7), dict(block_n=32, num_stages=3, maxnreg=None,
                                                                           splits=1)):
-            out = kernel.decode_attention(q, kv, *args, **config)
+            out = kernel.decode_attention(q, kv, *args, path=path, **config)
             torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
         # against float64 over the dequantized cache: the kernel's own error, not just agreement with the reference
         exact = naive_attention(q.cpu(), torch.cat([kv.keys(), *args[:1]], 2).cpu(),
@@ -438,7 +442,11 @@ def test_quantization_on_gpu_is_bit_identical_to_the_cpu(bits, dtype):
 @pytest.mark.gpu
 @DTYPES
 @BITS
-def test_method_decodes_with_the_kernel_on_gpu(dtype, bits):
+@PATHS
+def test_method_decodes_with_the_kernel_on_gpu(dtype, bits, min_rows, monkeypatch):
+    from kvbench.kernels import kivi as kernel
+
+    monkeypatch.setattr(kernel, "CUDA_MIN_ROWS", min_rows)
     torch.manual_seed(4)
     B, Hq, H, D = 2, 32, 8, 128
     layer = make(f"kivi:bits={bits}", Hq, H, D, dtype, "cuda")  # both bits decode through the fused writer now
@@ -453,14 +461,20 @@ def test_method_decodes_with_the_kernel_on_gpu(dtype, bits):
     assert layer.info()["backend"] == "triton" and reference.info()["backend"] == "torch"
     fns = layer.decode_fns(q)
     torch.testing.assert_close(fns["attention"](), ref.attention_ref(q, layer.kv), atol=2e-2, rtol=2e-2)
-    fns["split"](), fns["combine"]()
+    for key in fns:  # the stages the kernel suite times (packed and tail on the CUDA path)
+        fns[key]()
+    assert ("packed" in fns) == kernel.cuda_path(q, layer.kv)
 
 
 @pytest.mark.gpu
 @DTYPES
 @BITS
-def test_reserved_steps_equal_the_plain_path_on_gpu(dtype, bits):
+@PATHS
+def test_reserved_steps_equal_the_plain_path_on_gpu(dtype, bits, min_rows, monkeypatch):
     """The pinned path at the Llama shape on the GPU: outputs of 300 steps (two key blocks) and the packed cache."""
+    from kvbench.kernels import kivi as kernel
+
+    monkeypatch.setattr(kernel, "CUDA_MIN_ROWS", min_rows)
     torch.manual_seed(6)
     B, Hq, H, D = 3, 32, 8, 128
     plain, pinned = (make(f"kivi:bits={bits}", Hq, H, D, dtype, "cuda") for _ in range(2))
@@ -468,6 +482,7 @@ def test_reserved_steps_equal_the_plain_path_on_gpu(dtype, bits):
     q = torch.randn(B, Hq, 8, D, device="cuda", dtype=dtype)
     plain.prefill(q, k, v), pinned.prefill(q, k, v)
     pinned.reserve(300)
+    assert pinned.pin.cuda == (min_rows == 0)
     for _ in range(300):
         q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dtype)
         k, v = rand_kv(B, H, 1, D, dtype, "cuda")
