@@ -19,7 +19,6 @@ QJLLayer.attention's PyTorch path (methods/qjl.py).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -28,6 +27,7 @@ import triton.language as tl
 
 from kvbench.kernels.dense_decode import _combine_kernel
 from kvbench.kernels.score_triton import interpreting
+from kvbench.kernels.select_attend import _sm_count
 
 WAVES = 8  # programs per SM to aim for (attention)
 BLOCK_PLAIN = 64  # tokens a tile without outliers (with them: one group)
@@ -113,9 +113,9 @@ def _attend_kernel(Q, W, PROJ, IDX, SIN, NIN, SOUT, NOUT, VQ, VS, VM, RK, RV, OP
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
+    E: tl.constexpr = 32 // VBITS  # codes a word: channel d is bits (d % E) * VBITS of word d // E
     if s < n_splits - 1:  # quantized tokens, tiles [t0, t1)
         w = tl.load(W + qrow[:, None] * M + tl.arange(0, M)[None, :], mask=qm[:, None], other=0.0)
-        E: tl.constexpr = 32 // VBITS  # codes a word: channel d is bits (d % E) * VBITS of word d // E
         t0 = s * tiles_per
         t1 = tl.minimum(t0 + tiles_per, tl.cdiv(NQ, BLOCK))
         for t in range(t0, t1):
@@ -156,11 +156,6 @@ def _attend_kernel(Q, W, PROJ, IDX, SIN, NIN, SOUT, NOUT, VQ, VS, VM, RK, RV, OP
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(OP + row[:, None] * D + d[None, :], out, mask=qm[:, None])
     tl.store(LSE + row, lse, mask=qm)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _key_args(q1: torch.Tensor, proj: torch.Tensor, keys, signs, norms) -> tuple[list, dict, int]:

@@ -26,7 +26,7 @@ _fix_interpreter_for_numpy_2_4()  # kivi's fix for Triton 3.6's interpreter unde
 
 ROW_MAX = 32768  # rows up to this long stay in registers across the passes (32 warps: 32 keys a thread)
 CHUNK = 1024  # elements per step of the chunked passes (long rows, the output pass)
-INT_MIN = -2147483648
+INT_MIN = tl.constexpr(-2147483648)  # jit code reads globals only as constexpr
 
 
 def topk_ref(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tensor:
@@ -49,18 +49,23 @@ def _keys(x):
 
 @triton.jit
 def _load_keys(base, offs, N):
-    return _keys(tl.load(base + offs, mask=offs < N, other=0.0))
+    """The keys of elements offs < N; 0 past N, below every float's key (-inf's is 0x007FFFFF), so with k <= N the
+    threshold never comes near them."""
+    return tl.where(offs < N, _keys(tl.load(base + offs, mask=offs < N, other=0.0)), 0)
 
 
 @triton.jit
-def _digit_hist(u, ok, prefix, p: tl.constexpr):
+def _digit_hist(u, prefix, p: tl.constexpr):
     """The 16-bin histogram of digit p (bits 28 - 4p ..) of the keys u that match prefix on the digits before it."""
-    if p > 0:
-        ok = ok & (((u ^ prefix) & -(1 << (32 - 4 * p))) == 0)
-    return tl.histogram((u >> (28 - 4 * p)) & 15, 16, mask=ok)
+    digit = (u >> (28 - 4 * p)) & 15
+    if p == 0:
+        hist = tl.histogram(digit, 16)
+    else:
+        hist = tl.histogram(digit, 16, mask=((u ^ prefix) & -(1 << (32 - 4 * p))) == 0)
+    return hist
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["k_arg", "N", "kmax"])  # k = N = 1 must not turn them into constants
 def _topk_kernel(S, OUT, KPTR, k_arg, N, kmax, s_row, o_row, K_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr,
                  IN_REGS: tl.constexpr, CH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -78,11 +83,11 @@ def _topk_kernel(S, OUT, KPTR, k_arg, N, kmax, s_row, o_row, K_ON_DEVICE: tl.con
     need = k  # how many of the keys matching prefix are still to be taken
     for p in tl.static_range(8):
         if IN_REGS:
-            hist = _digit_hist(u_row, offs < N, prefix, p)
+            hist = _digit_hist(u_row, prefix, p)
         else:
             hist = tl.zeros([16], tl.int32)
             for start in range(0, N, BLOCK):
-                hist += _digit_hist(_load_keys(base, start + offs, N), start + offs < N, prefix, p)
+                hist += _digit_hist(_load_keys(base, start + offs, N), prefix, p)
         at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with digit >= d
         d = tl.max(tl.where(at_least >= need, bins, 0), 0)
         need -= tl.sum(tl.where(bins > d, hist, 0), 0)
