@@ -149,7 +149,8 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0), idx.stride(1), splits, D**-0.5 * math.log2(math.e), HKV=H, GROUP=group,
         M=max(16, triton.next_power_of_2(group)), D=D, DP=DP, BLOCK=BLOCK_N, HAS_LIMIT=limit is not None,
-        HAS_LIVE=live is not None, LIVE_ON_DEVICE=isinstance(live, torch.Tensor), PAGE=page, PRECISION="ieee" if exact else "tf32", num_warps=NUM_WARPS,
+        HAS_LIVE=live is not None, LIVE_ON_DEVICE=isinstance(live, torch.Tensor), PAGE=page,
+        PRECISION="ieee" if exact else "tf32", num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
     if DP == D:
         _combine_kernel[(B * Hq,)](op, lse, out, splits, out.stride(0), out.stride(1), HQ=Hq, D=D,

@@ -124,7 +124,8 @@ def topk_select(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tenso
         block = max(128, triton.next_power_of_2(N)) if N <= ROW_MAX else CHUNK
         _topk_kernel[(rows.shape[0],)](
             rows, out, k if on_device else out, 0 if on_device else int(k), N, kmax, rows.stride(0), out.stride(0),
-            K_ON_DEVICE=on_device, BLOCK=block, IN_REGS=N <= ROW_MAX, CH=CHUNK, num_warps=min(32, max(4, block // 1024)))
+            K_ON_DEVICE=on_device, BLOCK=block, IN_REGS=N <= ROW_MAX, CH=CHUNK,
+            num_warps=min(32, max(4, block // 1024)))
     elif kmax:
         out.zero_()
     return out.view(*lead, kmax)

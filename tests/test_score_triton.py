@@ -158,8 +158,8 @@ def test_kernels_match_the_references_on_gpu(dtype):
 @pytest.mark.gpu
 def test_qjl_outlier_kernel_matches_the_reference_on_gpu():
     torch.manual_seed(3)
-    check_qjl_outliers("cuda", QJL_SHAPES + [(1, 32, 8, 32768, 128, 256, 256, 8, 32), (4, 32, 8, 4096, 128, 512, 128,
-                                                                                        8, 32), (3, 24, 8, 999, 128, 256, 256, 0, 1)])
+    check_qjl_outliers("cuda", QJL_SHAPES + [(1, 32, 8, 32768, 128, 256, 256, 8, 32),
+                                             (4, 32, 8, 4096, 128, 512, 128, 8, 32), (3, 24, 8, 999, 128, 256, 256, 0, 1)])
 
 
 @pytest.mark.gpu
