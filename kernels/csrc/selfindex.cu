@@ -650,6 +650,7 @@ __global__ void __launch_bounds__(kSelThreads, 6) select_kernel(SelectParams p) 
     unsigned long long v;
     while (!((v = load_volatile(ready)) >> 63)) {
     }
+    __threadfence();  // the look-back's loads below come after the flag (every block's pair is zeroed before it)
     sm.thr[0] = static_cast<int>((v >> 42) & 0xfffu) - 1;  // bin -1: fewer candidates than k, every one taken
     sm.thr[1] = static_cast<int>((v >> 21) & 0x1fffffu);
     sm.thr[2] = static_cast<int>(v & 0x1fffffu);
@@ -1140,29 +1141,42 @@ __global__ void __launch_bounds__(kAttWarps * 32, 3) attend_kernel(AttendParams 
     s_lse[hd][i] = exp2f(s_lse[hd][i] - s_m[0][hd]);  // an empty part (lse -inf) weighs 0
   }
   __syncthreads();
-  // this thread's output entries e = tid + 128 k, every part's row of each loaded together: the tail of the step
-  // waits on n_parts / 4 round trips to L2, not on n_parts per entry one entry after another
-  constexpr int E = kAttMaxGroup * D / (kAttWarps * 32);
-  float o[E], l[E];
+  // this thread's output entries: 4 consecutive channels of one head (float4 e = tid + 128 k), so one 16-byte load
+  // per part and entry, 8 parts in flight: the tail of the step waits on about n_parts / 8 round trips to L2
+  constexpr int E = kAttMaxGroup * D / 4 / (kAttWarps * 32);
+  float4 o[E];
+  float l[E];
 #pragma unroll
-  for (int k = 0; k < E; ++k) o[k] = l[k] = 0.f;
-#pragma unroll 4
+  for (int k = 0; k < E; ++k) {
+    o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    l[k] = 0.f;
+  }
+#pragma unroll 8
   for (int i = 0; i < p.n_parts; ++i) {
 #pragma unroll
     for (int k = 0; k < E; ++k) {
-      const int e = tid + k * kAttWarps * 32;
+      const int e = 4 * (tid + k * kAttWarps * 32);
       if (e < p.group * D) {
         const int hd = e / D, c = e % D;
         const float a = s_lse[hd][i];
-        o[k] += a * __ldcg(p.part_o + ((rows0 + hd) * p.n_parts + i) * D + c);
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(p.part_o + ((rows0 + hd) * p.n_parts + i) * D + c));
+        o[k].x += a * v.x;
+        o[k].y += a * v.y;
+        o[k].z += a * v.z;
+        o[k].w += a * v.w;
         l[k] += a;
       }
     }
   }
 #pragma unroll
   for (int k = 0; k < E; ++k) {
-    const int e = tid + k * kAttWarps * 32;
-    if (e < p.group * D) static_cast<T*>(p.out)[rows0 * D + e] = Vec<T>::from(l[k] > 0.f ? o[k] / l[k] : 0.f);
+    const int e = 4 * (tid + k * kAttWarps * 32);
+    if (e < p.group * D) {
+      const float w[4] = {o[k].x, o[k].y, o[k].z, o[k].w};
+      T* out = static_cast<T*>(p.out) + rows0 * D + e;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = Vec<T>::from(l[k] > 0.f ? w[j] / l[k] : 0.f);
+    }
   }
   if (tid == 0) p.ctr[bh * kCounters] = 0;  // every part has counted: ready for the next step
 }
