@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 
@@ -236,6 +237,11 @@ def cuda_ops():
 
 N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
 SELECT_BLOCKS = 0  # score/select blocks per (b, h); 0: the launcher sizes one wave (selfindex_dev.py sweeps it)
+# 1: score, threshold, count and place in one launch (csrc/selfindex.cu: select_kernel) where the grid fits in one
+# wave, else 3: score, count and place kernels (the earlier path); KVBENCH_SELFINDEX_SELECT picks one for a run
+SELECT_LAUNCHES = int(os.environ.get("KVBENCH_SELFINDEX_SELECT", "1"))
+if SELECT_LAUNCHES not in (1, 3):
+    raise ValueError(f"KVBENCH_SELFINDEX_SELECT={SELECT_LAUNCHES}: 1 or 3")
 MAX_CHUNKS = 1024  # csrc/selfindex.h: kMaxChunks
 PLAN = 5  # csrc/selfindex.h: a step plan is (pos, slot, old, hi, k)
 class Workspace:
@@ -414,7 +420,7 @@ class IndexedKV:
                 ws = Workspace.get(q.device)
                 bins, hist, ctr = ws.select_buffers(B * H, self.cap)
                 cuda_ops().score_select(q, self.cb, self.signs, self.excl, lo, hi, K, bins, hist, ctr, idx,
-                                        SELECT_BLOCKS, ws.chunk_counts(B * H), None)
+                                        SELECT_BLOCKS, ws.chunk_counts(B * H), None, SELECT_LAUNCHES)
             return idx
         if K == 0:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
@@ -489,7 +495,8 @@ class IndexedKV:
             ws = Workspace.get(q.device)
             bins, hist, ctr = ws.select_buffers(B * H, self.cap)
             cuda_ops().score_select(q, self.cb, self.signs, self.excl, self.plan_lo, self.hi_max, self.k_max, bins,
-                                    hist, ctr, self.idx_buf, SELECT_BLOCKS, ws.chunk_counts(B * H), self.plan)
+                                    hist, ctr, self.idx_buf, SELECT_BLOCKS, ws.chunk_counts(B * H), self.plan,
+                                    SELECT_LAUNCHES)
         out = selfindex_attend.attend(q, self, self.idx_buf, nsel=self.plan[4:5], out=self.out_buf)
         return out, self.idx_buf
 

@@ -321,5 +321,9 @@ class SelfIndexLayer(LayerCache):
 
             cuda = sa.cuda_path(self.kv.quantized, self.spec.group, self.spec.head_dim, self.kv.fk.device)
             attend = "cuda" if cuda else ("triton-ptx" if sa.FAST_DEQUANT else "triton")
+        # the select launches asked for (kernels/selfindex.py: SELECT_LAUNCHES; 1 falls back to 3 past one wave)
+        from kvbench.kernels.selfindex import SELECT_LAUNCHES
+
         return {"selected": self.n_select(), "full_precision": self.n_fp(), "impl": "cuda" if self.kv.cuda else "torch",
-                "backend": "selfindex-cuda" if self.kv.cuda else "torch", "attend": attend, "pinned": self.kv.pinned}
+                "backend": "selfindex-cuda" if self.kv.cuda else "torch", "attend": attend, "pinned": self.kv.pinned,
+                "select_launches": SELECT_LAUNCHES if self.kv.cuda else None}

@@ -259,3 +259,24 @@ def test_attend_paths_match_reference(shape, dtype, path, monkeypatch):
         got = selfindex_attend.attend(q1, fast.kv, buf, nsel=nsel, out=out)
         assert got is out
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 32, 8, 128, 40000)])
+@pytest.mark.parametrize("blocks", [0, 3, 64])
+def test_select_paths_agree(shape, blocks, monkeypatch):
+    """The one-launch select (select_kernel) and the three-kernel one pick the same list, at the launcher's grid and
+    at forced ones (64 blocks a (b, h): capped to one wave on the one-launch path), twice in a row (its counters
+    reset themselves)."""
+    torch.manual_seed(8)
+    B, Hq, H, D, T = shape
+    lay = layer("selfindex:budget=0.1,fixed=scored", B, Hq, H, D, torch.bfloat16, "auto")
+    k, v = rand_kv(B, H, T, D, torch.bfloat16)
+    lay.prefill(torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16), k, v)
+    q1 = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(ops, "SELECT_BLOCKS", blocks)
+    got = {}
+    for launches in (1, 3):
+        monkeypatch.setattr(ops, "SELECT_LAUNCHES", launches)
+        got[launches] = lay._select(q1)
+        assert torch.equal(got[launches], lay._select(q1))
+    assert torch.equal(got[1], got[3])

@@ -23,6 +23,21 @@ constexpr unsigned kFull = 0xffffffffu;
 __device__ __forceinline__ void wait_for_predecessor() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void allow_dependents() { asm volatile("griddepcontrol.launch_dependents;" :::); }
 
+// A flag or count another block publishes: read from L2 every time (a spin loop must not keep a stale copy).
+__device__ __forceinline__ unsigned long long load_volatile(const unsigned long long* p) {
+  return *reinterpret_cast<const volatile unsigned long long*>(p);
+}
+
+// Ask for a line in L2 ahead of its load (no register waits for it).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// A block's shared memory as one struct (tests/selfindex_emu.h gives every emulated block its own).
+template <typename S>
+__device__ __forceinline__ S& block_shared() {
+  __shared__ S s;
+  return s;
+}
+
 template <typename T> struct Vec;
 template <> struct Vec<__half> {
   static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
@@ -239,7 +254,14 @@ __device__ __forceinline__ int bin_of(int score) {
 template <typename T, int D>
 __device__ void build_lut(const SelectParams& p, int b, int h, float* s_q, float* s_lut, int* s_lut8, float* s_red) {
   constexpr int G = D / 4;
+  constexpr int NC = (G * 16 + kSelThreads - 1) / kSelThreads;  // codebook entries per thread
   const int tid = threadIdx.x, bh = b * p.H + h;
+  // this thread's centroids first: their load and the query's are in flight together
+  const float4* cb = reinterpret_cast<const float4*>(p.cb + static_cast<int64_t>(bh) * G * 64);
+  float4 c[NC];
+#pragma unroll
+  for (int n = 0; n < NC; ++n)
+    if (tid + n * kSelThreads < G * 16) c[n] = cb[tid + n * kSelThreads];
   for (int d = tid; d < D; d += blockDim.x) {
     const T* q = static_cast<const T*>(p.q) + b * p.q_sb + static_cast<int64_t>(h) * p.group * p.q_sh + d;
     float s = 0.f;
@@ -247,15 +269,15 @@ __device__ void build_lut(const SelectParams& p, int b, int h, float* s_q, float
     s_q[d] = __fdiv_rn(s, static_cast<float>(p.group));
   }
   __syncthreads();
-  const float* cb = p.cb + static_cast<int64_t>(bh) * G * 64;
   float amax = 0.f;
-  for (int i = tid; i < G * 16; i += blockDim.x) {
-    const int g = i >> 4;
-    const float4 c = reinterpret_cast<const float4*>(cb)[i];
-    float l = __fmul_rn(s_q[4 * g], c.x);
-    l = __fadd_rn(l, __fmul_rn(s_q[4 * g + 1], c.y));
-    l = __fadd_rn(l, __fmul_rn(s_q[4 * g + 2], c.z));
-    l = __fadd_rn(l, __fmul_rn(s_q[4 * g + 3], c.w));
+#pragma unroll
+  for (int n = 0; n < NC; ++n) {
+    const int i = tid + n * kSelThreads, g = i >> 4;
+    if (i >= G * 16) break;
+    float l = __fmul_rn(s_q[4 * g], c[n].x);
+    l = __fadd_rn(l, __fmul_rn(s_q[4 * g + 1], c[n].y));
+    l = __fadd_rn(l, __fmul_rn(s_q[4 * g + 2], c[n].z));
+    l = __fadd_rn(l, __fmul_rn(s_q[4 * g + 3], c[n].w));
     s_lut[i] = l;
     amax = fmaxf(amax, fabsf(l));
   }
@@ -306,6 +328,13 @@ __device__ void score_chunk(const SelectParams& p, int bh, int t0, int t1, const
       atomicAdd(&s_hist[bin], 1);
     }
   }
+}
+
+// The sign rows this thread will score in [t0, t1) (score_chunk's tokens), fetched into L2 while the LUT is built.
+template <int D>
+__device__ __forceinline__ void prefetch_chunk(const SelectParams& p, int bh, int t0, int t1) {
+  const uint8_t* signs = p.signs + static_cast<int64_t>(bh) * p.cap * (D / 8);
+  for (int t = t0 + threadIdx.x; t < t1; t += blockDim.x) prefetch_l2(signs + static_cast<int64_t>(t) * (D / 8));
 }
 
 // Block-wide: the threshold bin of a top-k over a histogram (counts(bin) reads it): out[0] = the highest bin B* with
@@ -488,24 +517,10 @@ __global__ void __launch_bounds__(kSelThreads) count_kernel(SelectParams p) {
   }
 }
 
-__global__ void __launch_bounds__(kSelThreads) place_kernel(SelectParams p) {
-  __shared__ int s_warp[2 * (kSelThreads / 32)];
-  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
-  wait_for_predecessor();  // count_kernel's counts
-  const int* ctr = p.ctr + bh * kCounters;
-  const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
-  const int* counts = p.counts + static_cast<int64_t>(bh) * kMaxChunks * 2;
-  int pa = 0, pe = 0;  // tokens above / tied in the chunks before this one
-  for (int j = threadIdx.x; j < static_cast<int>(blockIdx.x); j += blockDim.x) {
-    pa += __ldcg(&counts[2 * j]);
-    pe += __ldcg(&counts[2 * j + 1]);
-  }
-  int unused_a, unused_e;
-  block_scan2(pa, pe, s_warp, unused_a, unused_e, pa, pe);
-  const int own_a = __ldcg(&counts[2 * blockIdx.x]), own_e = __ldcg(&counts[2 * blockIdx.x + 1]);
-  if (own_a == 0 && (own_e == 0 || pe >= need_eq)) return;  // block-uniform: nothing of this chunk is taken
-  int t0, t1;
-  chunk_range(p, t0, t1);
+// Writes the picks of chunk [t0, t1) to idx: pa / pe tokens above / tied come before it, in position order. All
+// threads call it (block scans); bins of the chunk are read once, 8 at a time.
+__device__ __forceinline__ void place_chunk(const SelectParams& p, int bh, int t0, int t1, int thr, int n_gt,
+                                            int need_eq, int pa, int pe, int* s_warp) {
   const uint16_t* bins = p.bins + static_cast<int64_t>(bh) * p.bstride;
   int* out = p.idx + static_cast<int64_t>(bh) * p.kmax;
   for (int base = t0 & ~7; base < t1; base += 8 * blockDim.x) {  // block-uniform trip count
@@ -534,6 +549,143 @@ __global__ void __launch_bounds__(kSelThreads) place_kernel(SelectParams p) {
     }
     pa += ta;
     pe += te;
+  }
+}
+
+__global__ void __launch_bounds__(kSelThreads) place_kernel(SelectParams p) {
+  __shared__ int s_warp[2 * (kSelThreads / 32)];
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
+  wait_for_predecessor();  // count_kernel's counts
+  const int* ctr = p.ctr + bh * kCounters;
+  const int thr = __ldcg(&ctr[1]), n_gt = __ldcg(&ctr[2]), need_eq = __ldcg(&ctr[3]);
+  const int* counts = p.counts + static_cast<int64_t>(bh) * kMaxChunks * 2;
+  int pa = 0, pe = 0;  // tokens above / tied in the chunks before this one
+  for (int j = threadIdx.x; j < static_cast<int>(blockIdx.x); j += blockDim.x) {
+    pa += __ldcg(&counts[2 * j]);
+    pe += __ldcg(&counts[2 * j + 1]);
+  }
+  int unused_a, unused_e;
+  block_scan2(pa, pe, s_warp, unused_a, unused_e, pa, pe);
+  const int own_a = __ldcg(&counts[2 * blockIdx.x]), own_e = __ldcg(&counts[2 * blockIdx.x + 1]);
+  if (own_a == 0 && (own_e == 0 || pe >= need_eq)) return;  // block-uniform: nothing of this chunk is taken
+  int t0, t1;
+  chunk_range(p, t0, t1);
+  place_chunk(p, bh, t0, t1, thr, n_gt, need_eq, pa, pe, s_warp);
+}
+
+// ---- the whole selection in one launch, when every block of the grid is resident at once (one wave): each block
+// scores its chunk (as score_kernel), the last block of a (b, h) to arrive finds the threshold and raises a flag the
+// others wait on; then each block counts its chunk's tokens above and in the threshold bin from its own shared
+// histogram, publishes the pair, sums the pairs of the chunks before it as they appear (a decoupled look-back: those
+// blocks were dispatched first and never wait on later ones, so it cannot deadlock) and places its tokens. Against
+// score + count + place: two launches fewer and no count pass over the bins. Counters (selfindex.h): 0 arrivals,
+// 4-5 the threshold as one 64-bit word (bit 63 the flag, then bin + 1, tokens above it, tokens taken from it: one
+// read gets all), 6 departures (the last block to leave zeroes 0, 4-5 and 6); chunk pairs live in `counts` as 64-bit
+// words (bit 63 set once published), each zeroed by its own block before it arrives. Each block's sign rows are
+// prefetched into L2 before its LUT is built, so the scoring loads wait on L2, not on DRAM.
+template <int D>
+struct SelectShared {
+  float q[D];
+  float lut[D / 4 * 16];
+  int lut8[D / 4 * 16];
+  int hist[kNBins];
+  float red[kSelThreads / 32];
+  int scan[kSelThreads];
+  int warp[2 * (kSelThreads / 32)];
+  int thr[3];
+  int pre[2];
+  int last;
+};
+
+// Tokens of this block's chunk above / in bin thr, from its histogram (excluded tokens are not in it), in every
+// thread. Has barriers.
+__device__ __forceinline__ void hist_counts(const int* s_hist, int thr, int* s_warp, int& above, int& tied) {
+  int a = 0, e = 0;
+  for (int i = threadIdx.x; i < kNBins; i += blockDim.x) {
+    a += i > thr ? s_hist[i] : 0;
+    e += i == thr ? s_hist[i] : 0;
+  }
+  int ea, ee;
+  block_scan2(a, e, s_warp, ea, ee, above, tied);
+}
+
+template <typename T, int D>
+// 6 blocks an SM (40 registers, as score_kernel): more of the grid resident, so more blocks per (b, h) in one wave
+__global__ void __launch_bounds__(kSelThreads, 6) select_kernel(SelectParams p) {
+  SelectShared<D>& sm = block_shared<SelectShared<D>>();
+  const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h, tid = threadIdx.x, j = blockIdx.x;
+  int* ctr = p.ctr + bh * kCounters;
+  unsigned long long* ready = reinterpret_cast<unsigned long long*>(ctr + 4);
+  unsigned long long* pairs = reinterpret_cast<unsigned long long*>(p.counts) + static_cast<int64_t>(bh) * kMaxChunks;
+  if (tid == 0) pairs[j] = 0ull;  // before this block arrives: no look-back reads it until every block has
+  int t0, t1;
+  chunk_range(p, t0, t1);
+  prefetch_chunk<D>(p, bh, t0, t1);
+  for (int i = tid; i < kNBins; i += blockDim.x) sm.hist[i] = 0;
+  build_lut<T, D>(p, b, h, sm.q, sm.lut, sm.lut8, sm.red);
+  const int k = p.plan ? p.plan[4] : p.k;
+  score_chunk<D>(p, bh, t0, t1, sm.lut8, sm.hist, p.bins + static_cast<int64_t>(bh) * p.bstride + t0);
+  __syncthreads();
+  int* ghist = p.hist + static_cast<int64_t>(bh) * kNBins;
+  for (int i = tid; i < kNBins; i += blockDim.x)
+    if (sm.hist[i]) atomicAdd(&ghist[i], sm.hist[i]);
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) sm.last = atomicAdd(&ctr[0], 1) == static_cast<int>(gridDim.x) - 1;
+  __syncthreads();
+  if (sm.last) {  // every block's histogram is in ghist: the threshold, raised as one word with its flag bit
+    __threadfence();
+    if (k > 0) {
+      threshold([&](int bin) { return __ldcg(&ghist[bin]); }, k, sm.scan, sm.thr);
+    } else if (tid == 0) {  // a planned step that selects nothing: a threshold above every bin, nothing tied
+      sm.thr[0] = kNBins;
+      sm.thr[1] = 0;
+      sm.thr[2] = 0;
+    }
+    if (tid == 0)
+      atomicExch(ready, (1ull << 63) | (static_cast<unsigned long long>(sm.thr[0] + 1) << 42) |
+                            (static_cast<unsigned long long>(sm.thr[1]) << 21) | static_cast<unsigned>(sm.thr[2]));
+    for (int i = tid; i < kNBins; i += blockDim.x) ghist[i] = 0;  // ready for the next step
+  } else if (tid == 0) {
+    unsigned long long v;
+    while (!((v = load_volatile(ready)) >> 63)) {
+    }
+    __threadfence();  // the look-back's loads below come after the flag (every block's pair is zeroed before it)
+    sm.thr[0] = static_cast<int>((v >> 42) & 0xfffu) - 1;  // bin -1: fewer candidates than k, every one taken
+    sm.thr[1] = static_cast<int>((v >> 21) & 0x1fffffu);
+    sm.thr[2] = static_cast<int>(v & 0x1fffffu);
+  }
+  __syncthreads();
+  const int thr = sm.thr[0], n_gt = sm.thr[1], need_eq = sm.thr[2];
+  int own_a, own_e;
+  hist_counts(sm.hist, thr, sm.warp, own_a, own_e);
+  if (tid == 0)
+    atomicExch(&pairs[j], (1ull << 63) | (static_cast<unsigned long long>(own_a) << 32) | static_cast<unsigned>(own_e));
+  if (tid < 32) {  // look-back: the pairs of chunks 0 .. j-1, waiting for each to be published
+    int pa = 0, pe = 0;
+    for (int i = tid; i < j; i += 32) {
+      unsigned long long v;
+      while (!((v = load_volatile(&pairs[i])) >> 63)) {
+      }
+      pa += static_cast<int>((v >> 32) & 0x7fffffffu);
+      pe += static_cast<int>(v & 0xffffffffu);
+    }
+    pa = __reduce_add_sync(kFull, pa);
+    pe = __reduce_add_sync(kFull, pe);
+    if (tid == 0) {
+      sm.pre[0] = pa;
+      sm.pre[1] = pe;
+    }
+  }
+  __syncthreads();
+  const int pa = sm.pre[0], pe = sm.pre[1];
+  if (!(own_a == 0 && (own_e == 0 || pe >= need_eq)))  // block-uniform: something of this chunk is taken
+    place_chunk(p, bh, t0, t1, thr, n_gt, need_eq, pa, pe, sm.warp);
+  // the last block to leave (every other one has read the flag) readies the counters for the next call
+  if (tid == 0 && atomicAdd(&ctr[6], 1) == static_cast<int>(gridDim.x) - 1) {
+    ctr[0] = 0;
+    *ready = 0ull;
+    ctr[6] = 0;
   }
 }
 
@@ -989,29 +1141,42 @@ __global__ void __launch_bounds__(kAttWarps * 32, 3) attend_kernel(AttendParams 
     s_lse[hd][i] = exp2f(s_lse[hd][i] - s_m[0][hd]);  // an empty part (lse -inf) weighs 0
   }
   __syncthreads();
-  // this thread's output entries e = tid + 128 k, every part's row of each loaded together: the tail of the step
-  // waits on n_parts / 4 round trips to L2, not on n_parts per entry one entry after another
-  constexpr int E = kAttMaxGroup * D / (kAttWarps * 32);
-  float o[E], l[E];
+  // this thread's output entries: 4 consecutive channels of one head (float4 e = tid + 128 k), so one 16-byte load
+  // per part and entry, 8 parts in flight: the tail of the step waits on about n_parts / 8 round trips to L2
+  constexpr int E = kAttMaxGroup * D / 4 / (kAttWarps * 32);
+  float4 o[E];
+  float l[E];
 #pragma unroll
-  for (int k = 0; k < E; ++k) o[k] = l[k] = 0.f;
-#pragma unroll 4
+  for (int k = 0; k < E; ++k) {
+    o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    l[k] = 0.f;
+  }
+#pragma unroll 8
   for (int i = 0; i < p.n_parts; ++i) {
 #pragma unroll
     for (int k = 0; k < E; ++k) {
-      const int e = tid + k * kAttWarps * 32;
+      const int e = 4 * (tid + k * kAttWarps * 32);
       if (e < p.group * D) {
         const int hd = e / D, c = e % D;
         const float a = s_lse[hd][i];
-        o[k] += a * __ldcg(p.part_o + ((rows0 + hd) * p.n_parts + i) * D + c);
+        const float4 v = __ldcg(reinterpret_cast<const float4*>(p.part_o + ((rows0 + hd) * p.n_parts + i) * D + c));
+        o[k].x += a * v.x;
+        o[k].y += a * v.y;
+        o[k].z += a * v.z;
+        o[k].w += a * v.w;
         l[k] += a;
       }
     }
   }
 #pragma unroll
   for (int k = 0; k < E; ++k) {
-    const int e = tid + k * kAttWarps * 32;
-    if (e < p.group * D) static_cast<T*>(p.out)[rows0 * D + e] = Vec<T>::from(l[k] > 0.f ? o[k] / l[k] : 0.f);
+    const int e = 4 * (tid + k * kAttWarps * 32);
+    if (e < p.group * D) {
+      const float w[4] = {o[k].x, o[k].y, o[k].z, o[k].w};
+      T* out = static_cast<T*>(p.out) + rows0 * D + e;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = Vec<T>::from(l[k] > 0.f ? w[j] / l[k] : 0.f);
+    }
   }
   if (tid == 0) p.ctr[bh * kCounters] = 0;  // every part has counted: ready for the next step
 }
@@ -1078,12 +1243,38 @@ inline void chunk_grid(SelectParams& p, int& nblocks) {
   nblocks = (p.hi - p.lo + p.chunk - 1) / p.chunk;
 }
 
+// Blocks of `kernel` resident on the whole GPU at once.
+inline int resident_blocks(const void* kernel, int threads, size_t smem) {
+  int dev = 0, sms = 0, resident = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, threads, smem);
+  return resident * sms;
+}
+
 template <typename T, int D> struct SelectLaunch {
   static cudaError_t run(SelectParams p, int nblocks, cudaStream_t s) {
     if (p.k <= 0 || p.hi <= p.lo) return cudaSuccess;
     if (nblocks <= 0)
       nblocks = blocks_per_bh(reinterpret_cast<const void*>(score_kernel<T, D>), kSelThreads, 0, p.hi - p.lo,
                               p.B * p.H, 1024, 1 << 30);
+    const int bh = p.B * p.H;
+    const int wave = p.launches == 1 ? resident_blocks(reinterpret_cast<const void*>(select_kernel<T, D>),
+                                                       kSelThreads, 0) / bh : 0;
+    if (wave >= 1) {  // one launch: its blocks wait on each other, so all of them must be resident
+      nblocks = min(nblocks, wave);
+      chunk_grid(p, nblocks);
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeCooperative;  // the runtime refuses a grid that does not fit, never hangs
+      attr[0].val.cooperative = 1;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(nblocks, p.H, p.B);
+      cfg.blockDim = dim3(kSelThreads);
+      cfg.stream = s;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      return cudaLaunchKernelEx(&cfg, select_kernel<T, D>, p);
+    }
     chunk_grid(p, nblocks);
     const dim3 grid(nblocks, p.H, p.B);
     score_kernel<T, D><<<grid, kSelThreads, 0, s>>>(p);

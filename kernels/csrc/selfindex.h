@@ -50,7 +50,8 @@ struct AppendParams {
 // block per (b, h)) find the threshold bin; then write the indices of the top k tokens: those above the threshold bin
 // in position order, then the lowest positions of the threshold bin (deterministic: the same bins give the same list).
 // Counters per (b, h): 0 blocks done, 1 threshold bin, 2 tokens strictly above it, 3 taken from the threshold bin,
-// 4-6 unused, 7 attention parts done (selfindex_attend.py). Counters 0 and 7 are zero between calls.
+// 4-5 the threshold as one flagged 64-bit word and 6 blocks done with it (the one-launch select_kernel), 7 attention
+// parts done (selfindex_attend.py). Counters 0, 4-6 and 7 are zero between calls; the workspace is 8-byte aligned.
 struct SelectParams {
   const void* q; int64_t q_sb, q_sh;            // [B, Hq, D]
   const float* cb;                              // [B, H, G, 16, 4]
@@ -62,7 +63,9 @@ struct SelectParams {
   int* ctr;                                     // workspace [B, H, kCounters], zero between calls
   int* idx; int kmax;                           // out [B, H, kmax]: positions of the selected tokens
   int* counts;                                  // workspace [B, H, kMaxChunks, 2]: tokens above / in the threshold bin
+                                                // (select_kernel: one 64-bit word per chunk, see there)
   const int* plan;                              // device step plan (hi, k from it; hi, k above are their maxima)
+  int launches;                                 // 1: one launch when the grid fits in one wave; 3: score, count, place
 };
 
 // Sparse decode attention of 2+1 storage: the full-precision set (part 0) and the selected tokens (parts 1..: `split`

@@ -141,13 +141,18 @@ si::SelectParams select_params(const Tensor& q, const Tensor& cb, const Tensor& 
 }
 
 // scoring: q [B, Hq, D] scores positions [lo, hi) and writes the k selected positions to idx[:, :, :k]; with a device
-// step plan, hi and k come from it and the arguments are their largest values (they size the grid)
+// step plan, hi and k come from it and the arguments are their largest values (they size the grid); launches 1: one
+// kernel where the grid fits in one wave (else, and with 3, score, count and place kernels)
 void score_select(Tensor q, Tensor cb, Tensor signs, Opt excl, int64_t lo, int64_t hi, int64_t k, Tensor bins,
-                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks, Tensor counts, Opt plan) {
+                  Tensor hist, Tensor ctr, Tensor idx, int64_t nblocks, Tensor counts, Opt plan, int64_t launches) {
   si::SelectParams p = select_params(q, cb, signs, excl, lo, hi, k, ctr, idx);
   TORCH_CHECK(counts.scalar_type() == at::kInt && counts.numel() >= p.B * p.H * si::kMaxChunks * 2,
               "counts workspace too small");
   p.counts = counts.data_ptr<int>();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p.counts) % 8 == 0 && reinterpret_cast<uintptr_t>(p.ctr) % 8 == 0,
+              "counts and ctr must be 8-byte aligned");
+  TORCH_CHECK(launches == 1 || launches == 3, "launches must be 1 or 3");
+  p.launches = static_cast<int>(launches);
   if (plan) {
     check(*plan, "plan", at::kInt, 1);
     TORCH_CHECK(plan->numel() >= si::kPlan, "plan must hold ", si::kPlan, " int32");
