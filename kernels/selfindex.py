@@ -239,7 +239,8 @@ N_COUNTERS = 8  # int32 counters per (b, h), see csrc/selfindex.h
 SELECT_BLOCKS = 0  # score/select blocks per (b, h); 0: the launcher sizes one wave (selfindex_dev.py sweeps it)
 # 1: score, threshold, count and place in one launch (csrc/selfindex.cu: select_kernel) where the grid fits in one
 # wave, else 3: score, count and place kernels (the earlier path); KVBENCH_SELFINDEX_SELECT picks one for a run
-SELECT_LAUNCHES = int(os.environ.get("KVBENCH_SELFINDEX_SELECT", "1"))
+# default 3: the one-launch path was only ~2 us faster (32K x 1, H200) and its GPU parity run timed out: opt in
+SELECT_LAUNCHES = int(os.environ.get("KVBENCH_SELFINDEX_SELECT", "3"))
 if SELECT_LAUNCHES not in (1, 3):
     raise ValueError(f"KVBENCH_SELFINDEX_SELECT={SELECT_LAUNCHES}: 1 or 3")
 MAX_CHUNKS = 1024  # csrc/selfindex.h: kMaxChunks
