@@ -363,8 +363,8 @@ class PositionedKV(LayerCache):
         """pos with the new positions appended, host and device. Every layer of one forward appends the same
         positions to the same tensor: the first layer's result is shared (Scene.forward's memo), so the device copy
         and the masked kernel's block mask (cached by tensor identity) are made once per forward, not per layer."""
-        hit = None if self.memo is None else self.memo.get(id(pos))
-        if hit is None or hit[0] is not pos:
+        hit = None if self.memo is None else self.memo.get(id(pos))  # the entry holds pos: its id stays unique
+        if hit is None:
             grown = torch.cat([pos, new])
             hit = (pos, grown, on_dev(grown))
             if self.memo is not None:
@@ -385,12 +385,11 @@ def _attention_with_probs(q, K, V, mask, obs: Observer, layer: PositionedKV) -> 
     are folded into its rows ([B, Hkv, group x T, D]), so K and V are read as stored, never repeated per query
     head (it was 4x the bytes at GQA 4); scores in float32."""
     B, Hq, T, D = q.shape
-    Hkv = K.shape[1]
-    qg = q.reshape(B, Hkv, (Hq // Hkv) * T, D)
+    qg = _fold_heads(q, K.shape[1])
     scores = (qg.float() @ K.float().transpose(-1, -2)).view(B, Hq, T, -1) * D ** -0.5
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
     obs.on_probs(layer, probs)
-    out = probs.to(V.dtype).view(B, Hkv, -1, probs.shape[-1]) @ V
+    out = probs.to(V.dtype).view(B, K.shape[1], -1, probs.shape[-1]) @ V
     return out.view(B, Hq, T, D).to(q.dtype)
 
 
@@ -411,18 +410,23 @@ def folded_sdpa(q, K, V, mask) -> torch.Tensor:
     """SDPA with a [T, S] mask and GQA: SDPA's memory-efficient kernel takes a mask but not GQA, so each KV head's
     query heads are folded into its rows; K and V are read as stored (repeating them per query head was 4x the bytes
     and, with the copy, 9 of reuse's 54 GPU ms on an H200)."""
+    group = q.shape[1] // K.shape[1]
+    out = F.scaled_dot_product_attention(_fold_heads(q, K.shape[1]), K, V, attn_mask=mask.repeat(group, 1))
+    return out.view(q.shape)
+
+
+def _fold_heads(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """q [B, Hq, T, D] as [B, n_kv, group x T, D]: query head h (KV head h // group) becomes rows of its KV head."""
     B, Hq, T, D = q.shape
-    group = Hq // K.shape[1]
-    rows = q.reshape(B, K.shape[1], group * T, D)
-    return F.scaled_dot_product_attention(rows, K, V, attn_mask=mask.repeat(group, 1)).view(B, Hq, T, D)
+    return q.reshape(B, n_kv, (Hq // n_kv) * T, D)
 
 
 # Masked (position-causal) attention on the GPU: "sdpa" runs SDPA's memory-efficient kernel with a dense boolean mask
 # (folded_sdpa); "flex" PyTorch's FlexAttention (a compiled flash-style Triton kernel that skips fully masked blocks
-# and takes GQA as is); "auto" (default) flex for passes of at least FLEX_MIN_WORK query x slot pairs, sdpa below. KVBENCH_RAG_MASKED picks one. Measured on an H200 (benchmarks/rag_profile.py, synthetic Llama-3.1-8B,
-# 8 docs x 2K tokens, benchmarks/records/rag-profile-h200.txt): flex's kernel is the faster one, but each call costs
-# about 3 ms of host time (guards, block-mask metadata), which a 32-token pass cannot hide: flex everywhere took
-# reuse's TTFT from 0.093 to 0.203 s and samkv's from 0.355 to 0.518 s (with the host syncs PositionedKV had then).
+# and takes GQA as is); "auto" (default) flex for passes of at least FLEX_MIN_WORK query x slot pairs, sdpa below.
+# KVBENCH_RAG_MASKED picks one. Measured on an H200 (benchmarks/rag_profile.py, synthetic Llama-3.1-8B, 8 docs x 2K
+# tokens, benchmarks/records/rag-profile-h200-bb4bb8b.txt): auto gave samkv 0.190 s against sdpa's 0.268 s; flex
+# costs about 3 ms of host time a call (guards, block-mask metadata), which a 32-token pass cannot hide.
 MASKED_KERNEL = os.environ.get("KVBENCH_RAG_MASKED", "auto")
 FLEX_MIN_WORK = 2**24  # e.g. 1K recomputed tokens over 16K slots
 
