@@ -116,10 +116,12 @@ def centre_stats(k: torch.Tensor, centre: str) -> torch.Tensor:
 def compressed_chmax(k: torch.Tensor, mu: torch.Tensor, lo: int, hi: int, kept: torch.Tensor | None = None):
     """The 2+1 key normaliser: per-channel max |k - mu| over the compressed prompt tokens, positions [lo, hi) less
     `kept` [B, Hkv, n] (full-precision ones among them), as the paper's code takes it; over every prompt token when
-    none is compressed. k [B, Hkv, T, D] -> [B, Hkv, D] float32, at least 1e-6. A large-norm sink token, kept in full
-    precision anyway, so no longer stretches the 2-bit scale of the tokens that are compressed."""
-    if hi <= lo:
-        lo, hi = 0, k.shape[2]
+    none is compressed (kept positions are distinct: fewer of them than [lo, hi) holds leaves one compressed).
+    k [B, Hkv, T, D] -> [B, Hkv, D] float32, at least 1e-6. A large-norm sink token, kept in full precision anyway,
+    so no longer stretches the 2-bit scale of the tokens that are compressed."""
+    n_kept = 0 if kept is None else kept.shape[2]
+    if hi - lo <= n_kept:  # nothing compressed (a short prompt under fixed=scored): an empty max would be 0, then inf
+        lo, hi, kept = 0, k.shape[2], None
     part = k[:, :, lo:hi]
     if kept is not None and kept.numel():
         # a kept token must not set the max: give it the centre (|k - mu| = 0); the copy is one sequence's range

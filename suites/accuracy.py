@@ -56,10 +56,12 @@ from kvbench.sweep import Cell
 if TYPE_CHECKING:
     from kvbench.api import Method
 
-# the quick profile's four methods at a 10% budget; the standard profile adds the 160-token and 7.5% budgets
+# the quick profile's four methods at a 10% budget; the standard profile adds the 160-token and 7.5% budgets, and
+# KIVI-4 beside KIVI-2: on the embedded model (GQA, head dim 64) 2-bit KIVI loses half the needles while 4-bit keeps
+# all of them (36 of 36 cells, benchmarks/records/kivi-bits-cpu.jsonl), so both belong in the comparison
 QUICK_METHODS = ("full", "selfindex:budget=0.1", "kivi", "snapkv:capacity=0.1")
 DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "selfindex:budget=0.1", "kivi",
-                   "snapkv:capacity=160", "snapkv:capacity=0.075", "snapkv:capacity=0.1")
+                   "kivi:bits=4", "snapkv:capacity=160", "snapkv:capacity=0.075", "snapkv:capacity=0.1")
 
 # The cost model behind the estimate a CPU run prints (estimate_s), in seconds on 2 idle CPU cores. A cell costs its
 # method's own prefill work (REPLAY_S: building its cache from the dense pass), the question chunk in the

@@ -243,14 +243,14 @@ def test_gpu_bf16_sweep_of_the_compared_methods(tmp_path):
 
 
 def test_standard_profile_plan_has_the_cells_budgets_and_lengths_the_issue_asks_for():
-    """The default profile (no --quick), planned without loading the model: 1K, 2K and 4K tokens, full, kivi, and
-    selfindex and snapkv at 160 tokens, 7.5% and 10%, both haystacks, at least 100 scored cells per method and protocol,
+    """The default profile (no --quick), planned without loading the model: 1K, 2K and 4K tokens, full, kivi at 2 and
+    4 bits, and selfindex and snapkv at 160 tokens, 7.5% and 10%, both haystacks, at least 100 scored cells per method and protocol,
     every method on the same cells."""
     from collections import Counter
 
     plan = A.SUITE.plan(None, model="embedded", device="cpu")
     labels = [m.label() for m in plan.methods]
-    assert [m.name for m in plan.methods] == ["full"] + ["selfindex"] * 3 + ["kivi"] + ["snapkv"] * 3
+    assert [m.name for m in plan.methods] == ["full"] + ["selfindex"] * 3 + ["kivi"] * 2 + ["snapkv"] * 3
     cells = A.SUITE.cells(plan)
     assert {c.cell["context"] for c in cells} == {1024, 2048, 4096}
     scored = [c for c in cells if c.cell["task"] != "ppl"]

@@ -58,7 +58,7 @@ def test_full_budget_2_1_equals_attention_over_the_dequantized_tokens():
     """With every token attended, 2+1 must be exact attention over fp tokens and the dequantized ones."""
     torch.manual_seed(2)
     B, H, Hq, T, D = 2, 2, 8, 90, 64
-    m = "selfindex:setting=2+1,budget=100000,sinks=8,window=16"
+    m = "selfindex:setting=2+1,budget=100000,sinks=8,window=16,fixed=sinks"  # the first 8 tokens are the fixed set
     layer = make(m, Hq, H, D)
     k, v = rand_kv(B, H, T, D)
     layer.prefill(torch.randn(B, Hq, T, D), k, v)
@@ -147,6 +147,7 @@ def test_nbytes_is_the_layout_arithmetic(setting, per_token):
     fixed = B * H * (D * 4 + G * 16 * 4 * 4 + 2 * F * D * 2 + F * 8)  # mu, codebook, fp set K/V, fp positions
     if setting == "2+1":
         fixed += 2 * B * H * D * 4  # per-channel max |k| and its inverse
+    fixed += B * H * -(-T // 8)  # fixed=scored (the default): one bit a token marks the kept ones unselectable
     assert layer.nbytes() == B * H * T * per_token + fixed
     full_bytes = 2 * B * H * T * D * 2
     if setting == "2+1":
