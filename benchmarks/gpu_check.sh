@@ -11,7 +11,7 @@
 # command line (from a clean tree), or every record says commit null.
 # 4. optionally: eager (--no-graph) decode for NOGRAPH's methods, the rag suite (RAG: its -m/--rag-methods options),
 #    and the largest-batch search at 32K for SEARCH's methods (records under $OUT/<gpu>/search/).
-# Usage: KVBENCH_COMMIT=<sha> BUDGET=seconds [TESTS="tests/..."] [TEST_K="pytest -k expression"] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."]
+# Usage: KVBENCH_COMMIT=<sha> BUDGET=seconds [TESTS="tests/..."] [TEST_S=seconds] [PYTEST_ARGS="-n 6"] [TEST_K="pytest -k expression"] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."]
 #        [RAG_PROFILE=1] [SEARCH="full ..."]
 #        bash benchmarks/gpu_check.sh
 set -u
@@ -30,7 +30,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&
 (python3 -c "from kvbench.kernels import selfindex; selfindex.cuda_ops()" > "$O/selfindex_build.log" 2>&1 &)
 
 echo "== GPU tests ($(left) s left)" | tee -a "$LOG"
-timeout ${TEST_S:-170} python3 -m pytest -q -m gpu -p no:cacheprovider -v --durations=25 ${TEST_K:+-k "$TEST_K"} \
+# PYTEST_ARGS="-n 6": xdist workers sharing the GPU (the parity tests are small; the extensions build once, locked)
+timeout ${TEST_S:-170} python3 -m pytest -q -m gpu -p no:cacheprovider -v --durations=25 ${TEST_K:+-k "$TEST_K"} ${PYTEST_ARGS:-} \
   ${TESTS:-tests} > "$O/tests.txt" 2>&1
 tail -30 "$O/tests.txt" | tee -a "$LOG"
 
