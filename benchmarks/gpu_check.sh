@@ -23,7 +23,9 @@ O=${OUT:-results}/$GPU
 mkdir -p "$O"
 LOG=$O/log.txt
 [ -n "${KVBENCH_COMMIT:-}" ] || echo "warning: KVBENCH_COMMIT is not set: records will not name their commit" | tee -a "$LOG"
-python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | grep -v "as the 'root' user"
+# a build/ folder kept from an earlier call can install stale modules: build from scratch, reinstall
+rm -rf build
+python3 -m pip install -q --force-reinstall --no-deps --no-build-isolation . 2>&1 | grep -v "as the 'root' user"
 python3 -c "import kvbench.kernels, kvbench.suites, kvbench; print('kvbench from', kvbench.__file__)" || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG"
 # selfindex's CUDA extension compiles for about a minute: on the CPU, while the tests use the GPU

@@ -1,11 +1,12 @@
-"""Triton scoring kernels of the methods that select tokens every decode step: quest's page bounds, doublesparse's
-label scores (both `rowdot`) and qjl's sign-sketch inner products (`sign_rowdot`).
+"""Triton scoring kernels of the methods that select tokens every decode step: quest's page bounds (`quest_bounds`),
+doublesparse's label scores (`label_scores`); qjl's estimator lives with its attention in kernels/qjl_attend.py.
 
 Each decode step of these methods reads a small summary of every token (quest: a page's min and max key; doublesparse:
-16 of 128 key channels; qjl: 256 sign bits), so the summary read is what their scoring costs; the kernels read each
-summary row once, in one pass over the tokens, and write one fp32 score per token (quest and doublesparse: per KV
-head; qjl: per query head, as its scores feed the softmax). Selection (torch.topk) and the exact attention over the
-selected tokens stay in PyTorch.
+16 of 128 key channels), so the summary read is what their scoring costs; the kernels read each summary row once, in
+one pass over the tokens, and write one fp32 score per row and KV head. Both kernels also build the query side (the
+group's positive and negative parts; the quantized query label) in every program: in PyTorch those were a dozen tiny
+launches per step, more time than the summary read (doublesparse's score stage took 57 us at 32K x 8 on an
+H200 for 25 MB). Selection is kernels/topk_select.py, the attention over the picks kernels/select_attend.py.
 
 Why Triton: its interpreter (TRITON_INTERPRET=1) runs these very kernels on the CPU, so CI checks them against the
 PyTorch references in the method files; the GPU tests check the same code at real shapes.
@@ -13,7 +14,6 @@ PyTorch references in the method files; the GPU tests check the same code at rea
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -24,9 +24,6 @@ from kvbench.api import KVBenchError
 from kvbench.kernels.kivi import _fix_interpreter_for_numpy_2_4
 
 _fix_interpreter_for_numpy_2_4()  # kivi's fix for Triton 3.6's interpreter under numpy >= 2.4 (idempotent)
-
-BLOCK_N = 64  # tokens (or pages) per program (sign_rowdot, qjl_outlier_scores)
-ROWDOT_BLOCK = None  # rowdot's rows per program; None: about 16K elements a program (short label rows get many)
 
 
 def interpreting() -> bool:
@@ -46,132 +43,130 @@ def use_triton(method: str, impl: str, device: torch.device) -> bool:
 
 
 @triton.jit
-def _rowdot_kernel(X, W, META, OUT, N, C, H, sxb, sxh, sxn, smb, smh, smn, BLOCK: tl.constexpr, CP: tl.constexpr,
-                   NIBBLES: tl.constexpr, AFFINE: tl.constexpr):
-    bh = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, CP)
-    ok = (rows[:, None] < N) & (cols[None, :] < C)
-    b, h = bh // H, bh % H
-    base = X + b * sxb + h * sxh + rows[:, None] * sxn
-    if NIBBLES:  # two 4-bit codes a byte: column c in the low (c even) or high half of byte c // 2
-        byte = tl.load(base + cols[None, :] // 2, mask=ok, other=0).to(tl.int32)
-        x = ((byte >> ((cols[None, :] % 2) * 4)) & 15).to(tl.float32)
-    else:
-        x = tl.load(base + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(W + bh * C + cols, mask=cols < C, other=0.0)
-    dots = tl.sum(x * w[None, :], axis=1)
-    if AFFINE:  # codes: x = code * step + minimum per row, so x.w = step (code.w) + minimum sum(w)
-        meta = META + b * smb + h * smh + rows * smn
-        step = tl.load(meta, mask=rows < N, other=0.0).to(tl.float32)
-        low = tl.load(meta + 1, mask=rows < N, other=0.0).to(tl.float32)
-        dots = dots * step + low * tl.sum(w, axis=0)
-    tl.store(OUT + bh * N + rows, dots, mask=rows < N)
-
-
-def rowdot(x: torch.Tensor, w: torch.Tensor, meta: torch.Tensor | None = None, nibbles: bool = False) -> torch.Tensor:
-    """out[b, h, n] = sum_c x[b, h, n, c] * w[b, h, c]: x [B, H, N, C] (any float dtype, last dim contiguous), w
-    [B, H, C] -> [B, H, N] fp32. With meta [B, H, N, 2] (step, minimum per row) x holds uint8 codes (packed two a byte
-    when `nibbles`, so C is twice x's last dim) standing for code * step + minimum."""
-    B, H, N, C = x.shape
-    C = 2 * C if nibbles else C
-    assert x.stride(3) == 1 and w.shape == (B, H, C)
-    w = w.float().contiguous()
-    out = torch.empty(B, H, N, dtype=torch.float32, device=x.device)
-    m = x if meta is None else meta
-    CP = triton.next_power_of_2(C)
-    # doublesparse's 16-channel labels at 64 rows a program made 512-byte programs: latency, not bandwidth
-    block = ROWDOT_BLOCK or max(BLOCK_N, min(1024, 16384 // CP))
-    if N:
-        _rowdot_kernel[(B * H, triton.cdiv(N, block))](
-            x, w, m, out, N, C, H, x.stride(0), x.stride(1), x.stride(2), m.stride(0), m.stride(1), m.stride(2),
-            BLOCK=block, CP=CP, NIBBLES=nibbles, AFFINE=meta is not None)
-    return out
-
-
-@triton.jit
-def _sign_rowdot_kernel(BITS, W, SCALE, OUT, N, G, M, H, sbb, sbh, sbn, BLOCK: tl.constexpr, GP: tl.constexpr,
-                        MP: tl.constexpr):
-    bh = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = tl.arange(0, MP)
+def _group_query(Q, b, h, sq_b, sq_h, G, cols, GP: tl.constexpr):
+    """This KV head's query heads at the channels cols: [GP, len(cols)] fp32, rows past G zero."""
     g = tl.arange(0, GP)
+    ptr = Q + b * sq_b + (h * G + g)[:, None] * sq_h + cols[None, :]
+    return tl.load(ptr, mask=(g < G)[:, None] & (cols >= 0)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quest_kernel(Q, META, SEEN, seen_n, OUT, P, G, H, page, sq_b, sq_h, sm_b, sm_h, sm_p, D: tl.constexpr,
+                  DP: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, MASK: tl.constexpr,
+                  SEEN_ON_DEVICE: tl.constexpr):
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    ok = (rows[:, None] < N) & (m[None, :] < M)
-    byte = tl.load(BITS + b * sbb + h * sbh + rows[:, None] * sbn + m[None, :] // 8, mask=ok, other=0).to(tl.int32)
-    sign = (((byte >> (m[None, :] % 8)) & 1) * 2 - 1).to(tl.float16)  # [BLOCK, MP]: +1 / -1, exact in fp16
-    sign = tl.where(ok, sign, 0.0)
-    qrow = (b * H + h) * G + g  # this KV head's query heads
-    w = tl.load(W + qrow[:, None] * M + m[None, :], mask=(g[:, None] < G) & (m[None, :] < M), other=0.0)
-    # tensor-core dot: the sketched queries in fp16 (relative error ~5e-4, far below the estimator's own), fp32 sums
-    dots = tl.dot(w.to(tl.float16), tl.trans(sign))  # [GP, BLOCK]
-    scale = tl.load(SCALE + bh * N + rows, mask=rows < N, other=0.0)
-    tl.store(OUT + qrow[:, None] * N + rows[None, :], dots * scale[None, :],
-             mask=(g[:, None] < G) & (rows[None, :] < N))
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, DP)
+    q = _group_query(Q, b, h, sq_b, sq_h, G, tl.where(d < D, d, -1), GP)
+    w_max, w_min = tl.sum(tl.maximum(q, 0.0), 0), tl.sum(tl.minimum(q, 0.0), 0)  # max(q M, q m), summed over heads
+    ok = (rows < P)[:, None] & (d < D)[None, :]
+    base = META + b.to(tl.int64) * sm_b + h * sm_h + rows[:, None] * sm_p + d[None, :]
+    hi = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+    lo = tl.load(base + D, mask=ok, other=0.0).to(tl.float32)
+    bound = tl.sum(hi * w_max[None, :] + lo * w_min[None, :], 1)
+    if MASK:  # pages past the newest are not live (a captured step's buffer), the newest is always attended
+        if SEEN_ON_DEVICE:
+            seen_n = tl.load(SEEN)
+        newest = (seen_n - 1) // page
+        bound = tl.where(rows > newest, float("-inf"), tl.where(rows == newest, float("inf"), bound))
+    tl.store(OUT + bh * P + rows, bound, mask=rows < P)
 
 
-def sign_rowdot(bits: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """out[b, j, n] = scale[b, h, n] * sum_m w[b, j, m] * s[b, h, n, m] for the query heads j of KV head h, where
-    s = +1 / -1 is bit m % 8 of byte m // 8 of bits[b, h, n]: bits [B, H, N, M / 8] uint8 (last dim contiguous),
-    w [B, Hq, M], scale [B, H, N] -> [B, Hq, N] fp32."""
-    B, H, N, nb = bits.shape
-    Hq, M = w.shape[1], w.shape[2]
-    assert bits.stride(3) == 1 and M == 8 * nb and Hq % H == 0
-    G = Hq // H
-    w, scale = w.float().contiguous(), scale.float().contiguous()
-    out = torch.empty(B, Hq, N, dtype=torch.float32, device=bits.device)
-    if N:
-        _sign_rowdot_kernel[(B * H, triton.cdiv(N, BLOCK_N))](
-            bits, w, scale, out, N, G, M, H, bits.stride(0), bits.stride(1), bits.stride(2), BLOCK=BLOCK_N,
-            GP=max(16, triton.next_power_of_2(G)), MP=max(16, triton.next_power_of_2(M)))  # tl.dot wants >= 16
+def quest_bounds(q1: torch.Tensor, meta: torch.Tensor, pages: int, seen: torch.Tensor | int | None = None,
+                 page: int = 1) -> torch.Tensor:
+    """quest's page bounds (methods/quest.py page_bounds_ref) with the query side computed in the kernel: q1
+    [B, Hq, D], meta [B, Hkv, >= pages, 2D] (max then min; last dim contiguous) -> [B, Hkv, pages] fp32. With seen
+    (the tokens held: an int, or int32 [B] on the device) pages past the newest token's are -inf and its page +inf."""
+    B, Hq, D = q1.shape
+    H = meta.shape[1]
+    assert meta.stride(3) == 1 and meta.shape[3] == 2 * D and q1.stride(2) == 1
+    out = torch.empty(B, H, pages, dtype=torch.float32, device=q1.device)
+    DP = triton.next_power_of_2(D)
+    block = max(16, min(128, 4096 // DP))  # 64 rows of 128 channels took 255 registers a thread at 4 warps
+    if pages:
+        _quest_kernel[(B * H, triton.cdiv(pages, block))](
+            q1, meta, seen if isinstance(seen, torch.Tensor) else out, seen if isinstance(seen, int) else 0, out,
+            pages, Hq // H, H, page, q1.stride(0), q1.stride(1),
+            meta.stride(0), meta.stride(1), meta.stride(2), D=D, DP=DP, GP=triton.next_power_of_2(Hq // H),
+            BLOCK=block, MASK=seen is not None, SEEN_ON_DEVICE=isinstance(seen, torch.Tensor))
     return out
 
 
 @triton.jit
-def _qjl_outlier_kernel(IDX, Q, W, P, SIN, NIN, SOUT, NOUT, OUT, N, G, M, MO, D, O, H, GQ, NG, scale_in, scale_out,
-                        NP: tl.constexpr, MP: tl.constexpr, OP: tl.constexpr, GP: tl.constexpr):
-    bh, grp = tl.program_id(0), tl.program_id(1)  # one program per (sequence, KV head) and group of tokens
+def _dequantized(x, BITS: tl.constexpr, lo, hi):
+    """doublesparse's pseudo_quantize then dequantize of rows of x with their min lo and max hi [GP] (the authors'
+    min-max to 2^BITS - 1 levels). Rounding is floor(x + 0.5): torch.round's half-to-even differs only on exact
+    halves."""
+    top: tl.constexpr = (1 << BITS) - 1.0
+    span = tl.where(hi > lo, hi - lo, 1.0)
+    codes = tl.minimum(tl.maximum(tl.floor((x - lo[:, None]) * (top / span)[:, None] + 0.5), 0.0), top)
+    return codes * (span / top)[:, None] + lo[:, None]
+
+
+@triton.jit
+def _label_kernel(Q, CH, X, META, SEEN, OUT, N, G, H, sq_b, sq_h, sc_b, sc_h, sx_b, sx_h, sx_n, sm_b, sm_h, sm_n,
+                  C: tl.constexpr, CP: tl.constexpr, GP: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                  MASK: tl.constexpr):
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    o, m, j = tl.arange(0, OP), tl.arange(0, MP), tl.arange(0, GP)
-    rows = grp * NG + tl.arange(0, NP)
-    ok_r, ok_m, ok_j = (rows < (grp + 1) * NG) & (rows < N), m < M, j < GQ
-    idx = tl.load(IDX + (bh * G + grp) * O + o, mask=o < O, other=0).to(tl.int32)  # this group's outlier channels
-    s_o = tl.load(P + idx[:, None] * M + m[None, :], mask=(o < O)[:, None] & ok_m[None, :], other=0.0)  # [OP, MP]
-    qrow = b * H * GQ + h * GQ + j  # this KV head's query heads
-    q_o = tl.load(Q + qrow[:, None] * D + idx[None, :], mask=ok_j[:, None] & (o < O)[None, :], other=0.0)
-    qs_out = tl.dot(q_o, s_o, input_precision="ieee")  # [GP, MP]: the query's outlier part, projected
-    w = tl.load(W + qrow[:, None] * M + m[None, :], mask=ok_j[:, None] & ok_m[None, :], other=0.0)
-    nb = M // 8
-    byte = tl.load(SIN + (bh * N + rows[:, None]) * nb + m[None, :] // 8, mask=ok_r[:, None] & ok_m[None, :], other=0)
-    s_in = tl.where(ok_r[:, None] & ok_m[None, :], (((byte.to(tl.int32) >> (m[None, :] % 8)) & 1) * 2 - 1), 0)
-    nbo = MO // 8
-    ok_mo = m < MO
-    byte = tl.load(SOUT + (bh * N + rows[:, None]) * nbo + m[None, :] // 8, mask=ok_r[:, None] & ok_mo[None, :],
-                   other=0)
-    s_out = tl.where(ok_r[:, None] & ok_mo[None, :], (((byte.to(tl.int32) >> (m[None, :] % 8)) & 1) * 2 - 1), 0)
-    dots_in = tl.dot((w - qs_out).to(tl.float16), tl.trans(s_in.to(tl.float16)))  # [GP, NP], fp32 sums
-    dots_out = tl.dot(qs_out.to(tl.float16), tl.trans(s_out.to(tl.float16)))
-    n_in = tl.load(NIN + bh * N + rows, mask=ok_r, other=0.0).to(tl.float32)
-    n_out = tl.load(NOUT + bh * N + rows, mask=ok_r, other=0.0).to(tl.float32)
-    est = dots_in * (scale_in * n_in)[None, :] + dots_out * (scale_out * n_out)[None, :]
-    tl.store(OUT + qrow[:, None] * N + rows[None, :], est, mask=ok_j[:, None] & ok_r[None, :])
+    c = tl.arange(0, CP)
+    cm = c < C
+    ch = CH + b * sc_b + h * sc_h
+    # the query's label: x0 at the stored columns (at 4 bits the low nibbles: channels 2c), x1 the high nibbles
+    if BITS == 4:
+        x0 = _group_query(Q, b, h, sq_b, sq_h, G, tl.load(ch + 2 * c, mask=cm, other=-1).to(tl.int32), GP)
+        x1 = _group_query(Q, b, h, sq_b, sq_h, G, tl.load(ch + 2 * c + 1, mask=cm, other=-1).to(tl.int32), GP)
+    else:
+        x0 = _group_query(Q, b, h, sq_b, sq_h, G, tl.load(ch + c, mask=cm, other=-1).to(tl.int32), GP)
+        x1 = tl.zeros([GP, CP], tl.float32)
+    if BITS < 16:  # quantized per query head as the keys' labels are
+        big = float("inf")
+        lo = tl.min(tl.where(cm[None, :], x0, big), 1)
+        hi = tl.max(tl.where(cm[None, :], x0, -big), 1)
+        if BITS == 4:
+            lo = tl.minimum(lo, tl.min(tl.where(cm[None, :], x1, big), 1))
+            hi = tl.maximum(hi, tl.max(tl.where(cm[None, :], x1, -big), 1))
+            x1 = _dequantized(x1, BITS, lo, hi)
+        x0 = _dequantized(x0, BITS, lo, hi)
+    gm = (tl.arange(0, GP) < G)[:, None] & cm[None, :]
+    w0, w1 = tl.sum(tl.where(gm, x0, 0.0), 0), tl.sum(tl.where(gm, x1, 0.0), 0)  # [CP], summed over query heads
+    rows = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    x = tl.load(X + b.to(tl.int64) * sx_b + h * sx_h + rows[:, None] * sx_n + c[None, :],
+                mask=ok[:, None] & cm[None, :], other=0)
+    if BITS == 4:
+        byte = x.to(tl.int32)
+        dots = tl.sum((byte & 15).to(tl.float32) * w0[None, :] + (byte >> 4).to(tl.float32) * w1[None, :], 1)
+    else:
+        dots = tl.sum(x.to(tl.float32) * w0[None, :], 1)
+    if BITS < 16:  # codes: label = code * step + minimum per row, so label.w = step (code.w) + minimum sum(w)
+        meta = META + b.to(tl.int64) * sm_b + h * sm_h + rows * sm_n
+        row_step = tl.load(meta, mask=ok, other=0.0).to(tl.float32)
+        row_min = tl.load(meta + 1, mask=ok, other=0.0).to(tl.float32)
+        dots = dots * row_step + row_min * (tl.sum(w0, 0) + tl.sum(w1, 0))
+    if MASK:  # the captured step: rows past the live tokens are not candidates
+        dots = tl.where(rows < tl.load(SEEN), dots, float("-inf"))
+    tl.store(OUT + bh * N + rows, dots, mask=ok)
 
 
-def qjl_outlier_scores(keys, q1: torch.Tensor, w: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
-    """qjl's estimator with outliers (methods/qjl.py outlier_scores_ref) for one query per head: keys an OutlierKeys
-    over N tokens in G groups, q1 [B, Hq, D], w = q1 @ proj [B, Hq, m], proj [D, m] -> [B, Hq, N] fp32. One program
-    per group: it projects the query's outlier channels (a small dot with those rows of proj), then scores the
-    group's inlier and outlier signs."""
-    B, H, G, O = keys.idx.shape
-    N, Hq, D, M = keys.norms.shape[2], q1.shape[1], q1.shape[2], proj.shape[1]
-    MO = keys.out_signs.shape[3] * 8
-    out = torch.empty(B, Hq, N, dtype=torch.float32, device=q1.device)
-    if N:
-        NG = N // G
-        c = math.sqrt(math.pi / 2)
-        parts = [keys.idx, q1.float(), w.float(), proj.float(), keys.signs, keys.norms, keys.out_signs, keys.out_norms]
-        parts = [t.contiguous() for t in parts]
-        pow2 = lambda n: max(16, triton.next_power_of_2(n))  # noqa: E731 - tl.dot wants dims >= 16
-        _qjl_outlier_kernel[(B * H, G)](*parts, out, N, G, M, MO, D, O, H, Hq // H, NG, c / M, c / MO, NP=pow2(NG),
-                                        MP=pow2(M), OP=pow2(O), GP=pow2(Hq // H))
+def label_scores(q1: torch.Tensor, channels: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor | None, bits: int,
+                 n: int, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """doublesparse's label scores (methods/doublesparse.py label_scores_ref) with the query's label built in the
+    kernel: q1 [B, Hq, D], channels [B, Hkv, r], labels [B, Hkv, >= n, r] in the model dtype (bits 16) or uint8
+    codes (packed two a byte at 4 bits) with meta [B, Hkv, >= n, 2] (step, minimum) -> [B, Hkv, n] fp32. With seen
+    (int32 [B] on the device) rows >= seen[0] are -inf."""
+    B, Hq, _ = q1.shape
+    H, C = labels.shape[1], labels.shape[3]
+    assert labels.stride(3) == 1 and q1.stride(2) == 1 and channels.stride(2) == 1
+    out = torch.empty(B, H, n, dtype=torch.float32, device=q1.device)
+    m = labels if meta is None else meta
+    CP = triton.next_power_of_2(C)
+    block = max(64, min(1024, 8192 // CP))  # 16-channel labels: 1,024 rows a program (small ones are latency-bound)
+    if n:
+        _label_kernel[(B * H, triton.cdiv(n, block))](
+            q1, channels, labels, m, out if seen is None else seen, out, n, Hq // H, H, q1.stride(0), q1.stride(1),
+            channels.stride(0), channels.stride(1), labels.stride(0), labels.stride(1), labels.stride(2), m.stride(0),
+            m.stride(1), m.stride(2), C=C, CP=CP, GP=triton.next_power_of_2(Hq // H), BITS=bits, BLOCK=block,
+            MASK=seen is not None)
     return out

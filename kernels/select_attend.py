@@ -8,9 +8,11 @@ log-sum-exp; dense_decode's combine kernel merges the splits (https://crfm.stanf
 Before, the gather was PyTorch's (an expanded int64 index per element, a [B, Hkv, N, D] copy written and read again
 by SDPA): 10% of the tokens cost as much as dense attention over all of them.
 
-Two device-side bounds keep a captured step's shapes fixed: `limit` (only the first limit[0] entries of idx count:
-the pinned step's top-k has the reserved room's size, its budget follows the live length) and `live` (slots
->= live[b] are not yet written). Masked rows are never loaded. The PyTorch reference is `attend_ref`.
+Two bounds keep a captured step's shapes fixed: `limit` (only the first limit[0] entries count: the pinned step's
+top-k has the reserved room's size, its budget follows the live length) and `live` (slots >= live[b] are not yet
+written; an int on the eager path, where the newest page is partly filled). Masked rows are never loaded. With
+`page` > 1, idx names pages of that many slots (quest), expanded in the kernel: entry j is slot
+idx[j // page] * page + j % page, so no token list is built per step. The PyTorch reference is `attend_ref`.
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ NUM_WARPS, NUM_STAGES = 4, 2
 
 
 def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, limit: torch.Tensor | None = None,
-               live: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference: q [B, Hq, 1, D] over the slots idx [B, Hkv, N] of k, v [B, cap, Hkv, D]; entries j >= limit[0]
-    and slots >= live[b] left out (fp32 softmax) -> [B, Hq, 1, D]."""
+               live: torch.Tensor | int | None = None, page: int = 1) -> torch.Tensor:
+    """The reference: q [B, Hq, 1, D] over the slots idx [B, Hkv, N] (or pages: page_slots) of k, v
+    [B, cap, Hkv, D]; entries j >= limit[0] and slots >= live[b] left out (fp32 softmax) -> [B, Hq, 1, D]."""
+    from kvbench.methods.selection import page_slots
+
+    idx = page_slots(idx, page)
+    if isinstance(live, int):
+        live = torch.full((q.shape[0],), live, device=q.device)
     B, Hq, _, D = q.shape
     H, N = idx.shape[1], idx.shape[2]
     ok = torch.ones(B, H, N, dtype=torch.bool, device=q.device)
@@ -51,18 +58,19 @@ def attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Ten
 
 
 @triton.jit
-def _select_split_kernel(Q, K, V, IDX, LIMIT, LIVE, OP, LSE, N, per, sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
-                         si_b, si_h, n_splits, scale_log2, HKV: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr,
-                         D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                         HAS_LIVE: tl.constexpr, PRECISION: tl.constexpr):
+def _select_split_kernel(Q, K, V, IDX, LIMIT, LIVE, live_n, OP, LSE, N, per, sq_b, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t,
+                         sv_h, si_b, si_h, n_splits, scale_log2, HKV: tl.constexpr, GROUP: tl.constexpr,
+                         M: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_LIMIT: tl.constexpr, HAS_LIVE: tl.constexpr, LIVE_ON_DEVICE: tl.constexpr,
+                         PAGE: tl.constexpr, PRECISION: tl.constexpr):
     bh, s = tl.program_id(0), tl.program_id(1)
     b, h = bh // HKV, bh % HKV
     lo = s * per
     hi = tl.minimum(lo + per, N)
     if HAS_LIMIT:
         hi = tl.minimum(hi, tl.load(LIMIT).to(tl.int32))
-    n_live = 0
-    if HAS_LIVE:
+    n_live = live_n
+    if LIVE_ON_DEVICE:
         n_live = tl.load(LIVE + b)
     rows, d = tl.arange(0, M), tl.arange(0, DP)
     dm = d < D
@@ -77,7 +85,7 @@ def _select_split_kernel(Q, K, V, IDX, LIMIT, LIVE, OP, LSE, N, per, sq_b, sq_h,
     for start in range(lo, hi, BLOCK):
         j = start + tl.arange(0, BLOCK)
         ok = j < hi
-        slot = tl.load(i_base + j, mask=ok, other=0).to(tl.int64)
+        slot = tl.load(i_base + j // PAGE, mask=ok, other=0).to(tl.int64) * PAGE + j % PAGE
         if HAS_LIVE:
             ok = ok & (slot < n_live)
         k = tl.load(k_base + slot[:, None] * sk_t + d[None, :], mask=ok[:, None] & dm[None, :], other=0.0)
@@ -112,12 +120,14 @@ def plan_splits(B: int, Hkv: int, N: int, device: torch.device) -> int:
 
 
 def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                  limit: torch.Tensor | None = None, live: torch.Tensor | None = None) -> torch.Tensor:
+                  limit: torch.Tensor | None = None, live: torch.Tensor | int | None = None,
+                  page: int = 1) -> torch.Tensor:
     """attend_ref in two kernels: q [B, Hq, 1, D], k, v [B, cap, Hkv, D] (last dim contiguous), idx [B, Hkv, N]
-    int32/int64 slots, limit int [1] and live int32 [B] on the device (or None) -> [B, Hq, 1, D] in q's dtype. No
-    host sync; the scratch is allocated per call (a CUDA graph's pool holds it)."""
+    int32/int64 slots (pages of `page` slots: N * page entries), limit int [1] on the device, live int32 [B] on the
+    device or an int (or None) -> [B, Hq, 1, D] in q's dtype. No host sync; the scratch is allocated per call (a
+    CUDA graph's pool holds it)."""
     B, Hq, _, D = q.shape
-    H, N = idx.shape[1], idx.shape[2]
+    H, N = idx.shape[1], idx.shape[2] * page
     assert k.stride(3) == 1 and v.stride(3) == 1 and k.shape[2] == H and Hq % H == 0
     if idx.stride(2) != 1:
         idx = idx.contiguous()
@@ -134,11 +144,13 @@ def select_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
     exact = q.dtype == torch.float32 or interpreting()
     group = Hq // H
     _select_split_kernel[(B * H, splits)](
-        q, k, v, idx, q if limit is None else limit, q if live is None else live, op, lse, N, per,
+        q, k, v, idx, q if limit is None else limit, live if isinstance(live, torch.Tensor) else q,
+        live if isinstance(live, int) else 0, op, lse, N, per,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         idx.stride(0), idx.stride(1), splits, D**-0.5 * math.log2(math.e), HKV=H, GROUP=group,
         M=max(16, triton.next_power_of_2(group)), D=D, DP=DP, BLOCK=BLOCK_N, HAS_LIMIT=limit is not None,
-        HAS_LIVE=live is not None, PRECISION="ieee" if exact else "tf32", num_warps=NUM_WARPS,
+        HAS_LIVE=live is not None, LIVE_ON_DEVICE=isinstance(live, torch.Tensor), PAGE=page,
+        PRECISION="ieee" if exact else "tf32", num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
     if DP == D:
         _combine_kernel[(B * Hq,)](op, lse, out, splits, out.stride(0), out.stride(1), HQ=Hq, D=D,

@@ -36,9 +36,11 @@ class DoubleSparse(Method):
     `channels` values, min-max to 2^bits - 1 levels, the query's label quantized the same way per query head); the
     codes are packed two per byte at 4 bits, with each token's step and minimum in fp16 (the authors dequantize in
     place and keep fp16 labels: their 4 bits are a fidelity setting, here they are the bytes stored and read).
-    label_bits=16 keeps the labels in the model dtype. Prefill and multi-token extends attend densely. On CUDA the
-    label scores are a Triton kernel (kernels/score_triton.py, reading the codes), the top-k is PyTorch's (unsorted:
-    the set matters), and one Triton kernel attends the chosen tokens in place in the cache (kernels/select_attend.py).
+    label_bits=16 keeps the labels in the model dtype. Prefill and multi-token extends attend densely. On CUDA a step
+    is three Triton kernels: the label scores, the query's label built in the kernel (kernels/score_triton.py,
+    reading the codes), an exact radix top-k (kernels/topk_select.py: ties go to the lower position, where
+    torch.topk on the PyTorch path breaks them its own way), and the attention over the chosen tokens read in place
+    in the cache (kernels/select_attend.py).
 
     Parameters
     ----------
@@ -241,28 +243,30 @@ class DoubleSparseLayer(SelectingLayer):
             self.meta.index_copy_(2, pos, meta)
 
     def device_scores(self, q1: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        s = self.label_scores(q1, self.labels, self.meta)
+        s = self.label_scores(q1, self.labels.shape[2], seen)
+        if self.triton:  # the kernel masked the rows past seen
+            return s
         return s.masked_fill(torch.arange(s.shape[-1], device=s.device) >= seen[:1].long(), float("-inf"))
-
-    def row_tokens(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows
 
     def sparse(self) -> bool:
         return self.n_select() < self.kv.n
 
     def scores(self, q1: torch.Tensor) -> torch.Tensor:
         """Estimated q.k [B, Hkv, n] fp32 from the labels, for q1 [B, Hq, D]."""
-        n = self.kv.n
-        return self.label_scores(q1, self.labels[:, :, :n], None if self.meta is None else self.meta[:, :, :n])
+        return self.label_scores(q1, self.kv.n)
 
-    def label_scores(self, q1: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor | None) -> torch.Tensor:
+    def label_scores(self, q1: torch.Tensor, n: int, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, Hkv, n] of the first n label rows (with seen, on the Triton path, rows >= seen -inf)."""
         if self.triton:
-            from kvbench.kernels.score_triton import rowdot
+            from kvbench.kernels.score_triton import label_scores
 
-            return rowdot(labels, label_weights(q1, self.channels, self.bits), meta, nibbles=self.bits == 4)
-        return label_scores_ref(q1, labels, self.channels, meta, self.bits)
+            return label_scores(q1, self.channels, self.labels, self.meta, self.bits, n, seen)
+        meta = None if self.meta is None else self.meta[:, :, :n]
+        return label_scores_ref(q1, self.labels[:, :, :n], self.channels, meta, self.bits)
 
-    def select(self, q1: torch.Tensor) -> torch.Tensor:
+    def select_rows(self, q1: torch.Tensor) -> torch.Tensor:
+        if self.triton:
+            return self.top(self.scores(q1), self.n_select())
         return self.scores(q1).topk(self.n_select(), dim=-1, sorted=False).indices  # the set matters, not its order
 
     def info(self):

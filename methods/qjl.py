@@ -39,9 +39,9 @@ class QJL(Method):
     Where it differs, and why: the authors store the whole key's norm and derive the inlier norm from it; here both
     norms are stored (the same two fp16 per key) so no square root of a rounded difference is taken. kvbench's
     selfindex keeps 1-bit signs too, of the centred keys themselves rather than of a projection, and uses them to
-    select tokens; qjl attends every token with its estimated score. On CUDA the estimator runs as Triton kernels
-    (kernels/score_triton.py: sign_rowdot without outliers, qjl_outlier_scores with them); the softmax and P.V over
-    dequantized values are PyTorch.
+    select tokens; qjl attends every token with its estimated score. On CUDA a decode step is one split-KV Triton
+    kernel and a merge (kernels/qjl_attend.py): scores from the sign bits, online softmax, P.V over the values
+    dequantized in registers, the buffer attended exactly; elsewhere (and for multi-token extends) PyTorch.
 
     Not capture-safe (decodes eagerly under the graph runner, which records why): the step that fills the buffer
     quantizes it as a block, so the quantized part grows by `buffer` tokens at data-dependent steps (a shape change and
@@ -205,6 +205,11 @@ class QJLLayer(LayerCache):
         self.outlier_bits = min(out_bits, self.sketch_bits) if m.outliers else 0  # S' is the first columns of S
         self.proj = sketch(spec.head_dim, self.sketch_bits, m.seed, spec.device)
         self.triton = use_triton(m.name, m.impl, spec.device)
+        if self.triton:
+            from kvbench.kernels.qjl_attend import supported
+
+            self.triton = supported(spec.head_dim, self.sketch_bits, self.outlier_bits or self.sketch_bits,
+                                    m.outliers if self.outlier_bits else 0, m.group, m.value_bits)
         self.keys: OutlierKeys | None = None
         self.signs = self.norms = self.vq = self.vs = self.vm = self.rk = self.rv = None
         self.nq = 0
@@ -245,13 +250,9 @@ class QJLLayer(LayerCache):
     def estimate(self, q: torch.Tensor) -> torch.Tensor:
         """Estimated q.k over the quantized tokens: q [B, Hq, Tq, D] -> [B, Hq, Tq, nq] fp32."""
         if self.triton and q.shape[2] == 1:
-            from kvbench.kernels import score_triton
+            from kvbench.kernels.qjl_attend import qjl_scores
 
-            w = q[:, :, 0].float() @ self.proj
-            if self.keys is not None:
-                return score_triton.qjl_outlier_scores(self.keys, q[:, :, 0], w, self.proj)[:, :, None]
-            est = score_triton.sign_rowdot(self.signs, w, self.norms) * (math.sqrt(math.pi / 2) / self.sketch_bits)
-            return est[:, :, None]
+            return qjl_scores(q[:, :, 0], self.proj, self.keys, self.signs, self.norms)[:, :, None]
         if self.keys is not None:
             return outlier_scores_ref(q, self.proj, self.keys)
         return scores_ref(q, self.proj, self.signs, self.norms)
@@ -263,6 +264,11 @@ class QJLLayer(LayerCache):
         rk, rv = self.rk, self.rv
         if k_new is not None:
             rk, rv = torch.cat([rk, k_new], 2), torch.cat([rv, v_new], 2)
+        if self.triton and Tq == 1:
+            from kvbench.kernels.qjl_attend import qjl_attention
+
+            return qjl_attention(q[:, :, 0], self.proj, self.keys, self.signs, self.norms, self.vq, self.vs, self.vm,
+                                 self.m.value_bits, rk, rv).to(q.dtype)
         exact = q.float().reshape(B, H, -1, D) @ rk.float().transpose(-1, -2)  # [B, Hkv, g * Tq, M]
         M = rk.shape[2]
         causal = torch.arange(M, device=q.device) > torch.arange(M - Tq, M, device=q.device)[:, None]  # [Tq, M]

@@ -33,8 +33,9 @@ class Quest(Method):
     Where it differs, and why: Quest's models are multi-head and select per head; with GQA one set of pages per KV
     head serves its query heads, ranked by the sum of their bounds (itself an upper bound of the sum of their q.k),
     so the pages are read once per KV head. Prefill and multi-token extends (a question chunk) attend densely;
-    selection is how decode steps save time. On CUDA the bounds are a Triton kernel (kernels/score_triton.py), the
-    top-k is PyTorch's, and one Triton kernel attends the chosen pages in place in the cache
+    selection is how decode steps save time. On CUDA a step is three Triton kernels: the bounds, query side included
+    (kernels/score_triton.py), an exact radix top-k of the pages (kernels/topk_select.py: ties go to the lower page,
+    as the stable sort of the PyTorch path), and the attention over the chosen pages read in place in the cache
     (kernels/select_attend.py). `budget_fraction` reports the selecting layers' share.
 
     Parameters
@@ -87,6 +88,7 @@ class QuestLayer(SelectingLayer):
         super().__init__(spec, m)
         self.meta: torch.Tensor | None = None  # [B, Hkv, pages capacity, 2D]: per-page max, then min, model dtype
         self.dense = spec.layer_idx < m.dense_layers
+        self.row_size = m.page
 
     def summary(self) -> list[torch.Tensor]:
         return [self.meta]
@@ -144,14 +146,15 @@ class QuestLayer(SelectingLayer):
         self.meta.index_copy_(2, p, torch.cat([kmax, kmin], -1))
 
     def device_scores(self, q1: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        s = self.page_scores(q1, self.meta)
+        if self.triton:
+            from kvbench.kernels.score_triton import quest_bounds
+
+            return quest_bounds(q1, self.meta, self.meta.shape[2], seen, self.m.page)
+        s = page_bounds_ref(q1, self.meta)
         rows = torch.arange(s.shape[-1], device=s.device)
         newest = (seen[:1].long() - 1) // self.m.page
         s = s.masked_fill(rows > newest, float("-inf"))  # pages not yet live
         return s.masked_fill(rows == newest, float("inf"))  # the newest page is always attended
-
-    def row_tokens(self, rows: torch.Tensor) -> torch.Tensor:
-        return (rows[..., None] * self.m.page + torch.arange(self.m.page, device=rows.device)).flatten(2)
 
     def sparse(self) -> bool:
         P, K = self.n_pages()
@@ -159,23 +162,22 @@ class QuestLayer(SelectingLayer):
 
     def scores(self, q1: torch.Tensor) -> torch.Tensor:
         """Page bounds [B, Hkv, P] fp32 for the query q1 [B, Hq, D]."""
-        return self.page_scores(q1, self.meta[:, :, : self.n_pages()[0]])
-
-    def page_scores(self, q1: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        P = self.n_pages()[0]
         if self.triton:
-            from kvbench.kernels.score_triton import rowdot
+            from kvbench.kernels.score_triton import quest_bounds
 
-            return rowdot(meta, bound_weights(q1, meta.shape[1]))
-        return page_bounds_ref(q1, meta)
+            return quest_bounds(q1, self.meta, P)
+        return page_bounds_ref(q1, self.meta[:, :, :P])
 
-    def select(self, q1: torch.Tensor) -> torch.Tensor:
-        """Token positions [B, Hkv, N] of the top pages for q1 [B, Hq, D], the newest page last."""
+    def select_rows(self, q1: torch.Tensor) -> torch.Tensor:
+        """The top pages [B, Hkv, K] for q1 [B, Hq, D], the newest page (partly filled) among them and last."""
         P, K = self.n_pages()
-        page = self.m.page
+        if self.triton:  # the newest page's bound is +inf: the kernel's top-k takes it, last (ascending order)
+            from kvbench.kernels.score_triton import quest_bounds
+
+            return self.top(quest_bounds(q1, self.meta, P, self.kv.n, self.m.page), K)
         top = top_indices(self.scores(q1)[..., : P - 1], K - 1)  # [B, Hkv, K - 1]
-        tokens = (top[..., None] * page + torch.arange(page, device=top.device)).flatten(2)
-        newest = torch.arange((P - 1) * page, self.kv.n, device=top.device).expand(*top.shape[:2], -1)
-        return torch.cat([tokens, newest], -1)
+        return torch.cat([top, torch.full_like(top[..., :1], P - 1)], -1)
 
     def info(self):
         P, K = self.n_pages()

@@ -10,9 +10,13 @@ follows the context as on the eager path) and attends over their tokens with the
 masked: no host sync, no shape that changes, so a CUDA graph can replay it. The tokens chosen are the eager path's
 (up to ties in the scores); the softmax runs over a fixed-size gathered set, with the rest masked.
 
-On CUDA (impl triton) every selecting step, eager or pinned, attends through one Triton kernel that reads the chosen
-rows in place in the bf16 cache (kernels/select_attend.py; the pinned step passes its bounds as device tensors), so a
-graph replay runs the same reduction as the eager step it stands for; elsewhere PyTorch gathers and attends.
+On CUDA (impl triton) every selecting step, eager or pinned, is three Triton kernels and a merge: the scores, query
+side included (kernels/score_triton.py), an exact top-k on the device (kernels/topk_select.py; the k of a pinned step
+read from the device, its masks applied inside the score kernel) and the attention over the chosen rows read in place
+in the bf16 cache (kernels/select_attend.py, quest's pages expanded there), so a graph replay runs the same kernels as
+the eager step it stands for; elsewhere PyTorch scores, sorts, gathers and attends. The Triton top-k lists rows in
+ascending order and breaks ties to the lower row (the PyTorch path: best first, a stable sort for short rows), so
+only the set of rows matters anywhere.
 """
 
 from __future__ import annotations
@@ -36,14 +40,20 @@ def tokens_of_budget(budget: float, n):
     return torch.full_like(n, int(budget), dtype=torch.long)
 
 
+def page_slots(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """Rows [..., K] of `size` consecutive slots (quest's pages) -> their slots [..., K * size]."""
+    if size == 1:
+        return rows
+    return (rows[..., None] * size + torch.arange(size, device=rows.device)).flatten(-2)
+
+
 SORT_MAX = 4096  # rows up to this long are ranked by a full sort (one shared-memory bitonic sort per row on CUDA)
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores along the last dim, best first. Short rows (quest's pages: 2,048 at 32K) are
-    sorted whole, which PyTorch does per row in shared memory, where topk's radix select makes several passes over
-    each row (it was most of quest's selection time on an H200); a stable sort also breaks ties by index, the same
-    way on every call. Longer rows (a top-k over tokens) keep topk."""
+    """The PyTorch path's top-k: indices of the k largest scores along the last dim, best first. Short rows (quest's
+    pages) are sorted whole; a stable sort breaks ties by index, the same way on every call. Longer rows keep topk.
+    (On CUDA the methods take kernels/topk_select.py instead.)"""
     if scores.shape[-1] <= SORT_MAX:
         return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     return scores.topk(k, dim=-1).indices
@@ -61,20 +71,19 @@ def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.
     return (p @ vv).view(B, Hq, 1, D).to(q.dtype)
 
 
-def attend_positions(q: torch.Tensor, kv: FullLayer, idx: torch.Tensor, triton: bool = False) -> torch.Tensor:
-    """Exact attention of q [B, Hq, 1, D] over the positions idx [B, Hkv, N] of a full cache: with `triton` one
-    kernel reads the chosen rows in place (kernels/select_attend.py), else a PyTorch gather then dense attention."""
-    if triton:
-        from kvbench.kernels.select_attend import select_attend
-
-        return select_attend(q, kv.k, kv.v, idx)
+def attend_positions(q: torch.Tensor, kv: FullLayer, idx: torch.Tensor) -> torch.Tensor:
+    """Exact attention of q [B, Hq, 1, D] over the positions idx [B, Hkv, N] of a full cache: a PyTorch gather, then
+    dense attention (the reference of the Triton path)."""
     i = idx[..., None].expand(-1, -1, -1, q.shape[3])
     return dense_attention(q, kv.keys().gather(2, i), kv.values().gather(2, i), causal=False)
 
 
 class SelectingLayer(LayerCache):
     """The full cache in `kv`; subclasses keep the summary (`summarize`, `summary`) and score it (`scores`,
-    `select`), and say when a step selects (`sparse`) and what a selecting step reads (`sparse_bytes`)."""
+    `select_rows`), say when a step selects (`sparse`) and what a selecting step reads (`sparse_bytes`). A row of the
+    summary stands for `row_size` consecutive tokens (quest's pages; doublesparse's tokens: 1)."""
+
+    row_size = 1
 
     def __init__(self, spec: LayerSpec, m: Method):
         from kvbench.kernels.score_triton import use_triton
@@ -82,8 +91,10 @@ class SelectingLayer(LayerCache):
         self.spec, self.m = spec, m
         self.kv = FullLayer(spec, GROW)
         self.triton = use_triton(m.name, m.impl, spec.device)
-        self.last_idx: torch.Tensor | None = None
-        self.last_ok: torch.Tensor | None = None  # after a pinned step: which of last_idx were attended
+        # the last selecting step's rows [B, Hkv, K], the tokens then held, and (a pinned step) the rows attended
+        self.last_rows: torch.Tensor | None = None
+        self.last_n = 0
+        self.last_k: torch.Tensor | None = None
 
     def summarize(self, lo: int) -> None:
         """Bring the summary up to date for the stored tokens from position lo on."""
@@ -98,14 +109,41 @@ class SelectingLayer(LayerCache):
     def scores(self, q1: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def select(self, q1: torch.Tensor) -> torch.Tensor:
-        """Positions [B, Hkv, N] a decode step with query q1 [B, Hq, D] attends."""
+    def select_rows(self, q1: torch.Tensor) -> torch.Tensor:
+        """Rows [B, Hkv, K] a decode step with query q1 [B, Hq, D] attends; a row partly past the live tokens last."""
         raise NotImplementedError
 
     def sparse_bytes(self) -> int:
         raise NotImplementedError
 
-    # --- the capture-safe step (see the module's docstring); subclasses say how rows, tokens and budgets relate ---
+    def top(self, scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tensor:
+        """The k best rows of scores [B, Hkv, R]; with kmax (a pinned step, k then a device tensor) kmax columns of
+        which the first k count. Triton: ascending, ties to the lower row; PyTorch: best first."""
+        if self.triton:
+            from kvbench.kernels.topk_select import topk_select
+
+            return topk_select(scores, k, kmax)
+        return top_indices(scores, k if kmax is None else kmax)
+
+    def select(self, q1: torch.Tensor) -> torch.Tensor:
+        """Token positions [B, Hkv, N] a decode step with query q1 [B, Hq, D] attends."""
+        return self.tokens(self.select_rows(q1), self.kv.n)
+
+    def tokens(self, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """The token positions of rows [B, Hkv, K] at n tokens (the last row cut at n)."""
+        slots = page_slots(rows, self.row_size)
+        return slots[..., : slots.shape[-1] - (-n % self.row_size)]
+
+    def attend_rows(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact attention of q [B, Hq, 1, D] over the tokens of rows [B, Hkv, K]: on CUDA one kernel reads them in
+        place (kernels/select_attend.py), else a PyTorch gather and dense attention."""
+        if self.triton:
+            from kvbench.kernels.select_attend import select_attend
+
+            return select_attend(q, self.kv.k, self.kv.v, rows, live=self.kv.n, page=self.row_size)
+        return attend_positions(q, self.kv, self.tokens(rows, self.kv.n))
+
+    # --- the capture-safe step (see the module's docstring); subclasses say how rows and budgets relate ---
     capture_safe = True
 
     def grow_summary(self, tokens: int) -> None:
@@ -125,16 +163,11 @@ class SelectingLayer(LayerCache):
         """Rows a step attends at n tokens (n an int, or a device tensor: then computed on the device)."""
         raise NotImplementedError
 
-    def row_tokens(self, rows: torch.Tensor) -> torch.Tensor:
-        """Token positions [B, Hkv, N] of the rows [B, Hkv, K]."""
-        raise NotImplementedError
-
     def reserve(self, n_new: int) -> None:
         self.kv.reserve(n_new)
         cap = self.kv.pin.cap
         self.grow_summary(cap)
         self.k_most = self.rows_attended(cap)  # the most rows any reserved step attends: the top-k's fixed size
-        self.ranks = torch.arange(self.k_most, device=self.kv.k.device)
 
     def advance(self, n: int) -> None:
         self.kv.advance(n)
@@ -143,25 +176,28 @@ class SelectingLayer(LayerCache):
         pin = self.kv.pin
         if self.dense_layer():
             out = pin.step(q, k, v)
-            self.kv.n, self.last_idx = pin.n, None
+            self.kv.n, self.last_rows = pin.n, None
             return out
         if not capturing(q):
             pin.advance(1)  # the room check, on the host, before anything is written
         append_token(pin.k, pin.v, k, v, pin.seen, pin.live)
         self.kv.n = pin.n
         self.summarize_last(pin.seen)
-        top = top_indices(self.device_scores(q[:, :, 0], pin.seen), self.k_most)  # best first
-        idx = self.row_tokens(top)
-        k_live = self.rows_attended(pin.seen[:1])  # [1]: the first k of the k_most rows are attended
-        per_row = idx.shape[-1] // self.k_most
-        keep = (self.ranks < k_live)[None, None].repeat_interleave(per_row, dim=-1)
-        ok = keep & (idx < pin.seen[:, None, None])
-        self.last_idx, self.last_ok = idx, ok
+        k_live = self.rows_attended(pin.seen[:1])  # [1]: the first k_live of the k_most rows are attended
+        top = self.top(self.device_scores(q[:, :, 0], pin.seen), k_live, self.k_most)
+        self.last_rows, self.last_k = top, k_live
         if self.triton:  # the same kernel as the eager steps' (one reduction order, so replays match them)
             from kvbench.kernels.select_attend import select_attend
 
-            return select_attend(q, pin.k, pin.v, idx, k_live * per_row, pin.seen)
+            return select_attend(q, pin.k, pin.v, top, k_live * self.row_size, pin.seen, page=self.row_size)
+        idx, ok = self._pinned_tokens()
         return attend_masked(q, pin.k, pin.v, idx.clamp(max=pin.cap - 1), ok)
+
+    def _pinned_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last pinned step's token slots [B, Hkv, k_most * row_size] and which of them it attended."""
+        idx = page_slots(self.last_rows, self.row_size)
+        rank = torch.arange(idx.shape[-1], device=idx.device)
+        return idx, (rank < self.last_k * self.row_size) & (idx < self.kv.pin.seen[:, None, None])
 
     def dense_layer(self) -> bool:
         """A layer that never selects (quest's first layers)."""
@@ -170,12 +206,12 @@ class SelectingLayer(LayerCache):
     def prefill(self, q, k, v):
         out = self.kv.prefill(q, k, v)
         self.summarize(0)
-        self.last_idx = None
+        self.last_rows = None
         return out
 
     def extend(self, q, k, v):
         lo = self.kv.n
-        self.last_idx = self.last_ok = None
+        self.last_rows = self.last_k = None
         if self.kv.pin is not None and q.shape[2] == 1:
             return self._pinned_step(q, k, v)
         if q.shape[2] > 1:  # a question chunk attends densely (causal within it)
@@ -186,8 +222,8 @@ class SelectingLayer(LayerCache):
         self.summarize(lo)
         if not self.sparse():  # a dense layer, or the budget covers every token: full's path
             return dense_attention(q, self.kv.keys(), self.kv.values(), causal=False)
-        self.last_idx = self.select(q[:, :, 0])
-        return attend_positions(q, self.kv, self.last_idx, self.triton)
+        self.last_rows, self.last_n = self.select_rows(q[:, :, 0]), self.kv.n
+        return self.attend_rows(q, self.last_rows)
 
     def nbytes(self) -> int:
         return 0 if self.kv.k is None else self.kv.nbytes() + sum(t.numel() * t.element_size() for t in self.summary())
@@ -196,18 +232,21 @@ class SelectingLayer(LayerCache):
         return self.kv.n
 
     def attended(self) -> torch.Tensor | None:
-        if self.last_ok is not None:  # a pinned step: the chosen positions (the same count in every KV head)
-            return self.last_idx.masked_select(self.last_ok).view(*self.last_idx.shape[:2], -1)
-        return self.last_idx
+        if self.last_rows is None:
+            return None
+        if self.last_k is not None:  # a pinned step: the chosen positions (the same count in every KV head)
+            idx, ok = self._pinned_tokens()
+            return idx.masked_select(ok).view(*idx.shape[:2], -1)
+        return self.tokens(self.last_rows, self.last_n)
 
     def decode_fns(self, q):
         if not self.sparse():
             return self.kv.decode_fns(q)
         q1 = q[:, :, 0]
-        idx = self.select(q1)
-        return {"attention": lambda: attend_positions(q, self.kv, self.select(q1), self.triton),
-                "score": lambda: self.scores(q1), "select": lambda: self.select(q1),  # select: score and top-k
-                "attend": lambda: attend_positions(q, self.kv, idx, self.triton)}
+        rows = self.select_rows(q1)
+        return {"attention": lambda: self.attend_rows(q, self.select_rows(q1)),
+                "score": lambda: self.scores(q1), "select": lambda: self.select_rows(q1),  # select: score and top-k
+                "attend": lambda: self.attend_rows(q, rows)}
 
     def decode_bytes(self) -> int:
         return self.sparse_bytes() if self.sparse() else self.kv.decode_bytes()

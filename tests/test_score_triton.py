@@ -22,50 +22,63 @@ def make(spec, hq, hkv, d, dtype=torch.float32, device="cpu"):
 
 
 def check_kernels(device, dtype, shapes, tol):
-    """rowdot and sign_rowdot against plain PyTorch; returns the worst absolute difference."""
-    from kvbench.kernels.score_triton import rowdot, sign_rowdot
-    from kvbench.methods.qjl import unpack_signs
+    """quest_bounds and label_scores against the methods' PyTorch references; returns the worst absolute difference
+    over the head dim. Shapes (B, Hq, Hkv, N, D): N pages or label rows, D the head dim."""
+    from kvbench.kernels.score_triton import label_scores, quest_bounds
+    from kvbench.methods.doublesparse import label_scores_ref, pack_nibbles, pseudo_quantize
+    from kvbench.methods.quest import page_bounds_ref
 
     worst = 0.0
-    for B, Hq, H, N, C, M in shapes:
-        x = torch.randn(B, H, N, 2 * C, device=device).to(dtype)[..., :C]  # rows with a stride, as quest's pages
-        w = torch.randn(B, H, C, device=device)
-        want = (x.float() * w[:, :, None]).sum(-1)
-        got = rowdot(x, w)
-        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-        for bits in (4, 8):  # doublesparse's quantized labels: codes (packed at 4 bits) with a step and minimum
-            from kvbench.methods.doublesparse import dequantize_labels, pack_nibbles, pseudo_quantize
-
-            codes, step, low = pseudo_quantize(torch.randn(B, H, N, 2 * C, device=device), bits)
-            stored = pack_nibbles(codes) if bits == 4 else codes
-            meta = torch.stack([step, low], -1).half()
-            w2 = torch.randn(B, H, 2 * C, device=device)
-            want3 = (dequantize_labels(stored, meta, bits) * w2[:, :, None]).sum(-1)
-            torch.testing.assert_close(rowdot(stored, w2, meta, nibbles=bits == 4), want3, atol=1e-3, rtol=1e-4)
-        bits = torch.randint(0, 256, (B, H, N, M // 8), dtype=torch.uint8, device=device)
-        wq, scale = torch.randn(B, Hq, M, device=device), torch.rand(B, H, N, device=device).half()
-        signs = unpack_signs(bits).repeat_interleave(Hq // H, dim=1)  # [B, Hq, N, M]
-        want2 = (signs @ wq[..., None])[..., 0] * scale.float().repeat_interleave(Hq // H, dim=1)
-        got2 = sign_rowdot(bits, wq, scale)
-        torch.testing.assert_close(got2, want2, atol=3e-3 * M**0.5, rtol=2e-3)  # fp16 queries in the dot
-        worst = max(worst, (got - want).abs().max().item(), (got2 - want2).abs().max().item() / M**0.5)
+    for B, Hq, H, N, D in shapes:
+        q1 = torch.randn(B, Hq, D, device=device).to(dtype)
+        meta = torch.randn(B, H, N + 3, 2 * D, device=device).to(dtype)  # a buffer longer than the live pages
+        want = page_bounds_ref(q1, meta[:, :, :N])
+        got = quest_bounds(q1, meta, N)
+        torch.testing.assert_close(got, want, atol=tol * D, rtol=tol)
+        seen = torch.full((B,), max(1, 16 * (N // 2)), dtype=torch.int32, device=device)
+        masked = quest_bounds(q1, meta, N, seen, 16)
+        newest = (int(seen[0]) - 1) // 16
+        assert (masked[..., newest + 1 :] == float("-inf")).all() and (masked[..., newest] == float("inf")).all()
+        torch.testing.assert_close(masked[..., :newest], want[..., :newest], atol=tol * D, rtol=tol)
+        worst = max(worst, (got - want).abs().max().item() / D)
+        r = min(16, D)
+        channels = torch.stack([torch.randperm(D)[:r] for _ in range(B * H)]).view(B, H, r).to(device)
+        x = torch.randn(B, H, N + 5, r, device=device)
+        for bits in (16, 8, 4):  # doublesparse's labels: the model dtype, or codes (packed at 4 bits), step, minimum
+            if bits == 16:
+                labels, lmeta = x.to(dtype), None
+            else:
+                codes, step, low = pseudo_quantize(x, bits)
+                labels, lmeta = (pack_nibbles(codes) if bits == 4 else codes), torch.stack([step, low], -1).half()
+            want3 = label_scores_ref(q1, labels[:, :, :N], channels, None if lmeta is None else lmeta[:, :, :N], bits)
+            got3 = label_scores(q1, channels, labels, lmeta, bits, N)
+            torch.testing.assert_close(got3, want3, atol=1e-3 * r, rtol=1e-3)
+            live = torch.full((B,), N // 2, dtype=torch.int32, device=device)
+            got4 = label_scores(q1, channels, labels, lmeta, bits, N, live)
+            assert (got4[..., N // 2 :] == float("-inf")).all()
+            torch.testing.assert_close(got4[..., : N // 2], got3[..., : N // 2], atol=1e-5, rtol=1e-5)
     return worst
 
 
 def check_qjl_outliers(device, shapes):
-    """qjl_outlier_scores against the method's reference estimator (outlier_scores_ref); returns the worst absolute
-    difference over the scale of the scores."""
-    from kvbench.kernels.score_triton import qjl_outlier_scores
-    from kvbench.methods.qjl import outlier_scores_ref, quantize_keys, sketch
+    """qjl_scores (kernels/qjl_attend.py) against the method's reference estimators (outlier_scores_ref, and
+    scores_ref with O = 0); returns the worst absolute difference over the scale of the scores."""
+    from kvbench.kernels.qjl_attend import qjl_scores
+    from kvbench.methods.qjl import outlier_scores_ref, pack_signs, quantize_keys, scores_ref, sketch
 
     worst = 0.0
     for B, Hq, H, N, D, M, MO, O, group in shapes:
         proj = sketch(D, M, 7, device)
         k = torch.randn(B, H, N, D, device=device) * (1 + 5 * (torch.rand(D, device=device) < 0.1))
-        keys = quantize_keys(k, proj, O, group, MO)
         q1 = torch.randn(B, Hq, D, device=device)
-        want = outlier_scores_ref(q1[:, :, None], proj, keys)[:, :, 0]
-        got = qjl_outlier_scores(keys, q1, q1 @ proj, proj)
+        if O:
+            keys = quantize_keys(k, proj, O, group, MO)
+            want = outlier_scores_ref(q1[:, :, None], proj, keys)[:, :, 0]
+            got = qjl_scores(q1, proj, keys)
+        else:
+            signs, norms = pack_signs(k @ proj), k.norm(dim=-1).half()
+            want = scores_ref(q1[:, :, None], proj, signs, norms)[:, :, 0]
+            got = qjl_scores(q1, proj, None, signs, norms)
         assert got.shape == want.shape == (B, Hq, N)
         if N:
             scale = want.abs().max().item() + 1e-6
@@ -74,7 +87,8 @@ def check_qjl_outliers(device, shapes):
     return worst
 
 
-QJL_SHAPES = [(1, 4, 2, 96, 64, 128, 64, 8, 32), (2, 3, 3, 40, 32, 64, 64, 3, 8), (1, 8, 1, 0, 64, 256, 128, 8, 32)]
+QJL_SHAPES = [(1, 4, 2, 96, 64, 128, 64, 8, 32), (2, 3, 3, 48, 32, 64, 64, 3, 16), (1, 8, 1, 0, 64, 256, 128, 8, 32),
+              (2, 4, 2, 70, 32, 64, 64, 0, 1)]
 
 
 def check_methods(device, dtype, hq, hkv, d, T, steps, tol):
@@ -101,9 +115,9 @@ INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     from test_score_triton import QJL_SHAPES, check_kernels, check_methods, check_qjl_outliers
     torch.manual_seed(0)
-    shapes = [(1, 4, 2, 70, 40, 64), (2, 3, 3, 5, 16, 128), (1, 8, 1, 130, 128, 256)]
+    shapes = [(1, 4, 2, 70, 40), (2, 3, 3, 5, 16), (1, 8, 1, 130, 128), (1, 8, 2, 3, 6)]
     worst = check_kernels("cpu", torch.float32, shapes, 1e-4)
-    worst = max(worst, check_kernels("cpu", torch.bfloat16, [(1, 4, 2, 33, 64, 16)], 1e-4))
+    worst = max(worst, check_kernels("cpu", torch.bfloat16, [(1, 4, 2, 33, 64)], 1e-4))
     worst = max(worst, check_qjl_outliers("cpu", QJL_SHAPES))
     check_methods("cpu", torch.float32, 8, 2, 32, 150, 6, 1e-2)
     print("max abs difference", worst)
@@ -130,8 +144,8 @@ def test_triton_impl_on_cpu_says_how_to_fix():
             make(spec + ",impl=triton", 8, 2, 64)
 
 
-GPU_SHAPES = [  # B, Hq, Hkv, N, C, M
-    (1, 32, 8, 32768, 256, 256), (4, 32, 8, 4097, 16, 512), (2, 9, 3, 777, 128, 128), (1, 8, 8, 1, 32, 16)]
+GPU_SHAPES = [  # B, Hq, Hkv, N, D
+    (8, 32, 8, 32768, 128), (4, 32, 8, 4097, 128), (2, 9, 3, 777, 64), (1, 8, 8, 1, 32), (3, 12, 4, 2049, 96)]
 
 
 @pytest.mark.gpu
@@ -144,8 +158,8 @@ def test_kernels_match_the_references_on_gpu(dtype):
 @pytest.mark.gpu
 def test_qjl_outlier_kernel_matches_the_reference_on_gpu():
     torch.manual_seed(3)
-    check_qjl_outliers("cuda", QJL_SHAPES + [(1, 32, 8, 32768, 128, 256, 256, 8, 32), (4, 32, 8, 4096, 128, 512, 128,
-                                                                                        8, 32)])
+    check_qjl_outliers("cuda", QJL_SHAPES + [(1, 32, 8, 32768, 128, 256, 256, 8, 32),
+                                             (4, 32, 8, 4096, 128, 512, 128, 8, 32), (3, 24, 8, 999, 128, 256, 256, 0, 1)])
 
 
 @pytest.mark.gpu

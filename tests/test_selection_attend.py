@@ -39,13 +39,41 @@ def check_select_attend(device, dtypes, shapes, seed=0):
     return worst
 
 
+def check_pages(device, dtypes, shapes, seed=0):
+    """select_attend over pages (quest: idx names pages of `page` slots, expanded in the kernel) with the live length
+    an int (eager) or a device tensor plus a limit (pinned), against attend_ref. Shapes (B, Hq, Hkv, D, pages, K,
+    page)."""
+    from kvbench.kernels.select_attend import attend_ref, select_attend
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for dtype in dtypes:
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for B, Hq, H, D, P, K, page in shapes:
+            n = P * page - page // 2  # the newest page partly filled
+            k, v = (torch.randn(B, P * page, H, D, generator=g).to(device, dtype) for _ in range(2))
+            q = torch.randn(B, Hq, 1, D, generator=g).to(device, dtype)
+            pages = torch.stack([torch.randperm(P, generator=g)[:K] for _ in range(B * H)]).view(B, H, K).to(device)
+            pages[..., -1] = P - 1
+            live = torch.full((B,), n, dtype=torch.int32, device=device)
+            limit = torch.tensor([(K - 1) * page], device=device)
+            for lim, lv in ((None, n), (None, live), (limit, live)):
+                got = select_attend(q, k, v, pages, lim, lv, page=page)
+                want = attend_ref(q, k, v, pages, lim, lv, page=page)
+                torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+PAGE_SHAPES = [(2, 8, 2, 32, 9, 4, 4), (1, 4, 4, 64, 20, 3, 16), (2, 6, 3, 48, 7, 7, 8)]
+
+
 SHAPES = [(2, 8, 2, 64, 100, 37), (1, 4, 4, 32, 50, 20), (3, 8, 1, 128, 300, 129), (2, 6, 2, 48, 70, 33),
           (1, 8, 8, 16, 9, 1)]
 
 INTERPRETER_CHECK = textwrap.dedent("""
     import torch
     from test_selection_attend import SHAPES, check_select_attend
+    from test_selection_attend import PAGE_SHAPES, check_pages
     worst = check_select_attend("cpu", [torch.float32, torch.float16], SHAPES)
+    check_pages("cpu", [torch.float32], PAGE_SHAPES)
     print("worst relative error", worst)
 """)
 
@@ -64,6 +92,8 @@ GPU_SHAPES = [(8, 32, 8, 128, 32768 + 256, 3277), (1, 32, 8, 128, 4096, 1000), (
 def test_select_attend_matches_the_reference_on_gpu():
     worst = check_select_attend("cuda", [torch.bfloat16, torch.float16, torch.float32], GPU_SHAPES, seed=1)
     assert worst < 1e-2, worst
+    check_pages("cuda", [torch.bfloat16, torch.float16], PAGE_SHAPES + [(8, 32, 8, 128, 2048, 204, 16),
+                                                                        (3, 24, 8, 128, 131, 13, 16)], seed=2)
 
 
 @pytest.mark.gpu
@@ -87,10 +117,10 @@ def test_methods_attend_their_picks_with_the_kernel_on_gpu(spec, dtype):
         q1 = torch.randn(B, hq, 1, d, device="cuda", dtype=dtype)
         k1, v1 = (torch.randn(B, hkv, 1, d, device="cuda", dtype=dtype) for _ in range(2))
         out = layer.extend(q1, k1, v1)
-        want = attend_positions(q1, layer.kv, layer.attended(), triton=False)
+        want = attend_positions(q1, layer.kv, layer.attended())
         torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
     fns = layer.decode_fns(q1)
     idx = layer.select(q1[:, :, 0])
-    torch.testing.assert_close(fns["attention"](), attend_positions(q1, layer.kv, idx, triton=False), atol=2e-2,
+    torch.testing.assert_close(fns["attention"](), attend_positions(q1, layer.kv, idx), atol=2e-2,
                                rtol=2e-2)
     assert set(fns) == {"attention", "score", "select", "attend"}

@@ -2,6 +2,8 @@
 plain path and float64, the room check, token identity through a model on the CPU, and graph replays token-identical
 to eager steps on the GPU."""
 
+import textwrap
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from kvbench import LayerSpec, parse_method
 from kvbench.api import ReservedRoomError
 from kvbench.decoding import real_prefill
 from kvbench.graph_decode import graph_decode, unsafe_reason
+from interpreter import run_interpreted
 from oracles import naive_attention, rand_kv
 from test_graph_decode import _plain_tokens, tiny_model
 
@@ -17,7 +20,10 @@ SPECS = ["quest:budget=0.3,page=8,dense_layers=0", "quest:budget=24,page=8,dense
 
 
 def make(spec, hq=8, hkv=2, d=32):
-    return parse_method(spec).make_layer(LayerSpec(0, 4, hq, hkv, d, torch.float32, torch.device("cpu")))
+    return parse_method(spec + IMPL).make_layer(LayerSpec(0, 4, hq, hkv, d, torch.float32, torch.device("cpu")))
+
+
+IMPL = ""  # ",impl=triton": the Triton kernels (in the interpreter on the CPU)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -48,6 +54,23 @@ def test_reserved_steps_match_the_plain_path_and_float64(spec):
                                            naive_attention(q[:1, h * g : (h + 1) * g], allk[:1, h : h + 1, pos],
                                                            allv[:1, h : h + 1, pos]), atol=1e-5, rtol=1e-5)
     assert pinned.capture_safe and pinned.kv.pin is not None
+
+
+INTERPRETER_CHECK = textwrap.dedent("""
+    import test_selection_pinned as t
+    t.IMPL = ",impl=triton"
+    for spec in ("quest:budget=0.3,page=8,dense_layers=0", "doublesparse:budget=0.2"):
+        t.test_reserved_steps_match_the_plain_path_and_float64(spec)
+    print("pinned triton ok")
+""")
+
+
+def test_reserved_steps_with_the_triton_kernels_in_the_interpreter():
+    """The pinned step's Triton path (masked scores, device-side k top-k, page-mode attention) against the plain path
+    and float64, as the test above."""
+    r = run_interpreted(INTERPRETER_CHECK)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert "pinned triton ok" in r.stdout
 
 
 @pytest.mark.parametrize("spec", ["quest:budget=16,page=8,dense_layers=0", "doublesparse:budget=8"])
