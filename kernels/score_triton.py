@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from kvbench.api import KVBenchError
 from kvbench.kernels.kivi import _fix_interpreter_for_numpy_2_4
@@ -93,14 +94,24 @@ def quest_bounds(q1: torch.Tensor, meta: torch.Tensor, pages: int, seen: torch.T
     return out
 
 
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @triton.jit
 def _dequantized(x, BITS: tl.constexpr, lo, hi):
     """doublesparse's pseudo_quantize then dequantize of rows of x with their min lo and max hi [GP] (the authors'
-    min-max to 2^BITS - 1 levels). Rounding is floor(x + 0.5): torch.round's half-to-even differs only on exact
-    halves."""
+    min-max to 2^BITS - 1 levels), rounded exactly as torch rounds it: an IEEE division (Triton's fp32 `/` is
+    approximate on the GPU) and rint (half to even, as torch.round; floor(y + 0.5) fused into an FMA flipped codes at
+    the halves). One flipped query code moved a score by a whole step: the H200 parity failures of 20c760f."""
     top: tl.constexpr = (1 << BITS) - 1.0
     span = tl.where(hi > lo, hi - lo, 1.0)
-    codes = tl.minimum(tl.maximum(tl.floor((x - lo[:, None]) * (top / span)[:, None] + 0.5), 0.0), top)
+    scale = tl.math.div_rn(tl.full(span.shape, top, tl.float32), span)
+    y = (x - lo[:, None]) * scale[:, None]
+    if _INTERPRETED:  # Triton's interpreter has no libdevice; numpy neither contracts nor approximates
+        r = tl.floor(y + 0.5)  # differs from half to even only on exact halves
+    else:
+        r = libdevice.rint(y)
+    codes = tl.minimum(tl.maximum(r, 0.0), top)
     return codes * (span / top)[:, None] + lo[:, None]
 
 
