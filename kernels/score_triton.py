@@ -100,19 +100,20 @@ _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 @triton.jit
 def _dequantized(x, BITS: tl.constexpr, lo, hi):
     """doublesparse's pseudo_quantize then dequantize of rows of x with their min lo and max hi [GP] (the authors'
-    min-max to 2^BITS - 1 levels), rounded exactly as torch rounds it: an IEEE division (Triton's fp32 `/` is
-    approximate on the GPU) and rint (half to even, as torch.round; floor(y + 0.5) fused into an FMA flipped codes at
-    the halves). One flipped query code moved a score by a whole step: the H200 parity failures of 20c760f."""
+    min-max to 2^BITS - 1 levels), rounded exactly as torch rounds it: IEEE divisions (Triton's fp32 `/` is
+    approximate on the GPU), torch's `top / span` as it computes it (a reciprocal times top) and rint (half to even,
+    as torch.round). A query code flipped at a rounding boundary moved a score by a whole step: the H200 parity
+    failures of 20c760f (bf16 queries land on exact halves often)."""
     top: tl.constexpr = (1 << BITS) - 1.0
     span = tl.where(hi > lo, hi - lo, 1.0)
-    scale = tl.math.div_rn(tl.full(span.shape, top, tl.float32), span)
+    scale = tl.math.div_rn(tl.full(span.shape, 1.0, tl.float32), span) * top  # torch's top / span: 1 / span * top
     y = (x - lo[:, None]) * scale[:, None]
     if _INTERPRETED:  # Triton's interpreter has no libdevice; numpy neither contracts nor approximates
         r = tl.floor(y + 0.5)  # differs from half to even only on exact halves
     else:
         r = libdevice.rint(y)
     codes = tl.minimum(tl.maximum(r, 0.0), top)
-    return codes * (span / top)[:, None] + lo[:, None]
+    return codes * tl.math.div_rn(span, tl.full(span.shape, top, tl.float32))[:, None] + lo[:, None]
 
 
 @triton.jit
