@@ -65,7 +65,7 @@ class SelfIndex(Method):
     fixed : str, default "scored"
         "scored": the `sinks` prompt tokens the last prompt query attends most (the paper's 2+1 setting);
         "sinks": the first `sinks` tokens. The default follows the standard accuracy profile on the embedded model
-        (benchmarks/records/accuracy-standard-cpu.jsonl, 10% budget, 144 cells per protocol): scored 0.58
+        (reports/data/cpu/accuracy-standard.jsonl, 10% budget, 144 cells per protocol): scored 0.58
         query-aware / 0.46 query-agnostic against 0.49 / 0.47 for the first tokens.
     centre : str, default "median"
         Per-channel centre subtracted from keys before taking signs: "median" or "mean" over the prompt.
