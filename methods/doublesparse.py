@@ -123,7 +123,8 @@ def pseudo_quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     top = 2**bits - 1
     lo, hi = x.amin(-1), x.amax(-1)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    codes = ((x - lo[..., None]) * (top / span)[..., None]).round().clamp(0, top).to(torch.uint8)
+    scale = span.reciprocal() * top  # what torch's top / span computes; kernels/score_triton.py matches it bit for bit
+    codes = ((x - lo[..., None]) * scale[..., None]).round().clamp(0, top).to(torch.uint8)
     return codes, span / top, lo
 
 
