@@ -94,7 +94,7 @@ def quest_bounds(q1: torch.Tensor, meta: torch.Tensor, pages: int, seen: torch.T
     return out
 
 
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_INTERPRETED = tl.constexpr(interpreting())  # read once at import, as Triton reads TRITON_INTERPRET
 
 
 @triton.jit
