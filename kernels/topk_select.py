@@ -12,6 +12,14 @@ Ties: the lowest indices win, so the set is the first k of a stable descending s
 the same on every call; torch.topk (doublesparse's eager path before) broke ties its own way. k may be a device
 tensor (a captured step's budget follows the live length): the output then has kmax columns, the first k valid and
 the rest 0 (a slot that is always safe to read). The reference is `topk_ref`.
+
+Rows of more than SPLIT_MIN elements take the split path instead: one program per row leaves most SMs idle when
+there are fewer rows than SMs (doublesparse at 32K x 1 has 8 rows: 130 us there, and 1 ms at 128K where the row is
+re-read from L2 for each of the 8 passes). There each row is cut into SPLIT-element pieces, one program each, and the
+select runs as 4 launches of 8-bit digits: every program re-derives the digits found so far from the row's global
+histograms (256 ints a round, cheap) and adds its piece's histogram of the next digit with atomics. Two more launches
+write the output in index order: one counts each piece's keys above the threshold and its ties, the next gives each
+piece its offset from the counts of the pieces before it. No host sync, and the launch count is fixed (graph-safe).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ _fix_interpreter_for_numpy_2_4()  # kivi's fix for Triton 3.6's interpreter unde
 
 ROW_MAX = 32768  # rows up to this long stay in registers across the passes (32 warps: 32 keys a thread)
 CHUNK = 1024  # elements per step of the chunked passes (long rows, the output pass)
+SPLIT = 4096  # elements per program on the split path
+SPLIT_MIN = 8192  # rows longer than this take the split path
 INT_MIN = tl.constexpr(-2147483648)  # jit code reads globals only as constexpr
 
 
@@ -65,16 +75,21 @@ def _digit_hist(u, prefix, p: tl.constexpr):
     return hist
 
 
+@triton.jit
+def _row_k(KPTR, k_arg, N, K_ON_DEVICE: tl.constexpr):
+    k = k_arg
+    if K_ON_DEVICE:
+        k = tl.load(KPTR).to(tl.int32)
+    return tl.minimum(tl.maximum(k, 0), N)
+
+
 @triton.jit(do_not_specialize=["k_arg", "N", "kmax"])  # k = N = 1 must not turn them into constants
 def _topk_kernel(S, OUT, KPTR, k_arg, N, kmax, s_row, o_row, K_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr,
                  IN_REGS: tl.constexpr, CH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = S + row * s_row
     out = OUT + row * o_row
-    k = k_arg
-    if K_ON_DEVICE:
-        k = tl.load(KPTR).to(tl.int32)
-    k = tl.minimum(tl.maximum(k, 0), N)
+    k = _row_k(KPTR, k_arg, N, K_ON_DEVICE)
     offs = tl.arange(0, BLOCK)
     bins = tl.arange(0, 16)
     if IN_REGS:
@@ -111,6 +126,97 @@ def _topk_kernel(S, OUT, KPTR, k_arg, N, kmax, s_row, o_row, K_ON_DEVICE: tl.con
         tl.store(out + start + c, tl.zeros([CH], tl.int32), mask=start + c < kmax)
 
 
+@triton.jit
+def _digits_so_far(row_hist, k, ROUNDS: tl.constexpr):
+    """The 8-bit digits of the k-th largest key found by the first ROUNDS rounds (their histograms at row_hist, 256
+    ints a round) as a prefix, and how many keys equal to it on those digits are still to be taken."""
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros([], tl.int32)
+    need = k
+    for p in tl.static_range(ROUNDS):
+        hist = tl.load(row_hist + p * 256 + bins)
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        d = tl.max(tl.where(at_least >= need, bins, 0), 0)
+        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+        prefix = prefix | (d << (24 - 8 * p))
+    return prefix, need
+
+
+@triton.jit(do_not_specialize=["k_arg", "N"])
+def _split_hist_kernel(S, H, KPTR, k_arg, N, s_row, ROUND: tl.constexpr, K_ON_DEVICE: tl.constexpr,
+                       PIECE: tl.constexpr):
+    """Round ROUND: the histogram of digit ROUND over this piece's keys that match the digits found before it."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * PIECE + tl.arange(0, PIECE)
+    k = _row_k(KPTR, k_arg, N, K_ON_DEVICE)
+    row_hist = H + row * 1024
+    prefix, need = _digits_so_far(row_hist, k, ROUND)
+    u = _load_keys(S + row * s_row, j, N)
+    live = j < N
+    if ROUND > 0:
+        live = live & (((u ^ prefix) & -(1 << (32 - 8 * ROUND))) == 0)
+    hist = tl.histogram((u >> (24 - 8 * ROUND)) & 255, 256, mask=live)
+    tl.atomic_add(row_hist + ROUND * 256 + tl.arange(0, 256), hist, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["k_arg", "N"])
+def _split_count_kernel(S, H, C, KPTR, k_arg, N, s_row, n_pieces, K_ON_DEVICE: tl.constexpr, PIECE: tl.constexpr):
+    """Per piece: how many keys lie above the threshold (the k-th largest key) and how many equal it."""
+    row = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(1)
+    j = piece * PIECE + tl.arange(0, PIECE)
+    t, need = _digits_so_far(H + row * 1024, _row_k(KPTR, k_arg, N, K_ON_DEVICE), 4)
+    s = _load_keys(S + row * s_row, j, N) ^ INT_MIN
+    t = t ^ INT_MIN  # signed: compares as the unsigned keys do
+    c = C + (row * n_pieces + piece) * 2
+    tl.store(c, tl.sum(((j < N) & (s > t)).to(tl.int32), 0))
+    tl.store(c + 1, tl.sum(((j < N) & (s == t)).to(tl.int32), 0))
+
+
+@triton.jit(do_not_specialize=["k_arg", "N", "kmax"])
+def _split_write_kernel(S, H, C, OUT, KPTR, k_arg, N, kmax, s_row, o_row, n_pieces, K_ON_DEVICE: tl.constexpr,
+                        PIECE: tl.constexpr, PIECES: tl.constexpr):
+    """Per piece: its keys above the threshold and its ties still needed (lowest index first), at the offset the
+    pieces before it leave; the columns past k are zeroed, a share of them by each piece."""
+    row = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(1)
+    k = _row_k(KPTR, k_arg, N, K_ON_DEVICE)
+    t, need = _digits_so_far(H + row * 1024, k, 4)
+    t = t ^ INT_MIN
+    before = tl.arange(0, PIECES)
+    c = C + row * n_pieces * 2 + before * 2
+    gt = tl.sum(tl.load(c, mask=before < piece, other=0), 0)
+    ties = tl.sum(tl.load(c + 1, mask=before < piece, other=0), 0)
+    taken = gt + tl.minimum(ties, need)
+    j = piece * PIECE + tl.arange(0, PIECE)
+    s = _load_keys(S + row * s_row, j, N) ^ INT_MIN
+    eq = (j < N) & (s == t)
+    take = (j < N) & ((s > t) | (eq & (ties + tl.cumsum(eq.to(tl.int32), 0) <= need)))
+    out = OUT + row * o_row
+    tl.store(out + taken + tl.cumsum(take.to(tl.int32), 0) - 1, j, mask=take)
+    for start in range(k + piece * PIECE, kmax, n_pieces * PIECE):
+        cols = start + tl.arange(0, PIECE)
+        tl.store(out + cols, tl.zeros([PIECE], tl.int32), mask=cols < kmax)
+
+
+def _split_select(rows, out, k, on_device: bool, N: int, kmax: int):
+    """The split path of topk_select (module docstring) over rows [R, N] into out [R, kmax]."""
+    n_pieces = triton.cdiv(N, SPLIT)
+    hist = torch.zeros(rows.shape[0], 4, 256, dtype=torch.int32, device=rows.device)
+    counts = torch.empty(rows.shape[0], n_pieces, 2, dtype=torch.int32, device=rows.device)
+    kptr, k_arg = (k, 0) if on_device else (out, int(k))
+    grid = (rows.shape[0], n_pieces)
+    warps = max(4, min(16, SPLIT // 512))
+    for r in range(4):
+        _split_hist_kernel[grid](rows, hist, kptr, k_arg, N, rows.stride(0), ROUND=r, K_ON_DEVICE=on_device,
+                                 PIECE=SPLIT, num_warps=warps)
+    _split_count_kernel[grid](rows, hist, counts, kptr, k_arg, N, rows.stride(0), n_pieces, K_ON_DEVICE=on_device,
+                              PIECE=SPLIT, num_warps=warps)
+    _split_write_kernel[grid](rows, hist, counts, out, kptr, k_arg, N, kmax, rows.stride(0), out.stride(0), n_pieces,
+                              K_ON_DEVICE=on_device, PIECE=SPLIT, PIECES=max(2, triton.next_power_of_2(n_pieces)),
+                              num_warps=warps)
+
+
 def topk_select(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tensor:
     """topk_ref on the device: scores [..., N] fp32 (last dim contiguous), k an int or an int tensor [1] on the device
     (read there: no host sync) -> int32 [..., kmax] (kmax = k if None; required with a device k)."""
@@ -120,7 +226,9 @@ def topk_select(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tenso
     kmax = int(k) if kmax is None else kmax
     rows = scores.reshape(-1, N) if scores.stride(-1) == 1 else scores.contiguous().reshape(-1, N)
     out = torch.empty(rows.shape[0], kmax, dtype=torch.int32, device=scores.device)
-    if rows.shape[0] and N:
+    if rows.shape[0] and N > SPLIT_MIN:
+        _split_select(rows, out, k, on_device, N, kmax)
+    elif rows.shape[0] and N:
         block = max(128, triton.next_power_of_2(N)) if N <= ROW_MAX else CHUNK
         _topk_kernel[(rows.shape[0],)](
             rows, out, k if on_device else out, 0 if on_device else int(k), N, kmax, rows.stride(0), out.stride(0),

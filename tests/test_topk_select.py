@@ -38,6 +38,9 @@ INTERPRETER_CHECK = textwrap.dedent("""
     check_topk("cpu", CASES)
     ts.ROW_MAX = 256  # the chunked passes, as rows longer than ROW_MAX take
     check_topk("cpu", [(2, 1500, 301, None, False), (2, 999, 40, 64, True)])
+    ts.ROW_MAX, ts.SPLIT, ts.SPLIT_MIN = 32768, 256, 300  # the split path: pieces of 256, the last one partial
+    check_topk("cpu", [(2, 1500, 301, None, False), (3, 999, 40, 64, True), (1, 700, 700, None, False),
+                       (2, 301, 0, 5, False), (2, 1000, 1, None, True)], seed=2)
     print("topk ok")
 """)
 
