@@ -13,8 +13,11 @@ if TYPE_CHECKING:
     from kvbench.models import Shape
     from kvbench.timing import Timing
 
-# rotation copies at most (memory permitting): a 10% selfindex step at 32K x 1 reads ~7 MB, so 3x an H200's L2 needs ~20
-MAX_COPIES = 64
+# rotation copies at most (memory permitting): a 10% selfindex step at 32K x 1 reads ~7 MB, so 3x an H200's L2 needs ~20;
+# at 8K x 1 it reads ~2 MB (~90 copies), a 160-token step ~1.3 MB (~140). With 64 such cells fell back to flushing
+# before each call, which bench times eagerly (CUDA events around launches from Python), not as a graph: selfindex read
+# 50 us at 8K x 1 that way against 29 us at 32K x 1 in a graph (H200, 4c64102)
+MAX_COPIES = 512
 EXTEND_MAX_CALLS = 100  # timing extend() grows the cache; keep the growth small next to the context
 
 
