@@ -30,6 +30,11 @@ class Quest(Method):
     (layers 0 and 1); a page is 16 tokens there too. Nothing is freed: the full cache
     stays, only reads are cut; the metadata adds 2 / page of the key bytes.
 
+    Measured (reports/data/cpu/accuracy-quest-pages.jsonl, SmolLM2-135M, 1K tokens, 10% budget): pages of 16 score
+    0.125 on needle tasks where full scores 0.912, pages of 8 0.592, pages of 4 0.892. The bound of a large page is
+    loose on this model: the needle's page is often missed, and its digits come out wrong. The default stays the
+    paper's 16; pass `page=4` for small models or short prompts.
+
     Where it differs, and why: Quest's models are multi-head and select per head; with GQA one set of pages per KV
     head serves its query heads, ranked by the sum of their bounds (itself an upper bound of the sum of their q.k),
     so the pages are read once per KV head. Prefill and multi-token extends (a question chunk) attend densely;
