@@ -6,12 +6,8 @@ Before, a step ran a score kernel, a PyTorch softmax over fp32 scores per query 
 fp32 [B, Hkv, N, D] in memory: 6.4 ms at 32K x 8 on an H200 where the bytes read take 58 us. The score kernel itself
 took 2.3 ms: it compiled to 255 registers plus a stack (spills), one tiny program per 32-token group. A first fused
 kernel (commit 9cc3d6a) read the sketch in chunks and unpacked bits through 3-D reshapes (layout shuffles on the GPU):
-3,954 us, and it failed its GPU parity test. The next (20c760f) loaded sign bit m as bit m % 8 of byte m // 8, one
-byte load per bit: 256 gathers per token and sketch, 418 us for the scores at 32K x 1 on an H200 (39 GB/s). Now the
-bits are taken in planes and nothing is reshaped: a tile's sign bytes are loaded once, [m / 8, BLOCK], plane b holds
-bit b of every byte (dimensions 8j + b), and the sign dot is one batched tensor-core dot of the sketched query's
-matching columns, [8, GP, m / 8] x [8, m / 8, BLOCK], summed over the planes. The projection's columns are put in
-that plane order once per call on the host (_key_args), so the query side needs no shuffle either.
+3,954 us, and it failed its GPU parity test. Here every tile is 2-D: a token's sign bit m is bit m % 8 of byte m // 8
+(the byte loaded once per bit from L1), a value's code is bits of word d // E, so nothing is reshaped.
 
 Grid (B * Hkv, splits): a program takes a range of tiles of BLOCK tokens for all query heads of its GQA group (padded
 to 16 rows for the tensor-core dots). With outliers a tile is one group of `group` tokens, so it has one set of
@@ -47,71 +43,40 @@ def supported(D: int, m: int, mo: int, outliers: int, group: int, value_bits: in
 
 
 @triton.jit
-def _planes(SIGNS, tok, ok, NB: tl.constexpr):
-    """+1 / -1 in fp16 [8, NB, BLOCK]: plane b, row j is sign bit 8j + b (bit b of byte j) of each token tok, from one
-    coalesced load of the tokens' NB bytes."""
-    byte = tl.load(SIGNS + tok[None, :] * NB + tl.arange(0, NB)[:, None], mask=ok[None, :], other=0).to(tl.int32)
-    bit = tl.arange(0, 8)[:, None, None]
-    return (((byte[None, :, :] >> bit) & 1) * 2 - 1).to(tl.float16)
-
-
-@triton.jit
-def _plane_dot(a, planes, NB: tl.constexpr):
-    """sum over planes b of a[b] [GP, NB] @ planes[b] [NB, BLOCK] -> [GP, BLOCK] fp32: tensor cores when NB >= 16."""
-    if NB >= 16:
-        out = tl.sum(tl.dot(a.to(tl.float16), planes), 0)
-    else:  # too short for tl.dot (sketches under 128 bits): a broadcast sum
-        out = tl.sum(tl.sum(a.to(tl.float16).to(tl.float32)[:, :, :, None] * planes.to(tl.float32)[:, None, :, :],
-                            2), 0)
-    return out
-
-
-@triton.jit
-def _load_w(W, qrow, qm, M: tl.constexpr):
-    """The sketched queries of rows qrow as planes [8, GP, M / 8] fp32 (W is laid out so, see _key_args)."""
-    NB: tl.constexpr = M // 8
-    off = qrow[None, :, None] * M + tl.arange(0, 8)[:, None, None] * NB + tl.arange(0, NB)[None, None, :]
-    return tl.load(W + off, mask=qm[None, :, None], other=0.0)
-
-
-@triton.jit
-def _outlier_sketch(PROJ, idx, om, q_o, M: tl.constexpr, NBO: tl.constexpr):
-    """q_o S for the outlier channels idx, on the planes' columns: [8, GP, NBO] fp32 (PROJ's columns in plane order,
-    column b * M / 8 + j being sketch dimension 8j + b; NBO < M / 8 takes the first 8 NBO dimensions)."""
-    NB: tl.constexpr = M // 8
-    col = tl.arange(0, 8)[:, None, None] * NB + tl.arange(0, NBO)[None, None, :]
-    s_o = tl.load(PROJ + idx[None, :, None] * M + col, mask=om[None, :, None], other=0.0)  # [8, OPAD, NBO]
-    if NBO >= 16:
-        out = tl.dot(tl.broadcast_to(q_o[None, :, :], (8, q_o.shape[0], q_o.shape[1])), s_o, input_precision="ieee")
-    else:  # too narrow for tl.dot: a broadcast sum
-        out = tl.sum(q_o[None, :, :, None] * s_o[:, None, :, :], 2)
-    return out
+def _signs(SIGNS, tok, ok, m, MB: tl.constexpr):
+    """+1 / -1 in fp16 [BLOCK, MB]: sign bit m of each token tok (bit m % 8 of byte m // 8)."""
+    byte = tl.load(SIGNS + tok[:, None] * (MB // 8) + (m // 8)[None, :], mask=ok[:, None], other=0).to(tl.int32)
+    return (((byte >> (m % 8)[None, :]) & 1) * 2 - 1).to(tl.float16)
 
 
 @triton.jit
 def _estimate(Q, w, PROJ, IDX, SIN, NIN, SOUT, NOUT, bh, t, NQ, NG, qrow, qm, c_in, c_out, D: tl.constexpr,
               M: tl.constexpr, MO: tl.constexpr, O: tl.constexpr, OPAD: tl.constexpr, BLOCK: tl.constexpr,
               HAS_OUT: tl.constexpr):
-    """Tile t's estimated q.k [GP, BLOCK] fp32 for the query rows qrow (w = their q S as planes, _load_w), with its
-    tokens' flat offsets and validity."""
+    """Tile t's estimated q.k [GP, BLOCK] fp32 for the query rows qrow (w = their q S, [GP, M] fp32), with its tokens'
+    flat offsets and validity."""
     rows = t * BLOCK + tl.arange(0, BLOCK)
     ok = rows < NQ
     tok = bh.to(tl.int64) * NQ + rows
+    m = tl.arange(0, M)
     w_in = w
     if HAS_OUT:  # this group's outlier channels, the query there, and its projection q_o S
         o = tl.arange(0, OPAD)
         om = o < O
         idx = tl.load(IDX + (bh * NG + t) * O + o, mask=om, other=0).to(tl.int32)
         q_o = tl.load(Q + qrow[:, None] * D + idx[None, :], mask=qm[:, None] & om[None, :], other=0.0)
-        qs_o = _outlier_sketch(PROJ, idx, om, q_o, M, M // 8)
+        s_o = tl.load(PROJ + idx[:, None] * M + m[None, :], mask=om[:, None], other=0.0)
+        qs_o = tl.dot(q_o, s_o, input_precision="ieee")  # [GP, M]
         w_in = w - qs_o
         if MO == M:
             qs_out = qs_o
         else:  # S' is the first MO columns of S
-            qs_out = _outlier_sketch(PROJ, idx, om, q_o, M, MO // 8)
-        d_out = _plane_dot(qs_out, _planes(SOUT, tok, ok, MO // 8), MO // 8)
+            mo = tl.arange(0, MO)
+            s_o2 = tl.load(PROJ + idx[:, None] * M + mo[None, :], mask=om[:, None], other=0.0)
+            qs_out = tl.dot(q_o, s_o2, input_precision="ieee")
+        d_out = tl.dot(qs_out.to(tl.float16), tl.trans(_signs(SOUT, tok, ok, tl.arange(0, MO), MO)))
         n_out = tl.load(NOUT + tok, mask=ok, other=0.0).to(tl.float32)
-    d_in = _plane_dot(w_in, _planes(SIN, tok, ok, M // 8), M // 8)  # [GP, BLOCK]
+    d_in = tl.dot(w_in.to(tl.float16), tl.trans(_signs(SIN, tok, ok, m, M)))  # [GP, BLOCK]
     n_in = tl.load(NIN + tok, mask=ok, other=0.0).to(tl.float32)
     est = d_in * (c_in * n_in)[None, :]
     if HAS_OUT:
@@ -127,7 +92,7 @@ def _scores_kernel(Q, W, PROJ, IDX, SIN, NIN, SOUT, NOUT, OUT, NQ, NG, c_in, c_o
     rq = tl.arange(0, GP)
     qm = rq < GROUP
     qrow = bh * GROUP + rq
-    w = _load_w(W, qrow, qm, M)
+    w = tl.load(W + qrow[:, None] * M + tl.arange(0, M)[None, :], mask=qm[:, None], other=0.0)
     est, tok, ok = _estimate(Q, w, PROJ, IDX, SIN, NIN, SOUT, NOUT, bh, t, NQ, NG, qrow, qm, c_in, c_out, D, M, MO, O,
                              OPAD, BLOCK, HAS_OUT)
     rows = t * BLOCK + tl.arange(0, BLOCK)
@@ -150,7 +115,7 @@ def _attend_kernel(Q, W, PROJ, IDX, SIN, NIN, SOUT, NOUT, VQ, VS, VM, RK, RV, OP
     acc = tl.zeros([GP, D], tl.float32)
     E: tl.constexpr = 32 // VBITS  # codes a word: channel d is bits (d % E) * VBITS of word d // E
     if s < n_splits - 1:  # quantized tokens, tiles [t0, t1)
-        w = _load_w(W, qrow, qm, M)
+        w = tl.load(W + qrow[:, None] * M + tl.arange(0, M)[None, :], mask=qm[:, None], other=0.0)
         t0 = s * tiles_per
         t1 = tl.minimum(t0 + tiles_per, tl.cdiv(NQ, BLOCK))
         for t in range(t0, t1):
@@ -204,10 +169,8 @@ def _key_args(q1: torch.Tensor, proj: torch.Tensor, keys, signs, norms) -> tuple
     else:
         idx, out_signs, out_norms, NG, O, mo, block = signs, signs, norms, 1, 1, m, BLOCK_PLAIN
     qf = q1.float().contiguous()
-    # sketch columns in plane order: column b * m / 8 + j is dimension 8j + b, the bit b of sign byte j
-    proj = proj.float().view(D, m // 8, 8).transpose(1, 2).reshape(D, m)
-    w = qf @ proj  # [B, Hq, m]: the sketched queries, plane order
-    tensors = [qf, w.contiguous(), proj.contiguous()] + [t.contiguous() for t in
+    w = qf @ proj  # [B, Hq, m]: the sketched queries
+    tensors = [qf, w.contiguous(), proj.float().contiguous()] + [t.contiguous() for t in
                                                                  (idx, signs, norms, out_signs, out_norms)]
     group = Hq // signs.shape[1]
     meta = dict(HKV=signs.shape[1], GROUP=group, GP=max(16, triton.next_power_of_2(group)), D=D, M=m, MO=mo, O=O,
