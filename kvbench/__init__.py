@@ -29,7 +29,7 @@ def _unshadow_hf_kernels() -> None:
     is not needed: drop it."""
     root = Path(__file__).resolve().parent.parent
     ours = root / "kernels" / "__init__.py"
-    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else sys.modules["kernels"].__spec__
+    spec = importlib.util.find_spec("kernels")  # an imported one: its __spec__
     if spec is None or spec.origin is None or Path(spec.origin).resolve() != ours:
         return
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]

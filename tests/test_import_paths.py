@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_import_kvbench_from_the_checkout_root_unshadows_kernels():
     code = (
-        "import sys, importlib.util, kvbench\n"
+        "import importlib.util, kvbench\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "print(spec.origin if spec else None)\n"
     )
