@@ -330,13 +330,11 @@ __device__ void score_chunk(const SelectParams& p, int bh, int t0, int t1, const
   }
 }
 
-// The sign rows of [t0, t1) (score_chunk's tokens), fetched into L2 while the LUT is built: one prefetch per 128-byte
-// line, the block's threads taking consecutive lines.
+// The sign rows this thread will score in [t0, t1) (score_chunk's tokens), fetched into L2 while the LUT is built.
 template <int D>
 __device__ __forceinline__ void prefetch_chunk(const SelectParams& p, int bh, int t0, int t1) {
   const uint8_t* signs = p.signs + static_cast<int64_t>(bh) * p.cap * (D / 8);
-  const int64_t first = (static_cast<int64_t>(t0) * (D / 8)) & ~int64_t{127}, end = static_cast<int64_t>(t1) * (D / 8);
-  for (int64_t off = first + 128 * threadIdx.x; off < end; off += 128 * blockDim.x) prefetch_l2(signs + off);
+  for (int t = t0 + threadIdx.x; t < t1; t += blockDim.x) prefetch_l2(signs + static_cast<int64_t>(t) * (D / 8));
 }
 
 // Block-wide: the threshold bin of a top-k over a histogram (counts(bin) reads it): out[0] = the highest bin B* with
@@ -383,10 +381,9 @@ __device__ void threshold(Counts counts, int k, int* s_scan, int* out) {
   __syncthreads();
 }
 
-// ---- scores to global bins, the last block of each (b, h) finds the threshold. 6 blocks an SM (40 registers): the
-// grid is one wave, so its scoring loop is latency-bound and more resident warps hide more of it.
+// ---- scores to global bins, the last block of each (b, h) finds the threshold
 template <typename T, int D>
-__global__ void __launch_bounds__(kSelThreads, 6) score_kernel(SelectParams p) {
+__global__ void __launch_bounds__(kSelThreads) score_kernel(SelectParams p) {
   constexpr int G = D / 4;
   __shared__ float s_q[D];
   __shared__ float s_lut[G * 16];
@@ -397,11 +394,10 @@ __global__ void __launch_bounds__(kSelThreads, 6) score_kernel(SelectParams p) {
   __shared__ int s_last;
   const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h, tid = threadIdx.x;
   allow_dependents();
-  const int hi = p.plan ? p.plan[3] : p.hi, k = p.plan ? p.plan[4] : p.k;
-  const int t0 = p.lo + blockIdx.x * p.chunk;
-  prefetch_chunk<D>(p, bh, t0, min(hi, t0 + p.chunk));  // DRAM to L2 while the LUT is built
   for (int i = tid; i < kNBins; i += blockDim.x) s_hist[i] = 0;
   build_lut<T, D>(p, b, h, s_q, s_lut, s_lut8, s_red);
+  const int hi = p.plan ? p.plan[3] : p.hi, k = p.plan ? p.plan[4] : p.k;
+  const int t0 = p.lo + blockIdx.x * p.chunk;
   score_chunk<D>(p, bh, t0, min(hi, t0 + p.chunk), s_lut8, s_hist, p.bins + static_cast<int64_t>(bh) * p.bstride + t0);
   __syncthreads();
   int* ghist = p.hist + static_cast<int64_t>(bh) * kNBins;
@@ -556,7 +552,7 @@ __device__ __forceinline__ void place_chunk(const SelectParams& p, int bh, int t
   }
 }
 
-__global__ void __launch_bounds__(kSelThreads, 5) place_kernel(SelectParams p) {  // 5 blocks an SM: 48 registers
+__global__ void __launch_bounds__(kSelThreads) place_kernel(SelectParams p) {
   __shared__ int s_warp[2 * (kSelThreads / 32)];
   const int b = blockIdx.z, h = blockIdx.y, bh = b * p.H + h;
   wait_for_predecessor();  // count_kernel's counts
