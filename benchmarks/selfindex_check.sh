@@ -7,7 +7,7 @@
 #    tokens against dense, then 32K with the three-kernel select (KVBENCH_SELFINDEX_SELECT=3) for comparison;
 # 4. a table last. Each stage has a timeout from what is left of BUDGET seconds, so a failing or slow stage still lets
 #    the rest run. Writes $OUT/w/* and packs it into $OUT/r.tgz (the device returns at most 8 files).
-# Usage: OUT=dir BUDGET=195 bash benchmarks/selfindex_check.sh
+# Usage: OUT=dir BUDGET=195 [TEST_S=60] [FIRST_TESTS="tests/...::test_x ..." (run first)] bash benchmarks/selfindex_check.sh
 set -u
 T0=$(date +%s)
 B=${BUDGET:-195}
@@ -25,10 +25,10 @@ timeout "$(cap 110 80)" python3 -c "from kvbench.kernels import selfindex; selfi
 
 echo "== parity tests, memcheck, racecheck ($(left) s left)" | tee -a "$LOG"
 T=tests/test_selfindex_kernels.py
-S=$(cap 60 75)
+S=$(cap ${TEST_S:-60} 75)  # TEST_S: the parity stage's own limit
 G=tests/test_graph_decode.py::test_graph_replays_of_the_compressing_methods_are_token_identical_to_eager_steps
 # in this order (what the changes touch first): pytest keeps the command line's order
-timeout "$S" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE "$T::test_select_paths_agree" \
+timeout "$S" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE ${FIRST_TESTS:-} "$T::test_select_paths_agree" \
   "$T::test_selection_is_deterministic_and_planned_steps_equal_eager_ones" "$G[selfindex:budget=0.1]" \
   "$G[selfindex:budget=64,sinks=8,window=16,fixed=scored]" "$T::test_long_context_many_splits_and_large_budget" \
   "$T::test_decode_steps_match_reference" "$T::test_small_budget_decode_matches_reference" \

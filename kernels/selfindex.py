@@ -12,6 +12,9 @@ KV head h; T = positions, D = head_dim, G = D/4 sign groups):
     kscale  [B, Hkv, cap, D/32, 2] fp16 (scale, zero) of those magnitudes per 32-channel group
     vq      [B, Hkv, cap, D/4]  uint8   2-bit code of v_c
     vscale  [B, Hkv, cap, D/32, 2] fp16 (scale, zero) of v per 32-channel group
+            (kmag, vq, kscale and vscale are views of one [B, Hkv, cap, 3D/4] byte buffer, q2_buffers: a token's
+            2-bit storage is one row of whole 32-byte sectors, so the sparse attention's gather of a selected token
+            reads one run of bytes instead of four scattered pieces)
     cb      [B, Hkv, G, 16, 4]  fp32    codebook: mean centred 4-channel key piece per sign code
 
 Selection scores each selectable token with an 8-bit lookup table (LUT8[g, c] = round(q_g . cb[g, c] / s), one scale s
@@ -38,6 +41,17 @@ QGROUP = 32  # channels per quantization group for the 2-bit magnitudes and valu
 
 # ------------------------------------------------------------------------------------------------------------------
 # small helpers shared by the reference and the tests
+
+
+def q2_buffers(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """kmag, vq [B, H, cap, D/4] uint8 and kscale, vscale [B, H, cap, D/32, 2] fp16 as views of rows [B, H, cap,
+    3D/4] uint8, in this order within a row (every part aligned for the kernels' 8- and 16-byte loads)."""
+    *lead, row = rows.shape
+    D = row * 4 // 3
+    c, s = D // 4, D // 8
+    scales = lambda o: rows[..., o: o + s].view(torch.float16).unflatten(-1, (D // 32, 2))  # noqa: E731
+    return {"kmag": rows[..., :c], "vq": rows[..., c: 2 * c], "kscale": scales(2 * c), "vscale": scales(2 * c + s)}
+
 
 
 def n_groups(head_dim: int) -> int:
@@ -306,6 +320,7 @@ class IndexedKV:
         self.n = 0  # positions stored
         self.cap = 0
         self.signs = self.kmag = self.kscale = self.vq = self.vscale = self.kfull = self.vfull = None
+        self.q2rows = None  # owns kmag, kscale, vq and vscale (q2_buffers)
         self.mu = self.chmax = self.inv_chmax = self.cb = None
         self.excl = torch.zeros(B, H, 0, dtype=torch.uint8, device=device) if exclusions else None
         self.plan_table = self.plan = self.plan_step = self.idx_buf = self.out_buf = None  # planned steps (pin)
@@ -332,8 +347,7 @@ class IndexedKV:
         B, H, _, D = self.fk.shape
         shapes = {"signs": ((D // 8,), torch.uint8)}
         if self.quantized:
-            shapes |= {"kmag": ((D // 4,), torch.uint8), "kscale": ((D // 32, 2), torch.float16),
-                       "vq": ((D // 4,), torch.uint8), "vscale": ((D // 32, 2), torch.float16)}
+            shapes |= {"q2rows": ((3 * D // 4,), torch.uint8)}
         else:
             shapes |= {"kfull": ((D,), self.dtype), "vfull": ((D,), self.dtype)}
         for name, (tail, dtype) in shapes.items():
@@ -342,6 +356,9 @@ class IndexedKV:
             if old is not None and self.n:
                 buf[:, :, : self.n] = old[:, :, : self.n]
             setattr(self, name, buf)
+        if self.quantized:
+            for name, view in q2_buffers(self.q2rows).items():
+                setattr(self, name, view)
         if self.excl is not None:
             excl = torch.zeros(B, H, (cap + 7) // 8, dtype=torch.uint8, device=self.fk.device)
             excl[:, :, : self.excl.shape[2]] = self.excl

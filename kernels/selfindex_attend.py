@@ -153,7 +153,7 @@ def _selfindex_attend_kernel(
     stride_qb, stride_qh, n_sel, kmax, cap, split, n_parts, qk_scale,
     H: tl.constexpr, GROUP: tl.constexpr, M: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, NC: tl.constexpr, DYN: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, Q2W: tl.constexpr, Q2H: tl.constexpr,
 ):
     if DYN:  # a planned step: how many of the kmax slots of IDX hold this step's selection, read on the device
         n_sel = tl.load(NSEL)
@@ -196,10 +196,11 @@ def _selfindex_attend_kernel(
                 signs = tl.load(SG + tok[:, None] * (D // 32) + tl.arange(0, D // 32)[None, :], mask=ok[:, None],
                                 other=0)
                 W: tl.constexpr = D // 16
-                sz_offs = tok[:, None] * (D // 16) + tl.arange(0, D // 16)[None, :]
-                kw = tl.load(KM + tok[:, None] * W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
+                # one interleaved row per token (selfindex.q2_buffers): Q2W 32-bit words, Q2H fp16 values a row
+                sz_offs = tok[:, None] * Q2H + tl.arange(0, D // 16)[None, :]
+                kw = tl.load(KM + tok[:, None] * Q2W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
                 ks = tl.load(KS + sz_offs, mask=ok[:, None], other=0.0)
-                vw = tl.load(VQ + tok[:, None] * W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
+                vw = tl.load(VQ + tok[:, None] * Q2W + tl.arange(0, W)[None, :], mask=ok[:, None], other=0)
                 vs = tl.load(VS + sz_offs, mask=ok[:, None], other=0.0)
                 if FAST:
                     k, v = _rows_fast(kw, signs, ks, vw, vs, D, BLOCK_N)
@@ -347,6 +348,7 @@ def attend(q: torch.Tensor, kv, idx: torch.Tensor, split: int | None = None, *, 
         H=H, GROUP=group, M=max(16, triton.next_power_of_2(group)), D=D, F=F,
         BLOCK_F=max(16, triton.next_power_of_2(F)), BLOCK_N=BLOCK_N, QUANT=kv.quantized, NC=N_COUNTERS,
         DYN=nsel is not None, FAST=FAST_DEQUANT and q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        Q2W=kv.kmag.stride(2) // 4 if kv.quantized else 1, Q2H=kv.kmag.stride(2) // 2 if kv.quantized else 1,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out

@@ -135,6 +135,25 @@ def test_pack_layouts_are_the_documented_bits():
     assert ops.sign_codes(packed).tolist() == [[1, 2, 2, 8]]  # nibbles: channels 0-3, 4-7, 8-11, 12-15
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_2bit_buffers_tile_one_row_per_token(D):
+    """kmag | vq | kscale | vscale side by side in one row of 3D/4 bytes per token, every byte of it owned by one
+    of them: what the kernels' single row stride (csrc/selfindex.h: row) assumes."""
+    rows = torch.zeros(2, 3, 5, 3 * D // 4, dtype=torch.uint8)
+    q2 = ops.q2_buffers(rows)
+    assert q2["kmag"].shape == q2["vq"].shape == (2, 3, 5, D // 4)
+    assert q2["kscale"].shape == q2["vscale"].shape == (2, 3, 5, D // 32, 2)
+    q2["kmag"].fill_(1)
+    q2["vq"].fill_(2)
+    q2["kscale"].fill_(0.5)  # fp16 0x3800: bytes 0x00, 0x38
+    q2["vscale"].fill_(2.0)  # fp16 0x4000: bytes 0x00, 0x40
+    c, s = D // 4, D // 8
+    assert (rows[..., :c] == 1).all() and (rows[..., c: 2 * c] == 2).all()
+    assert (rows[..., 2 * c: 2 * c + s].view(torch.float16) == 0.5).all()
+    assert (rows[..., 2 * c + s:].view(torch.float16) == 2.0).all()
+    assert all(q2[n].storage_offset() * q2[n].element_size() % (8 if n.endswith("scale") else 16) == 0 for n in q2)
+
+
 @pytest.mark.parametrize("setting, per_token", [("2+1", 112), ("16+1", 512 + 16)])
 def test_nbytes_is_the_layout_arithmetic(setting, per_token):
     """At head_dim 128 and bf16: 2+1 holds 112 bytes a token (16 signs + 32 magnitudes + 16 scales + 32 values +

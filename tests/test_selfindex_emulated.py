@@ -74,7 +74,7 @@ class Params(ctypes.Structure):  # csrc/selfindex.h: AttendParams
                 ("signs", V), ("kmag", V), ("kscale", V), ("vq", V), ("vscale", V), ("chmax", V), ("mu", V),
                 ("part_o", V), ("part_lse", V), ("out", V), ("ctr", V), ("nsel", V), ("B", I32), ("H", I32),
                 ("group", I32), ("F", I32), ("cap", I32), ("n_sel", I32), ("split", I32), ("n_parts", I32),
-                ("qk_scale", F32), ("mode", I32)]
+                ("qk_scale", F32), ("mode", I32), ("row", I64)]
 
 
 def emulated_attend(lib, q, kv, idx, split=None, nsel=None, mode=1):
@@ -92,7 +92,8 @@ def emulated_attend(lib, q, kv, idx, split=None, nsel=None, mode=1):
                idx.data_ptr(), idx.shape[2], kv.signs.data_ptr(), kv.kmag.data_ptr(), kv.kscale.data_ptr(),
                kv.vq.data_ptr(), kv.vscale.data_ptr(), kv.chmax.data_ptr(), kv.mu.data_ptr(), part_o.data_ptr(),
                part_lse.data_ptr(), out.data_ptr(), ctr.data_ptr(), None if nsel is None else nsel.data_ptr(),
-               B, H, Hq // H, F, kv.cap, n_sel, split, n_parts, 1.4426950408889634 / math.sqrt(D), mode)
+               B, H, Hq // H, F, kv.cap, n_sel, split, n_parts, 1.4426950408889634 / math.sqrt(D), mode,
+               kv.kmag.stride(2))
     lib.run_attend(ctypes.byref(p), int(q.dtype == torch.bfloat16), D)
     assert not ctr.any(), "the last part of each (b, h) resets its counter"
     return out

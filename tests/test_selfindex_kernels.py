@@ -40,8 +40,8 @@ def test_pack_matches_reference(shape, dtype):
     inv = 1.0 / chmax
     G = D // 4
     signs = torch.zeros(B, H, T, D // 8, dtype=torch.uint8, device="cuda")
-    kmag, vq = (torch.zeros(B, H, T, D // 4, dtype=torch.uint8, device="cuda") for _ in range(2))
-    kscale, vscale = (torch.zeros(B, H, T, D // 32, 2, dtype=torch.float16, device="cuda") for _ in range(2))
+    q2 = ops.q2_buffers(torch.zeros(B, H, T, 3 * D // 4, dtype=torch.uint8, device="cuda"))
+    kmag, vq, kscale, vscale = q2["kmag"], q2["vq"], q2["kscale"], q2["vscale"]
     sums = torch.zeros(B, H, G, 16, 4, device="cuda")
     counts = torch.zeros(B, H, G, 16, dtype=torch.int32, device="cuda")
     abs_sum = torch.zeros(B, H, G, device="cuda")

@@ -48,6 +48,17 @@ template <> struct Vec<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
 };
 
+// Token tok's part of a 2-bit buffer (kmag, kscale, vq or vscale): kernels/selfindex.py interleaves the four in one
+// row per token, so a gathered token is one run of bytes (whole sectors) rather than four scattered pieces.
+template <typename T>
+__device__ __forceinline__ T* at_row(void* base, int64_t tok, int64_t row) {
+  return reinterpret_cast<T*>(static_cast<uint8_t*>(base) + tok * row);
+}
+template <typename T>
+__device__ __forceinline__ const T* at_row(const void* base, int64_t tok, int64_t row) {
+  return reinterpret_cast<const T*>(static_cast<const uint8_t*>(base) + tok * row);
+}
+
 // 4 consecutive elements (8 bytes) as floats
 template <typename T>
 __device__ __forceinline__ void load4(const T* p, float out[4]) {
@@ -168,9 +179,9 @@ __global__ void __launch_bounds__(kPackWarps * 32) pack_kernel(PackParams p) {
       float kn[4], vv[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int j = 0; j < 4; ++j) kn[j] = __fmul_rn(fabsf(kc[j]), inv[j]);
-      quant2_store(kn, lane, active, p.kmag + tok * (D / 4), static_cast<__half2*>(p.kscale) + tok * (D / 32));
+      quant2_store(kn, lane, active, at_row<uint8_t>(p.kmag, tok, p.row), at_row<__half2>(p.kscale, tok, p.row));
       if (active) load4(vb + t * p.v_st, vv);
-      quant2_store(vv, lane, active, p.vq + tok * (D / 4), static_cast<__half2*>(p.vscale) + tok * (D / 32));
+      quant2_store(vv, lane, active, at_row<uint8_t>(p.vq, tok, p.row), at_row<__half2>(p.vscale, tok, p.row));
     }
   }
   if (acc) {
@@ -225,8 +236,8 @@ __global__ void __launch_bounds__(32) append_kernel(AppendParams p) {
       for (int j = 0; j < 4; ++j) ok[j] = __fmul_rn(fabsf(__fsub_rn(ok[j], mu[j])), p.inv_chmax[bh * D + c0 + j]);
     }
     const int64_t otok = static_cast<int64_t>(bh) * p.cap + old_pos;
-    quant2_store(ok, lane, active, p.kmag + otok * (D / 4), static_cast<__half2*>(p.kscale) + otok * (D / 32));
-    quant2_store(ov, lane, active, p.vq + otok * (D / 4), static_cast<__half2*>(p.vscale) + otok * (D / 32));
+    quant2_store(ok, lane, active, at_row<uint8_t>(p.kmag, otok, p.row), at_row<__half2>(p.kscale, otok, p.row));
+    quant2_store(ov, lane, active, at_row<uint8_t>(p.vq, otok, p.row), at_row<__half2>(p.vscale, otok, p.row));
   }
   __syncwarp();
   if (active) {
@@ -813,15 +824,15 @@ __device__ __forceinline__ void quant_tiles(const AttendParams& p, int64_t bh, i
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
       const int64_t tok = row0 + tk[nt];
-      load_words(p.kmag + tok * (D / 4), km[nt]);
+      load_words(at_row<uint8_t>(p.kmag, tok, p.row), km[nt]);
       load_words(p.signs + tok * (D / 8), sg[nt]);
-      load_words(static_cast<const __half2*>(p.kscale) + tok * (D / 32), sz[nt]);
+      load_words(at_row<__half2>(p.kscale, tok, p.row), sz[nt]);
     }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int64_t tok = row0 + tv[r];
-      load_words(p.vq + tok * (D / 4), vw[r]);
-      load_words(static_cast<const __half2*>(p.vscale) + tok * (D / 32), vs[r]);
+      load_words(at_row<uint8_t>(p.vq, tok, p.row), vw[r]);
+      load_words(at_row<__half2>(p.vscale, tok, p.row), vs[r]);
     }
     float s[2][2];
 #pragma unroll
@@ -917,14 +928,14 @@ __device__ __forceinline__ void quant_tiles_async(const AttendParams& p, int64_t
       const int64_t tok = row0 + pos;
       uint8_t* row = ring + (i % kAttStages) * TILE + (lane & 15) * ROW;
       if (lane < 16) {
-        cp_async_chunk<D>(row, p.kmag + tok * (D / 4));
-        cp_async_chunk<D>(row + C, p.kmag + tok * (D / 4) + C);
+        cp_async_chunk<D>(row, at_row<uint8_t>(p.kmag, tok, p.row));
+        cp_async_chunk<D>(row + C, at_row<uint8_t>(p.kmag, tok, p.row) + C);
         cp_async_chunk<D>(row + 2 * C, p.signs + tok * (D / 8));
-        cp_async_chunk<D>(row + 3 * C, static_cast<const uint8_t*>(p.kscale) + tok * C);
+        cp_async_chunk<D>(row + 3 * C, at_row<uint8_t>(p.kscale, tok, p.row));
       } else {
-        cp_async_chunk<D>(row + 4 * C, p.vq + tok * (D / 4));
-        cp_async_chunk<D>(row + 5 * C, p.vq + tok * (D / 4) + C);
-        cp_async_chunk<D>(row + 6 * C, static_cast<const uint8_t*>(p.vscale) + tok * C);
+        cp_async_chunk<D>(row + 4 * C, at_row<uint8_t>(p.vq, tok, p.row));
+        cp_async_chunk<D>(row + 5 * C, at_row<uint8_t>(p.vq, tok, p.row) + C);
+        cp_async_chunk<D>(row + 6 * C, at_row<uint8_t>(p.vscale, tok, p.row));
       }
     }
     cp_async_commit();

@@ -27,10 +27,11 @@ struct PackParams {
   const float* mu;                              // [B, H, D]
   const float* inv_chmax;                       // [B, H, D]; null: 16+1, no quantization
   uint8_t* signs;                               // [B, H, cap, D/8]
-  uint8_t* kmag; void* kscale;                  // [B, H, cap, D/4], [B, H, cap, D/32] half2 (scale, zero)
-  uint8_t* vq; void* vscale;
+  uint8_t* kmag; void* kscale;                  // [B, H, cap, D/4], [B, H, cap, D/32] half2 (scale, zero), token
+  uint8_t* vq; void* vscale;                    // stride `row` (kernels/selfindex.py interleaves them in one row)
   float* cb_sum; int* cb_cnt; float* cb_abs;    // [B, H, G, 16, 4], [B, H, G, 16], [B, H, G]; null: no codebook
   int B, H, n_tok, cap, pos0, qlo, qhi;
+  int64_t row;                                  // bytes from one token to the next in kmag, kscale, vq and vscale
 };
 
 // One decode step's append: signs (and fp16 K/V for 16+1) of the new token at `pos`, the token leaving the window
@@ -44,6 +45,7 @@ struct AppendParams {
   void* fk; void* fv; int64_t* fpos;            // [B, H, F, D], [B, H, F]
   int B, H, F, cap, pos, slot, old_pos;         // old_pos < 0: nothing leaves the window
   const int* plan;                              // device step plan (pos, slot, old_pos from it), or null: the above
+  int64_t row;                                  // bytes from one token to the next in kmag, kscale, vq and vscale
 };
 
 // Score every selectable token of [lo, hi) with the int8 LUT of the GQA-mean query, histogram the bins, and (last
@@ -87,6 +89,7 @@ struct AttendParams {
   int B, H, group, F, cap, n_sel, split, n_parts;
   float qk_scale;                               // D^-0.5 * log2(e): scores in base 2
   int mode;                                     // 1: rows staged through shared memory by cp.async; 0: registers
+  int64_t row;                                  // bytes from one token to the next in kmag, kscale, vq and vscale
 };
 
 cudaError_t pack(const PackParams& p, DType dt, int head_dim, cudaStream_t stream);

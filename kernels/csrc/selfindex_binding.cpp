@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
 
 #include "selfindex.h"
 
@@ -35,6 +36,29 @@ void check_rows(const Tensor& t, const char* name, int64_t dim) {  // strided ac
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0, name, " must be 8-byte aligned");
 }
 
+// The 2-bit buffers kmag, vq [B, H, cap, D/4] bytes and kscale, vscale [B, H, cap, D/32, 2] fp16: views of one
+// buffer of rows (kernels/selfindex.py: q2_buffers), the same token stride in bytes for all four, returned.
+int64_t q2_row(const Tensor& kmag, const Tensor& kscale, const Tensor& vq, const Tensor& vscale, int64_t B, int64_t H,
+               int64_t cap, int64_t D) {
+  const std::pair<const Tensor*, const char*> all[] = {{&kmag, "kmag"}, {&kscale, "kscale"}, {&vq, "vq"}, {&vscale, "vscale"}};
+  const int64_t row = kmag.stride(2);
+  for (const auto& [t, name] : all) {
+    const bool codes = t->scalar_type() == at::kByte;
+    TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK(t->scalar_type() == (t == &kmag || t == &vq ? at::kByte : at::kHalf), name, ": wrong dtype ", t->scalar_type());
+    TORCH_CHECK(t->dim() == (codes ? 4 : 5) && t->size(0) == B && t->size(1) == H && t->size(2) == cap &&
+                    t->size(3) == (codes ? D / 4 : D / 32) && (codes || t->size(4) == 2),
+                name, ": must be [B, H, cap, ", codes ? "D/4]" : "D/32, 2]", " for the signs' [B, H, cap]");
+    const int64_t e = t->element_size();
+    TORCH_CHECK(t->stride(-1) == 1 && (codes || t->stride(3) == 2), name, ": the last dimensions must be contiguous");
+    TORCH_CHECK(t->stride(2) * e == row && t->stride(1) * e == cap * row && t->stride(0) * e == H * cap * row, name,
+                ": not a view of the interleaved rows (kernels/selfindex.py: q2_buffers)");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % (codes ? 16 : 8) == 0, name, ": misaligned");
+  }
+  TORCH_CHECK(row % 16 == 0, "2-bit rows must be a multiple of 16 bytes, got ", row);
+  return row;
+}
+
 template <typename P>
 P* ptr(const Opt& t) {
   return t.has_value() ? static_cast<P*>(t->data_ptr()) : nullptr;
@@ -56,14 +80,11 @@ void pack(Tensor k, Tensor v, Tensor mu, Opt inv_chmax, Tensor signs, Opt kmag, 
   const int64_t cap = signs.size(2);
   TORCH_CHECK(signs.size(0) == B && signs.size(1) == H && signs.size(3) == D / 8, "signs must be [B, H, cap, D/8]");
   TORCH_CHECK(pos0 >= 0 && pos0 + T <= cap, "positions out of the buffer");
+  int64_t row = 0;
   if (inv_chmax) {
     check(*inv_chmax, "inv_chmax", at::kFloat, 3);
     TORCH_CHECK(kmag && kscale && vq && vscale, "2+1 packing needs kmag, kscale, vq and vscale");
-    check(*kmag, "kmag", at::kByte, 4);
-    check(*vq, "vq", at::kByte, 4);
-    check(*kscale, "kscale", at::kHalf, 5);
-    check(*vscale, "vscale", at::kHalf, 5);
-    TORCH_CHECK(kmag->size(2) == cap && kscale->size(2) == cap, "2-bit buffers must have the signs' capacity");
+    row = q2_row(*kmag, *kscale, *vq, *vscale, B, H, cap, D);
   }
   if (cb_sum) {
     check(*cb_sum, "cb_sum", at::kFloat, 5);
@@ -79,7 +100,7 @@ void pack(Tensor k, Tensor v, Tensor mu, Opt inv_chmax, Tensor signs, Opt kmag, 
   p.signs = signs.data_ptr<uint8_t>(); p.kmag = ptr<uint8_t>(kmag); p.kscale = ptr<void>(kscale);
   p.vq = ptr<uint8_t>(vq); p.vscale = ptr<void>(vscale);
   p.cb_sum = ptr<float>(cb_sum); p.cb_cnt = ptr<int>(cb_cnt); p.cb_abs = ptr<float>(cb_abs);
-  p.B = B; p.H = H; p.n_tok = T; p.cap = cap; p.pos0 = pos0; p.qlo = qlo; p.qhi = qhi;
+  p.B = B; p.H = H; p.n_tok = T; p.cap = cap; p.pos0 = pos0; p.qlo = qlo; p.qhi = qhi; p.row = row;
   ok(si::pack(p, dtype_of(k), D, at::cuda::getCurrentCUDAStream()), "pack");
 }
 
@@ -106,7 +127,11 @@ void append(Tensor k1, Tensor v1, Tensor mu, Opt inv_chmax, Tensor signs, Opt km
     check(*kfull, "kfull", k1.scalar_type(), 4);
     check(*vfull, "vfull", k1.scalar_type(), 4);
   }
-  if (inv_chmax) TORCH_CHECK(kmag && kscale && vq && vscale, "2+1 append needs the 2-bit buffers");
+  int64_t row = 0;
+  if (inv_chmax) {
+    TORCH_CHECK(kmag && kscale && vq && vscale, "2+1 append needs the 2-bit buffers");
+    row = q2_row(*kmag, *kscale, *vq, *vscale, B, H, cap, D);
+  }
   si::AppendParams p{};
   p.k1 = k1.data_ptr(); p.v1 = v1.data_ptr();
   p.k_sb = k1.stride(0); p.k_sh = k1.stride(1); p.v_sb = v1.stride(0); p.v_sh = v1.stride(1);
@@ -115,7 +140,7 @@ void append(Tensor k1, Tensor v1, Tensor mu, Opt inv_chmax, Tensor signs, Opt km
   p.vq = ptr<uint8_t>(vq); p.vscale = ptr<void>(vscale);
   p.kfull = ptr<void>(kfull); p.vfull = ptr<void>(vfull);
   p.fk = fk.data_ptr(); p.fv = fv.data_ptr(); p.fpos = fpos.data_ptr<int64_t>();
-  p.B = B; p.H = H; p.F = F; p.cap = cap; p.pos = pos; p.slot = slot; p.old_pos = old_pos;
+  p.B = B; p.H = H; p.F = F; p.cap = cap; p.pos = pos; p.slot = slot; p.old_pos = old_pos; p.row = row;
   p.plan = ptr<const int>(plan);
   ok(si::append(p, dtype_of(k1), D, at::cuda::getCurrentCUDAStream()), "append");
 }
@@ -180,10 +205,6 @@ void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, Tensor sign
   check(fpos, "fpos", at::kLong, 3);
   check(idx, "idx", at::kInt, 3);
   check(signs, "signs", at::kByte, 4);
-  check(kmag, "kmag", at::kByte, 4);
-  check(vq, "vq", at::kByte, 4);
-  check(kscale, "kscale", at::kHalf, 5);
-  check(vscale, "vscale", at::kHalf, 5);
   check(chmax, "chmax", at::kFloat, 3);
   check(mu, "mu", at::kFloat, 3);
   check(out, "out", q.scalar_type(), 3);
@@ -191,7 +212,7 @@ void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, Tensor sign
   TORCH_CHECK(fk.size(0) == B && fk.size(3) == D && Hq % H == 0, "fk must be [B, Hkv, F, D] for q [B, Hq, D]");
   TORCH_CHECK(F >= 1, "the full-precision set needs a slot");
   TORCH_CHECK(idx.size(0) == B && idx.size(1) == H && n_sel <= idx.size(2), "idx must be [B, Hkv, >= n_sel]");
-  TORCH_CHECK(kmag.size(2) == cap && vq.size(2) == cap && kmag.size(3) == D / 4, "2-bit buffers: [B, Hkv, cap, D/4]");
+  const int64_t row = q2_row(kmag, kscale, vq, vscale, B, H, cap, D);
   TORCH_CHECK(out.size(0) == B && out.size(1) == Hq && out.size(2) == D, "out must be [B, Hq, D]");
   TORCH_CHECK(n_parts >= 1 && split >= 1 && (n_parts - 1) * split >= (nsel ? idx.size(2) : n_sel),
               "the parts must cover the selection");
@@ -211,6 +232,7 @@ void attend(Tensor q, Tensor fk, Tensor fv, Tensor fpos, Tensor idx, Tensor sign
   p.B = B; p.H = H; p.group = Hq / H; p.F = F; p.cap = cap; p.n_sel = n_sel; p.split = split; p.n_parts = n_parts;
   p.qk_scale = static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(D)));
   p.mode = static_cast<int>(mode);
+  p.row = row;
   ok(si::attend(p, dtype_of(q), D, at::cuda::getCurrentCUDAStream()), "attend");
 }
 
