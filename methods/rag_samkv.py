@@ -48,7 +48,9 @@ class _ContrastVotes(_QuestionVotes):
 
     def on_probs(self, layer, probs) -> None:  # [1, Hq, T, S]
         a = probs[0, :, :, self.P:self.C].float()  # [Hq, T, N]
-        mass = a @ self.onehot.to(a.device)  # [Hq, T, D]
+        if self.onehot.device != a.device:  # once: a host-to-device copy per layer was a sync per layer
+            self.onehot = self.onehot.to(a.device)
+        mass = a @ self.onehot  # [Hq, T, D]
         w = row_weights(mass, self.power)  # [Hq, T]
         self.rows.append((w[..., None] * mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)).flatten(0, 1))
         slots = torch.zeros(probs.shape[-1], device=a.device)
