@@ -139,6 +139,12 @@ class LayerCache(ABC):
 # Parameters: declared with param(), checked on construction against the metadata, listed by `kvbench methods`.
 
 
+def representative(layers: list[LayerCache]) -> LayerCache:
+    """The layer whose info() a record carries: the first one not kept dense (quest's and selfindex's first layers
+    can be: `dense_layers`), else the first."""
+    return next((lay for lay in layers if not lay.info().get("dense")), layers[0])
+
+
 def param(default: Any, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, valid: str | None = None):
     """A method parameter: its default, a one-line help text and its valid range."""
     meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, choices=tuple(choices) if choices else None, valid=valid)

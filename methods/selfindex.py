@@ -41,6 +41,7 @@ from kvbench import attention
 from kvbench.api import (BUDGET_VALID, LayerCache, LayerSpec, Method, ParamError, ReservedRoomError, budget_share,
                          budget_tokens, capturing, check_budget, param)
 from kvbench.kernels import selfindex as ops
+from kvbench.methods.full import Full, FullLayer
 from kvbench.registry import register
 
 
@@ -69,6 +70,10 @@ class SelfIndex(Method):
         query-aware / 0.46 query-agnostic against 0.49 / 0.47 for the first tokens.
     centre : str, default "median"
         Per-channel centre subtracted from keys before taking signs: "median" or "mean" over the prompt.
+    dense_layers : int, default 0
+        The first layers keep full's cache (keys and values in the model dtype, dense attention), as Quest keeps its
+        first two; not in the self-indexing paper (0: none, the paper's method). On the embedded model layer 0 is
+        where selection misses most (the README's per-layer attribution).
     impl : str, default "auto"
         "auto": CUDA kernels on CUDA tensors, the PyTorch reference elsewhere; "torch": always the reference.
     """
@@ -83,6 +88,7 @@ class SelfIndex(Method):
     fixed: str = param("scored", "which tokens are fixed: the last prompt query's top ones, or the first ones",
                        choices=("sinks", "scored"))
     centre: str = param("median", "per-channel key centre", choices=("median", "mean"))
+    dense_layers: int = param(0, "first layers kept whole (full's cache, dense attention)", ge=0)
     impl: str = param("auto", "auto: CUDA kernels on GPU tensors; torch: the reference", choices=("auto", "torch"))
 
     def validate(self) -> None:
@@ -98,7 +104,16 @@ class SelfIndex(Method):
     def make_layer(self, spec: LayerSpec) -> LayerCache:
         if spec.head_dim % 32 != 0:
             raise ParamError(self.name, "head_dim", spec.head_dim, "a multiple of 32 (64 and 128 are tested)")
+        if spec.layer_idx < self.dense_layers:
+            return DenseLayer(spec, Full().grow)
         return SelfIndexLayer(spec, self)
+
+
+class DenseLayer(FullLayer):
+    """One of the first `dense_layers` layers: full's cache, marked so the suites' records can tell it apart."""
+
+    def info(self):
+        return {**super().info(), "dense": True}
 
 
 class SelfIndexLayer(LayerCache):

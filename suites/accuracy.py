@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from kvbench.api import representative
 from kvbench.decoding import Prefixes, run_instance
 from kvbench.errors import KVBenchError
 from kvbench.intervals import mean_interval, paired_against
@@ -212,7 +213,7 @@ def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fideli
             m[k] = inst.info[k]
     layers = cache.layer_caches()
     if layers:
-        m.update({f"cache_{k}": v for k, v in layers[0].info().items()})
+        m.update({f"cache_{k}": v for k, v in representative(layers).info().items()})
     if fidelity:
         m.update(wrapped.stats.summary())
         m["fidelity_steps"] = wrapped.stats.steps()

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from kvbench.api import representative
 from kvbench.metrics import ATTENDED_FRAC, ATTN_MASS, BYTES_PER_TOKEN, OUT_REL_ERR, TOPK_RECALL
 from kvbench.sizes import parse_sizes
 from kvbench.suite import METHOD, Column, Options, Plan, Suite, option
@@ -113,7 +114,7 @@ def measure(s: Session, cell: Cell) -> dict[str, Any]:
         m["ppl"] = math.exp(o.nll / inst.score_tokens)
     layers = cache.layer_caches()
     if layers:
-        m.update({f"cache_{k}": v for k, v in layers[0].info().items()})
+        m.update({f"cache_{k}": v for k, v in representative(layers).info().items()})
     return m
 
 

@@ -183,6 +183,29 @@ def test_empty_codebook_codes_are_guarded():
     assert torch.equal(cb[0, 0, 0, 15], torch.ones(4)) and torch.equal(cb[0, 0, 0, 0], -torch.ones(4))
 
 
+def test_dense_layers_keep_full_caches_and_records_name_a_compressed_layer():
+    """selfindex:dense_layers=1: layer 0 is full's cache (the same outputs and bytes as full), layer 1 selfindex's;
+    the layer whose info() records carry is the compressed one."""
+    from kvbench.api import representative
+
+    torch.manual_seed(0)
+    B, H, Hq, T, D = 2, 2, 4, 96, 64
+    specs = [LayerSpec(i, 2, Hq, H, D, torch.float32, torch.device("cpu")) for i in range(2)]
+    m, full = parse_method("selfindex:dense_layers=1,budget=0.25"), parse_method("full")
+    layers, ref = [m.make_layer(s) for s in specs], full.make_layer(specs[0])
+    k, v = rand_kv(B, H, T, D)
+    q = torch.randn(B, Hq, 1, D)
+    for lay in layers + [ref]:
+        lay.prefill(q, k, v)
+    k1, v1 = rand_kv(B, H, 1, D)
+    assert torch.equal(layers[0].extend(q, k1, v1), ref.extend(q, k1, v1))
+    assert layers[0].nbytes() == ref.nbytes() and layers[0].info()["dense"]
+    assert "selected" in layers[1].info() and representative(layers) is layers[1]
+    assert representative(layers[:1]) is layers[0]
+    with pytest.raises(ParamError):
+        parse_method("selfindex:dense_layers=-1")
+
+
 def test_prompt_still_searched_after_hundreds_of_generated_tokens():
     """The reference code's budget fills with generated tokens after ~100 steps; ours keeps the window apart."""
     torch.manual_seed(4)
