@@ -46,12 +46,10 @@ QGROUP = 32  # channels per quantization group for the 2-bit magnitudes and valu
 def q2_buffers(rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """kmag, vq [B, H, cap, D/4] uint8 and kscale, vscale [B, H, cap, D/32, 2] fp16 as views of rows [B, H, cap,
     3D/4] uint8, in this order within a row (every part aligned for the kernels' 8- and 16-byte loads)."""
-    *lead, row = rows.shape
-    D = row * 4 // 3
+    D = rows.shape[-1] * 4 // 3
     c, s = D // 4, D // 8
     scales = lambda o: rows[..., o: o + s].view(torch.float16).unflatten(-1, (D // 32, 2))  # noqa: E731
     return {"kmag": rows[..., :c], "vq": rows[..., c: 2 * c], "kscale": scales(2 * c), "vscale": scales(2 * c + s)}
-
 
 
 def n_groups(head_dim: int) -> int:

@@ -182,6 +182,12 @@ class AccuracyOptions(Options):
                                  "records in about half the time (kvbench/decoding.py).", True)
 
 
+def cache_facts(cache) -> dict[str, Any]:
+    """The cache's info() as record metrics (cache_<key>), from its first layer not kept dense."""
+    layers = cache.layer_caches()
+    return {f"cache_{k}": v for k, v in representative(layers).info().items()} if layers else {}
+
+
 def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True,
              prefixes: Prefixes | None = None) -> dict[str, Any]:
     """One cell: run `method` on `inst` under `protocol`; returns the record's metrics. `prefixes`: the shared
@@ -211,9 +217,7 @@ def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fideli
     for k in ("context_tokens", "depth", "needle_token", "truncated_tokens", "offset", "dataset", "format"):
         if k in inst.info:
             m[k] = inst.info[k]
-    layers = cache.layer_caches()
-    if layers:
-        m.update({f"cache_{k}": v for k, v in representative(layers).info().items()})
+    m.update(cache_facts(cache))
     if fidelity:
         m.update(wrapped.stats.summary())
         m["fidelity_steps"] = wrapped.stats.steps()

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from kvbench.api import representative
 from kvbench.metrics import ATTENDED_FRAC, ATTN_MASS, BYTES_PER_TOKEN, OUT_REL_ERR, TOPK_RECALL
 from kvbench.sizes import parse_sizes
 from kvbench.suite import METHOD, Column, Options, Plan, Suite, option
@@ -112,9 +111,7 @@ def measure(s: Session, cell: Cell) -> dict[str, Any]:
                          BYTES_PER_TOKEN: nbytes / seq if seq else None}
     if drive == "method":  # under teacher forcing the logits are full's, not the method's
         m["ppl"] = math.exp(o.nll / inst.score_tokens)
-    layers = cache.layer_caches()
-    if layers:
-        m.update({f"cache_{k}": v for k, v in representative(layers).info().items()})
+    m.update(accuracy.cache_facts(cache))
     return m
 
 

@@ -43,9 +43,9 @@ int64_t q2_row(const Tensor& kmag, const Tensor& kscale, const Tensor& vq, const
   const std::pair<const Tensor*, const char*> all[] = {{&kmag, "kmag"}, {&kscale, "kscale"}, {&vq, "vq"}, {&vscale, "vscale"}};
   const int64_t row = kmag.stride(2);
   for (const auto& [t, name] : all) {
-    const bool codes = t->scalar_type() == at::kByte;
+    const bool codes = t == &kmag || t == &vq;  // bytes of 2-bit codes; the others (scale, zero) fp16 pairs
     TORCH_CHECK(t->is_cuda(), name, " must be a CUDA tensor");
-    TORCH_CHECK(t->scalar_type() == (t == &kmag || t == &vq ? at::kByte : at::kHalf), name, ": wrong dtype ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == (codes ? at::kByte : at::kHalf), name, ": wrong dtype ", t->scalar_type());
     TORCH_CHECK(t->dim() == (codes ? 4 : 5) && t->size(0) == B && t->size(1) == H && t->size(2) == cap &&
                     t->size(3) == (codes ? D / 4 : D / 32) && (codes || t->size(4) == 2),
                 name, ": must be [B, H, cap, ", codes ? "D/4]" : "D/32, 2]", " for the signs' [B, H, cap]");
