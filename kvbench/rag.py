@@ -285,6 +285,20 @@ class StopForward(Exception):
     """Raised by an Observer to end a forward early (CacheBlend's check pass needs only its first layers)."""
 
 
+@dataclass
+class _Plan:
+    """One forward's placement in a PositionedKV (PositionedKV._plan): device slots overwritten (None: none) and
+    which of the incoming tokens go there (old_src; None: all), whether and which are appended (new_src), the
+    positions afterwards on the host and the device."""
+
+    pos: torch.Tensor
+    pos_dev: torch.Tensor
+    appends: bool
+    slots: torch.Tensor | None = None
+    old_src: torch.Tensor | None = None
+    new_src: torch.Tensor | None = None
+
+
 class PositionedKV(LayerCache):
     """Dense k/v [B, Hkv, S, D] whose slots carry logical positions `pos` [S] (increasing, with gaps where tokens
     were dropped). `incoming` (set by the Scene) gives the positions of the next extend()'s tokens: those already
@@ -335,45 +349,55 @@ class PositionedKV(LayerCache):
             return attention.dense_attention(q, K, V, causal=False)  # a decode step sees every slot
         return _masked_attention(q, K, V, qdev, pos_dev, obs, self)
 
+    def shared(self, tag: str, *tensors, make):
+        """make()'s result, computed once per forward for every layer whose `tensors` are the same objects (the
+        layers of one forward share their positions: Scene.cache and _plan give them one tensor). Without a
+        memo (decode steps outside Scene.forward) it is made each time."""
+        if self.memo is None:
+            return make()
+        key = (tag,) + tuple(id(t) for t in tensors)
+        if key not in self.memo:
+            self.memo[key] = (tensors, make())  # the entry holds the tensors: their ids stay unique
+        return self.memo[key][1]
+
     def _placed(self, qpos, k, v, obs: Observer):
         """The slots after writing k/v at (host) positions qpos: held positions overwritten, new ones appended;
         returns K, V and the positions on the host and on the device."""
+        plan = self.shared("plan", self.pos, qpos, make=lambda: self._plan(qpos))
+        K, V = self.k, self.v
+        if plan.slots is not None:
+            pick = (lambda t: t) if plan.old_src is None else (lambda t: t[:, :, plan.old_src])  # noqa: E731
+            new_k, new_v = pick(k), pick(v)
+            if type(obs).on_write is not Observer.on_write:  # the old rows are gathered only for an observer
+                obs.on_write(self, plan.slots, K[:, :, plan.slots], V[:, :, plan.slots], new_k, new_v)
+            K, V = K.index_copy(2, plan.slots, new_k), V.index_copy(2, plan.slots, new_v)
+        if plan.appends:
+            pick = (lambda t: t) if plan.new_src is None else (lambda t: t[:, :, plan.new_src])  # noqa: E731
+            K, V = torch.cat([K, pick(k)], 2), torch.cat([V, pick(v)], 2)
+        return K, V, plan.pos, plan.pos_dev
+
+    def _plan(self, qpos: torch.Tensor) -> "_Plan":
+        """Where the tokens at qpos go among this layer's slots: the same for every layer of a forward, so made once
+        (host bookkeeping, its checks and the index copies to the device were about 10 host ops a layer)."""
         old = qpos < self.n
-        K, V, pos, pos_dev = self.k, self.v, self.pos, self.pos_dev()
-        on_dev = lambda idx: to_device(idx, K.device)  # noqa: E731
         n_old = int(old.sum())
+        on_dev = lambda idx: to_device(idx, self.k.device)  # noqa: E731
+        plan = _Plan(pos=self.pos, pos_dev=self.pos_dev(), appends=n_old < len(qpos))
         if n_old:
+            pos = self.pos
             # numpy's searchsorted: torch's CPU one showed 4.5 ms a call on the H200 machine's host (154 ms of CPU
             # in samkv's 2,464-token recompute pass, benchmarks/records/rag-profile-h200-3835c8c.txt) for a lookup
             # of microseconds
             slots = torch.from_numpy(np.searchsorted(pos.numpy(), qpos[old].numpy()))
             if bool((slots >= len(pos)).any()) or not bool((pos[slots.clamp(max=len(pos) - 1)] == qpos[old]).all()):
                 raise KVBenchError("a recomputed position is not held by the cache (it was dropped before)")
-            src = None if n_old == len(qpos) else on_dev(old.nonzero().view(-1))
-            new_k, new_v = (k, v) if src is None else (k[:, :, src], v[:, :, src])
-            slots = on_dev(slots)
-            obs.on_write(self, slots, K[:, :, slots], V[:, :, slots], new_k, new_v)
-            K, V = K.clone(), V.clone()
-            K[:, :, slots], V[:, :, slots] = new_k, new_v
-        if n_old < len(qpos):
-            new = ~old
-            src = None if not n_old else on_dev(new.nonzero().view(-1))
-            K = torch.cat([K, k if src is None else k[:, :, src]], 2)
-            V = torch.cat([V, v if src is None else v[:, :, src]], 2)
-            pos, pos_dev = self._appended(pos, qpos[new], on_dev)
-        return K, V, pos, pos_dev
-
-    def _appended(self, pos: torch.Tensor, new: torch.Tensor, on_dev):
-        """pos with the new positions appended, host and device. Every layer of one forward appends the same
-        positions to the same tensor: the first layer's result is shared (Scene.forward's memo), so the device copy
-        and the masked kernel's block mask (cached by tensor identity) are made once per forward, not per layer."""
-        hit = None if self.memo is None else self.memo.get(id(pos))  # the entry holds pos: its id stays unique
-        if hit is None:
-            grown = torch.cat([pos, new])
-            hit = (pos, grown, on_dev(grown))
-            if self.memo is not None:
-                self.memo[id(pos)] = hit
-        return hit[1], hit[2]
+            plan.slots = on_dev(slots)
+            plan.old_src = None if n_old == len(qpos) else on_dev(old.nonzero().view(-1))
+        if plan.appends:
+            plan.new_src = None if not n_old else on_dev((~old).nonzero().view(-1))
+            plan.pos = torch.cat([self.pos, qpos[~old]])
+            plan.pos_dev = on_dev(plan.pos)
+        return plan
 
     def nbytes(self) -> int:
         if self.k is None:
@@ -389,8 +413,8 @@ def _attention_with_probs(q, K, V, mask, obs: Observer, layer: PositionedKV) -> 
     are folded into its rows ([B, Hkv, group x T, D]), so K and V are read as stored, never repeated per query
     head (it was 4x the bytes at GQA 4); scores in float32."""
     B, Hq, T, D = q.shape
-    qg = _fold_heads(q, K.shape[1])
-    scores = (qg.float() @ K.float().transpose(-1, -2)).view(B, Hq, T, -1) * D ** -0.5
+    qg = _fold_heads(q, K.shape[1]).float() * D ** -0.5  # scaled before the product: T rows, not T x S scores
+    scores = (qg @ K.float().transpose(-1, -2)).view(B, Hq, T, -1)
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
     obs.on_probs(layer, probs)
     out = probs.to(V.dtype).view(B, K.shape[1], -1, probs.shape[-1]) @ V
@@ -400,22 +424,27 @@ def _attention_with_probs(q, K, V, mask, obs: Observer, layer: PositionedKV) -> 
 def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -> torch.Tensor:
     """q [B, Hq, T, D] at positions qpos attends to K/V [B, Hkv, S, D] at kpos <= its own position."""
     group = q.shape[1] // K.shape[1]
-    mask = kpos[None, :] <= qpos[:, None]  # [T, S]
+    flex = q.is_cuda and not obs.want_probs and masked_kernel(q.shape[2], K.shape[2]) == "flex"
+    if flex:
+        return _flex_masked(q, K, V, qpos, kpos, group)
+    # every layer of a forward has the same positions: one mask for all of them
+    mask = layer.shared("mask", qpos, kpos, make=lambda: kpos[None, :] <= qpos[:, None])  # [T, S]
     if obs.want_probs:
         return _attention_with_probs(q, K, V, mask, obs, layer)
-    if q.is_cuda and masked_kernel(q.shape[2], K.shape[2]) == "flex":
-        return _flex_masked(q, K, V, qpos, kpos, group)
     if q.is_cuda:
-        return folded_sdpa(q, K, V, mask)
+        return folded_sdpa(q, K, V, layer.shared("folded mask", qpos, kpos, make=lambda: mask.repeat(group, 1)))
     return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=group > 1)
 
 
 def folded_sdpa(q, K, V, mask) -> torch.Tensor:
-    """SDPA with a [T, S] mask and GQA: SDPA's memory-efficient kernel takes a mask but not GQA, so each KV head's
-    query heads are folded into its rows; K and V are read as stored (repeating them per query head was 4x the bytes
-    and, with the copy, 9 of reuse's 54 GPU ms on an H200)."""
+    """SDPA with a [T, S] mask (or that mask already repeated per query head of a KV head, [group x T, S]) and
+    GQA: SDPA's memory-efficient kernel takes a mask but not GQA, so each KV head's query heads are folded into its
+    rows; K and V are read as stored (repeating them per query head was 4x the bytes and, with the copy, 9 of
+    reuse's 54 GPU ms on an H200)."""
     group = q.shape[1] // K.shape[1]
-    out = F.scaled_dot_product_attention(_fold_heads(q, K.shape[1]), K, V, attn_mask=mask.repeat(group, 1))
+    if group > 1 and mask.shape[0] == q.shape[2]:
+        mask = mask.repeat(group, 1)
+    out = F.scaled_dot_product_attention(_fold_heads(q, K.shape[1]), K, V, attn_mask=mask)
     return out.view(q.shape)
 
 

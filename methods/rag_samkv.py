@@ -51,11 +51,10 @@ class _ContrastVotes(_QuestionVotes):
         if self.onehot.device != a.device:  # once: a host-to-device copy per layer was a sync per layer
             self.onehot = self.onehot.to(a.device)
         mass = a @ self.onehot  # [Hq, T, D]
-        w = row_weights(mass, self.power)  # [Hq, T]
-        self.rows.append((w[..., None] * mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)).flatten(0, 1))
-        slots = torch.zeros(probs.shape[-1], device=a.device)
-        slots[self.P:self.C] = torch.einsum("ht,htn->n", w, a)
-        self.add(slots)
+        share = mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
+        w = row_weights(share, self.power)  # [Hq, T]
+        self.rows.append((w[..., None] * share).flatten(0, 1))
+        self.add(torch.einsum("ht,htn->n", w, a))  # votes of the document slots only: [C - P]
 
     def relevance(self) -> torch.Tensor:
         """Per document [D]: its weight x share summed over the RELEVANCE_ROWS rows where that is highest. Summed
@@ -65,13 +64,13 @@ class _ContrastVotes(_QuestionVotes):
         return rows.topk(min(RELEVANCE_ROWS, len(rows)), dim=0).values.sum(0).cpu()
 
 
-def row_weights(mass: torch.Tensor, power: float) -> torch.Tensor:
-    """mass [H, T, D]: attention mass of each head's query rows per document -> weight per row [H, T] in [0, 1]: the
-    share a row puts on documents above its head's mean share over all rows (total variation distance), to `power`.
+def row_weights(share: torch.Tensor, power: float) -> torch.Tensor:
+    """share [H, T, D]: each head's query rows' attention per document, as shares of their document attention ->
+    weight per row [H, T] in [0, 1]: the share a row puts on documents above its head's mean share over all rows
+    (total variation distance), to `power`.
     Words every document shares (" the", " code") draw the same share from each document whatever the query, and
     positional heads (attending the last document for every query) keep their usual profile: both weigh ~0; a query
     matching one document's words (the key that names it) moves its head's mass there and weighs near 1."""
-    share = mass / mass.sum(-1, keepdim=True).clamp(min=1e-12)
     return (share - share.mean(1, keepdim=True)).clamp(min=0).sum(-1) ** power
 
 
@@ -174,7 +173,8 @@ class SamKV(RagMethod):
         obs = _ContrastVotes(spans, CONTRAST_POWER) if self.voters == "contrast" else _QuestionVotes(self.window)
         scene.forward(scene.cache(None), scene.empty(), obs)
         P, C = len(scene.prompt.prefix), scene.prompt.context_len
-        v = (obs.votes / obs.layers)[P:C].float().cpu()
+        v = obs.votes / obs.layers
+        v = (v if self.voters == "contrast" else v[P:C]).float().cpu()  # contrast votes only the document slots
         if self.kernel > 1:
             v = F.max_pool1d(v.view(1, 1, -1), self.kernel, stride=1, padding=self.kernel // 2).view(-1)[: C - P]
         if self.back:  # the key the question matches comes first, the value it asks for a few tokens after it

@@ -47,7 +47,7 @@ def test_flex_masked_attention_matches_sdpa(shape, dtype, monkeypatch):
     got = {}
     for kernel in ("sdpa", "flex"):
         monkeypatch.setattr(rag, "MASKED_KERNEL", kernel)
-        got[kernel] = rag._masked_attention(q, K, V, qpos, kpos, rag.Observer(), None).float()
+        got[kernel] = rag._masked_attention(q, K, V, qpos, kpos, rag.Observer(), rag.PositionedKV()).float()
     want = got["sdpa"]
     err = ((got["flex"] - want).norm() / want.norm()).item()
     assert err < 1e-2, err
@@ -66,7 +66,7 @@ def test_attention_with_probs_equals_the_repeated_heads_reference(Hq, Hkv, T, S)
     qpos, kpos = positions(S, T, 7)
     q, K, V = torch.randn(2, Hq, T, 32), torch.randn(2, Hkv, S, 32), torch.randn(2, Hkv, S, 32)
     obs = _KeepProbs()
-    got = rag._masked_attention(q, K, V, qpos, kpos, obs, None)
+    got = rag._masked_attention(q, K, V, qpos, kpos, obs, rag.PositionedKV())
     Kx, Vx = K.repeat_interleave(Hq // Hkv, 1), V.repeat_interleave(Hq // Hkv, 1)  # query head h reads KV h // group
     mask = kpos[None, :] <= qpos[:, None]
     probs = ((q @ Kx.transpose(-1, -2)) * 32 ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)

@@ -52,7 +52,7 @@ def test_row_weights_by_hand():
     """Shares above the head's mean share, summed, squared: uniform rows (1/6)^2, the key's row (1/2)^2."""
     mass = torch.tensor([[[1.0, 1, 1], [1, 1, 1], [1, 1, 1], [0, 3, 0]],  # head 0
                          [[1, 1, 8], [1, 1, 8], [1, 1, 8], [1, 1, 8]]])  # head 1: the same profile for every query
-    w = row_weights(mass, power=2)
+    w = row_weights(mass / mass.sum(-1, keepdim=True), power=2)
     torch.testing.assert_close(w[0], torch.tensor([1 / 36, 1 / 36, 1 / 36, 1 / 4]))
     torch.testing.assert_close(w[1], torch.zeros(4))
 
