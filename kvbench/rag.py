@@ -207,7 +207,13 @@ class Rope:
     @staticmethod
     def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None):
         """k * cos + rotate_half(k) * sin in cos's dtype (k promoted inside the products, not copied first), cast
-        to k's dtype into `out` when given (a slice of the composed cache: no second copy)."""
+        to k's dtype into `out` when given (a slice of the composed cache: no second copy). On a GPU one Triton pass
+        (kernels/rope_shift.py); this PyTorch path elsewhere."""
+        from kvbench.kernels import rope_shift
+
+        done = rope_shift.rotate(k, cos, sin, out)  # on a GPU: one pass instead of five kernels and temporaries
+        if done is not None:
+            return done
         half = k.shape[-1] // 2
         rotated = torch.addcmul(k * cos, torch.cat([-k[..., half:], k[..., :half]], -1), sin)
         return rotated.to(k.dtype) if out is None else out.copy_(rotated)
@@ -413,12 +419,30 @@ def _attention_with_probs(q, K, V, mask, obs: Observer, layer: PositionedKV) -> 
     are folded into its rows ([B, Hkv, group x T, D]), so K and V are read as stored, never repeated per query
     head (it was 4x the bytes at GQA 4); scores in float32."""
     B, Hq, T, D = q.shape
-    qg = _fold_heads(q, K.shape[1]).float() * D ** -0.5  # scaled before the product: T rows, not T x S scores
-    scores = (qg @ K.float().transpose(-1, -2)).view(B, Hq, T, -1)
+    scores = _scores_fp32(_fold_heads(q, K.shape[1]), K, D ** -0.5).view(B, Hq, T, -1)
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
     obs.on_probs(layer, probs)
     out = probs.to(V.dtype).view(B, K.shape[1], -1, probs.shape[-1]) @ V
     return out.view(B, Hq, T, D).to(q.dtype)
+
+
+_bmm_out_dtype = True  # torch.bmm(..., out_dtype=float32) on CUDA (PyTorch 2.8+); False once it was refused
+
+
+def _scores_fp32(qg: torch.Tensor, K: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * qg K^T in float32, qg [B, Hkv, R, D], K [B, Hkv, S, D]. On a GPU with 16-bit inputs, one tensor-core
+    bmm with float32 output (the products of 16-bit values are exact in float32, the sums float32, as below);
+    otherwise in float32 throughout, the scale on the R query rows (cheaper than on R x S scores). Converting K to
+    float32 for the product was a copy of the whole cache and a float32 GEMM each layer (4 of the probe's GPU ms
+    on an H200, benchmarks/records/rag-profile-h200-3835c8c.txt)."""
+    global _bmm_out_dtype
+    if _bmm_out_dtype and qg.is_cuda and qg.dtype in (torch.bfloat16, torch.float16):
+        try:
+            out = torch.bmm(qg.flatten(0, 1), K.flatten(0, 1).transpose(-1, -2), out_dtype=torch.float32)
+            return out.view(*qg.shape[:-1], K.shape[2]).mul_(scale)
+        except (RuntimeError, TypeError):
+            _bmm_out_dtype = False
+    return (qg.float() * scale) @ K.float().transpose(-1, -2)
 
 
 def _masked_attention(q, K, V, qpos, kpos, obs: Observer, layer: PositionedKV) -> torch.Tensor:

@@ -82,3 +82,19 @@ def test_folded_sdpa_equals_sdpa_with_gqa(Hq, Hkv, T, S):
     mask = kpos[None, :] <= qpos[:, None]
     want = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, enable_gqa=Hq != Hkv)
     torch.testing.assert_close(rag.folded_sdpa(q, K, V, mask), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hkv,R,S", [(8, 128, 2100), (2, 5, 77)])
+def test_probe_scores_on_the_gpu_equal_float32_products(dtype, Hkv, R, S):
+    """The probe's 16-bit tensor-core scores with float32 output against the float32 product of the same values
+    (the products are exact in float32: only the order of the sums differs)."""
+    torch.manual_seed(R + S)
+    qg = torch.randn(1, Hkv, R, 128, device="cuda", dtype=dtype)
+    K = torch.randn(1, Hkv, S, 128, device="cuda", dtype=dtype)
+    got = rag._scores_fp32(qg, K, 128 ** -0.5)
+    want = (qg.double() @ K.double().transpose(-1, -2)) * 128 ** -0.5
+    assert got.dtype == torch.float32 and got.shape == (1, Hkv, R, S)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    print("tensor-core path:", rag._bmm_out_dtype)
