@@ -36,6 +36,8 @@ try:
     import triton
     import triton.language as tl
 
+    from kvbench.kernels.split_kv import store_partial
+
     import kvbench.kernels.kivi  # noqa: F401  (importing it fixes Triton 3.6's interpreter for numpy >= 2.4)
 except ImportError:  # Triton is Linux-only; the torch reference still works
     triton = None
@@ -106,11 +108,7 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         row = (b * HKV * GROUP + h * GROUP + rows) * n_splits + s  # [B, Hq, splits] partials
-        empty = l_i == 0.0
-        o = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-        tl.store(OP + row[:, None] * D + d[None, :], o, mask=(rows < GROUP)[:, None])
-        tl.store(LSE + row, lse, mask=rows < GROUP)
+        store_partial(OP, LSE, row, acc, l_i, m_i, d, D, rows < GROUP)
 
     @triton.jit
     def _combine_kernel(OP, LSE, OUT, n_splits, so_b, so_h, HQ: tl.constexpr, D: tl.constexpr, P: tl.constexpr,

@@ -69,6 +69,7 @@ import triton.language as tl
 
 from kvbench.errors import KVBenchError
 from kvbench.kernels.kivi_ref import PackedKV
+from kvbench.kernels.split_kv import store_partial
 
 
 def _fix_interpreter_for_numpy_2_4() -> None:
@@ -231,12 +232,8 @@ def _kivi_split_kernel(
             m_i = m_new
 
     # this part's normalized output and log2-sum-exp2; a part without tokens has lse -inf and weighs nothing
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     rows_out = (b * H * GROUP + heads).to(tl.int64) * n_parts + part
-    tl.store(OP + rows_out[:, None] * D + offs_d[None, :], o, mask=head_ok[:, None])
-    tl.store(LSE + rows_out, lse, mask=head_ok)
+    store_partial(OP, LSE, rows_out, acc, l_i, m_i, offs_d, D, head_ok)
 
 
 @triton.jit

@@ -28,6 +28,7 @@ import triton.language as tl
 from kvbench.kernels.dense_decode import _combine_kernel
 from kvbench.kernels.score_triton import interpreting
 from kvbench.kernels.select_attend import _sm_count
+from kvbench.kernels.split_kv import store_partial
 
 WAVES = 8  # programs per SM to aim for (attention)
 BLOCK_PLAIN = 64  # tokens a tile without outliers (with them: one group)
@@ -151,11 +152,7 @@ def _attend_kernel(Q, W, PROJ, IDX, SIN, NIN, SOUT, NOUT, VQ, VS, VM, RK, RV, OP
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
     row = qrow * n_splits + s  # [B, Hq, splits] partials
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(OP + row[:, None] * D + d[None, :], out, mask=qm[:, None])
-    tl.store(LSE + row, lse, mask=qm)
+    store_partial(OP, LSE, row, acc, l_i, m_i, d, D, qm)
 
 
 def _key_args(q1: torch.Tensor, proj: torch.Tensor, keys, signs, norms) -> tuple[list, dict, int]:

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kvbench.kernels.dense_decode import _combine_kernel
+from kvbench.kernels.split_kv import store_partial
 from kvbench.kernels.score_triton import interpreting
 
 BLOCK_N = 64  # idx entries per tile
@@ -100,11 +101,7 @@ def _select_split_kernel(Q, K, V, IDX, LIMIT, LIVE, live_n, OP, LSE, N, per, sq_
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     row = (b * HKV * GROUP + h * GROUP + rows) * n_splits + s  # [B, Hq, splits] partials
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(OP + row[:, None] * DP + d[None, :], o, mask=(rows < GROUP)[:, None])
-    tl.store(LSE + row, lse, mask=rows < GROUP)
+    store_partial(OP, LSE, row, acc, l_i, m_i, d, DP, rows < GROUP)
 
 
 @functools.cache

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kvbench.kernels.kivi import _codes, _sm_count
+from kvbench.kernels.split_kv import store_partial
 
 BLOCK_N = 64  # tokens per tile
 ATTEND_COUNTER = 7  # the workspace counter per (b, h) that counts finished parts (csrc/selfindex.h: 0-5 are select's)
@@ -216,12 +217,8 @@ def _selfindex_attend_kernel(
             m_i, l_i, acc = _tile_softmax(qq, k, v, bias, ok, m_i, l_i, acc)
 
     # this part's normalized output and log2-sum-exp2; a part without tokens has lse -inf and weighs nothing
-    empty = l_i == 0.0
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     rows_out = (b * H * GROUP + heads).to(tl.int64) * n_parts + part
-    tl.store(OP + rows_out[:, None] * D + offs_d[None, :], o, mask=head_ok[:, None])
-    tl.store(LSE + rows_out, lse, mask=head_ok)
+    store_partial(OP, LSE, rows_out, acc, l_i, m_i, offs_d, D, head_ok)
     # the last program of this (b, h) to finish merges all its parts: one launch per step, not two (the host time of
     # a Triton launch is what a decode step at batch 1 costs most)
     tl.debug_barrier()  # every thread's partials are written before the release below
