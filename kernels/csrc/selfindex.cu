@@ -799,6 +799,49 @@ struct WarpState {
   }
 };
 
+// One key row's dots with this lane's query pairs (S = Q K^T for its two C columns, base 2, no bias): its 2-bit
+// magnitudes km, sign bits sg and (scale, zero) pairs sz dequantized to fp16 pairs in registers, channels
+// 16k + 2qd + {0,1} (pair a) and 16k + 8 + 2qd + {0,1} (pair b) of each k.
+template <int D>
+__device__ __forceinline__ void key_dots(const uint32_t (&km)[D / 16], const uint32_t (&sg)[D / 32],
+                                         const uint32_t (&sz)[D / 32], const uint32_t (&qa)[D / 16],
+                                         const uint32_t (&qb)[D / 16], int qd, float& d0, float& d1) {
+  d0 = d1 = 0.f;
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k) {
+    const uint32_t y = km[k] >> (4 * qd);
+    const uint32_t u = sg[k >> 1] >> (16 * (k & 1) + 2 * qd);  // sign bits: pair a at 0-1, pair b at 8-9
+    const __half2 szk = u2h(sz[k >> 1]);
+    const __half2 sc = __low2half2(szk), ze = __high2half2(szk);
+    uint32_t ka = dq2((y & 0x3u) | ((y << 14) & 0x30000u), sc, ze);
+    uint32_t kb = dq2(((y >> 16) & 0x3u) | ((y >> 2) & 0x30000u), sc, ze);
+    ka ^= ((~u & 0x1u) << 15) | ((~u & 0x2u) << 30);  // magnitudes are >= 0: a clear sign bit negates
+    kb ^= ((~u & 0x100u) << 7) | ((~u & 0x200u) << 22);
+    mma_rows8(d0, d1, qa[k], qb[k], ka, kb);
+  }
+}
+
+// O += P V for one tile: the 2-bit value words vw and (scale, zero) pairs vs of this lane's four B rows (tokens
+// 2qd, 2qd + 1, 8 + 2qd, 9 + 2qd) dequantized in registers; word w holds channels 16w + g (n-tile 2w) and
+// 16w + 8 + g (n-tile 2w + 1).
+template <int D>
+__device__ __forceinline__ void value_mmas(const uint32_t (&vw)[4][D / 16], const uint32_t (&vs)[4][D / 32], int g,
+                                           uint32_t pa, uint32_t pb, WarpState<D>& st) {
+#pragma unroll
+  for (int w = 0; w < D / 16; ++w) {
+    uint32_t h[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const __half2 szw = u2h(vs[r][w >> 1]);
+      h[r] = dq2(vw[r][w] >> (2 * g), __low2half2(szw), __high2half2(szw));
+    }
+    mma_rows8(st.o[2 * w][0], st.o[2 * w][1], pa, pb, __byte_perm(h[0], h[1], 0x5410),
+              __byte_perm(h[2], h[3], 0x5410));
+    mma_rows8(st.o[2 * w + 1][0], st.o[2 * w + 1][1], pa, pb, __byte_perm(h[0], h[1], 0x7632),
+              __byte_perm(h[2], h[3], 0x7632));
+  }
+}
+
 // Selected tokens [lo, hi) of the list, 2-bit rows. qa/qb[s]: this lane's fp16 query pairs (q * scale * chmax) at
 // channels 16s + 2(lane%4) and 16s + 8 + 2(lane%4); bias: q . mu (base 2) of its head.
 template <int D>
@@ -837,38 +880,15 @@ __device__ __forceinline__ void quant_tiles(const AttendParams& p, int64_t bh, i
     float s[2][2];
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      float d0 = 0.f, d1 = 0.f;
-#pragma unroll
-      for (int k = 0; k < D / 16; ++k) {  // channels 16k + 2qd + {0,1} (pair a) and 16k + 8 + 2qd + {0,1} (pair b)
-        const uint32_t y = km[nt][k] >> (4 * qd);
-        const uint32_t u = sg[nt][k >> 1] >> (16 * (k & 1) + 2 * qd);  // sign bits: pair a at 0-1, pair b at 8-9
-        const __half2 szk = u2h(sz[nt][k >> 1]);
-        const __half2 sc = __low2half2(szk), ze = __high2half2(szk);
-        uint32_t ka = dq2((y & 0x3u) | ((y << 14) & 0x30000u), sc, ze);
-        uint32_t kb = dq2(((y >> 16) & 0x3u) | ((y >> 2) & 0x30000u), sc, ze);
-        ka ^= ((~u & 0x1u) << 15) | ((~u & 0x2u) << 30);  // magnitudes are >= 0: a clear sign bit negates
-        kb ^= ((~u & 0x100u) << 7) | ((~u & 0x200u) << 22);
-        mma_rows8(d0, d1, qa[k], qb[k], ka, kb);
-      }
+      float d0, d1;
+      key_dots<D>(km[nt], sg[nt], sz[nt], qa, qb, qd, d0, d1);
       const int c = t0 + nt * 8 + 2 * qd;  // C fragment: tokens c, c + 1 for head g
       s[nt][0] = c < hi ? d0 + bias : -INFINITY;
       s[nt][1] = c + 1 < hi ? d1 + bias : -INFINITY;
     }
     uint32_t pa, pb;
     st.softmax(s, pa, pb);
-#pragma unroll
-    for (int w = 0; w < D / 16; ++w) {  // word w: channels 16w + g (n-tile 2w) and 16w + 8 + g (n-tile 2w + 1)
-      uint32_t h[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const __half2 szw = u2h(vs[r][w >> 1]);
-        h[r] = dq2(vw[r][w] >> (2 * g), __low2half2(szw), __high2half2(szw));
-      }
-      mma_rows8(st.o[2 * w][0], st.o[2 * w][1], pa, pb, __byte_perm(h[0], h[1], 0x5410),
-                __byte_perm(h[2], h[3], 0x5410));
-      mma_rows8(st.o[2 * w + 1][0], st.o[2 * w + 1][1], pa, pb, __byte_perm(h[0], h[1], 0x7632),
-                __byte_perm(h[2], h[3], 0x7632));
-    }
+    value_mmas<D>(vw, vs, g, pa, pb, st);
   }
 }
 
@@ -965,19 +985,8 @@ __device__ __forceinline__ void quant_tiles_async(const AttendParams& p, int64_t
       lds_words<D / 16, C>(row, km);
       lds_words<D / 32, C>(row + 2 * C, sg);
       lds_words<D / 32, C>(row + 3 * C, sz);
-      float d0 = 0.f, d1 = 0.f;
-#pragma unroll
-      for (int k = 0; k < D / 16; ++k) {
-        const uint32_t y = km[k] >> (4 * qd);
-        const uint32_t u = sg[k >> 1] >> (16 * (k & 1) + 2 * qd);
-        const __half2 szk = u2h(sz[k >> 1]);
-        const __half2 sc = __low2half2(szk), ze = __high2half2(szk);
-        uint32_t ka = dq2((y & 0x3u) | ((y << 14) & 0x30000u), sc, ze);
-        uint32_t kb = dq2(((y >> 16) & 0x3u) | ((y >> 2) & 0x30000u), sc, ze);
-        ka ^= ((~u & 0x1u) << 15) | ((~u & 0x2u) << 30);
-        kb ^= ((~u & 0x100u) << 7) | ((~u & 0x200u) << 22);
-        mma_rows8(d0, d1, qa[k], qb[k], ka, kb);
-      }
+      float d0, d1;
+      key_dots<D>(km, sg, sz, qa, qb, qd, d0, d1);
       const int c = t0 + nt * 8 + 2 * qd;
       s[nt][0] = c < hi ? d0 + bias : -INFINITY;
       s[nt][1] = c + 1 < hi ? d1 + bias : -INFINITY;
@@ -991,19 +1000,7 @@ __device__ __forceinline__ void quant_tiles_async(const AttendParams& p, int64_t
       lds_words<D / 16, C>(row + 4 * C, vw[r]);
       lds_words<D / 32, C>(row + 6 * C, vs[r]);
     }
-#pragma unroll
-    for (int w = 0; w < D / 16; ++w) {
-      uint32_t h[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const __half2 szw = u2h(vs[r][w >> 1]);
-        h[r] = dq2(vw[r][w] >> (2 * g), __low2half2(szw), __high2half2(szw));
-      }
-      mma_rows8(st.o[2 * w][0], st.o[2 * w][1], pa, pb, __byte_perm(h[0], h[1], 0x5410),
-                __byte_perm(h[2], h[3], 0x5410));
-      mma_rows8(st.o[2 * w + 1][0], st.o[2 * w + 1][1], pa, pb, __byte_perm(h[0], h[1], 0x7632),
-                __byte_perm(h[2], h[3], 0x7632));
-    }
+    value_mmas<D>(vw, vs, g, pa, pb, st);
     __syncwarp();  // every lane is done with this stage before a later issue() overwrites it
   }
   cp_async_wait<0>();  // nothing in flight into shared memory when the block moves on
