@@ -145,3 +145,26 @@ def test_layers_of_one_forward_share_appended_positions(model):
     layers = [layer.cache for layer in cache.layers]
     assert all(lc.pos is layers[0].pos and lc._pos_dev is layers[0]._pos_dev for lc in layers)
     assert layers[0].pos.tolist() == list(range(prompt.context_len + 2))
+
+
+def test_a_forwards_shared_placement_equals_one_made_per_layer(model, monkeypatch):
+    """A pass that overwrites some held positions and appends the question: with the placement and masks made once
+    for all layers (PositionedKV.shared) the logits and caches equal those made layer by layer."""
+    p = prompt(3, seed=5)
+    stored = store_documents(model, p)
+    recompute = torch.tensor([6, 7, 12, 20, 21])  # document positions (held: overwritten), then the question
+
+    def run():
+        scene = Scene(model, p, stored)
+        cache = scene.cache(None)
+        logits = scene.forward(cache, recompute)
+        return logits, [(lc.cache.k, lc.cache.v, lc.cache.pos) for lc in cache.layers], cache
+
+    logits, kv, cache = run()
+    assert all(layer.cache.pos is cache.layers[0].cache.pos for layer in cache.layers)  # one positions tensor
+    monkeypatch.setattr(PositionedKV, "shared", lambda self, tag, *tensors, make: make())
+    logits_each, kv_each, _ = run()
+    torch.testing.assert_close(logits, logits_each, rtol=0, atol=0)
+    for (k, v, pos), (k2, v2, pos2) in zip(kv, kv_each):
+        assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(pos, pos2)
+    assert kv[0][2].tolist() == list(range(p.context_len + len(p.question)))  # overwritten in place, question added
