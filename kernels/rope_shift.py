@@ -22,6 +22,7 @@ try:
     import triton.language as tl
 
     import kvbench.kernels.kivi  # noqa: F401  (importing it fixes Triton 3.6's interpreter for numpy >= 2.4)
+    from kvbench.kernels.score_triton import interpreting
 except ImportError:  # Triton is Linux-only: callers fall back to PyTorch
     triton = None
 
@@ -51,7 +52,7 @@ if triton is not None:
 def applies(k: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether `rotate` runs the kernel for these keys [B, H, T, D] (else the caller's PyTorch path)."""
     half = k.shape[-1] // 2
-    return (triton is not None and (k.is_cuda or _interpreted()) and cos.dtype == torch.float32
+    return (triton is not None and (k.is_cuda or interpreting()) and cos.dtype == torch.float32
             and k.shape[-1] % 2 == 0 and half & (half - 1) == 0 and half >= 16 and k.stride(-1) == 1)
 
 
@@ -66,9 +67,3 @@ def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Ten
     grid = (triton.cdiv(T, BLOCK_T), B * H)
     _rope_shift[grid](k, out, cos, sin, T, H, *k.stride()[:3], *out.stride()[:3], HALF=D // 2, BT=BLOCK_T)
     return out
-
-
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -298,7 +298,7 @@ class _Plan:
     positions afterwards on the host and the device."""
 
     pos: torch.Tensor
-    pos_dev: torch.Tensor
+    pos_dev: torch.Tensor | None
     appends: bool
     slots: torch.Tensor | None = None
     old_src: torch.Tensor | None = None
@@ -388,7 +388,8 @@ class PositionedKV(LayerCache):
         old = qpos < self.n
         n_old = int(old.sum())
         on_dev = lambda idx: to_device(idx, self.k.device)  # noqa: E731
-        plan = _Plan(pos=self.pos, pos_dev=self.pos_dev(), appends=n_old < len(qpos))
+        appends = n_old < len(qpos)  # then the positions grow and get their own device copy below
+        plan = _Plan(pos=self.pos, pos_dev=None if appends else self.pos_dev(), appends=appends)
         if n_old:
             pos = self.pos
             # numpy's searchsorted: torch's CPU one showed 4.5 ms a call on the H200 machine's host (154 ms of CPU
