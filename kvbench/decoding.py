@@ -9,7 +9,11 @@ included, is the same whichever of them runs. On the CPU, `run_instance` then ru
 (the whole prompt, or the context of the query-agnostic protocol), records each layer's keys, values and last queries,
 and replays them into each method's cache through `LayerCache.prefill`: the cache ends in the state its own pass
 would have left, while the model's linear layers (about 90% of a prefill at 1K-4K tokens) run once instead of once
-per method and protocol. tests/test_accuracy.py checks that the records are the same with and without it.
+per method and protocol. The context of the query-agnostic protocol is a prefix of the whole prompt, so the whole
+prompt's pass also keeps the queries before the question (`cut`) and serves the context as its first tokens: keys
+and values of a causal model at a position depend on the tokens up to it only, so one pass per instance does (equal
+to a context-only pass up to float rounding, which can differ where a kernel blocks a longer sequence otherwise).
+tests/test_accuracy.py checks that the records are the same with and without it.
 """
 
 from __future__ import annotations
@@ -77,12 +81,20 @@ PREFIX_QUERIES = 128  # last prompt queries a recorded prefill keeps per layer: 
 @dataclass
 class Prefix:
     """One dense prefill pass of a token prefix: per layer the last PREFIX_QUERIES queries [B, Hq, <=128, D] and every
-    key and value [B, Hkv, T, D] as the attention function received them, the last position's logits [B, V] (fp32),
-    and the pass's seconds."""
+    key and value [B, Hkv, T, D] as the attention function received them, the last position's logits [B, V] (fp32;
+    None for a cut), and the pass's seconds. `cuts`: per shorter prefix length n, each layer's PREFIX_QUERIES queries
+    before position n, so that the pass serves its first n tokens too (`cut`)."""
 
     layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     seconds: float
+    cuts: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def cut(self, n: int) -> Prefix:
+        """The pass of this prefix's first n tokens (a length in `cuts`), as views: no logits (the pass did not make
+        them at position n), the whole pass's seconds."""
+        return Prefix([(q, k[:, :, :n], v[:, :, :n]) for q, (_, k, v) in zip(self.cuts[n], self.layers, strict=True)],
+                      None, self.seconds)
 
 
 class Prefixes:
@@ -94,27 +106,34 @@ class Prefixes:
         self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
         self.recorded = 0  # passes run, for tests and benchmarks
 
-    def get(self, ids: torch.Tensor) -> Prefix:
-        """The prefill of ids [1, T], recorded on the first request."""
+    def get(self, ids: torch.Tensor, cut: int | None = None, logits: bool = True) -> Prefix:
+        """The prefill of ids [1, T], recorded on the first request (also serving its first `cut` tokens later), or,
+        where `logits` are not needed, cut from a recorded longer pass that begins with ids and kept their queries."""
         key = tuple(ids[0].tolist())
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key]
+        if not logits:
+            for longer, prefix in self.entries.items():
+                if len(key) in prefix.cuts and longer[: len(key)] == key:
+                    self.entries.move_to_end(longer)
+                    return prefix.cut(len(key))
         while len(self.entries) >= self.keep:
             self.entries.popitem(last=False)  # free the oldest before the new pass allocates
-        self.entries[key] = prefix = record_prefill(self.model, ids)
+        self.entries[key] = prefix = record_prefill(self.model, ids, cut)
         self.recorded += 1
         return prefix
 
 
-def record_prefill(model, ids: torch.Tensor) -> Prefix:
-    """Run the dense prefill of ids [1, T] once, keeping what each layer's attention was given."""
+def record_prefill(model, ids: torch.Tensor, cut: int | None = None) -> Prefix:
+    """Run the dense prefill of ids [1, T] once, keeping what each layer's attention was given (and, with `cut`, the
+    queries before position cut)."""
     import torch
 
     from kvbench.bridge import attach, with_cache
     from kvbench.timing import sync
 
-    method = _Record()
+    method = _Record(cut if cut is not None and 0 < cut < ids.shape[1] else None)
     cache = attach(model, method)
     sync(model.device)
     t0 = time.perf_counter()
@@ -123,14 +142,15 @@ def record_prefill(model, ids: torch.Tensor) -> Prefix:
         logits = out.logits[:, -1].float()
     sync(model.device)
     layers = [(c.q, c.k, c.v) for c in cache.layer_caches()]
-    return Prefix(layers, logits, time.perf_counter() - t0)
+    cuts = {method.cut: [c.q_cut for c in cache.layer_caches()]} if method.cut is not None else {}
+    return Prefix(layers, logits, time.perf_counter() - t0, cuts)
 
 
 def replay(cache: KVBenchCache, prefix: Prefix, n_queries: int) -> None:
     """Prefill every layer of `cache` from a recorded pass, as the model's own pass would (the output is dropped: it
     is the recorded pass's). Keys and values are copied, strides kept, so no cache can alter the shared ones."""
     for layer, (q, k, v) in zip(cache.layers, prefix.layers, strict=True):
-        k, v = k.clone(), v.clone()
+        k, v = _dense_copy(k), _dense_copy(v)
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
         layer.attend(q[:, :, -n_queries:], k, v)
@@ -154,10 +174,12 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool, prefix
     n_queries = prefill_queries(cache.method) if prefixes is not None and dev.type == "cpu" else None
     shared = n_queries is not None and n_queries <= PREFIX_QUERIES and ids.shape[0] == 1
 
-    def prefill(prefix_ids):
-        """Logits [B, V] of the last prefix position, the cache prefilled; seconds of a shared pass, else 0."""
+    def prefill(prefix_ids, logits: bool = True):
+        """Logits [B, V] of the last prefix position (None where not asked for and the pass was shared), the cache
+        prefilled; seconds of a shared pass, else 0. A whole prompt's shared pass also serves its context later."""
         if shared:
-            prefix = prefixes.get(prefix_ids)
+            cut = inst.split if prefix_ids.shape[1] == ids.shape[1] else None
+            prefix = prefixes.get(prefix_ids, cut=cut, logits=logits)
             replay(cache, prefix, n_queries)
             return prefix.logits, prefix.seconds
         return model(prefix_ids, **kw, logits_to_keep=1).logits[:, -1].float(), 0.0
@@ -166,7 +188,7 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool, prefix
         sync(dev)
         t0 = time.perf_counter()
         if inst.score_tokens or (question_chunk and 0 < inst.split < len(inst.ids)):
-            logits, pass_s = prefill(ids[:, : inst.split])
+            logits, pass_s = prefill(ids[:, : inst.split], logits=bool(inst.score_tokens))
             sync(dev)
             o.extra["context_prefill_s"] = round(pass_s + time.perf_counter() - t0, 4)
             if not inst.score_tokens:  # the question arrives after the context was compressed: one extend chunk
@@ -203,17 +225,30 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool, prefix
     return o
 
 
+def _dense_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x with its dimensions in the same memory order (what clone() keeps for a whole pass's tensors),
+    also for a cut's slice, whose clone() would be contiguous instead."""
+    import torch
+
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    out = torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device).permute(
+        [order.index(d) for d in range(x.dim())])
+    return out.copy_(x)
+
+
 class _RecordLayer(LayerCache):
     """A layer of the recording pass: dense causal attention, as each method in prefill_queries computes it, keeping
     the last queries and the keys and values it was given (the model's own tensors, not copies)."""
 
-    def __init__(self, spec: LayerSpec):
-        self.spec, self.q, self.k, self.v = spec, None, None, None
+    def __init__(self, spec: LayerSpec, cut: int | None):
+        self.spec, self.cut, self.q, self.q_cut, self.k, self.v = spec, cut, None, None, None, None
 
     def prefill(self, q, k, v):
         from kvbench.attention import dense_attention
 
         self.q, self.k, self.v = q[:, :, -PREFIX_QUERIES:].clone(), k, v
+        if self.cut is not None:
+            self.q_cut = q[:, :, max(0, self.cut - PREFIX_QUERIES): self.cut].clone()
         return dense_attention(q, k, v, causal=True)
 
     def extend(self, q, k, v):
@@ -231,9 +266,10 @@ class _Record(Method):
     """record-prefill: the recording pass's method (internal, not registered)."""
 
     name = "record-prefill"
+    cut: int | None = None  # also keep the queries before this position (Prefix.cuts)
 
     def make_layer(self, spec: LayerSpec) -> LayerCache:
-        return _RecordLayer(spec)
+        return _RecordLayer(spec, self.cut)
 
 
 def random_ids(model, batch: int, tokens: int, gen: torch.Generator) -> torch.Tensor:

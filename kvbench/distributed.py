@@ -5,7 +5,9 @@
     kvbench run kernels --quick --ray                   # one suite
 
 The unit of work is a group: the cells of one suite x model x method, which share a model load and a method build
-(a worker keeps a suite's session, e.g. its loaded model, for every group of that suite and model it is given).
+(a worker keeps a suite's session, e.g. its loaded model, for every group of that suite and model it is given). A
+suite may group its cells otherwise (`Suite.group_key`): the accuracy suite groups every method and protocol of one
+task instance, so that a worker runs the instance's dense prefill once for all of them, as a serial run does.
 Each worker is a Ray actor holding one GPU (`num_gpus=1`; one CPU where the cluster has no GPU) and measures one cell
 per call, so every record reaches the driver as soon as its cell is done. The driver is the only writer: it appends
 each record to `<out>/<suite>.jsonl` exactly as a serial run does, so the report, resume (cells already in the file
@@ -63,6 +65,9 @@ class Source(Protocol):
     def show(self, out: Path, records: list[dict]) -> None:
         """Print the table of these records (after a run)."""
 
+    def group_of(self, cell: Cell) -> str:
+        """The group a cell is measured in: its method, unless the suite groups otherwise."""
+
 
 def import_ray():
     try:
@@ -107,17 +112,19 @@ class Worker:
         """The source's cells and options as this worker's machine sees them (its device picks a suite's defaults)."""
         return [Cell(c.method, c.params, c.cell) for c in source.cells()], source.options()
 
-    def measure(self, source: Source, group: str, method: str, key: str) -> dict:
+    def measure(self, source: Source, group: str, group_key: str, key: str) -> dict:
         if group != self.group:
             self.release()  # the previous group's runner and caches go (a source's session stays: SuiteSource)
             self.group = group
-            self.cells = {cell_key(source.suite, c.method, c.cell): c for c in source.cells() if c.method == method}
+            self.cells = {cell_key(source.suite, c.method, c.cell): c for c in source.cells()
+                          if source.group_of(c) == group_key}
         cell = self.cells[key]  # the worker's own Cell: its parsed method was built here
-        record = measure_cell(source.suite, cell, lambda c: self._runner(source, method)(c))
+        record = measure_cell(source.suite, cell, lambda c: self._runner(source, c.method)(c))
         record["env"] = self.where()
         return record
 
     def _runner(self, source: Source, method: str) -> Callable[[Cell], dict]:
+        """The group's runner, opened for its first cell's method; it measures every cell of the group."""
         if self.runner is None:  # once per group (a failed load is tried again by the group's next cell)
             self.runner = source.open(method)
         return self.runner
@@ -125,17 +132,17 @@ class Worker:
 
 @dataclass
 class Group:
-    """Cells of one source and method, dispatched to one worker in order."""
+    """Cells of one source and group key (Source.group_of: usually one method), dispatched to one worker in order."""
 
     source: int  # index into the run's sources
-    method: str
+    key: str
     cells: list[Cell]
     retry: bool = False  # a fault's retry: a second fault is recorded, not retried again
     avoid: int | None = None  # the slot whose worker failed these cells
 
     @property
     def name(self) -> str:
-        return f"{self.source}/{self.method}"
+        return f"{self.source}/{self.key}"
 
 
 @dataclass
@@ -364,7 +371,7 @@ class Dispatcher:
         g, cell = slot.group, slot.pending.popleft()
         source = self.sources[g.source]
         slot.cell, slot.since = cell, time.monotonic()
-        slot.ref = slot.actor.measure.remote(self.refs[g.source], f"{self.run_id}/{g.name}", g.method,
+        slot.ref = slot.actor.measure.remote(self.refs[g.source], f"{self.run_id}/{g.name}", g.key,
                                              cell_key(source.suite, cell.method, cell.cell))
         self.board.worker(slot, f"{source.suite} {cell.method} {_short(cell.cell)}" + (" (retry)" if g.retry else ""))
 
@@ -415,11 +422,11 @@ class Dispatcher:
                    "; retried once on a fresh worker" if again else "; this was the retry: not retried again")
         self._write(group, self._fault_record(slot, group, cell, status, reason), slot, quiet=True)
         if slot.pending:
-            self.queue.appendleft(Group(group.source, group.method, list(slot.pending)))
+            self.queue.appendleft(Group(group.source, group.key, list(slot.pending)))
         if again:
             self.retried += 1
             self.board.grow()
-            self.queue.appendleft(Group(group.source, group.method, [cell], retry=True, avoid=slot.index))
+            self.queue.appendleft(Group(group.source, group.key, [cell], retry=True, avoid=slot.index))
         slot.group, slot.pending = None, deque()
         self.board.note(f"[yellow]ray: {escape(slot.label())}: {status}: {escape(cell.method)} "
                         f"{escape(_short(cell.cell))}: {escape(reason)}[/]")
@@ -483,7 +490,8 @@ def _short(cell: dict) -> str:
 
 def plan_groups(sources: list[Source], cells: list[list[Cell]], writers: dict[str, RecordWriter], rerun: bool,
                 results: list[SweepResult]) -> list[Group]:
-    """Cells not finished yet (unless rerun), grouped by source and method in the order the suites list them."""
+    """Cells not finished yet (unless rerun), grouped by source and group key (Source.group_of) in the order the
+    suites list them."""
     done = {suite: set() if rerun else w.done() for suite, w in writers.items()}
     groups: dict[tuple[int, str], Group] = {}
     for i, (source, listed) in enumerate(zip(sources, cells)):
@@ -491,7 +499,8 @@ def plan_groups(sources: list[Source], cells: list[list[Cell]], writers: dict[st
             if cell_key(source.suite, c.method, c.cell) in done[source.suite]:
                 results[i].already_done += 1
             else:
-                groups.setdefault((i, c.method), Group(i, c.method, [])).cells.append(c)
+                key = source.group_of(c)
+                groups.setdefault((i, key), Group(i, key, [])).cells.append(c)
     return list(groups.values())
 
 
@@ -608,6 +617,12 @@ class SuiteSource:
 
         cells = [Cell(r["method"], r["params"], r["cell"]) for r in records]
         get_suite(self.suite).print_table(out / f"{self.suite}.jsonl", cells)
+
+    def group_of(self, cell: Cell) -> str:
+        from kvbench.suite import get_suite
+
+        group_key = get_suite(self.suite).group_key
+        return cell.method if group_key is None else group_key(cell)
 
 
 def run_on_ray(sources: list[Source], out, *, address: str | None = None, workers: int | None = None,

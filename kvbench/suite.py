@@ -267,6 +267,8 @@ class Suite:
     allow_unknown_methods: bool = False  # True: a method name not registered here gives failed cells, not an error
     telemetry_s: float | None = 0.05  # NVML sampling interval while a cell runs; None: no telemetry
     provenance: Callable[[Any], dict] | None = None  # session -> facts for the provenance file (e.g. copy bandwidth)
+    # cell -> the group it shares a Ray worker with (kvbench/distributed.py); None: its method's cells
+    group_key: Callable[[Cell], str] | None = None
 
     def default_methods(self, quick: bool) -> tuple[str, ...]:
         return self.quick_methods if quick and self.quick_methods is not None else self.methods

@@ -67,8 +67,8 @@ DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "se
 # The cost model behind the estimate a CPU run prints (estimate_s), in seconds on 2 idle CPU cores. A cell costs its
 # method's own prefill work (REPLAY_S: building its cache from the dense pass), the question chunk in the
 # query-agnostic protocol (QUESTION_S) and its decode steps (STEP_S, fidelity on); the model's dense prefill pass
-# (PASS_S) is paid once per token prefix (an instance's whole prompt, its context) for the methods that share it
-# (kvbench.decoding.prefill_queries; the default, share_prefill), once per cell otherwise. Measured 2026-12-02 by
+# (PASS_S) is paid once per instance (its whole prompt's pass serves its context too; ppl's context runs its own) for
+# the methods that share it (kvbench.decoding.prefill_queries; the default, share_prefill), once per cell otherwise. Measured 2026-12-02 by
 # benchmarks/accuracy_cell_costs.py (niah_single, one thread, process CPU seconds on the shared 2-core machine at load
 # 3-9; records in benchmarks/records/accuracy-cell-costs.jsonl), divided by the CPU seconds per idle 2-core second
 # measured near idle on the same cells (PASS_CPU_PER_S for the pass, whose matrix products use both cores; CPU_PER_S
@@ -279,6 +279,12 @@ def _prefix(c: Cell) -> tuple:
     return (_test_key({"cell": {k: v for k, v in c.cell.items() if k != "protocol"}}), whole)
 
 
+def _passes(prefixes: dict[tuple, int]) -> list[int]:
+    """The lengths of the dense passes the prefixes need: a context is cut from its whole prompt's pass where the
+    instance has one (kvbench.decoding.Prefixes), else it runs its own."""
+    return [n for (key, whole), n in prefixes.items() if whole or (key, True) not in prefixes]
+
+
 # decode tokens a task asks for at most (suites/tasks.py): the estimate counts them all
 MAX_NEW_TOKENS = {"passkey": 10, "niah_single": 12, "niah_multikey": 12, "niah_multivalue": 48,
                   "niah_multiquery": 48, "vt": 30}
@@ -292,7 +298,7 @@ def estimate_s(cell_list: list[Cell], share_prefill: bool = True) -> float:
         if shared:
             prefixes[_prefix(c)] = int(c.cell["context"])
         total += cell_cost_s(c, MAX_NEW_TOKENS.get(c.cell["task"], 64), c.cell.get("score_tokens") or 0, shared)
-    return total + sum(_at(PASS_S, n) for n in prefixes.values()) / PASS_CPU_PER_S
+    return total + sum(_at(PASS_S, n) for n in _passes(prefixes)) / PASS_CPU_PER_S
 
 
 def estimate_text(plan: Plan) -> str:
@@ -349,6 +355,13 @@ def _test_key(r: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in r["cell"].items() if k not in ("model", "dtype")))
 
 
+def instance_group(c: Cell) -> str:
+    """The Ray group of a cell (Suite.group_key): its task instance, so that one worker runs every method and protocol
+    of an instance one after the other and its dense prefill passes once for all of them (share_prefill), as a serial
+    run does, instead of once per method on each worker."""
+    return repr(tuple(sorted((k, str(v)) for k, v in c.cell.items() if k != "protocol")))
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
     """One row per method and protocol: the mean score with its bootstrap 95% interval over cells, the paired
     difference from full on the cells both scored (its interval too), the median ppl, the failed cells."""
@@ -400,5 +413,6 @@ SUITE = Suite(
     quick_methods=QUICK_METHODS,
     allow_unknown_methods=True,
     telemetry_s=None,
+    group_key=instance_group,
 )
 run = SUITE.run

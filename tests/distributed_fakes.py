@@ -53,3 +53,6 @@ class FakeSource:
 
     def options(self) -> dict:
         return {"methods": list(self.methods), "per_method": self.per_method}
+
+    def group_of(self, cell: Cell) -> str:
+        return cell.method

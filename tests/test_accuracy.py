@@ -4,6 +4,7 @@ reproducible, feeds the cache as each protocol says; the CLI; and, on the embedd
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kvbench.cli import app
 from kvbench.methods.full import FullLayer
 from kvbench.records import read_records
 from kvbench.suites import accuracy as A
+from kvbench.suites.fidelity import METRICS as FIDELITY_METRICS
 
 GRID = dict(tasks="passkey,niah_single,ppl", lengths="300", depths="0.5", seeds="0", protocols="both", haystack="noise",
             score_tokens=16, show_progress=False)
@@ -281,6 +283,27 @@ def test_quick_profile_keeps_its_four_methods_and_its_cost():
     assert "estimated" in A.estimate_text(plan) and "18 scored cells per method and protocol" in A.estimate_text(plan)
 
 
+def test_ray_groups_hold_every_method_and_protocol_of_one_instance():
+    """On Ray each group goes to one worker: grouped by instance, a worker runs an instance's dense prefill once for
+    all its methods (share_prefill), as a serial run does; each cell is in exactly one group."""
+    from kvbench.distributed import SuiteSource, plan_groups
+    from kvbench.records import RecordWriter
+    from kvbench.sweep import SweepResult
+
+    source = SuiteSource("accuracy", ("full", "kivi"), "embedded", True)
+    cells = source.cells()
+    writers = {"accuracy": RecordWriter(Path("/nonexistent/accuracy.jsonl"))}
+    groups = plan_groups([source], [cells], writers, True, [SweepResult()])
+    assert sum(len(g.cells) for g in groups) == len(cells)
+    for g in groups:
+        instances = {A.instance_group(c) for c in g.cells}
+        assert instances == {g.key}
+        scored = g.cells[0].cell["task"] != "ppl"
+        assert {(c.method, c.cell["protocol"]) for c in g.cells} == {
+            (m, p) for m in ("full", "kivi") for p in (["query-aware", "query-agnostic"] if scored else
+                                                        ["query-agnostic"])}
+
+
 def test_summary_rows_give_intervals_and_paired_differences_from_full():
     def rec(method, seed, score):
         return dict(method=method, status="ok", cell=dict(task="passkey", context=1024, depth=0.5, seed=seed,
@@ -327,7 +350,12 @@ def test_shared_prefill_gives_the_same_records(tiny32, tmp_path):
     for a, b in zip(own.records, shared.records, strict=True):
         assert "prefill_shared" not in a["metrics"]
         assert b["metrics"].pop("prefill_shared", False) == (b["method"] != "droptop")
-        assert strip_timing(a) == strip_timing(b)  # scores, predictions, ppl and fidelity to the last bit
+        a, b = strip_timing(a), strip_timing(b)
+        fa, fb = ({k: m.pop(k) for k in list(m) if k.removesuffix("_layers") in FIDELITY_METRICS}
+                  for m in (a["metrics"], b["metrics"]))
+        assert a == b  # scores, predictions and ppl to the last bit
+        # fidelity to float rounding: the query-agnostic context is cut from the whole prompt's pass
+        assert fa.keys() == fb.keys() and all(fa[k] == pytest.approx(fb[k], rel=1e-4, abs=1e-6) for k in fa)
 
 
 def test_one_recorded_prefill_serves_every_method_and_protocol_of_an_instance(tiny32):
@@ -342,12 +370,15 @@ def test_one_recorded_prefill_serves_every_method_and_protocol_of_an_instance(ti
         for protocol in T.PROTOCOLS:
             m = A.evaluate(model, tok, parse_method(label), inst, protocol, prefixes=prefixes)
             assert m["prefill_shared"]
-    assert prefixes.recorded == 2  # the whole prompt and the context, each run once
+    assert prefixes.recorded == 1  # the whole prompt, run once; the context is its first tokens
     A.evaluate(model, tok, DropTop(), inst, "query-aware", prefixes=prefixes)  # runs its own pass
-    assert prefixes.recorded == 2
-    other = T.make_instance(tok, "niah_single", 300, 0.5, 1)
-    A.evaluate(model, tok, parse_method("full"), other, "query-aware", prefixes=prefixes)
+    assert prefixes.recorded == 1
+    others = [T.make_instance(tok, "niah_single", 300, 0.5, seed) for seed in (1, 2)]
+    for other in others:
+        A.evaluate(model, tok, parse_method("full"), other, "query-aware", prefixes=prefixes)
     assert prefixes.recorded == 3 and len(prefixes.entries) == 2  # the oldest is freed
+    A.evaluate(model, tok, parse_method("full"), inst, "query-agnostic", prefixes=prefixes)
+    assert prefixes.recorded == 4  # its whole prompt's pass was freed: the context runs its own
 
 
 def test_shared_prefill_leaves_subclasses_and_teacher_forcing_alone():
