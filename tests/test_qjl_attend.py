@@ -10,8 +10,12 @@ import torch
 from interpreter import run_interpreted
 
 CPU_CASES = [("qjl:bits=128,buffer=32", 8, 2, 64, 100), ("qjl:bits=128,buffer=32,outliers=0", 4, 4, 32, 70),
+             # 8 and 4 sign bytes a token: planes padded to tl.dot's K >= 16
              ("qjl:bits=64,outlier_bits=32,buffer=64,group=16,value_bits=4", 8, 1, 128, 150),
-             ("qjl:bits=128,buffer=32", 8, 8, 64, 30)]  # nothing quantized until the second step fills the buffer
+             ("qjl:bits=128,buffer=32", 8, 8, 64, 30),  # nothing quantized until the second step fills the buffer
+             # the first layers' sketch (512 / 128 bits), and the default one with 4-bit values, at head dim 128
+             ("qjl:bits=512,outlier_bits=128,buffer=32", 8, 2, 128, 100),
+             ("qjl:buffer=32,value_bits=4", 8, 2, 128, 100)]
 
 
 def check_kernels(device, dtype, cases, steps=3, B=2, tol=2e-3):
