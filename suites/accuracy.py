@@ -19,10 +19,11 @@ haystack and in CPython's documentation prose, vt, at depths 0.1/0.5/0.9 and see
 per method and protocol, every method on the same cells, so `summary_rows` can pair each one with full. The table
 shows each mean with its bootstrap 95% interval over cells and the paired difference from full (kvbench.intervals);
 the same rows go to `<out>/accuracy.summary.json`. On a CPU the suite prints its estimated time from the cost model
-below: on 2 idle cores about 80 minutes for the whole profile, 47 minutes for the four methods at one budget each
-(`kvbench run accuracy -m full -m selfindex:budget=0.1 -m kivi -m snapkv:capacity=0.1`), 21 minutes for full alone.
+below: on 2 idle cores about 82 minutes for the whole profile, 40 minutes for the four methods at one budget each
+(`kvbench run accuracy -m full -m selfindex:budget=0.1 -m kivi -m snapkv:capacity=0.1`), 14 minutes for full alone.
 Most of that is decode steps (50-160 ms each on 2 cores at 1K-4K, fidelity included) and the dense prefill passes
-(1.2-6 s), which the four methods share: each prompt's prefill runs once and is replayed into every method's cache
+(1.2-6 s), which the four methods share: each instance's prefill runs once (the query-agnostic context is cut from
+the whole prompt's pass) and is replayed into every method's cache
 (kvbench/decoding.py, issue 13; `--no-share-prefill` runs one pass per cell, about twice the time, same records).
 
 The quick profile (`--quick`) runs full, selfindex (budget 10% of the context), kivi (2 bits) and snapkv (capacity
