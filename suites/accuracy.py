@@ -24,7 +24,7 @@ below: on 2 idle cores about 82 minutes for the whole profile, 40 minutes for th
 Most of that is decode steps (50-160 ms each on 2 cores at 1K-4K, fidelity included) and the dense prefill passes
 (1.2-6 s), which the four methods share: each instance's prefill runs once (the query-agnostic context is cut from
 the whole prompt's pass) and is replayed into every method's cache
-(kvbench/decoding.py, issue 13; `--no-share-prefill` runs one pass per cell, about twice the time, same records).
+(kvbench/decoding.py, issue 13; `--no-share-prefill` runs one pass per cell, about twice the time, the same scores).
 
 The quick profile (`--quick`) runs full, selfindex (budget 10% of the context), kivi (2 bits) and snapkv (capacity
 10%) in both protocols on the embedded SmolLM2-135M with 1K-token prompts: passkey, niah_single and niah_multikey
