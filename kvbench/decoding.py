@@ -13,7 +13,8 @@ per method and protocol. The context of the query-agnostic protocol is a prefix 
 prompt's pass also keeps the queries before the question (`cut`) and serves the context as its first tokens: keys
 and values of a causal model at a position depend on the tokens up to it only, so one pass per instance does (equal
 to a context-only pass up to float rounding, which can differ where a kernel blocks a longer sequence otherwise).
-tests/test_accuracy.py checks that the records are the same with and without it.
+tests/test_accuracy.py checks that scores, predictions and ppl are the same with and without sharing, and fidelity
+to float rounding.
 """
 
 from __future__ import annotations

@@ -69,13 +69,13 @@ DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "se
 # method's own prefill work (REPLAY_S: building its cache from the dense pass), the question chunk in the
 # query-agnostic protocol (QUESTION_S) and its decode steps (STEP_S, fidelity on); the model's dense prefill pass
 # (PASS_S) is paid once per instance (its whole prompt's pass serves its context too; ppl's context runs its own) for
-# the methods that share it (kvbench.decoding.prefill_queries; the default, share_prefill), once per cell otherwise. Measured 2026-12-02 by
-# benchmarks/accuracy_cell_costs.py (niah_single, one thread, process CPU seconds on the shared 2-core machine at load
-# 3-9; records in benchmarks/records/accuracy-cell-costs.jsonl), divided by the CPU seconds per idle 2-core second
-# measured near idle on the same cells (PASS_CPU_PER_S for the pass, whose matrix products use both cores; CPU_PER_S
-# for the rest). Lengths between and beyond 1K, 2K and 4K are interpolated as a power of the length; a method not
-# measured here costs what the costliest measured one does and runs its own pass. Rough (about +-30%): a design
-# check, not a measurement.
+# the methods that share it (kvbench.decoding.prefill_queries; the default, share_prefill), once per cell otherwise.
+# Measured 2026-12-02 by benchmarks/accuracy_cell_costs.py (niah_single, one thread, process CPU seconds on the
+# shared 2-core machine at load 3-9; records in benchmarks/records/accuracy-cell-costs.jsonl), divided by the CPU
+# seconds per idle 2-core second measured near idle on the same cells (PASS_CPU_PER_S for the pass, whose matrix
+# products use both cores; CPU_PER_S for the rest). Lengths between and beyond 1K, 2K and 4K are interpolated as a
+# power of the length; a method not measured here costs what the costliest measured one does and runs its own pass.
+# Rough (about +-30%): a design check, not a measurement.
 PASS_CPU_PER_S, CPU_PER_S = 2.0, 1.7
 PASS_S = {1024: 2.31, 2048: 4.67, 4096: 12.01}
 REPLAY_S = {"full": {1024: 0.059, 2048: 0.084, 4096: 0.203}, "selfindex": {1024: 0.41, 2048: 0.94, 4096: 2.31},
@@ -274,10 +274,14 @@ def cell_cost_s(c: Cell, max_new_tokens: int, score_tokens: int = 0, shared: boo
     return cpu / CPU_PER_S + (0 if shared else _at(PASS_S, length) / PASS_CPU_PER_S)
 
 
+def _instance(c: Cell) -> tuple:
+    """A cell's task instance: its cell without the protocol (and, as _test_key, model and dtype)."""
+    return _test_key({"cell": {k: v for k, v in c.cell.items() if k != "protocol"}})
+
+
 def _prefix(c: Cell) -> tuple:
     """The token prefix a cell prefills: its instance's whole prompt, or (query-agnostic, ppl) its context."""
-    whole = c.cell["protocol"] == T.QUERY_AWARE and c.cell["task"] != "ppl"
-    return (_test_key({"cell": {k: v for k, v in c.cell.items() if k != "protocol"}}), whole)
+    return (_instance(c), c.cell["protocol"] == T.QUERY_AWARE and c.cell["task"] != "ppl")
 
 
 def _passes(prefixes: dict[tuple, int]) -> list[int]:
@@ -360,7 +364,7 @@ def instance_group(c: Cell) -> str:
     """The Ray group of a cell (Suite.group_key): its task instance, so that one worker runs every method and protocol
     of an instance one after the other and its dense prefill passes once for all of them (share_prefill), as a serial
     run does, instead of once per method on each worker."""
-    return repr(tuple(sorted((k, str(v)) for k, v in c.cell.items() if k != "protocol")))
+    return repr(_instance(c))
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
