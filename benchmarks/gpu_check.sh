@@ -2,7 +2,7 @@
 # One GPU call that checks and measures landed main (run from a checkout's root; about 6-8 minutes on an H200):
 # 1. install kvbench (non-editable: the checkout's kvbench/ folder must not shadow the package) and every GPU test;
 # 2. the kernel suite for every registered method at the Llama-3.1-8B attention shape, 32K x 1 and x 8, 10% budgets
-#    (selfindex also at 160 tokens), CUDA-graph timing;
+#    (selfindex also at 160 tokens), CUDA-graph timing; half the time left, or all of it with THROUGHPUT=0;
 # 3. the throughput suite on synthetic Llama-3.1-8B (bf16) at 32K x 8: graph mode where a method is capture-safe,
 #    eager otherwise (the record says which and why).
 # Writes $OUT/<gpu>/{log.txt,tests.txt,kernels.jsonl,throughput.jsonl,...} and prints a table last; with $OUT set (the
@@ -43,7 +43,7 @@ pyramidkv:capacity=0.1 adakv:capacity=0.1"}
 if [ "${KERNELS:-1}" = 1 ]; then
   echo "== kernel suite ($(left) s left)" | tee -a "$LOG"
   M=""; for m in $METHODS; do M="$M -m $m"; done
-  timeout $(( $(left) / 2 )) kvbench run kernels $M --contexts ${CONTEXTS:-32K} --batches ${BATCHES:-1,8} \
+  timeout $(( $(left) / $([ "${THROUGHPUT:-1}" = 1 ] && echo 2 || echo 1) - 15 )) kvbench run kernels $M --contexts ${CONTEXTS:-32K} --batches ${BATCHES:-1,8} \
     --warmup-ms 5 --rep-ms 25 --out "$O" 2>&1 | tail -40 | tee -a "$LOG"
 fi
 if [ "${THROUGHPUT:-1}" = 1 ]; then
