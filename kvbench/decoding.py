@@ -157,12 +157,14 @@ def replay(cache: KVBenchCache, prefix: Prefix, n_queries: int) -> None:
         layer.attend(q[:, :, -n_queries:], k, v)
 
 
-def run_instance(model, tok, cache, inst: Instance, question_chunk: bool, prefixes: Prefixes | None = None) -> Outcome:
+def run_instance(model, tok, cache, inst: Instance, question_chunk: bool, prefixes: Prefixes | None = None,
+                 stop_settled: bool = False) -> Outcome:
     """Feed one task instance (kvbench.suites.tasks) through the model with `cache`: prefill the whole prompt, or
     (question_chunk) the context first and then the question as one extend chunk; then decode greedily, or, for ppl,
     score the last tokens one decode step at a time. With `prefixes`, on the CPU, a method in `prefill_queries` gets
     its prefill replayed from the shared pass (module docstring); `prefill_s` is then the shared pass's seconds plus
-    this cell's replay (and question chunk), and `prefill_shared` is set."""
+    this cell's replay (and question chunk), and `prefill_shared` is set. `stop_settled`: stop decoding once the
+    answer so far is `inst.settled` (no further token can change its score); `stopped` then says so."""
     import torch
 
     from kvbench.bridge import with_cache
@@ -217,6 +219,9 @@ def run_instance(model, tok, cache, inst: Instance, question_chunk: bool, prefix
                 toks.append(nxt)
                 if nxt in stop or len(toks) == inst.max_new_tokens:
                     break  # like generate(): the last token is never fed back
+                if stop_settled and inst.settled(tok.decode(toks, skip_special_tokens=True)):
+                    o.extra["stopped"] = "settled"
+                    break
                 step = torch.tensor([[nxt]], device=dev)
                 logits = model(step, **kw).logits[:, -1].float()
             o.prediction = tok.decode(toks, skip_special_tokens=True)

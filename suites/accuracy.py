@@ -178,6 +178,9 @@ class AccuracyOptions(Options):
     score_tokens: int = option("ppl: tokens scored one decode step at a time after the prefix.", 64, min=1)
     fidelity: bool = option("Measure attention fidelity against the full cache at each decode step (costs a shadow "
                             "full cache).", True)
+    stop_settled: bool = option("Stop decoding an answer once no further token can change its score (a metric that "
+                                "appended text never lowers, already at 1): the same scores in fewer decode steps; "
+                                "--no-stop-settled decodes every answer to its end.", True)
     share_prefill: bool = option("On the CPU, run each prompt's dense prefill once and replay it into the cache of "
                                  "each method whose prefill is dense (full, selfindex, kivi, snapkv): the same "
                                  "records in about half the time (kvbench/decoding.py).", True)
@@ -190,23 +193,27 @@ def cache_facts(cache) -> dict[str, Any]:
 
 
 def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fidelity: bool = True,
-             prefixes: Prefixes | None = None) -> dict[str, Any]:
+             prefixes: Prefixes | None = None, stop_settled: bool = False) -> dict[str, Any]:
     """One cell: run `method` on `inst` under `protocol`; returns the record's metrics. `prefixes`: the shared
-    prefills to take this cell's from where the method allows (kvbench.decoding.Prefixes), or None."""
+    prefills to take this cell's from where the method allows (kvbench.decoding.Prefixes), or None. `full` is the
+    reference of the fidelity metrics, so it is not measured against itself (its record says `fidelity:
+    reference`): its attention is exact over every token, recall and mass 1 and error 0 up to float rounding."""
     from kvbench.bridge import attach
+    from kvbench.methods.full import Full
     from kvbench.suites.fidelity import Fidelity
 
+    fidelity = fidelity and type(method) is not Full
     wrapped = Fidelity(inner=method) if fidelity else method
     cache = attach(model, wrapped)
-    o = run_instance(model, tok, cache, inst, question_chunk=protocol == T.QUERY_AGNOSTIC, prefixes=prefixes)
+    o = run_instance(model, tok, cache, inst, question_chunk=protocol == T.QUERY_AGNOSTIC, prefixes=prefixes,
+                     stop_settled=stop_settled)
     m: dict[str, Any] = {}
     if inst.score_tokens:
         m[PPL] = math.exp(o.nll / inst.score_tokens)
         m["nll"] = o.nll / inst.score_tokens
         m["scored_tokens"] = inst.score_tokens
     else:
-        pred = o.prediction.lstrip("\n").split("\n")[0] if T.first_line_only(inst) else o.prediction
-        m[SCORE] = inst.score(pred)
+        m[SCORE] = inst.score(o.prediction)
         m["prediction"] = o.prediction
         m["expected"] = inst.answers
         m["metric"] = inst.metric
@@ -222,6 +229,8 @@ def evaluate(model, tok, method: Method, inst: T.Instance, protocol: str, fideli
     if fidelity:
         m.update(wrapped.stats.summary())
         m["fidelity_steps"] = wrapped.stats.steps()
+    elif type(method) is Full:
+        m["fidelity"] = "reference"
     return m
 
 
@@ -352,7 +361,7 @@ class Session:
 
 def measure(s: Session, cell: Cell) -> dict[str, Any]:
     return evaluate(s.model, s.tok, cell.parsed, s.instance(cell.cell), cell.cell["protocol"],
-                    fidelity=s.options.fidelity, prefixes=s.prefixes)
+                    fidelity=s.options.fidelity, prefixes=s.prefixes, stop_settled=s.options.stop_settled)
 
 
 def _test_key(r: dict) -> tuple:

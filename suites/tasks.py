@@ -83,7 +83,15 @@ class Instance:
     score_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def score(self, prediction: str) -> float:
+        """The score of a whole generated answer (a first_line_only dataset scores its first line)."""
+        if first_line_only(self):
+            prediction = prediction.lstrip("\n").split("\n")[0]
         return score(self.metric, prediction, self.answers, **self.score_kwargs)
+
+    def settled(self, prediction: str) -> bool:
+        """Whether no continuation of `prediction` can change its score: the metric never falls when text is
+        appended and is already at its maximum, so decoding further would only lengthen the prediction."""
+        return self.metric in NEVER_FALL and self.score(prediction) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,6 +185,8 @@ def edit_sim(pred: str, refs: list[str], **_) -> float:
     return max(SequenceMatcher(None, first, r).ratio() for r in refs)
 
 
+# metrics that appending text to a prediction never lowers (containment of references): Instance.settled
+NEVER_FALL = ("string_match_all", "string_match_part", "substring")
 METRICS: dict[str, Callable[..., float]] = {
     "string_match_all": string_match_all, "string_match_part": string_match_part, "substring": string_match_part,
     "f1": f1, "rouge_l": rouge_l, "numbers": numbers, "classification": classification, "edit_sim": edit_sim,

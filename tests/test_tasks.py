@@ -192,6 +192,21 @@ def test_unknown_metric_and_empty_answers_are_errors():
         T.score("f1", "x", [])
 
 
+def test_an_answer_is_settled_only_when_no_continuation_can_change_its_score():
+    def inst(metric, answers, **info):
+        return T.Instance("t", [0], 0, answers, metric, 10, info)
+
+    both = inst("string_match_all", ["123", "456"])
+    assert not both.settled("123 and") and both.settled("123 and 456") and both.settled("123 and 456 and more")
+    assert inst("substring", ["a", "b"]).settled("xbx")
+    # f1 falls as text is appended: never settled, even at 1
+    curie = inst("f1", ["Marie Curie"])
+    assert curie.score("Marie Curie") == 1.0 and not curie.settled("Marie Curie")
+    # a first-line dataset scores its first line only
+    first = inst("string_match_all", ["42"], format="longbench", dataset="trec")
+    assert T.first_line_only(first) and first.score("\n7\n42") == 0.0 and first.score("\n42\n7") == 1.0
+
+
 # --- LongBench / RULER files ------------------------------------------------------------------------------------
 
 
