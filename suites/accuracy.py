@@ -43,7 +43,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from kvbench.api import representative
 from kvbench.decoding import Prefixes, run_instance
@@ -78,12 +78,17 @@ DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "se
 # Rough (about +-30%): a design check, not a measurement.
 PASS_CPU_PER_S, CPU_PER_S = 2.0, 1.7
 PASS_S = {1024: 2.31, 2048: 4.67, 4096: 12.01}
-REPLAY_S = {"full": {1024: 0.059, 2048: 0.084, 4096: 0.203}, "selfindex": {1024: 0.41, 2048: 0.94, 4096: 2.31},
+# selfindex's replay: the 2026-12-02 values x 0.64, the wall time it took at 4K after its codebook became a scatter
+REPLAY_S = {"full": {1024: 0.059, 2048: 0.084, 4096: 0.203}, "selfindex": {1024: 0.26, 2048: 0.60, 4096: 1.48},
             "kivi": {1024: 0.101, 2048: 0.261, 4096: 0.459}, "snapkv": {1024: 0.094, 2048: 0.195, 4096: 0.385}}
 QUESTION_S = {"full": {1024: 0.217, 2048: 0.325, 4096: 0.496}, "selfindex": {1024: 0.52, 2048: 0.67, 4096: 0.90},
               "kivi": {1024: 0.250, 2048: 0.385, 4096: 0.562}, "snapkv": {1024: 0.178, 2048: 0.205, 4096: 0.256}}
 STEP_S = {"full": {1024: 0.081, 2048: 0.109, 4096: 0.167}, "selfindex": {1024: 0.126, 2048: 0.154, 4096: 0.213},
           "kivi": {1024: 0.119, 2048: 0.187, 4096: 0.264}, "snapkv": {1024: 0.083, 2048: 0.099, 4096: 0.126}}
+# a decode step without fidelity against one with it (wall time on 2 idle cores, 2026-12-07, /tmp-style timing of 8
+# steps after 3 warm-up steps, niah_single; noisy to about 10%): full's cells never measure it now
+NO_FIDELITY = {"full": {1024: 0.70, 4096: 0.61}, "selfindex": {1024: 0.55, 4096: 0.62},
+               "kivi": {1024: 0.82, 4096: 0.66}, "snapkv": {1024: 0.73, 4096: 0.41}}
 SHARED = ("full", "selfindex", "kivi", "snapkv")  # the methods of kvbench.decoding.prefill_queries
 
 
@@ -137,6 +142,11 @@ def _seeds(value, flag: str) -> list[int]:
     return seeds
 
 
+def _seeds_or_all(value, flag: str) -> list[int] | None:
+    """_seeds, or None for 'all'."""
+    return None if isinstance(value, str) and value.strip() == "all" else _seeds(value, flag)
+
+
 def _one_or_both(what: str, valid: tuple[str, ...]):
     """A parser of 'a', 'a,b' or 'both' among the two `valid` names."""
     def parse(value, flag: str) -> list[str]:
@@ -170,7 +180,7 @@ class AccuracyOptions(Options):
                                  default="0.1,0.5,0.9", quick="0.2,0.5,0.8")
     protocols: list[str] = option("query-aware, query-agnostic or both.", "both", parse=_protocols)
     seeds: list[int] = option("Instance seeds, e.g. 0,1,2 or 0-9; for file: tasks, line numbers from 0.",
-                              parse=_seeds, default="0,1,2", quick="0,1")
+                              parse=_seeds, default="0-5", quick="0,1")
     haystack: list[str] = option("Haystacks of the niah tasks, comma-separated: noise (RULER's repeated sentences), "
                                  "docs (CPython's documentation prose) or both.", parse=_haystacks,
                                  default="noise,docs", quick="noise")
@@ -178,6 +188,11 @@ class AccuracyOptions(Options):
     score_tokens: int = option("ppl: tokens scored one decode step at a time after the prefix.", 64, min=1)
     fidelity: bool = option("Measure attention fidelity against the full cache at each decode step (costs a shadow "
                             "full cache).", True)
+    fidelity_seeds: Optional[list[int]] = option(
+        "The seeds whose cells measure fidelity (with --fidelity), e.g. 0-2, or 'all'; for file: tasks, line "
+        "numbers. Fidelity is a third to a half of a compressed method's decode step on the CPU: the standard profile "
+        "measures it on its first three seeds (half its cells), the quick profile on all.", parse=_seeds_or_all,
+        default="0-2", quick="all")
     stop_settled: bool = option("Stop decoding an answer once no further token can change its score (a metric that "
                                 "appended text never lowers, already at 1): the same scores in fewer decode steps; "
                                 "--no-stop-settled decodes every answer to its end.", True)
@@ -271,13 +286,15 @@ def _costliest(table: dict[str, dict[int, float]], length: int) -> float:
     return max(_at(t, length) for t in table.values())
 
 
-def cell_cost_s(c: Cell, max_new_tokens: int, score_tokens: int = 0, shared: bool = False) -> float:
+def cell_cost_s(c: Cell, max_new_tokens: int, score_tokens: int = 0, shared: bool = False,
+                fidelity: bool = True) -> float:
     """Estimated seconds of one cell on 2 idle CPU cores (the cost model above); `shared`: its dense prefill pass is
-    counted apart (estimate_s), not here."""
+    counted apart (estimate_s), not here; `fidelity`: whether it measures fidelity."""
     name, length = c.method.partition(":")[0], int(c.cell["context"])
     steps = score_tokens - 1 if score_tokens else max_new_tokens
     part = (lambda t: _at(t[name], length)) if name in STEP_S else (lambda t: _costliest(t, length))
-    cpu = part(REPLAY_S) + steps * part(STEP_S)
+    step = part(STEP_S) * (1.0 if fidelity or name not in NO_FIDELITY else _at(NO_FIDELITY[name], length))
+    cpu = part(REPLAY_S) + steps * step
     if c.cell["protocol"] == T.QUERY_AGNOSTIC and not score_tokens:
         cpu += part(QUESTION_S)
     return cpu / CPU_PER_S + (0 if shared else _at(PASS_S, length) / PASS_CPU_PER_S)
@@ -304,22 +321,26 @@ MAX_NEW_TOKENS = {"passkey": 10, "niah_single": 12, "niah_multikey": 12, "niah_m
                   "niah_multiquery": 48, "vt": 30}
 
 
-def estimate_s(cell_list: list[Cell], share_prefill: bool = True) -> float:
-    """Estimated seconds of a list of cells on 2 idle CPU cores; a file: task counts as 64 new tokens."""
+def estimate_s(cell_list: list[Cell], share_prefill: bool = True,
+               fidelity: Callable[[Cell], bool] = lambda c: c.method.partition(":")[0] != "full") -> float:
+    """Estimated seconds of a list of cells on 2 idle CPU cores (`fidelity`: which cells measure it); a file: task
+    counts as 64 new tokens, and every answer as its task's most tokens (decoding often stops before: stop_settled)."""
     total, prefixes = 0.0, {}
     for c in cell_list:
         shared = share_prefill and c.method.partition(":")[0] in SHARED
         if shared:
             prefixes[_prefix(c)] = int(c.cell["context"])
-        total += cell_cost_s(c, MAX_NEW_TOKENS.get(c.cell["task"], 64), c.cell.get("score_tokens") or 0, shared)
+        total += cell_cost_s(c, MAX_NEW_TOKENS.get(c.cell["task"], 64), c.cell.get("score_tokens") or 0, shared,
+                             fidelity(c))
     return total + sum(_at(PASS_S, n) for n in _passes(prefixes)) / PASS_CPU_PER_S
 
 
 def estimate_text(plan: Plan) -> str:
-    cell_list = cells(plan)
+    cell_list, o = cells(plan), plan.options
     scored = Counter((c.method, c.cell["protocol"]) for c in cell_list if c.cell["task"] != "ppl")
     return (f"accuracy: {len(cell_list)} cells ({min(scored.values(), default=0)} scored cells per method and "
-            f"protocol); estimated {estimate_s(cell_list, plan.options.share_prefill) / 60:.0f} minutes on 2 idle CPU "
+            f"protocol); estimated {estimate_s(cell_list, o.share_prefill, lambda c: measures_fidelity(o, c)) / 60:.0f}"
+            " minutes or less on 2 idle CPU "
             "cores (suites/accuracy.py's cost model; finished cells are skipped, a busy machine takes longer)")
 
 
@@ -359,9 +380,16 @@ class Session:
         return self.instances[key]
 
 
+def measures_fidelity(o: AccuracyOptions, c: Cell) -> bool:
+    """Whether cell c measures fidelity under options o (full never does: it is the reference)."""
+    seeds = o.fidelity_seeds
+    return o.fidelity and c.method.partition(":")[0] != "full" and (seeds is None or c.cell["seed"] in seeds)
+
+
 def measure(s: Session, cell: Cell) -> dict[str, Any]:
     return evaluate(s.model, s.tok, cell.parsed, s.instance(cell.cell), cell.cell["protocol"],
-                    fidelity=s.options.fidelity, prefixes=s.prefixes, stop_settled=s.options.stop_settled)
+                    fidelity=measures_fidelity(s.options, cell), prefixes=s.prefixes,
+                    stop_settled=s.options.stop_settled)
 
 
 def _test_key(r: dict) -> tuple:
