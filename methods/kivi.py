@@ -146,7 +146,7 @@ class KiviLayer(LayerCache):
 
             out = kernel.decode_attention(q, self.kv, k, v)
             kernel.append_one(self.kv, k, v)
-            self.last = "triton"
+            self.last = _packed_backend(kernel.cuda_path(q, self.kv))
             return out
         # a question chunk, or the reference: dequantize, then dense attention
         out = kivi_ref.attention_ref(q, self.kv, k, v)
@@ -164,7 +164,7 @@ class KiviLayer(LayerCache):
                 self.advance(1)
             out = self.pin.step(q, k, v)  # attends before the token is written, as the plain path does
             kernel.append_pinned(self.kv, k, v)
-            self.last = "triton"
+            self.last = _packed_backend(self.pin.cuda)
             return out
         if self.kv.n + k.shape[2] > self.room:
             raise ReservedRoomError("kivi", self.kv.n, k.shape[2], self.room)
@@ -198,3 +198,9 @@ class KiviLayer(LayerCache):
 
     def decode_bytes(self) -> int:
         return self.kv.read_bytes()
+
+
+def _packed_backend(cuda: bool) -> str:
+    """What info()'s backend says of a step on the packed words: the CUDA kernel over the packed tokens with Triton's
+    over the residual, or Triton's for both (kernels/kivi.py, cuda_path)."""
+    return "cuda+triton" if cuda else "triton"

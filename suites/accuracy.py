@@ -15,15 +15,18 @@ their `_layers` arrays; see suites/fidelity.py), `prompt_tokens`, the needle's m
 The standard profile (the default) runs full, selfindex and snapkv at budgets of 160 tokens, 7.5% and 10% of the
 context, and kivi (2 bits), in both protocols, at 1K, 2K and 4K tokens (the embedded model's context is 8K; full
 still found every needle at 4K in the cells measured so far): passkey, niah_single and niah_multikey in RULER's noise
-haystack and in CPython's documentation prose, vt, at depths 0.1/0.5/0.9 and seeds 0-2, plus ppl: 144 scored cells
-per method and protocol, every method on the same cells, so `summary_rows` can pair each one with full. The table
-shows each mean with its bootstrap 95% interval over cells and the paired difference from full (kvbench.intervals);
-the same rows go to `<out>/accuracy.summary.json`. On a CPU the suite prints its estimated time from the cost model
-below: on 2 idle cores about 82 minutes for the whole profile, 40 minutes for the four methods at one budget each
-(`kvbench run accuracy -m full -m selfindex:budget=0.1 -m kivi -m snapkv:capacity=0.1`), 14 minutes for full alone.
-Most of that is decode steps (50-160 ms each on 2 cores at 1K-4K, fidelity included) and the dense prefill passes
-(1.2-6 s), which the four methods share: each instance's prefill runs once (the query-agnostic context is cut from
-the whole prompt's pass) and is replayed into every method's cache
+haystack and in CPython's documentation prose, vt, at depths 0.1/0.5/0.9 and seeds 0-5, plus ppl: 288 scored cells
+per method and protocol (bootstrap half-widths up to 0.057), every method on the same cells, so `summary_rows` can
+pair each one with full. The table shows each mean with its bootstrap 95% interval over cells and the paired
+difference from full (kvbench.intervals); the same rows go to `<out>/accuracy.summary.json`. On a CPU the suite
+prints its estimated time from the cost model below, calibrated on a measured run: the four methods at one budget
+each (`kvbench run accuracy -m full -m selfindex:budget=0.1 -m kivi -m snapkv:capacity=0.1`) took 97 minutes on 2
+idle cores (benchmarks/records/accuracy-seeds0-5-cpu.json), a third of it the dense prefill passes (1.9-11.4 s at
+1K-4K), which the methods share: each instance's prefill runs once (the query-agnostic context is cut from the whole
+prompt's pass) and is replayed into every method's cache. Three choices keep decoding short: an answer stops once it
+is settled (`stop_settled`: the metric never falls and is at 1, so the score is the same), full is not measured
+against itself for fidelity, and fidelity is measured on seeds 0-2 (`fidelity_seeds`), a third to a half of a
+compressed method's decode step otherwise
 (kvbench/decoding.py, issue 13; `--no-share-prefill` runs one pass per cell, about twice the time, the same scores).
 
 The quick profile (`--quick`) runs full, selfindex (budget 10% of the context), kivi (2 bits) and snapkv (capacity
@@ -76,7 +79,10 @@ DEFAULT_METHODS = ("full", "selfindex:budget=160", "selfindex:budget=0.075", "se
 # products use both cores; CPU_PER_S for the rest). Lengths between and beyond 1K, 2K and 4K are interpolated as a
 # power of the length; a method not measured here costs what the costliest measured one does and runs its own pass.
 # Rough (about +-30%): a design check, not a measurement.
-PASS_CPU_PER_S, CPU_PER_S = 2.0, 1.7
+# Recalibrated 2026-12-07 against the 4-method seeds 0-5 run (benchmarks/records/accuracy-seeds0-5-cpu.json): the
+# dense pass took 1.95 / 4.55 / 11.4 s at 1K / 2K / 4K on 2 idle cores (it does not use the second core), and the
+# cells' own parts 1.2x what 1.7 CPU seconds per second gave.
+PASS_CPU_PER_S, CPU_PER_S = 1.05, 1.42
 PASS_S = {1024: 2.31, 2048: 4.67, 4096: 12.01}
 # selfindex's replay: the 2026-12-02 values x 0.64, the wall time it took at 4K after its codebook became a scatter
 REPLAY_S = {"full": {1024: 0.059, 2048: 0.084, 4096: 0.203}, "selfindex": {1024: 0.26, 2048: 0.60, 4096: 1.48},
