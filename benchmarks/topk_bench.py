@@ -1,4 +1,5 @@
-"""Time the device top-k (kernels/topk_select.py) on its two paths against torch.topk at the selecting methods' shapes,
+"""Time the device top-k (kernels/topk_select.py) on its three paths (the CUDA kernel, Triton's one program per row,
+Triton's split rows) against torch.topk at the selecting methods' shapes,
 each call inside a CUDA graph (as a captured decode step runs it), after checking both paths against the reference.
 
     python benchmarks/topk_bench.py --out results/topk.jsonl
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -41,14 +43,19 @@ def graph_us(fn, reps: int = 20, replays: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def with_path(split: bool, scores, k):
+PATHS = ("cuda", "one_program", "split")
+
+
+def with_path(path: str, scores, k):
     """topk_select forced onto one path."""
-    old = ts.SPLIT_MIN
-    ts.SPLIT_MIN = 0 if split else 1 << 62
+    old, old_env = ts.SPLIT_MIN, os.environ.get("KVBENCH_TOPK")
+    ts.SPLIT_MIN = 0 if path == "split" else 1 << 62
+    os.environ["KVBENCH_TOPK"] = "cuda" if path == "cuda" else "triton"
     try:
         return ts.topk_select(scores, k)
     finally:
         ts.SPLIT_MIN = old
+        os.environ["KVBENCH_TOPK"] = old_env or "cuda"
 
 
 def torch_topk(scores, k):
@@ -66,22 +73,22 @@ def main():
         k = max(1, n // 10)
         scores = torch.randn(rows, n, device="cuda")
         want = ts.topk_ref(scores, k)
-        ok = {p: bool(torch.equal(with_path(p, scores, k), want)) for p in (False, True)}
-        rec = {"rows": rows, "n": n, "k": k, "one_program_ok": ok[False], "split_ok": ok[True],
-               "floor_us": rows * (n * 4 + k * 4) / gbs / 1e3, "copy_gbs": gbs,
-               "one_program_us": graph_us(lambda: with_path(False, scores, k)),
-               "split_us": graph_us(lambda: with_path(True, scores, k)),
-               "torch_topk_us": graph_us(lambda: torch_topk(scores, k)),
-               "gpu": torch.cuda.get_device_name()}
+        rec = {"rows": rows, "n": n, "k": k, "floor_us": rows * (n * 4 + k * 4) / gbs / 1e3, "copy_gbs": gbs}
+        for p in PATHS:
+            rec[f"{p}_ok"] = bool(torch.equal(with_path(p, scores, k), want))
+            rec[f"{p}_us"] = graph_us(lambda p=p: with_path(p, scores, k))
+        rec.update(torch_topk_us=graph_us(lambda: torch_topk(scores, k)), gpu=torch.cuda.get_device_name())
         rows_out.append(rec)
         print(json.dumps(rec), flush=True)
     with open(args.out, "w") as f:
         for r in rows_out:
             f.write(json.dumps(r) + "\n")
-    print(f"{'rows':>5} {'N':>7} {'k':>6} {'one-prog us':>11} {'split us':>9} {'torch us':>9} {'floor us':>8} ok")
+    print(f"{'rows':>5} {'N':>7} {'k':>6} {'cuda us':>8} {'one-prog us':>11} {'split us':>9} {'torch us':>9} "
+          f"{'floor us':>8} ok")
     for r in rows_out:
-        print(f"{r['rows']:5d} {r['n']:7d} {r['k']:6d} {r['one_program_us']:11.1f} {r['split_us']:9.1f} "
-              f"{r['torch_topk_us']:9.1f} {r['floor_us']:8.2f} {r['one_program_ok'] and r['split_ok']}")
+        print(f"{r['rows']:5d} {r['n']:7d} {r['k']:6d} {r['cuda_us']:8.1f} {r['one_program_us']:11.1f} "
+              f"{r['split_us']:9.1f} {r['torch_topk_us']:9.1f} {r['floor_us']:8.2f} "
+              f"{all(r[f'{p}_ok'] for p in PATHS)}")
 
 
 if __name__ == "__main__":

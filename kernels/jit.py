@@ -8,9 +8,13 @@ its own build, and torch's ninja build is incremental and guarded by a file lock
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import functools
 import hashlib
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -59,3 +63,25 @@ def load(name: str, *source_names: str):
         extra_include_paths=[str(CSRC)],
         verbose=os.environ.get("KVBENCH_VERBOSE_BUILD") == "1",
     )
+
+
+def shared_lib(source_name: str) -> ctypes.CDLL:
+    """kernels/csrc/<source_name> (a .cu with raw-pointer C entry points) as a shared library, built by nvcc once per
+    source and GPU (build_dir names the folder after both) and loaded with ctypes: no torch headers or pybind, so the
+    build takes seconds rather than the minute a torch extension takes. The caller declares the argtypes."""
+    src = CSRC / source_name
+    so = build_dir(src.stem, [src]) / f"{src.stem}.so"
+    if not so.exists():
+        with open(so.parent / "build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes; the others then find it
+            if not so.exists():
+                nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
+                                                           "nvcc")
+                tmp = so.with_name(f"{so.name}.{os.getpid()}")
+                cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", *_arch_flags(),
+                       str(src), "-o", str(tmp)]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode:
+                    raise KVBenchError(f"nvcc could not build {src.name}:\n{r.stderr[-3000:]}")
+                tmp.replace(so)
+    return ctypes.CDLL(str(so))

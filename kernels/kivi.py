@@ -56,12 +56,9 @@ the branches taken on the device, so a CUDA graph can replay a step.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import math
 import os
-import shutil
-import subprocess
 
 import torch
 import triton
@@ -511,27 +508,10 @@ class CudaParams(ctypes.Structure):
 
 @functools.cache
 def cuda_lib() -> ctypes.CDLL:
-    """csrc/kivi_attend.cu as a shared library, built by nvcc once per source and GPU (jit.build_dir names the folder
-    after both), loaded with ctypes: a raw-pointer C entry point needs no torch headers or pybind, so the build takes
-    seconds rather than the minute a torch extension takes."""
+    """csrc/kivi_attend.cu as a shared library (jit.shared_lib: nvcc, once per source and GPU, loaded with ctypes)."""
     from kvbench.kernels import jit
 
-    src = jit.CSRC / "kivi_attend.cu"
-    so = jit.build_dir("kivi_attend", [src]) / "kivi_attend.so"
-    if not so.exists():
-        with open(so.parent / "build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes; the others then find it
-            if not so.exists():
-                nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                                                           "nvcc")
-                tmp = so.with_name(f"{so.name}.{os.getpid()}")
-                cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo", *jit._arch_flags(),
-                       str(src), "-o", str(tmp)]
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                if r.returncode:
-                    raise KVBenchError(f"nvcc could not build {src.name}:\n{r.stderr[-3000:]}")
-                tmp.replace(so)
-    lib = ctypes.CDLL(str(so))
+    lib = jit.shared_lib("kivi_attend.cu")
     lib.kivi_attend.argtypes = [ctypes.POINTER(CudaParams), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.kivi_blocks_per_sm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.kivi_error_string.restype = ctypes.c_char_p

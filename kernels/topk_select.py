@@ -20,9 +20,18 @@ select runs as 4 launches of 8-bit digits: every program re-derives the digits f
 histograms (256 ints a round, cheap) and adds its piece's histogram of the next digit with atomics. Two more launches
 write the output in index order: one counts each piece's keys above the threshold and its ties, the next gives each
 piece its offset from the counts of the pieces before it. No host sync, and the launch count is fixed (graph-safe).
+
+On CUDA (not under the Triton interpreter) both paths give way to csrc/topk_select.cu: one launch, one block of 1024
+threads per row, three radix rounds of 11-bit digits over shared-memory histograms and an ordered pass that writes each
+index at its column (its docstring says why); the same set, in the same order. KVBENCH_TOPK=triton keeps the Triton
+paths (benchmarks/topk_bench.py times all three).
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import os
 
 import torch
 import triton
@@ -52,8 +61,9 @@ def topk_ref(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tensor:
 
 @triton.jit
 def _keys(x):
-    """fp32 -> int32 bit patterns in unsigned order: the float order, -inf and +inf included."""
-    b = x.to(tl.int32, bitcast=True)
+    """fp32 -> int32 bit patterns in unsigned order: the float order, -inf and +inf included, -0 equal to +0 (as the
+    reference's sort has them)."""
+    b = tl.where(x == 0.0, 0, x.to(tl.int32, bitcast=True))
     return tl.where(b < 0, ~b, b ^ INT_MIN)
 
 
@@ -217,6 +227,48 @@ def _split_select(rows, out, k, on_device: bool, N: int, kmax: int):
                               num_warps=warps)
 
 
+class CudaParams(ctypes.Structure):
+    """csrc/topk_select.cu's topk::Params, field for field."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("scores", "out", "k_dev")] + [(n, ctypes.c_int64) for n in ("s_row",
+                "o_row")] + [(n, ctypes.c_int) for n in ("R", "N", "kmax", "k_host", "k_is_64")])
+
+
+@functools.cache
+def cuda_lib() -> ctypes.CDLL:
+    """csrc/topk_select.cu as a shared library (jit.shared_lib)."""
+    from kvbench.kernels import jit
+
+    lib = jit.shared_lib("topk_select.cu")
+    lib.topk_select.argtypes = [ctypes.POINTER(CudaParams), ctypes.c_void_p]
+    lib.topk_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def use_cuda(scores: torch.Tensor) -> bool:
+    """Whether topk_select runs csrc/topk_select.cu: scores on a GPU, not under the Triton interpreter, and not turned
+    off (KVBENCH_TOPK=triton)."""
+    return (scores.is_cuda and os.environ.get("KVBENCH_TOPK", "cuda") != "triton"
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def _cuda_select(rows: torch.Tensor, out: torch.Tensor, k, on_device: bool, lib=None) -> None:
+    """csrc/topk_select.cu over rows [R, N] (last dim contiguous) into out [R, kmax] on the current stream; `lib`: the
+    library to call (the CPU emulation in tests), by default the nvcc build."""
+    from kvbench.errors import KVBenchError
+
+    lib = lib or cuda_lib()
+    if on_device and k.dtype not in (torch.int32, torch.int64):
+        raise KVBenchError(f"topk_select: a device-side k must be int32 or int64, not {k.dtype}")
+    p = CudaParams(rows.data_ptr(), out.data_ptr(), k.data_ptr() if on_device else None, rows.stride(0),
+                   out.stride(0), rows.shape[0], rows.shape[1], out.shape[1], 0 if on_device else int(k),
+                   int(on_device and k.dtype == torch.int64))
+    stream = torch.cuda.current_stream(rows.device).cuda_stream if rows.is_cuda else None
+    err = lib.topk_select(ctypes.byref(p), stream)
+    if err:
+        raise KVBenchError(f"topk_select CUDA kernel: {lib.topk_error_string(err).decode()}")
+
+
 def topk_select(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tensor:
     """topk_ref on the device: scores [..., N] fp32 (last dim contiguous), k an int or an int tensor [1] on the device
     (read there: no host sync) -> int32 [..., kmax] (kmax = k if None; required with a device k)."""
@@ -226,7 +278,9 @@ def topk_select(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tenso
     kmax = int(k) if kmax is None else kmax
     rows = scores.reshape(-1, N) if scores.stride(-1) == 1 else scores.contiguous().reshape(-1, N)
     out = torch.empty(rows.shape[0], kmax, dtype=torch.int32, device=scores.device)
-    if rows.shape[0] and N > SPLIT_MIN:
+    if rows.shape[0] and N and use_cuda(scores):
+        _cuda_select(rows, out, k, on_device)
+    elif rows.shape[0] and N > SPLIT_MIN:
         _split_select(rows, out, k, on_device, N, kmax)
     elif rows.shape[0] and N:
         block = max(128, triton.next_power_of_2(N)) if N <= ROW_MAX else CHUNK

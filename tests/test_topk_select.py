@@ -41,6 +41,10 @@ INTERPRETER_CHECK = textwrap.dedent("""
     ts.ROW_MAX, ts.SPLIT, ts.SPLIT_MIN = 32768, 256, 300  # the split path: pieces of 256, the last one partial
     check_topk("cpu", [(2, 1500, 301, None, False), (3, 999, 40, 64, True), (1, 700, 700, None, False),
                        (2, 301, 0, 5, False), (2, 1000, 1, None, True)], seed=2)
+    import torch
+    s = torch.zeros(2, 700)
+    s[:, ::2] = -0.0  # signed zeros tie: the lowest indices win
+    assert torch.equal(ts.topk_select(s, 77), torch.arange(77, dtype=torch.int32).expand(2, -1))
     print("topk ok")
 """)
 
@@ -56,5 +60,13 @@ GPU_CASES = CASES + [(64, 2048, 204, None, False), (64, 32768, 3277, None, False
 
 
 @pytest.mark.gpu
-def test_topk_matches_the_reference_on_gpu():
-    check_topk("cuda", GPU_CASES, seed=1)
+@pytest.mark.parametrize("path", ["cuda", "triton"])
+def test_topk_matches_the_reference_on_gpu(path, monkeypatch):
+    """csrc/topk_select.cu (the default on CUDA) and the Triton paths (KVBENCH_TOPK=triton)."""
+    from kvbench.kernels.topk_select import topk_select
+
+    monkeypatch.setenv("KVBENCH_TOPK", path)
+    check_topk("cuda", GPU_CASES + [(5, 999, 300, 320, True)], seed=1)
+    s = torch.zeros(3, 5000, device="cuda")
+    s[:, ::2] = -0.0  # signed zeros tie: the lowest indices win
+    assert torch.equal(topk_select(s, 77), torch.arange(77, device="cuda", dtype=torch.int32).expand(3, -1))
