@@ -55,7 +55,7 @@ def with_path(path: str, scores, k):
         return ts.topk_select(scores, k)
     finally:
         ts.SPLIT_MIN = old
-        os.environ["KVBENCH_TOPK"] = old_env or "cuda"
+        os.environ["KVBENCH_TOPK"] = old_env or "triton"
 
 
 def torch_topk(scores, k):

@@ -62,7 +62,7 @@ GPU_CASES = CASES + [(64, 2048, 204, None, False), (64, 32768, 3277, None, False
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["cuda", "triton"])
 def test_topk_matches_the_reference_on_gpu(path, monkeypatch):
-    """csrc/topk_select.cu (the default on CUDA) and the Triton paths (KVBENCH_TOPK=triton)."""
+    """csrc/topk_select.cu (KVBENCH_TOPK=cuda) and the Triton paths (the default, KVBENCH_TOPK=triton)."""
     from kvbench.kernels.topk_select import topk_select
 
     monkeypatch.setenv("KVBENCH_TOPK", path)

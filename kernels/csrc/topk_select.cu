@@ -9,8 +9,9 @@
 // - one ordered pass in tiles of NT elements: a warp scan and a block scan of (above the threshold, equal to it)
 //   pairs give each taken index its output column directly (the keys above it before it, plus its ties before it
 //   capped at the ties needed), so the list comes out in index order with no sort.
-// Why not the Triton split path it replaces on CUDA: six launches of 4096-element pieces with 256-bin tl.histogram
-// rounds took 90 us for 64 rows of 32K on an H100 (doublesparse's select stage at 32K x 8, 2.5x its attend).
+// Opt-in (KVBENCH_TOPK=cuda) until timed on a GPU. Why not the Triton split path: six launches of 4096-element
+// pieces with 256-bin tl.histogram rounds took 90 us for 64 rows of 32K on an H100 (doublesparse's select stage at
+// 32K x 8, 1.9x its attend); one block per row needs one launch and reads a row four times, from L2.
 // Raw pointers only (no torch headers); kernels/topk_select.py loads it with ctypes. tests/test_topk_emulated.py runs
 // this source on the CPU (KVBENCH_EMU, tests/topk_emu.h).
 #ifdef KVBENCH_EMU
