@@ -328,6 +328,10 @@ class IndexedKV:
         self.fk = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
         self.fv = torch.zeros(B, H, n_full, D, dtype=dtype, device=device)
         self.fpos = torch.full((B, H, n_full), -1, dtype=torch.int64, device=device)
+        # the CPU reference's working copy of positions [w_lo, w_hi) of the selectable range (_working): each one's
+        # group codes as offsets into the flattened LUT, and (2+1) its centred key and value dequantized, in float32
+        self.w_off = self.w_k = self.w_v = None
+        self.w_lo = self.w_hi = 0
 
     PER_TOKEN = ("signs", "kmag", "kscale", "vq", "vscale", "kfull", "vfull")
 
@@ -372,6 +376,7 @@ class IndexedKV:
         2-bit storage of positions [quant_lo, quant_hi), the codebook. Transient memory: per sequence, not per batch.
         `kept` [B, H, n]: positions inside [quant_lo, quant_hi) that stay in full precision (scored fixed tokens)."""
         B, H, T, D = k.shape
+        self.w_off = self.w_k = self.w_v = None  # a new prompt: the working copy starts again
         self.mu = torch.cat([centre_stats(k[b : b + 1], centre) for b in range(B)])  # [B, H, D] float32
         if self.quantized:
             self.chmax = torch.cat([compressed_chmax(k[b : b + 1], self.mu[b : b + 1], quant_lo, quant_hi,
@@ -447,8 +452,52 @@ class IndexedKV:
             return torch.zeros(B, H, 0, dtype=torch.int64, device=q.device)
         qm = q.float().reshape(B, H, Hq // H, D).mean(2)
         excluded = unpack_bits(self.excl)[:, :, lo:hi] if self.excl is not None else None
-        bins = score_bins_ref(lut8_ref(qm, self.cb), self.signs[:, :, lo:hi], excluded)
+        lut8 = lut8_ref(qm, self.cb)
+        if self._working(lo, hi):  # score_bins_ref's sums, from the codes converted once
+            score = lut8.flatten(2).gather(2, self.w_off[:, :, lo:hi].flatten(2)).view(B, H, hi - lo, -1).sum(-1)
+            bins = (score + 127 * lut8.shape[2]) >> bin_shift(D)
+            if excluded is not None:
+                bins = torch.where(excluded, torch.full_like(bins, EXCLUDED), bins)
+        else:
+            bins = score_bins_ref(lut8, self.signs[:, :, lo:hi], excluded)
         return select_ref(bins, K) + lo
+
+    def _working(self, lo: int, hi: int) -> bool:
+        """Bring the CPU working copy up to positions [lo, hi) of the selectable range; False where there is none (on
+        CUDA, or a range that does not start where it did). Positions are final once selectable (their 2 bits were
+        written when they left the window, their signs when they arrived), so each decode step converts only the one
+        that became selectable: on the 135M model at 4K tokens the per-step unpacking of every position's signs and
+        of the selected ones' 2 bits was most of selfindex's CPU decode step."""
+        if self.cuda or hi <= lo:
+            return False
+        if self.w_off is None or self.w_lo != lo or self.w_hi > hi or self.w_off.shape[2] < self.cap:
+            self._grow_working(lo)
+        a, D = self.w_hi, self.D
+        if hi > a:
+            codes = sign_codes(self.signs[:, :, a:hi])  # [B, H, n, G]
+            self.w_off[:, :, a:hi] = codes + 16 * torch.arange(codes.shape[-1])
+            if self.quantized:
+                sgn = unpack_bits(self.signs[:, :, a:hi]).float() * 2 - 1
+                self.w_k[:, :, a:hi] = sgn * dequant2(self.kmag[:, :, a:hi], self.kscale[:, :, a:hi]) * self.chmax[
+                    :, :, None]
+                self.w_v[:, :, a:hi] = dequant2(self.vq[:, :, a:hi], self.vscale[:, :, a:hi])
+            self.w_hi = hi
+        return True
+
+    def _grow_working(self, lo: int) -> None:
+        """Working buffers for self.cap positions, keeping the rows converted so far where they still apply."""
+        B, H, _, D = self.fk.shape
+        keep = self.w_off is not None and self.w_lo == lo
+        off = torch.empty(B, H, self.cap, D // 4, dtype=torch.int64)
+        k, v = ((torch.empty(B, H, self.cap, D) for _ in range(2)) if self.quantized else (None, None))
+        if keep:
+            a, b = lo, self.w_hi
+            off[:, :, a:b] = self.w_off[:, :, a:b]
+            if self.quantized:
+                k[:, :, a:b], v[:, :, a:b] = self.w_k[:, :, a:b], self.w_v[:, :, a:b]
+        else:
+            self.w_lo = self.w_hi = lo
+        self.w_off, self.w_k, self.w_v = off, k, v
 
     def attend(self, q: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Exact attention of q [B, Hq, D] over the full-precision set and the positions idx [B, H, K]: [B, Hq, D]."""
@@ -459,7 +508,11 @@ class IndexedKV:
         B, Hq, D = q.shape
         H = self.fk.shape[1]
         i = idx.long()[..., None]
-        if self.quantized:
+        if self.quantized and self.w_k is not None and idx.numel() and self.w_lo <= idx.min() and idx.max() < self.w_hi:
+            keys = torch.gather(self.w_k, 2, i.expand(-1, -1, -1, D))  # the working copy: the same values as below
+            values = torch.gather(self.w_v, 2, i.expand(-1, -1, -1, D))
+            bias = torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, H, Hq // H, D), self.mu).reshape(B, Hq)
+        elif self.quantized:
             sgn = unpack_bits(torch.gather(self.signs, 2, i.expand(-1, -1, -1, D // 8))).float() * 2 - 1
             mag = dequant2(torch.gather(self.kmag, 2, i.expand(-1, -1, -1, D // 4)),
                            torch.gather(self.kscale, 2, i[..., None].expand(-1, -1, -1, D // 32, 2)))

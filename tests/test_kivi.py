@@ -579,3 +579,25 @@ def test_generates_sensible_text_on_the_embedded_model(embedded):
         cache = attach(model, parse_method(spec))
         out = model.generate(ids, **with_cache(model, cache), max_new_tokens=16, do_sample=False)
         assert "Paris" in tok.decode(out[0, ids.shape[1]:]), spec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits, R", [(2, 128), (4, 64)])
+def test_cpu_working_copy_attends_exactly_as_dequantizing_everything(dtype, bits, R):
+    """PackedKV.dense keeps the dequantized packed rows between calls on the CPU; over steps and chunks that pack new
+    key blocks and values, attention through it equals attention over keys() and values() to the last bit."""
+    from kvbench.attention import dense_attention
+
+    torch.manual_seed(0)
+    B, H, Hq, D = 2, 3, 9, 64
+    kv = ref.PackedKV.empty(B, H, D, dtype, "cpu", bits, 32, R)
+    kv.append(*(torch.randn(B, H, 517, D).to(dtype) for _ in range(2)))
+    for step in range(2 * R + 40):
+        T = 5 if step % 37 == 0 else 1
+        q = torch.randn(B, Hq, T, D).to(dtype)
+        k, v = (torch.randn(B, H, T, D).to(dtype) for _ in range(2))
+        want = dense_attention(q, torch.cat([kv.keys(), k], 2), torch.cat([kv.values(), v], 2), causal=True)
+        assert torch.equal(ref.attention_ref(q, kv, k, v), want), step
+        kv.append(k, v)
+    assert kv.dnk > 517 // R * R and kv.dnv > 517 - R  # rows packed during the steps were converted
+    assert kv.nbytes() == sum(t.numel() * t.element_size() for t in kv.tensors())  # the copy is not in the layout

@@ -355,3 +355,27 @@ def test_triton_attention_matches_reference_in_the_interpreter():
     r = run_interpreted(ATTEND_INTERPRETER_CHECK)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     assert "attend ok" in r.stdout
+
+
+@pytest.mark.parametrize("spec", ["selfindex:budget=0.1", "selfindex:budget=160,fixed=sinks",
+                                  "selfindex:budget=0.1,setting=16+1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_working_copy_decodes_exactly_as_unpacking_every_step(spec, dtype):
+    """The CPU reference scores from sign codes converted once and attends over keys and values dequantized once
+    (IndexedKV._working); over 120 steps and chunks its outputs equal those of unpacking everything each step."""
+    outs = []
+    for working in (True, False):
+        torch.manual_seed(0)
+        lay = make(spec, dtype=dtype)
+        k, v = rand_kv(2, 2, 700, 64, dtype)
+        lay.prefill(torch.randn(2, 8, 700, 64).to(dtype), k, v)
+        if not working:
+            lay.kv._working = lambda lo, hi: False
+        got = []
+        for step in range(120):
+            T = 4 if step % 50 == 0 else 1
+            got.append(lay.extend(torch.randn(2, 8, T, 64).to(dtype), *rand_kv(2, 2, T, 64, dtype)))
+        outs.append(torch.cat([g.flatten() for g in got]))
+        if working:
+            assert lay.kv.w_hi == lay.selectable()[1]  # every selectable position converted once
+    assert torch.equal(outs[0], outs[1])
