@@ -34,6 +34,8 @@ import os
 
 import torch
 
+from kvbench.attention import gather_rows
+
 NBINS = 2048
 EXCLUDED = 0xFFFF  # bin value written for tokens excluded from selection (the CUDA scratch holds uint16)
 QGROUP = 32  # channels per quantization group for the 2-bit magnitudes and values
@@ -509,8 +511,7 @@ class IndexedKV:
         H = self.fk.shape[1]
         i = idx.long()[..., None]
         if self.quantized and self.w_k is not None and idx.numel() and self.w_lo <= idx.min() and idx.max() < self.w_hi:
-            keys = torch.gather(self.w_k, 2, i.expand(-1, -1, -1, D))  # the working copy: the same values as below
-            values = torch.gather(self.w_v, 2, i.expand(-1, -1, -1, D))
+            keys, values = gather_rows(self.w_k, idx), gather_rows(self.w_v, idx)  # the same values as below
             bias = torch.einsum("bhgd,bhd->bhg", q.float().reshape(B, H, Hq // H, D), self.mu).reshape(B, Hq)
         elif self.quantized:
             sgn = unpack_bits(torch.gather(self.signs, 2, i.expand(-1, -1, -1, D // 8))).float() * 2 - 1

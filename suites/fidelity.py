@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.api import LayerCache, LayerSpec, Method
+from kvbench.attention import gather_rows
 from kvbench.methods.full import FullLayer
 
 METRICS = ("topk_recall", "attn_mass", "out_rel_err", "attended_frac", "sel_out_err", "storage_err")
@@ -141,7 +142,7 @@ def selection_output(logits: torch.Tensor, pos: torch.Tensor, take: torch.Tensor
     idx = torch.where(take, pos, 0).long()
     picked = logits.gather(-1, idx[:, :, None, :].expand(-1, -1, g, -1))
     w = torch.softmax(picked.masked_fill(~take[:, :, None, :], float("-inf")), dim=-1).nan_to_num(0.0)  # all -inf: 0
-    rows = values[torch.arange(B)[:, None, None], torch.arange(H)[None, :, None], idx]  # [B, Hkv, N, D]: whole rows
+    rows = gather_rows(values, idx)  # [B, Hkv, N, D]: whole rows
     return w @ rows.float()
 
 
