@@ -9,10 +9,11 @@
 # device machine) it then packs $OUT/<gpu>/ into $OUT/<gpu>.tgz, because the device returns at most 8 files.
 # The device's copy of the checkout has no .git: pass the commit as KVBENCH_COMMIT=$(git rev-parse HEAD) in the
 # command line (from a clean tree), or every record says commit null.
-# 4. optionally: eager (--no-graph) decode for NOGRAPH's methods, the rag suite (RAG: its -m/--rag-methods options),
+# 4. optionally: the device top-k's paths timed and quest/doublesparse's kernel cells with the CUDA one (TOPK=1),
+#    eager (--no-graph) decode for NOGRAPH's methods, the rag suite (RAG: its -m/--rag-methods options),
 #    and the largest-batch search at 32K for SEARCH's methods (records under $OUT/<gpu>/search/).
 # Usage: KVBENCH_COMMIT=<sha> BUDGET=seconds [TESTS="tests/..."] [TEST_S=seconds] [PYTEST_ARGS="-n 6"] [TEST_K="pytest -k expression"] [KERNELS=0] [THROUGHPUT=0] [NOGRAPH="full ..."] [RAG="..."]
-#        [RAG_PROFILE=1] [SEARCH="full ..."]
+#        [RAG_PROFILE=1] [SEARCH="full ..."] [TOPK=1]
 #        bash benchmarks/gpu_check.sh
 set -u
 T0=$(date +%s)
@@ -36,6 +37,15 @@ echo "== GPU tests ($(left) s left)" | tee -a "$LOG"
 timeout ${TEST_S:-170} python3 -m pytest -q -m gpu -p no:cacheprovider -v --durations=25 ${TEST_K:+-k "$TEST_K"} ${PYTEST_ARGS:-} \
   ${TESTS:-tests} > "$O/tests.txt" 2>&1
 tail -30 "$O/tests.txt" | tee -a "$LOG"
+
+if [ "${TOPK:-0}" = 1 ]; then  # the device top-k's paths (CUDA, Triton's two, torch.topk), then quest and
+  # doublesparse with the CUDA one (KVBENCH_TOPK=cuda; records under $O/topk-cuda/, info.topk says which ran)
+  echo "== topk ($(left) s left)" | tee -a "$LOG"
+  timeout 150 python3 benchmarks/topk_bench.py --out "$O/topk.jsonl" 2>&1 | tail -12 | tee -a "$LOG"
+  KVBENCH_TOPK=cuda timeout 200 kvbench run kernels -m quest:budget=0.1 -m doublesparse:budget=0.1 \
+    --contexts ${CONTEXTS:-32K} --batches ${BATCHES:-1,8} --warmup-ms 5 --rep-ms 25 --out "$O/topk-cuda" 2>&1 \
+    | tail -12 | tee -a "$LOG"
+fi
 
 METHODS=${METHODS:-"full selfindex:budget=0.1 selfindex:budget=160 kivi:bits=2 kivi:bits=4 snapkv:capacity=0.1 \
 streaming quest:budget=0.1 doublesparse:budget=0.1 qjl h2o:heavy=0.05,recent=0.05 tova:capacity=0.1 \

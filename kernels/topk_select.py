@@ -247,11 +247,16 @@ def cuda_lib() -> ctypes.CDLL:
     return lib
 
 
-def use_cuda(scores: torch.Tensor) -> bool:
-    """Whether topk_select runs csrc/topk_select.cu: asked for (KVBENCH_TOPK=cuda), scores on a GPU, not under the
-    Triton interpreter."""
-    return (scores.is_cuda and os.environ.get("KVBENCH_TOPK", "triton") == "cuda"
+def use_cuda(device: torch.device) -> bool:
+    """Whether topk_select runs csrc/topk_select.cu for scores on `device`: asked for (KVBENCH_TOPK=cuda), a GPU, not
+    under the Triton interpreter."""
+    return (torch.device(device).type == "cuda" and os.environ.get("KVBENCH_TOPK", "triton") == "cuda"
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def backend(device: torch.device) -> str:
+    """The path topk_select takes on `device`, for records: "cuda" or "triton"."""
+    return "cuda" if use_cuda(device) else "triton"
 
 
 def _cuda_select(rows: torch.Tensor, out: torch.Tensor, k, on_device: bool, lib=None) -> None:
@@ -280,7 +285,7 @@ def topk_select(scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tenso
     kmax = int(k) if kmax is None else kmax
     rows = scores.reshape(-1, N) if scores.stride(-1) == 1 else scores.contiguous().reshape(-1, N)
     out = torch.empty(rows.shape[0], kmax, dtype=torch.int32, device=scores.device)
-    if rows.shape[0] and N and use_cuda(scores):
+    if rows.shape[0] and N and use_cuda(scores.device):
         _cuda_select(rows, out, k, on_device)
     elif rows.shape[0] and N > SPLIT_MIN:
         _split_select(rows, out, k, on_device, N, kmax)

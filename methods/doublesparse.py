@@ -272,7 +272,7 @@ class DoubleSparseLayer(SelectingLayer):
 
     def info(self):
         return {"impl": "triton" if self.triton else "torch", "selected": self.n_select(), "channels": self.r,
-                "label_bits": self.bits, "calibration": self.m.calibration or "prompt"}
+                "label_bits": self.bits, "calibration": self.m.calibration or "prompt", **self.topk_info()}
 
     def sparse_bytes(self) -> int:
         B, H, D = self.labels.shape[0], self.spec.n_kv_heads, self.spec.head_dim

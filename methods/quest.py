@@ -187,7 +187,7 @@ class QuestLayer(SelectingLayer):
     def info(self):
         P, K = self.n_pages()
         return {"impl": "triton" if self.triton else "torch", "dense": not self.sparse(), "pages": P,
-                "pages_attended": P if not self.sparse() else K}
+                "pages_attended": P if not self.sparse() else K, **self.topk_info()}
 
     def sparse_bytes(self) -> int:
         P, K = self.n_pages()

@@ -116,6 +116,14 @@ class SelectingLayer(LayerCache):
     def sparse_bytes(self) -> int:
         raise NotImplementedError
 
+    def topk_info(self) -> dict:
+        """Which top-k ran, for info(): kernels/topk_select.py's path on the Triton impl, else torch."""
+        if not self.triton:
+            return {"topk": "torch"}
+        from kvbench.kernels.topk_select import backend
+
+        return {"topk": backend(self.spec.device)}
+
     def top(self, scores: torch.Tensor, k, kmax: int | None = None) -> torch.Tensor:
         """The k best rows of scores [B, Hkv, R]; with kmax (a pinned step, k then a device tensor) kmax columns of
         which the first k count. Triton: ascending, ties to the lower row; PyTorch: best first."""

@@ -85,6 +85,7 @@ def test_channels_selection_and_outputs_match_float64(hq, hkv, r, budget, bits):
                                        allv[b : b + 1, h : h + 1, sel])
                 torch.testing.assert_close(out[b : b + 1, h * g : (h + 1) * g].double(), want, atol=1e-5, rtol=1e-5)
     assert layer.info()["calibration"] == "prompt" and layer.info()["label_bits"] == bits
+    assert layer.info()["topk"] == "torch"  # the CPU path: torch.topk, not kernels/topk_select.py
 
 
 def test_calibration_file_in_the_authors_format(tmp_path):

@@ -64,7 +64,7 @@ def test_bounds_selection_and_outputs_match_float64(hq, hkv, page, budget):
                 want = naive_attention(q1[b : b + 1, h * g : (h + 1) * g], allk[b : b + 1, h : h + 1, sel],
                                        allv[b : b + 1, h : h + 1, sel])
                 torch.testing.assert_close(out[b : b + 1, h * g : (h + 1) * g].double(), want, atol=1e-5, rtol=1e-5)
-        assert layer.info()["pages_attended"] == K and layer.seq_len() == n
+        assert layer.info()["pages_attended"] == K and layer.seq_len() == n and layer.info()["topk"] == "torch"
 
 
 def test_nbytes_is_the_layout_and_dense_layers_are_full():
