@@ -3,7 +3,8 @@
 // captured step's budget). -0 and +0 are equal. One block per row:
 // - a radix select over the scores' 32-bit keys (order-preserving: sign flipped, or all bits for negatives) in three
 //   rounds of 11, 11 and 10 bits, each a 2048-bin histogram in shared memory of the keys that match the digits found
-//   so far (read from global memory each round: a 32K-token row is 128 KB, in L2 after the score kernel wrote it);
+//   so far (read from global memory each round, kUnroll loads in flight a thread: a 32K-token row is 128 KB, in L2
+//   after the score kernel wrote it);
 //   lanes of a warp that fall in the same bin add once (__match_any_sync), since the first round's hot bins are few;
 // - the threshold digit from a block scan of the bins' counts (each thread owns 2048 / NT consecutive bins);
 // - one ordered pass in tiles of NT elements: a warp scan and a block scan of (above the threshold, equal to it)
@@ -32,6 +33,9 @@ struct Params {
 };
 
 constexpr int kBins = 2048;                   // 11-bit digits
+// keys loaded per thread before any is used: with one load in flight a 1024-thread block keeps 4 KB in flight, so a
+// pass over a row from L2 (~600 cycles away) would run at ~12 GB/s per SM; eight make it ~100 GB/s
+constexpr int kUnroll = 8;
 constexpr unsigned kFull = 0xffffffffu;
 
 namespace {
@@ -104,15 +108,22 @@ __global__ void __launch_bounds__(NT) topk_kernel(Params p) {
     __syncthreads();
     const int shift = r == 0 ? 21 : r == 1 ? 10 : 0, width = r == 2 ? 10 : 11;  // digit r: bits [shift, shift + width)
     const int hi = shift + width;  // keys must match prefix on bits >= hi
-    for (int base = 0; base < p.N; base += NT) {
-      const int i = base + tid;
-      bool live = i < p.N;
-      uint32_t u = live ? key_of(__ldg(x + i)) : 0u;
-      if (hi < 32) live = live && ((u ^ prefix) >> hi) == 0;
-      const int bin = live ? (int)((u >> shift) & ((1u << width) - 1)) : -1;
-      // one add per distinct bin of the warp; a warp past N has no live lanes (base is warp-uniform)
-      const unsigned peers = __match_any_sync(kFull, bin);
-      if (live && lane == __ffs(peers) - 1) atomicAdd(&s.hist[bin], __popc(peers));
+    for (int base = 0; base < p.N; base += NT * kUnroll) {
+      uint32_t u[kUnroll];
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        const int i = base + j * NT + tid;
+        u[j] = i < p.N ? key_of(__ldg(x + i)) : 0u;
+      }
+#pragma unroll
+      for (int j = 0; j < kUnroll; ++j) {
+        bool live = base + j * NT + tid < p.N;
+        if (hi < 32) live = live && ((u[j] ^ prefix) >> hi) == 0;
+        const int bin = live ? (int)((u[j] >> shift) & ((1u << width) - 1)) : -1;
+        // one add per distinct bin of the warp (base + j * NT is warp-uniform: every lane takes part)
+        const unsigned peers = __match_any_sync(kFull, bin);
+        if (live && lane == __ffs(peers) - 1) atomicAdd(&s.hist[bin], __popc(peers));
+      }
     }
     __syncthreads();
     // the highest digit d with count(digits >= d) >= need: thread t owns bins [t * per, (t + 1) * per)
@@ -139,26 +150,33 @@ __global__ void __launch_bounds__(NT) topk_kernel(Params p) {
 
   // the ordered pass: (keys above prefix, keys equal) packed as 16-bit halves of one int (a tile has < 65536)
   int run_gt = 0, run_eq = 0;
-  for (int base = 0, t = 0; base < p.N; base += NT, t ^= 1) {
-    const int i = base + tid;
-    const uint32_t u = i < p.N ? key_of(__ldg(x + i)) : 0u;
-    const bool gt = i < p.N && u > prefix, eq = i < p.N && u == prefix;
-    const int v = (int)gt | ((int)eq << 16);
-    const int inc = warp_scan(v);
-    if (lane == 31) s.tile[t][warp] = inc;
-    __syncthreads();  // one barrier a tile: tile t's buffer is rewritten two tiles later, after the next barrier
-    int before = 0, all = 0;
-#pragma unroll 4
-    for (int w = 0; w < NT / 32; ++w) {
-      const int c = s.tile[t][w];
-      before += w < warp ? c : 0;
-      all += c;
+  for (int base = 0, t = 0; base < p.N; base += NT * kUnroll) {
+    uint32_t u[kUnroll];
+#pragma unroll
+    for (int j = 0; j < kUnroll; ++j) {
+      const int i = base + j * NT + tid;
+      u[j] = i < p.N ? key_of(__ldg(x + i)) : 0u;
     }
-    const int ex = before + inc - v;
-    const int gt_before = run_gt + (ex & 0xffff), eq_before = run_eq + (ex >> 16);
-    if (gt || (eq && eq_before < need)) out[gt_before + (eq_before < need ? eq_before : need)] = i;
-    run_gt += all & 0xffff;
-    run_eq += all >> 16;
+    for (int j = 0; j < kUnroll && base + j * NT < p.N; ++j, t ^= 1) {  // tiles of NT, in index order
+      const int i = base + j * NT + tid;
+      const bool gt = i < p.N && u[j] > prefix, eq = i < p.N && u[j] == prefix;
+      const int v = (int)gt | ((int)eq << 16);
+      const int inc = warp_scan(v);
+      if (lane == 31) s.tile[t][warp] = inc;
+      __syncthreads();  // one barrier a tile: tile t's buffer is rewritten two tiles later, after the next barrier
+      int before = 0, all = 0;
+#pragma unroll 4
+      for (int w = 0; w < NT / 32; ++w) {
+        const int c = s.tile[t][w];
+        before += w < warp ? c : 0;
+        all += c;
+      }
+      const int ex = before + inc - v;
+      const int gt_before = run_gt + (ex & 0xffff), eq_before = run_eq + (ex >> 16);
+      if (gt || (eq && eq_before < need)) out[gt_before + (eq_before < need ? eq_before : need)] = i;
+      run_gt += all & 0xffff;
+      run_eq += all >> 16;
+    }
   }
 }
 
