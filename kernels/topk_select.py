@@ -250,7 +250,12 @@ def cuda_lib() -> ctypes.CDLL:
 def use_cuda(device: torch.device) -> bool:
     """Whether topk_select runs csrc/topk_select.cu for scores on `device`: asked for (KVBENCH_TOPK=cuda), a GPU, not
     under the Triton interpreter."""
-    return (torch.device(device).type == "cuda" and os.environ.get("KVBENCH_TOPK", "triton") == "cuda"
+    from kvbench.errors import KVBenchError
+
+    path = os.environ.get("KVBENCH_TOPK", "triton")
+    if path not in ("cuda", "triton"):
+        raise KVBenchError(f"KVBENCH_TOPK={path!r}: use 'cuda' (csrc/topk_select.cu) or 'triton' (the default)")
+    return (torch.device(device).type == "cuda" and path == "cuda"
             and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 
 

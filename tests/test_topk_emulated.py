@@ -95,3 +95,13 @@ def test_a_device_k_and_strided_rows(emulator, dtype):
     rows = wide[:, :900]  # rows 1000 elements apart
     k = torch.tensor([311], dtype=dtype)
     assert torch.equal(run(emulator, rows, k, 400), ts.topk_ref(x, 311, 400))
+
+
+def test_a_bad_path_name_is_refused(monkeypatch):
+    from kvbench.errors import KVBenchError
+
+    monkeypatch.setenv("KVBENCH_TOPK", "cub")
+    with pytest.raises(KVBenchError, match="KVBENCH_TOPK='cub'"):
+        ts.use_cuda(torch.device("cpu"))
+    monkeypatch.setenv("KVBENCH_TOPK", "cuda")
+    assert not ts.use_cuda(torch.device("cpu")) and ts.backend(torch.device("cpu")) == "triton"
