@@ -282,7 +282,7 @@ class PackedKV:
             k, v = self.keys(), self.values()
             return (k, v) if k_new is None else (torch.cat([k, k_new], 2), torch.cat([v, v_new], 2))
         total = self.n + (0 if k_new is None else k_new.shape[2])
-        if self.dk is None or self.dk.shape[2] < total or self.dnk > self.nk or self.dnv > self.nv:
+        if self.dk is None or self.dk.shape[2] < total:
             self._grow_dense(total)
         G, nk, nv = self.group, self.nk, self.nv
         if nk > self.dnk:
@@ -301,15 +301,12 @@ class PackedKV:
         return self.dk[:, :, :total], self.dv[:, :, :total]
 
     def _grow_dense(self, tokens: int) -> None:
-        """dk, dv with room for `tokens` (and headroom), keeping the rows already dequantized where still valid."""
+        """dk, dv with room for `tokens` (and headroom), keeping the rows already dequantized (n only grows)."""
         B, H, R, D = self.rk.shape
         cap = max(tokens + GROW, tokens + tokens // 8)
-        keep = self.dk is not None and self.dnk <= self.nk and self.dnv <= self.nv
         dk, dv = (torch.empty(B, H, cap, D, dtype=self.rk.dtype) for _ in range(2))
-        if keep:
+        if self.dk is not None:
             dk[:, :, : self.dnk], dv[:, :, : self.dnv] = self.dk[:, :, : self.dnk], self.dv[:, :, : self.dnv]
-        else:
-            self.dnk = self.dnv = 0
         self.dk, self.dv = dk, dv
 
 

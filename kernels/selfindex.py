@@ -206,7 +206,11 @@ def score_bins_ref(lut8: torch.Tensor, signs: torch.Tensor, excluded: torch.Tens
     G = lut8.shape[2]
     codes = sign_codes(signs)  # [B, H, N, G]
     per_group = torch.gather(lut8[:, :, None].expand(-1, -1, codes.shape[2], -1, -1), 4, codes[..., None])
-    score = per_group.squeeze(-1).sum(-1)
+    return bins_of_scores(per_group.squeeze(-1).sum(-1), G, excluded)
+
+
+def bins_of_scores(score: torch.Tensor, G: int, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer LUT scores [B, Hkv, N] of G groups -> their histogram bins (EXCLUDED where `excluded`)."""
     bins = (score + 127 * G) >> bin_shift(4 * G)
     if excluded is not None:
         bins = torch.where(excluded, torch.full_like(bins, EXCLUDED), bins)
@@ -457,9 +461,7 @@ class IndexedKV:
         lut8 = lut8_ref(qm, self.cb)
         if self._working(lo, hi):  # score_bins_ref's sums, from the codes converted once
             score = lut8.flatten(2).gather(2, self.w_off[:, :, lo:hi].flatten(2)).view(B, H, hi - lo, -1).sum(-1)
-            bins = (score + 127 * lut8.shape[2]) >> bin_shift(D)
-            if excluded is not None:
-                bins = torch.where(excluded, torch.full_like(bins, EXCLUDED), bins)
+            bins = bins_of_scores(score, lut8.shape[2], excluded)
         else:
             bins = score_bins_ref(lut8, self.signs[:, :, lo:hi], excluded)
         return select_ref(bins, K) + lo
@@ -472,7 +474,7 @@ class IndexedKV:
         of the selected ones' 2 bits was most of selfindex's CPU decode step."""
         if self.cuda or hi <= lo:
             return False
-        if self.w_off is None or self.w_lo != lo or self.w_hi > hi or self.w_off.shape[2] < self.cap:
+        if self.w_off is None or self.w_lo != lo or self.w_off.shape[2] < self.cap:
             self._grow_working(lo)
         a, D = self.w_hi, self.D
         if hi > a:
