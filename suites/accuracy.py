@@ -89,7 +89,7 @@ REPLAY_S = {"full": {1024: 0.059, 2048: 0.084, 4096: 0.203}, "selfindex": {1024:
             "kivi": {1024: 0.101, 2048: 0.261, 4096: 0.459}, "snapkv": {1024: 0.094, 2048: 0.195, 4096: 0.385}}
 QUESTION_S = {"full": {1024: 0.217, 2048: 0.325, 4096: 0.496}, "selfindex": {1024: 0.52, 2048: 0.67, 4096: 0.90},
               "kivi": {1024: 0.250, 2048: 0.385, 4096: 0.562}, "snapkv": {1024: 0.178, 2048: 0.205, 4096: 0.256}}
-# kivi's steps: the 2026-12-02 values x its decode_s per token in the seeds 0-5 run after its CPU working copy (eabebed,
+# kivi's steps: the values before x its decode_s per token in the seeds 0-5 run after its CPU working copy (eabebed,
 # benchmarks/records/accuracy-seeds0-5-working-copy-cpu.json) over the run before (0.83 / 0.76 / 0.69 at 1K / 2K / 4K);
 # selfindex's did not change there (0.98-1.00; why is not known yet: see the 2026-12-08 closing note), nor did full's
 STEP_S = {"full": {1024: 0.081, 2048: 0.109, 4096: 0.167}, "selfindex": {1024: 0.126, 2048: 0.154, 4096: 0.213},
